@@ -1,0 +1,1 @@
+"""The `loraflow` and `adapters` command lines."""

@@ -1,0 +1,21 @@
+"""`loraflow …`: the whole command line. Each noun is its own Typer app, mounted here."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import adapters, db, demo
+
+app = typer.Typer(
+    name="loraflow",
+    help="Train, version and serve LoRA adapters over one base model.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(adapters.app, name="adapters")
+app.add_typer(db.app, name="db")
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""The adapter registry: immutable adapter versions, movable aliases, lineage, artifacts."""

@@ -1,0 +1,73 @@
+"""Base models: where their files are, and the fingerprint that identifies them.
+
+A base model is a local directory or a Hugging Face id. The fingerprint is the
+sha256 of ``config.json`` plus the tokenizer files, so two copies of the same
+model agree, and a different model, or the same weights with another tokenizer
+or chat template, do not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from registry.artifacts import digest_of, sha256_file
+from registry.errors import InvalidArgumentError, NotFoundError
+
+FINGERPRINT_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    id: str  # as recorded: an absolute path for local directories, else the hub id
+    path: Path  # a local directory holding at least config.json
+    fingerprint: str
+    config: dict[str, Any]
+
+
+def _hub_snapshot(model_id: str) -> Path | None:
+    """The local snapshot of a hub model, if it is in the Hugging Face cache. Never downloads."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(model_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def resolve_base_model(ref: str, *, param: str = "base") -> BaseModel:
+    if not ref:
+        raise InvalidArgumentError("a base model is required", param=param)
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        path, model_id = local.resolve(), str(local.resolve())
+    else:
+        snapshot = _hub_snapshot(ref)
+        if snapshot is None:
+            raise NotFoundError(
+                f"base model {ref!r} is neither a local directory nor in the Hugging Face cache; "
+                f"pass a local path or download it first (huggingface-cli download {ref})",
+                param=param,
+            )
+        path, model_id = snapshot, ref
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InvalidArgumentError(f"base model {ref!r} has no config.json in {path}", param=param)
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"base model {ref!r}: config.json is not valid JSON ({exc})") from exc
+    files = {name: sha256_file(path / name) for name in FINGERPRINT_FILES if (path / name).is_file()}
+    return BaseModel(id=model_id, path=path, fingerprint=digest_of(files), config=config)

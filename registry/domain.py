@@ -1,0 +1,99 @@
+"""What the registry hands out: plain pydantic objects, never ORM rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, field_validator
+
+VersionStatus = Literal["registered", "archived"]
+
+
+class _Record(BaseModel):
+    model_config = {"frozen": True}
+
+    @field_validator("created_at", "at", mode="after", check_fields=False)
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        # SQLite hands back naive datetimes; everything we store is UTC.
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class DatasetVersionInfo(_Record):
+    name: str
+    version: int
+    digest: str
+    counts: dict[str, int]
+    lineage: dict[str, Any]
+    profile: dict[str, Any] | None = None
+    created_by: str
+    created_at: datetime
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+
+class VersionInfo(_Record):
+    adapter: str
+    version: int
+    digest: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    dataset: str | None  # "NAME@vN" of the DatasetVersion it was trained on
+    training_config: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    eval_report: dict[str, Any] | None
+    chat_template_hash: str | None
+    status: VersionStatus
+    created_by: str
+    created_at: datetime
+
+    @property
+    def ref(self) -> str:
+        return f"{self.adapter}@v{self.version}"
+
+
+class AdapterInfo(_Record):
+    name: str
+    base_model: str
+    base_model_fingerprint: str
+    task: str | None
+    created_by: str
+    created_at: datetime
+    aliases: dict[str, int]
+    versions: list[VersionInfo]
+
+    @property
+    def latest(self) -> VersionInfo | None:
+        return self.versions[-1] if self.versions else None
+
+
+class AliasMoveInfo(_Record):
+    adapter: str
+    alias: str
+    from_version: int | None
+    to_version: int
+    reason: str
+    revision: int
+    actor: str
+    at: datetime
+
+
+class AuditInfo(_Record):
+    revision: int
+    actor: str
+    action: str
+    target: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    at: datetime
+
+
+class History(_Record):
+    adapter: str
+    moves: list[AliasMoveInfo]
+    events: list[AuditInfo]

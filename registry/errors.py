@@ -1,0 +1,75 @@
+"""Typed errors shared by every loraflow component.
+
+Each error carries an :class:`ErrorCode` and, where it applies, the field
+(``param``) the caller must change. The code is mapped to an HTTP status in
+``server`` and to an exit code in ``cli``, each in exactly one table. Nothing
+matches on error text.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    INVALID_ADAPTER = "invalid_adapter"
+    INTEGRITY = "integrity_error"
+    SCHEMA_OUT_OF_DATE = "schema_out_of_date"
+    MISSING_DEPENDENCY = "missing_dependency"
+
+
+class LoraflowError(Exception):
+    code: ErrorCode = ErrorCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgumentError(LoraflowError):
+    """The caller passed something malformed; ``param`` names it."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class NotFoundError(LoraflowError):
+    """An adapter, version, alias or dataset that does not exist."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class ConflictError(LoraflowError):
+    """A concurrent change won, or the state forbids the change (e.g. archive while aliased)."""
+
+    code = ErrorCode.CONFLICT
+
+
+class InvalidAdapterError(LoraflowError):
+    """Adapter files that the registry refuses to store (or the engine could not serve)."""
+
+    code = ErrorCode.INVALID_ADAPTER
+
+
+class IntegrityError(LoraflowError):
+    """Stored bytes do not match their digest."""
+
+    code = ErrorCode.INTEGRITY
+
+
+class SchemaOutOfDateError(LoraflowError):
+    """The registry database is behind the code; run ``loraflow db upgrade``."""
+
+    code = ErrorCode.SCHEMA_OUT_OF_DATE
+
+
+class MissingDependencyError(LoraflowError):
+    """An optional extra is needed; the message names the ``pip install`` to run."""
+
+    code = ErrorCode.MISSING_DEPENDENCY

@@ -1,0 +1,134 @@
+"""Registry tables (SQLModel). Rows never leave the store: see ``registry.domain``.
+
+Every mutation runs in one transaction that first bumps ``RegistryState.revision``.
+That single row is the registry's write lock (a row lock on PostgreSQL, the
+database write lock on SQLite), so concurrent writers are serialized, version
+numbers cannot collide and alias history stays linear. It is also the cheap
+"did anything change?" number servers poll.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts() -> Any:
+    return Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+def _json(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(JSON, nullable=nullable))
+
+
+class RegistryState(SQLModel, table=True):
+    __tablename__ = "registry_state"
+
+    id: int = Field(default=1, primary_key=True)
+    revision: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+
+
+class Adapter(SQLModel, table=True):
+    __tablename__ = "adapter"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=128)
+    base_model: str = Field(max_length=1024)
+    base_model_fingerprint: str = Field(max_length=64)
+    task: str | None = Field(default=None)
+    created_by: str = Field(max_length=256)
+    created_at: datetime = _ts()
+
+
+class DatasetRow(SQLModel, table=True):
+    __tablename__ = "dataset"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=128)
+    description: str | None = Field(default=None)
+    created_by: str = Field(max_length=256)
+    created_at: datetime = _ts()
+
+
+class DatasetVersionRow(SQLModel, table=True):
+    __tablename__ = "dataset_version"
+    __table_args__ = (UniqueConstraint("dataset_id", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: int = Field(foreign_key="dataset.id", index=True)
+    version: int
+    digest: str = Field(max_length=64)
+    counts: dict[str, int] = _json(nullable=False)
+    lineage: dict[str, Any] = _json(nullable=False)
+    profile: dict[str, Any] | None = _json()
+    created_by: str = Field(max_length=256)
+    created_at: datetime = _ts()
+
+
+class AdapterVersion(SQLModel, table=True):
+    __tablename__ = "adapter_version"
+    __table_args__ = (UniqueConstraint("adapter_id", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapter.id", index=True)
+    version: int
+    digest: str = Field(max_length=64, index=True)
+    rank: int
+    alpha: float
+    target_modules: list[str] = _json(nullable=False)
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    dataset_version_id: int | None = Field(default=None, foreign_key="dataset_version.id")
+    training_config: dict[str, Any] | None = _json()
+    metrics: dict[str, Any] | None = _json()
+    eval_report: dict[str, Any] | None = _json()
+    chat_template_hash: str | None = Field(default=None, max_length=64)
+    status: str = Field(default="registered", max_length=16)
+    created_by: str = Field(max_length=256)
+    created_at: datetime = _ts()
+
+
+class Alias(SQLModel, table=True):
+    __tablename__ = "alias"
+    __table_args__ = (UniqueConstraint("adapter_id", "name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapter.id", index=True)
+    name: str = Field(max_length=64)
+    version: int
+    updated_at: datetime = _ts()
+
+
+class AliasMove(SQLModel, table=True):
+    """One row per alias move: the alias's history, in revision order."""
+
+    __tablename__ = "alias_move"
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapter.id", index=True)
+    alias: str = Field(max_length=64)
+    from_version: int | None = None
+    to_version: int
+    reason: str = Field(max_length=16)  # "promote" or "rollback"
+    revision: int = Field(index=True)
+    actor: str = Field(max_length=256)
+    created_at: datetime = _ts()
+
+
+class AuditEvent(SQLModel, table=True):
+    __tablename__ = "audit_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    revision: int = Field(index=True)
+    actor: str = Field(max_length=256)
+    action: str = Field(max_length=64)
+    target: str = Field(max_length=256, index=True)
+    before: dict[str, Any] | None = _json()
+    after: dict[str, Any] | None = _json()
+    created_at: datetime = _ts()

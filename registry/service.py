@@ -1,0 +1,180 @@
+"""The registry facade: the one object the CLI, trainer and server talk to.
+
+It composes the metadata store (who, what, which version) with the artifact
+store (the bytes), and owns the order that keeps them consistent: files are
+validated, then stored under their digest, and only then is the version row
+committed. A crash before the commit leaves at most an unreferenced, complete
+artifact, never a version without its files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from registry import domain
+from registry.adapter_files import ADAPTER_FILES, inspect_adapter
+from registry.artifacts import ArtifactStore
+from registry.basemodel import BaseModel, resolve_base_model
+from registry.db import ensure_schema, make_engine
+from registry.errors import InvalidAdapterError, NotFoundError
+from registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
+from registry.settings import Settings
+from registry.store import MetadataStore, NewVersion
+
+
+class Registry:
+    def __init__(self, settings: Settings, *, store: MetadataStore, artifacts: ArtifactStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.artifacts = artifacts
+
+    @classmethod
+    def open(cls, settings: Settings) -> Registry:
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            ensure_schema(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(settings, store=MetadataStore(engine), artifacts=ArtifactStore(settings.resolved_artifact_uri))
+
+    def close(self) -> None:
+        self.store.engine.dispose()
+
+    @property
+    def actor(self) -> str:
+        return self.settings.actor
+
+    def revision(self) -> int:
+        return self.store.revision()
+
+    # -- adapters ----------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        src: Path,
+        *,
+        base_model: str,
+        task: str | None = None,
+        dataset: str | None = None,
+        training_config: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        eval_report: dict[str, Any] | None = None,
+        chat_template_hash: str | None = None,
+    ) -> domain.VersionInfo:
+        """Import a PEFT LoRA adapter folder as the next version of ``name``."""
+        check_name(name)
+        base = resolve_base_model(base_model)
+        facts = inspect_adapter(src, settings=self.settings.registry, base_config=base.config)
+        self._check_declared_base(facts.base_model_name_or_path, base)
+        if dataset is not None:
+            dataset = self.get_dataset(dataset).ref
+        stored = self.artifacts.put(src, ADAPTER_FILES)
+        return self.store.register_version(
+            name=name,
+            base_model=base.id,
+            base_model_fingerprint=base.fingerprint,
+            task=task,
+            new=NewVersion(
+                digest=stored.digest,
+                rank=facts.rank,
+                alpha=facts.alpha,
+                target_modules=facts.target_modules,
+                size_bytes=stored.size_bytes,
+                dataset=dataset,
+                training_config=training_config,
+                metrics=metrics,
+                eval_report=eval_report,
+                chat_template_hash=chat_template_hash,
+            ),
+            actor=self.actor,
+        )
+
+    @staticmethod
+    def _check_declared_base(declared: str | None, base: BaseModel) -> None:
+        """If the adapter names a base we can find, it must be the same model as ``--base``."""
+        if not declared or declared == base.id:
+            return
+        try:
+            named = resolve_base_model(declared)
+        except NotFoundError:
+            return  # not resolvable here; the tensor shape check against --base still applies
+        if named.fingerprint != base.fingerprint:
+            raise InvalidAdapterError(
+                f"the adapter was trained on {declared} (adapter_config.json base_model_name_or_path), "
+                f"which is a different model from --base {base.id}",
+                param="base",
+            )
+
+    def list(self) -> list[domain.AdapterInfo]:
+        return self.store.list_adapters()
+
+    def get(self, name: str) -> domain.AdapterInfo:
+        return self.store.get_adapter(name)
+
+    def resolve(self, ref: Ref) -> domain.VersionInfo:
+        """The version a reference denotes: exact version, alias, or the default alias."""
+        if ref.version is not None:
+            return self.store.get_version(ref.name, ref.version)
+        return self.store.get_alias(ref.name, ref.alias or DEFAULT_ALIAS)
+
+    def get_version(self, name: str, version: int) -> domain.VersionInfo:
+        return self.store.get_version(name, version)
+
+    def promote(
+        self, name: str, version: int, *, alias: str = DEFAULT_ALIAS, expect: int | None = None
+    ) -> domain.AliasMoveInfo:
+        check_alias(alias)
+        return self.store.set_alias(name=name, alias=alias, version=version, expect=expect, actor=self.actor)
+
+    def rollback(self, name: str, *, alias: str = DEFAULT_ALIAS) -> domain.AliasMoveInfo:
+        check_alias(alias)
+        return self.store.rollback_alias(name=name, alias=alias, actor=self.actor)
+
+    def archive(self, name: str, version: int) -> domain.VersionInfo:
+        return self.store.archive(name=name, version=version, actor=self.actor)
+
+    def history(self, name: str) -> domain.History:
+        return self.store.history(name)
+
+    def diff(self, name: str, a: int, b: int) -> dict[str, dict[str, tuple[Any, Any]]]:
+        """What changed between two versions: {section: {key: (in a, in b)}}, only differing keys."""
+        va, vb = self.store.get_version(name, a), self.store.get_version(name, b)
+        sections: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+            "weights": (
+                {k: getattr(va, k) for k in ("digest", "rank", "alpha", "target_modules", "size_bytes")},
+                {k: getattr(vb, k) for k in ("digest", "rank", "alpha", "target_modules", "size_bytes")},
+            ),
+            "dataset": ({"dataset": va.dataset}, {"dataset": vb.dataset}),
+            "config": (_flatten(va.training_config or {}), _flatten(vb.training_config or {})),
+            "metrics": (_flatten(va.metrics or {}), _flatten(vb.metrics or {})),
+        }
+        out: dict[str, dict[str, tuple[Any, Any]]] = {}
+        for section, (left, right) in sections.items():
+            changed = {k: (left.get(k), right.get(k)) for k in sorted(left.keys() | right.keys())
+                       if left.get(k) != right.get(k)}
+            if changed:
+                out[section] = changed
+        return out
+
+    def fetch(self, version: domain.VersionInfo, dest: Path) -> Path:
+        """Materialize a version's files in ``dest``, verified against its digest."""
+        return self.artifacts.fetch(version.digest, dest)
+
+    # -- datasets ----------------------------------------------------------------
+    def get_dataset(self, ref: str) -> domain.DatasetVersionInfo:
+        """``NAME`` (latest) or ``NAME@vN``."""
+        parsed = parse_ref(ref, param="dataset")
+        return self.store.get_dataset_version(parsed.name, parsed.version)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{path}.")
+        else:
+            flat[path] = value
+    return flat

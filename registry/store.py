@@ -1,0 +1,424 @@
+"""The registry's metadata store: SQLModel over SQLite or PostgreSQL.
+
+Every mutation goes through :meth:`MetadataStore._write`, one transaction that
+starts by bumping the registry revision. That first UPDATE takes the
+registry-wide write lock, so everything after it in the transaction reads the
+latest committed state and concurrent writers run one after the other. Rows are
+converted to ``registry.domain`` objects before they leave this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, func, update
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session, col, select
+
+from registry import domain
+from registry.errors import ConflictError, InvalidAdapterError, NotFoundError
+from registry.models import (
+    Adapter,
+    Alias,
+    AliasMove,
+    AuditEvent,
+    DatasetRow,
+    DatasetVersionRow,
+    RegistryState,
+    AdapterVersion,
+    utcnow,
+)
+
+
+@dataclass
+class _Tx:
+    session: Session
+    revision: int
+    actor: str
+
+    def audit(self, action: str, target: str, before: Any = None, after: Any = None) -> None:
+        self.session.add(
+            AuditEvent(revision=self.revision, actor=self.actor, action=action, target=target,
+                       before=before, after=after)
+        )
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """Everything recorded about a version at registration (the registry assigns the number)."""
+
+    digest: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    dataset: str | None = None  # "NAME@vN"
+    training_config: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    eval_report: dict[str, Any] | None = None
+    chat_template_hash: str | None = None
+
+
+class MetadataStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- transactions ------------------------------------------------------------
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def _write(self, actor: str) -> Iterator[_Tx]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            try:
+                session.exec(update(RegistryState).values(revision=RegistryState.revision + 1))  # type: ignore[call-overload]
+                revision = session.exec(select(RegistryState.revision)).one()
+                yield _Tx(session=session, revision=revision, actor=actor)
+                session.commit()
+            except SAIntegrityError as exc:
+                session.rollback()
+                raise ConflictError(f"a concurrent change conflicted with this one; nothing was changed ({exc.orig})") from exc
+            except OperationalError as exc:
+                session.rollback()
+                if "locked" in str(exc.orig).lower() or "deadlock" in str(exc.orig).lower():
+                    raise ConflictError("the registry is busy with another change; try again") from exc
+                raise
+            except BaseException:
+                session.rollback()
+                raise
+
+    def revision(self) -> int:
+        with self._read() as s:
+            return s.exec(select(RegistryState.revision)).one()
+
+    # -- lookups -----------------------------------------------------------------
+    @staticmethod
+    def _adapter_row(s: Session, name: str) -> Adapter:
+        row = s.exec(select(Adapter).where(Adapter.name == name)).first()
+        if row is None:
+            names = s.exec(select(Adapter.name).order_by(Adapter.name).limit(21)).all()
+            known = ", ".join(names[:20]) + (", …" if len(names) > 20 else "")
+            raise NotFoundError(
+                f"no adapter named {name!r}" + (f"; adapters: {known}" if names else "; the registry is empty"),
+                param="name",
+            )
+        return row
+
+    @staticmethod
+    def _version_row(s: Session, adapter: Adapter, version: int) -> AdapterVersion:
+        row = s.exec(
+            select(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.version == version)
+        ).first()
+        if row is None:
+            versions = s.exec(
+                select(AdapterVersion.version).where(AdapterVersion.adapter_id == adapter.id)
+                .order_by(col(AdapterVersion.version))
+            ).all()
+            have = ", ".join(f"v{v}" for v in versions) or "none"
+            raise NotFoundError(f"{adapter.name} has no version v{version}; versions: {have}", param="version")
+        return row
+
+    @staticmethod
+    def _dataset_ref(s: Session, dataset_version_id: int | None) -> str | None:
+        if dataset_version_id is None:
+            return None
+        dv = s.get(DatasetVersionRow, dataset_version_id)
+        ds = s.get(DatasetRow, dv.dataset_id) if dv else None
+        return f"{ds.name}@v{dv.version}" if dv and ds else None
+
+    def _version_info(self, s: Session, adapter: Adapter, row: AdapterVersion) -> domain.VersionInfo:
+        return domain.VersionInfo(
+            adapter=adapter.name,
+            version=row.version,
+            digest=row.digest,
+            rank=row.rank,
+            alpha=row.alpha,
+            target_modules=list(row.target_modules),
+            size_bytes=row.size_bytes,
+            dataset=self._dataset_ref(s, row.dataset_version_id),
+            training_config=row.training_config,
+            metrics=row.metrics,
+            eval_report=row.eval_report,
+            chat_template_hash=row.chat_template_hash,
+            status=row.status,  # type: ignore[arg-type]
+            created_by=row.created_by,
+            created_at=row.created_at,
+        )
+
+    def _adapter_info(self, s: Session, adapter: Adapter) -> domain.AdapterInfo:
+        versions = s.exec(
+            select(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id)
+            .order_by(col(AdapterVersion.version))
+        ).all()
+        aliases = s.exec(select(Alias).where(Alias.adapter_id == adapter.id).order_by(col(Alias.name))).all()
+        return domain.AdapterInfo(
+            name=adapter.name,
+            base_model=adapter.base_model,
+            base_model_fingerprint=adapter.base_model_fingerprint,
+            task=adapter.task,
+            created_by=adapter.created_by,
+            created_at=adapter.created_at,
+            aliases={a.name: a.version for a in aliases},
+            versions=[self._version_info(s, adapter, v) for v in versions],
+        )
+
+    def list_adapters(self) -> list[domain.AdapterInfo]:
+        with self._read() as s:
+            return [self._adapter_info(s, a) for a in s.exec(select(Adapter).order_by(col(Adapter.name))).all()]
+
+    def get_adapter(self, name: str) -> domain.AdapterInfo:
+        with self._read() as s:
+            return self._adapter_info(s, self._adapter_row(s, name))
+
+    def find_adapter(self, name: str) -> domain.AdapterInfo | None:
+        with self._read() as s:
+            row = s.exec(select(Adapter).where(Adapter.name == name)).first()
+            return self._adapter_info(s, row) if row else None
+
+    def get_version(self, name: str, version: int) -> domain.VersionInfo:
+        with self._read() as s:
+            adapter = self._adapter_row(s, name)
+            return self._version_info(s, adapter, self._version_row(s, adapter, version))
+
+    def get_alias(self, name: str, alias: str) -> domain.VersionInfo:
+        with self._read() as s:
+            adapter = self._adapter_row(s, name)
+            row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
+            if row is None:
+                have = s.exec(select(Alias.name).where(Alias.adapter_id == adapter.id)).all()
+                raise NotFoundError(
+                    f"{name} has no alias {alias!r}; aliases: {', '.join(sorted(have)) or 'none'}", param="alias"
+                )
+            return self._version_info(s, adapter, self._version_row(s, adapter, row.version))
+
+    def history(self, name: str) -> domain.History:
+        with self._read() as s:
+            adapter = self._adapter_row(s, name)
+            moves = s.exec(
+                select(AliasMove).where(AliasMove.adapter_id == adapter.id).order_by(col(AliasMove.revision))
+            ).all()
+            events = s.exec(
+                select(AuditEvent)
+                .where((AuditEvent.target == name) | col(AuditEvent.target).startswith(f"{name}@")
+                       | col(AuditEvent.target).startswith(f"{name}:"))
+                .order_by(col(AuditEvent.revision), col(AuditEvent.id))
+            ).all()
+            return domain.History(
+                adapter=name,
+                moves=[
+                    domain.AliasMoveInfo(adapter=name, alias=m.alias, from_version=m.from_version,
+                                         to_version=m.to_version, reason=m.reason, revision=m.revision,
+                                         actor=m.actor, at=m.created_at)
+                    for m in moves
+                ],
+                events=[
+                    domain.AuditInfo(revision=e.revision, actor=e.actor, action=e.action, target=e.target,
+                                     before=e.before, after=e.after, at=e.created_at)
+                    for e in events
+                ],
+            )
+
+    # -- mutations ---------------------------------------------------------------
+    def register_version(
+        self,
+        *,
+        name: str,
+        base_model: str,
+        base_model_fingerprint: str,
+        task: str | None,
+        new: NewVersion,
+        actor: str,
+    ) -> domain.VersionInfo:
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = s.exec(select(Adapter).where(Adapter.name == name)).first()
+            if adapter is None:
+                adapter = Adapter(name=name, base_model=base_model, base_model_fingerprint=base_model_fingerprint,
+                                  task=task, created_by=actor)
+                s.add(adapter)
+                s.flush()
+                tx.audit("adapter.create", name, after={"base_model": base_model,
+                                                        "base_model_fingerprint": base_model_fingerprint})
+            elif adapter.base_model_fingerprint != base_model_fingerprint:
+                raise InvalidAdapterError(
+                    f"{name} is registered on base model {adapter.base_model} "
+                    f"(fingerprint {adapter.base_model_fingerprint[:12]}); {base_model} has fingerprint "
+                    f"{base_model_fingerprint[:12]}. Register it under a new adapter name instead",
+                    param="base",
+                )
+            same = s.exec(
+                select(AdapterVersion.version).where(AdapterVersion.adapter_id == adapter.id,
+                                                     AdapterVersion.digest == new.digest)
+            ).first()
+            if same is not None:
+                raise ConflictError(f"{name}@v{same} already holds these exact files (digest {new.digest[:12]}); "
+                                    "nothing was registered", param="dir")
+            dataset_version_id = self._dataset_version_id(s, new.dataset) if new.dataset else None
+            latest = s.exec(
+                select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id)
+            ).one()
+            row = AdapterVersion(
+                adapter_id=adapter.id,  # type: ignore[arg-type]
+                version=(latest or 0) + 1,
+                digest=new.digest,
+                rank=new.rank,
+                alpha=new.alpha,
+                target_modules=new.target_modules,
+                size_bytes=new.size_bytes,
+                dataset_version_id=dataset_version_id,
+                training_config=new.training_config,
+                metrics=new.metrics,
+                eval_report=new.eval_report,
+                chat_template_hash=new.chat_template_hash,
+                created_by=actor,
+            )
+            s.add(row)
+            s.flush()
+            tx.audit("version.register", f"{name}@v{row.version}",
+                     after={"digest": new.digest, "dataset": new.dataset, "rank": new.rank})
+            return self._version_info(s, adapter, row)
+
+    def set_alias(
+        self, *, name: str, alias: str, version: int, expect: int | None, actor: str
+    ) -> domain.AliasMoveInfo:
+        with self._write(actor) as tx:
+            adapter = self._adapter_row(tx.session, name)
+            return self._move_alias(tx, adapter, alias, version, expect=expect, reason="promote")
+
+    def rollback_alias(self, *, name: str, alias: str, actor: str) -> domain.AliasMoveInfo:
+        """Move an alias back to the version it pointed at before its last move."""
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            last = s.exec(
+                select(AliasMove).where(AliasMove.adapter_id == adapter.id, AliasMove.alias == alias)
+                .order_by(col(AliasMove.revision).desc())
+            ).first()
+            if last is None:
+                raise NotFoundError(f"{name} has no alias {alias!r}", param="alias")
+            if last.from_version is None:
+                raise ConflictError(f"{name}:{alias} has only ever pointed at v{last.to_version}; "
+                                    "there is nothing to roll back to", param="alias")
+            return self._move_alias(tx, adapter, alias, last.from_version, expect=last.to_version,
+                                    reason="rollback")
+
+    def _move_alias(
+        self, tx: _Tx, adapter: Adapter, alias: str, version: int, *, expect: int | None, reason: str
+    ) -> domain.AliasMoveInfo:
+        s, name = tx.session, adapter.name
+        target = self._version_row(s, adapter, version)
+        if target.status == "archived":
+            raise ConflictError(f"{name}@v{version} is archived; it cannot be served", param="version")
+        row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
+        current = row.version if row else None
+        if expect is not None and current != expect:
+            now = f"v{current}" if current is not None else "nothing"
+            raise ConflictError(
+                f"{name}:{alias} points at {now}, not v{expect}; someone moved it first. Nothing was changed",
+                param="expect",
+            )
+        if current == version:
+            raise ConflictError(f"{name}:{alias} already points at v{version}", param="version")
+        if row is None:
+            row = Alias(adapter_id=adapter.id, name=alias, version=version)  # type: ignore[arg-type]
+        else:
+            row.version, row.updated_at = version, utcnow()
+        s.add(row)
+        move = AliasMove(adapter_id=adapter.id, alias=alias, from_version=current,  # type: ignore[arg-type]
+                         to_version=version, reason=reason, revision=tx.revision, actor=tx.actor)
+        s.add(move)
+        tx.audit(f"alias.{reason}", f"{name}:{alias}",
+                 before={"version": current} if current is not None else None, after={"version": version})
+        s.flush()
+        return domain.AliasMoveInfo(adapter=name, alias=alias, from_version=current, to_version=version,
+                                    reason=reason, revision=tx.revision, actor=tx.actor, at=move.created_at)
+
+    def archive(self, *, name: str, version: int, actor: str) -> domain.VersionInfo:
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            row = self._version_row(s, adapter, version)
+            pointing = s.exec(
+                select(Alias.name).where(Alias.adapter_id == adapter.id, Alias.version == version)
+            ).all()
+            if pointing:
+                raise ConflictError(
+                    f"{name}@v{version} is pointed at by {', '.join(sorted(pointing))}; "
+                    "promote another version first",
+                    param="version",
+                )
+            if row.status == "archived":
+                raise ConflictError(f"{name}@v{version} is already archived", param="version")
+            row.status = "archived"
+            s.add(row)
+            tx.audit("version.archive", f"{name}@v{version}", before={"status": "registered"},
+                     after={"status": "archived"})
+            s.flush()
+            return self._version_info(s, adapter, row)
+
+    # -- datasets ----------------------------------------------------------------
+    @staticmethod
+    def _dataset_version_id(s: Session, ref: str) -> int:
+        name, _, v = ref.partition("@v")
+        row = s.exec(
+            select(DatasetVersionRow).join(DatasetRow, col(DatasetRow.id) == col(DatasetVersionRow.dataset_id))
+            .where(DatasetRow.name == name, DatasetVersionRow.version == int(v))
+        ).first()
+        if row is None or row.id is None:
+            raise NotFoundError(f"no dataset version {ref}", param="dataset")
+        return row.id
+
+    def register_dataset_version(
+        self,
+        *,
+        name: str,
+        digest: str,
+        counts: dict[str, int],
+        lineage: dict[str, Any],
+        profile: dict[str, Any] | None,
+        actor: str,
+        description: str | None = None,
+    ) -> domain.DatasetVersionInfo:
+        with self._write(actor) as tx:
+            s = tx.session
+            ds = s.exec(select(DatasetRow).where(DatasetRow.name == name)).first()
+            if ds is None:
+                ds = DatasetRow(name=name, description=description, created_by=actor)
+                s.add(ds)
+                s.flush()
+            latest = s.exec(
+                select(func.max(DatasetVersionRow.version)).where(DatasetVersionRow.dataset_id == ds.id)
+            ).one()
+            row = DatasetVersionRow(dataset_id=ds.id, version=(latest or 0) + 1, digest=digest,  # type: ignore[arg-type]
+                                    counts=counts, lineage=lineage, profile=profile, created_by=actor)
+            s.add(row)
+            s.flush()
+            tx.audit("dataset.register", f"{name}@v{row.version}", after={"digest": digest, "counts": counts})
+            return self._dataset_info(ds, row)
+
+    @staticmethod
+    def _dataset_info(ds: DatasetRow, row: DatasetVersionRow) -> domain.DatasetVersionInfo:
+        return domain.DatasetVersionInfo(name=ds.name, version=row.version, digest=row.digest, counts=row.counts,
+                                         lineage=row.lineage, profile=row.profile, created_by=row.created_by,
+                                         created_at=row.created_at)
+
+    def get_dataset_version(self, name: str, version: int | None = None) -> domain.DatasetVersionInfo:
+        with self._read() as s:
+            ds = s.exec(select(DatasetRow).where(DatasetRow.name == name)).first()
+            if ds is None:
+                raise NotFoundError(f"no dataset named {name!r}", param="dataset")
+            query = select(DatasetVersionRow).where(DatasetVersionRow.dataset_id == ds.id)
+            if version is None:
+                row = s.exec(query.order_by(col(DatasetVersionRow.version).desc())).first()
+            else:
+                row = s.exec(query.where(DatasetVersionRow.version == version)).first()
+            if row is None:
+                raise NotFoundError(f"dataset {name} has no version {'v' + str(version) if version else ''}",
+                                    param="dataset")
+            return self._dataset_info(ds, row)

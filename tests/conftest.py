@@ -1,0 +1,93 @@
+"""Shared fixtures.
+
+Every test runs in its own working directory with LORAFLOW_* cleared and
+LORAFLOW_HOME pointing into tmp, so no test can touch a developer's registry.
+
+``db_url`` is parametrized over SQLite and PostgreSQL (MLflow's ``store``
+fixture pattern). PostgreSQL runs when LORAFLOW_TEST_DATABASE_URL names a
+server (``.ci/run`` starts one); each test gets a fresh database on it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from registry.service import Registry
+from registry.settings import Settings
+from tests.factories import make_base
+
+PG_ENV = "LORAFLOW_TEST_DATABASE_URL"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for key in list(os.environ):
+        if key.startswith("LORAFLOW_") and key != PG_ENV:
+            monkeypatch.delenv(key)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LORAFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("USER", "tester")
+    return work
+
+
+def _create_pg_database(admin_url: str) -> tuple[str, str]:
+    import psycopg
+
+    name = f"lf_test_{uuid.uuid4().hex[:12]}"
+    url = make_url(admin_url).set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url.set(database=name).render_as_string(hide_password=False), name
+
+
+def _drop_pg_database(admin_url: str, name: str) -> None:
+    import psycopg
+
+    url = make_url(admin_url).set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'home' / 'registry.db'}"
+        return
+    admin = os.environ.get(PG_ENV)
+    if not admin:
+        pytest.skip(f"PostgreSQL tier: set {PG_ENV} (e.g. postgresql://postgres@localhost/postgres) to run")
+    url, name = _create_pg_database(admin)
+    try:
+        from registry import db
+
+        engine = db.make_engine(url)
+        db.upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        _drop_pg_database(admin, name)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path / "home")
+
+
+@pytest.fixture
+def registry(settings: Settings) -> Iterator[Registry]:
+    reg = Registry.open(settings)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    return make_base(tmp_path / "base")

@@ -1,0 +1,101 @@
+"""Test data built from scratch: base-model folders and PEFT-format adapters.
+
+The adapter writer produces the exact PEFT file contract (adapter_config.json +
+adapter_model.safetensors, real safetensors bytes) without a tensor library, so
+unit and store tests stay fast. Real PEFT-made adapters are used in the
+integration tier (see conftest.peft_adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from pathlib import Path
+from typing import Any
+
+BASE_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 1024,
+}
+
+SHAPES = {  # (in, out) for BASE_CONFIG
+    "q_proj": (128, 128), "k_proj": (128, 64), "v_proj": (128, 64), "o_proj": (128, 128),
+    "gate_proj": (128, 256), "up_proj": (128, 256), "down_proj": (256, 128),
+}
+ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def make_base(path: Path, *, config: dict[str, Any] | None = None, tokenizer: str = "tok-v1") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or BASE_CONFIG))
+    (path / "tokenizer.json").write_text(json.dumps({"model": tokenizer}))
+    return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], bytes]]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, (shape, data) in tensors.items():
+        header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for _, data in tensors.values():
+            fh.write(data)
+
+
+def make_adapter(
+    path: Path,
+    *,
+    r: int = 8,
+    seed: int = 0,
+    modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    layers: int = 2,
+    shapes: dict[str, tuple[int, int]] | None = None,
+    config: dict[str, Any] | None = None,
+    extra_tensors: dict[str, list[int]] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """A PEFT LoRA adapter folder; ``seed`` changes the bytes (and so the digest)."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    shapes = shapes or SHAPES
+    tensors: dict[str, tuple[list[int], bytes]] = {}
+    for layer in range(layers):
+        for module in modules:
+            block = "self_attn" if module in ATTN else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            n_in, n_out = shapes[module]
+            tensors[f"{prefix}.lora_A.weight"] = ([r, n_in], rng.randbytes(4 * r * n_in))
+            tensors[f"{prefix}.lora_B.weight"] = ([n_out, r], rng.randbytes(4 * r * n_out))
+    for key, shape in (extra_tensors or {}).items():
+        n = 1
+        for d in shape:
+            n *= d
+        tensors[key] = (shape, rng.randbytes(4 * n))
+    write_safetensors(path / "adapter_model.safetensors", tensors)
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "lora_dropout": 0.0,
+        "target_modules": list(modules),
+        "base_model_name_or_path": base_model_name_or_path,
+        "use_dora": False,
+        "modules_to_save": None,
+        "bias": "none",
+    }
+    cfg.update(config or {})
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path

@@ -1,0 +1,1 @@
+"""Datasets in, LoRA/QLoRA adapters out (see docs/architecture.md)."""
