@@ -111,8 +111,10 @@ def register(
     if as_json:
         print_json({"name": version.adapter, **_version_json(version)})
     else:
-        out.print(f"registered {version.ref} (digest {version.digest[:12]}, r={version.rank}, "
-                  f"{version.size_bytes} bytes)")
+        out.print(
+            f"registered {version.ref} (digest {version.digest[:12]}, r={version.rank}, "
+            f"{version.size_bytes} bytes)"
+        )
 
 
 @app.command("list")
@@ -147,13 +149,27 @@ def show(
     if parsed.version is not None:
         v = reg.get_version(parsed.name, parsed.version)
         if as_json:
-            print_json({"name": v.adapter, "base_model": adapter.base_model,
-                        "aliases": [k for k, n in adapter.aliases.items() if n == v.version],
-                        **v.model_dump(mode="json", exclude={"adapter"})})
+            print_json(
+                {
+                    "name": v.adapter,
+                    "base_model": adapter.base_model,
+                    "aliases": [k for k, n in adapter.aliases.items() if n == v.version],
+                    **v.model_dump(mode="json", exclude={"adapter"}),
+                }
+            )
             return
         out.print(f"[bold]{v.ref}[/bold]  {v.status}  aliases: {_aliases_of(adapter, v.version) or '-'}")
-        for key in ("digest", "rank", "alpha", "target_modules", "size_bytes", "dataset", "chat_template_hash",
-                    "created_by", "created_at"):
+        for key in (
+            "digest",
+            "rank",
+            "alpha",
+            "target_modules",
+            "size_bytes",
+            "dataset",
+            "chat_template_hash",
+            "created_by",
+            "created_at",
+        ):
             out.print(f"  {key}: {getattr(v, key)}", markup=False)
         for section in ("metrics", "training_config", "eval_report"):
             value = getattr(v, section)
@@ -166,8 +182,15 @@ def show(
     out.print(f"[bold]{adapter.name}[/bold]  base: {adapter.base_model}  task: {adapter.task or '-'}")
     table = Table("version", "status", "aliases", "digest", "rank", "dataset", "created")
     for v in adapter.versions:
-        table.add_row(f"v{v.version}", v.status, _aliases_of(adapter, v.version) or "-", v.digest[:12],
-                      str(v.rank), v.dataset or "-", v.created_at.strftime("%Y-%m-%d %H:%M"))
+        table.add_row(
+            f"v{v.version}",
+            v.status,
+            _aliases_of(adapter, v.version) or "-",
+            v.digest[:12],
+            str(v.rank),
+            v.dataset or "-",
+            v.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
     out.print(table)
 
 
@@ -179,11 +202,19 @@ def history(ctx: typer.Context, name: Annotated[str, typer.Argument()], as_json:
     if as_json:
         print_json(h.model_dump(mode="json"))
         return
-    table = Table("revision", "when", "who", "event", "target", "before", "after")
     for e in h.events:
-        table.add_row(str(e.revision), e.at.strftime("%Y-%m-%d %H:%M:%S"), e.actor, e.action, e.target,
-                      json.dumps(e.before) if e.before else "-", json.dumps(e.after) if e.after else "-")
-    out.print(table)
+        change = f"{_brief(e.before)} -> {_brief(e.after)}" if e.before else _brief(e.after)
+        out.print(
+            f"r{e.revision:<5} {e.at:%Y-%m-%d %H:%M:%S}  {e.actor:<10} {e.action:<17} {e.target:<28} "
+            f"{change}",
+            markup=False,
+        )
+
+
+def _brief(data: dict[str, Any] | None) -> str:
+    if not data:
+        return "-"
+    return " ".join(f"{k}={(v[:12] if isinstance(v, str) and len(v) == 64 else v)}" for k, v in data.items())
 
 
 @app.command()
@@ -196,11 +227,16 @@ def diff(
     as_json: JsonFlag = False,
 ) -> None:
     """Config, metrics, weights and dataset differences between two versions."""
-    changes = state(ctx).registry.diff(parse_ref(name, param="name").name, parse_version(a, param="vA"),
-                                       parse_version(b, param="vB"))
+    changes = state(ctx).registry.diff(
+        parse_ref(name, param="name").name, parse_version(a, param="vA"), parse_version(b, param="vB")
+    )
     if as_json:
-        print_json({section: {k: {"a": x, "b": y} for k, (x, y) in keys.items()}
-                    for section, keys in changes.items()})
+        print_json(
+            {
+                section: {k: {"a": x, "b": y} for k, (x, y) in keys.items()}
+                for section, keys in changes.items()
+            }
+        )
         return
     if not changes:
         out.print("no differences")
@@ -220,7 +256,8 @@ def promote(
     second: Annotated[str | None, typer.Argument(metavar="vN", show_default=False)] = None,
     alias: AliasOpt = DEFAULT_ALIAS,
     expect: Annotated[
-        str | None, typer.Option(help="Compare-and-swap: refuse unless the alias still points at this version.")
+        str | None,
+        typer.Option(help="Compare-and-swap: refuse unless the alias still points at this version."),
     ] = None,
 ) -> None:
     """Point an alias (default: production) at version vN."""
@@ -241,8 +278,10 @@ def rollback(
     """Move an alias back to the version it pointed at before its last move."""
     adapter = _default_name(ctx, name)
     move = state(ctx).registry.rollback(adapter, alias=alias)
-    out.print(f"{adapter}:{alias} -> v{move.to_version} (rolled back from v{move.from_version}; "
-              f"revision {move.revision})")
+    out.print(
+        f"{adapter}:{alias} -> v{move.to_version} (rolled back from v{move.from_version}; "
+        f"revision {move.revision})"
+    )
 
 
 @app.command()

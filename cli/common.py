@@ -51,8 +51,9 @@ class AppState:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
-                raise LoraflowError(f"invalid setting {where}: {first['msg']} (loraflow.toml or LORAFLOW_*)",
-                                    param=where) from exc
+                raise LoraflowError(
+                    f"invalid setting {where}: {first['msg']} (loraflow.toml or LORAFLOW_*)", param=where
+                ) from exc
         return self.settings
 
     @property

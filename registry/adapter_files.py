@@ -118,8 +118,9 @@ def inspect_adapter(
         )
     for name in ADAPTER_FILES:
         if not (src / name).is_file():
-            raise InvalidAdapterError(f"{src} has no {name}; a PEFT LoRA adapter needs {' and '.join(ADAPTER_FILES)}",
-                                      param=name)
+            raise InvalidAdapterError(
+                f"{src} has no {name}; a PEFT LoRA adapter needs {' and '.join(ADAPTER_FILES)}", param=name
+            )
     try:
         config = json.loads((src / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -181,11 +182,14 @@ def inspect_adapter(
     n_layers = (base_config or {}).get("num_hidden_layers")
     for path, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"} or len(ab["A"]) != 2 or len(ab["B"]) != 2:
-            raise InvalidAdapterError(f"{WEIGHTS_FILE}: {path} needs a 2-D lora_A and lora_B", param=WEIGHTS_FILE)
+            raise InvalidAdapterError(
+                f"{WEIGHTS_FILE}: {path} needs a 2-D lora_A and lora_B", param=WEIGHTS_FILE
+            )
         (rank, in_features), (out_features, rank_b) = ab["A"], ab["B"]
         if rank != rank_b:
-            raise InvalidAdapterError(f"{WEIGHTS_FILE}: {path} lora_A and lora_B disagree on rank",
-                                      param=WEIGHTS_FILE)
+            raise InvalidAdapterError(
+                f"{WEIGHTS_FILE}: {path} lora_A and lora_B disagree on rank", param=WEIGHTS_FILE
+            )
         ranks.add(rank)
         module = path.rsplit(".", 1)[-1]
         if module in expected and (in_features, out_features) != expected[module]:

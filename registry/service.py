@@ -37,7 +37,9 @@ class Registry:
         except BaseException:
             engine.dispose()
             raise
-        return cls(settings, store=MetadataStore(engine), artifacts=ArtifactStore(settings.resolved_artifact_uri))
+        return cls(
+            settings, store=MetadataStore(engine), artifacts=ArtifactStore(settings.resolved_artifact_uri)
+        )
 
     def close(self) -> None:
         self.store.engine.dispose()
@@ -152,8 +154,11 @@ class Registry:
         }
         out: dict[str, dict[str, tuple[Any, Any]]] = {}
         for section, (left, right) in sections.items():
-            changed = {k: (left.get(k), right.get(k)) for k in sorted(left.keys() | right.keys())
-                       if left.get(k) != right.get(k)}
+            changed = {
+                k: (left.get(k), right.get(k))
+                for k in sorted(left.keys() | right.keys())
+                if left.get(k) != right.get(k)
+            }
             if changed:
                 out[section] = changed
         return out

@@ -11,6 +11,7 @@ and pass it in. Nothing in loraflow builds settings at import time.
 
 from __future__ import annotations
 
+import getpass
 import os
 from pathlib import Path
 
@@ -88,7 +89,12 @@ class Settings(BaseSettings):
 
     @property
     def actor(self) -> str:
-        return self.user or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+        if self.user:
+            return self.user
+        try:
+            return getpass.getuser()
+        except (KeyError, OSError):
+            return "unknown"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Engine, func, or_, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -23,15 +23,21 @@ from registry import domain
 from registry.errors import ConflictError, InvalidAdapterError, NotFoundError
 from registry.models import (
     Adapter,
+    AdapterVersion,
     Alias,
     AliasMove,
     AuditEvent,
     DatasetRow,
     DatasetVersionRow,
     RegistryState,
-    AdapterVersion,
     utcnow,
 )
+
+
+def _pk(row: Adapter | DatasetRow) -> int:
+    if row.id is None:  # only before flush; every caller flushes first
+        raise RuntimeError(f"{type(row).__name__} has no primary key yet")
+    return row.id
 
 
 @dataclass
@@ -42,8 +48,14 @@ class _Tx:
 
     def audit(self, action: str, target: str, before: Any = None, after: Any = None) -> None:
         self.session.add(
-            AuditEvent(revision=self.revision, actor=self.actor, action=action, target=target,
-                       before=before, after=after)
+            AuditEvent(
+                revision=self.revision,
+                actor=self.actor,
+                action=action,
+                target=target,
+                before=before,
+                after=after,
+            )
         )
 
 
@@ -77,13 +89,15 @@ class MetadataStore:
     def _write(self, actor: str) -> Iterator[_Tx]:
         with Session(self.engine, expire_on_commit=False) as session:
             try:
-                session.exec(update(RegistryState).values(revision=RegistryState.revision + 1))  # type: ignore[call-overload]
+                session.execute(update(RegistryState).values(revision=col(RegistryState.revision) + 1))
                 revision = session.exec(select(RegistryState.revision)).one()
                 yield _Tx(session=session, revision=revision, actor=actor)
                 session.commit()
             except SAIntegrityError as exc:
                 session.rollback()
-                raise ConflictError(f"a concurrent change conflicted with this one; nothing was changed ({exc.orig})") from exc
+                raise ConflictError(
+                    f"a concurrent change conflicted with this one; nothing was changed ({exc.orig})"
+                ) from exc
             except OperationalError as exc:
                 session.rollback()
                 if "locked" in str(exc.orig).lower() or "deadlock" in str(exc.orig).lower():
@@ -105,7 +119,8 @@ class MetadataStore:
             names = s.exec(select(Adapter.name).order_by(Adapter.name).limit(21)).all()
             known = ", ".join(names[:20]) + (", …" if len(names) > 20 else "")
             raise NotFoundError(
-                f"no adapter named {name!r}" + (f"; adapters: {known}" if names else "; the registry is empty"),
+                f"no adapter named {name!r}"
+                + (f"; adapters: {known}" if names else "; the registry is empty"),
                 param="name",
             )
         return row
@@ -113,15 +128,20 @@ class MetadataStore:
     @staticmethod
     def _version_row(s: Session, adapter: Adapter, version: int) -> AdapterVersion:
         row = s.exec(
-            select(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.version == version)
+            select(AdapterVersion).where(
+                AdapterVersion.adapter_id == adapter.id, AdapterVersion.version == version
+            )
         ).first()
         if row is None:
             versions = s.exec(
-                select(AdapterVersion.version).where(AdapterVersion.adapter_id == adapter.id)
+                select(AdapterVersion.version)
+                .where(AdapterVersion.adapter_id == adapter.id)
                 .order_by(col(AdapterVersion.version))
             ).all()
             have = ", ".join(f"v{v}" for v in versions) or "none"
-            raise NotFoundError(f"{adapter.name} has no version v{version}; versions: {have}", param="version")
+            raise NotFoundError(
+                f"{adapter.name} has no version v{version}; versions: {have}", param="version"
+            )
         return row
 
     @staticmethod
@@ -146,14 +166,15 @@ class MetadataStore:
             metrics=row.metrics,
             eval_report=row.eval_report,
             chat_template_hash=row.chat_template_hash,
-            status=row.status,  # type: ignore[arg-type]
+            status=row.status,
             created_by=row.created_by,
             created_at=row.created_at,
         )
 
     def _adapter_info(self, s: Session, adapter: Adapter) -> domain.AdapterInfo:
         versions = s.exec(
-            select(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id)
+            select(AdapterVersion)
+            .where(AdapterVersion.adapter_id == adapter.id)
             .order_by(col(AdapterVersion.version))
         ).all()
         aliases = s.exec(select(Alias).where(Alias.adapter_id == adapter.id).order_by(col(Alias.name))).all()
@@ -170,7 +191,9 @@ class MetadataStore:
 
     def list_adapters(self) -> list[domain.AdapterInfo]:
         with self._read() as s:
-            return [self._adapter_info(s, a) for a in s.exec(select(Adapter).order_by(col(Adapter.name))).all()]
+            return [
+                self._adapter_info(s, a) for a in s.exec(select(Adapter).order_by(col(Adapter.name))).all()
+            ]
 
     def get_adapter(self, name: str) -> domain.AdapterInfo:
         with self._read() as s:
@@ -193,7 +216,8 @@ class MetadataStore:
             if row is None:
                 have = s.exec(select(Alias.name).where(Alias.adapter_id == adapter.id)).all()
                 raise NotFoundError(
-                    f"{name} has no alias {alias!r}; aliases: {', '.join(sorted(have)) or 'none'}", param="alias"
+                    f"{name} has no alias {alias!r}; aliases: {', '.join(sorted(have)) or 'none'}",
+                    param="alias",
                 )
             return self._version_info(s, adapter, self._version_row(s, adapter, row.version))
 
@@ -205,21 +229,40 @@ class MetadataStore:
             ).all()
             events = s.exec(
                 select(AuditEvent)
-                .where((AuditEvent.target == name) | col(AuditEvent.target).startswith(f"{name}@")
-                       | col(AuditEvent.target).startswith(f"{name}:"))
+                .where(
+                    or_(
+                        col(AuditEvent.target) == name,
+                        col(AuditEvent.target).startswith(f"{name}@"),
+                        col(AuditEvent.target).startswith(f"{name}:"),
+                    )
+                )
                 .order_by(col(AuditEvent.revision), col(AuditEvent.id))
             ).all()
             return domain.History(
                 adapter=name,
                 moves=[
-                    domain.AliasMoveInfo(adapter=name, alias=m.alias, from_version=m.from_version,
-                                         to_version=m.to_version, reason=m.reason, revision=m.revision,
-                                         actor=m.actor, at=m.created_at)
+                    domain.AliasMoveInfo(
+                        adapter=name,
+                        alias=m.alias,
+                        from_version=m.from_version,
+                        to_version=m.to_version,
+                        reason=m.reason,
+                        revision=m.revision,
+                        actor=m.actor,
+                        at=m.created_at,
+                    )
                     for m in moves
                 ],
                 events=[
-                    domain.AuditInfo(revision=e.revision, actor=e.actor, action=e.action, target=e.target,
-                                     before=e.before, after=e.after, at=e.created_at)
+                    domain.AuditInfo(
+                        revision=e.revision,
+                        actor=e.actor,
+                        action=e.action,
+                        target=e.target,
+                        before=e.before,
+                        after=e.after,
+                        at=e.created_at,
+                    )
                     for e in events
                 ],
             )
@@ -239,12 +282,20 @@ class MetadataStore:
             s = tx.session
             adapter = s.exec(select(Adapter).where(Adapter.name == name)).first()
             if adapter is None:
-                adapter = Adapter(name=name, base_model=base_model, base_model_fingerprint=base_model_fingerprint,
-                                  task=task, created_by=actor)
+                adapter = Adapter(
+                    name=name,
+                    base_model=base_model,
+                    base_model_fingerprint=base_model_fingerprint,
+                    task=task,
+                    created_by=actor,
+                )
                 s.add(adapter)
                 s.flush()
-                tx.audit("adapter.create", name, after={"base_model": base_model,
-                                                        "base_model_fingerprint": base_model_fingerprint})
+                tx.audit(
+                    "adapter.create",
+                    name,
+                    after={"base_model": base_model, "base_model_fingerprint": base_model_fingerprint},
+                )
             elif adapter.base_model_fingerprint != base_model_fingerprint:
                 raise InvalidAdapterError(
                     f"{name} is registered on base model {adapter.base_model} "
@@ -253,18 +304,22 @@ class MetadataStore:
                     param="base",
                 )
             same = s.exec(
-                select(AdapterVersion.version).where(AdapterVersion.adapter_id == adapter.id,
-                                                     AdapterVersion.digest == new.digest)
+                select(AdapterVersion.version).where(
+                    AdapterVersion.adapter_id == adapter.id, AdapterVersion.digest == new.digest
+                )
             ).first()
             if same is not None:
-                raise ConflictError(f"{name}@v{same} already holds these exact files (digest {new.digest[:12]}); "
-                                    "nothing was registered", param="dir")
+                raise ConflictError(
+                    f"{name}@v{same} already holds these exact files (digest {new.digest[:12]}); "
+                    "nothing was registered",
+                    param="dir",
+                )
             dataset_version_id = self._dataset_version_id(s, new.dataset) if new.dataset else None
             latest = s.exec(
                 select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id)
             ).one()
             row = AdapterVersion(
-                adapter_id=adapter.id,  # type: ignore[arg-type]
+                adapter_id=_pk(adapter),
                 version=(latest or 0) + 1,
                 digest=new.digest,
                 rank=new.rank,
@@ -280,8 +335,11 @@ class MetadataStore:
             )
             s.add(row)
             s.flush()
-            tx.audit("version.register", f"{name}@v{row.version}",
-                     after={"digest": new.digest, "dataset": new.dataset, "rank": new.rank})
+            tx.audit(
+                "version.register",
+                f"{name}@v{row.version}",
+                after={"digest": new.digest, "dataset": new.dataset, "rank": new.rank},
+            )
             return self._version_info(s, adapter, row)
 
     def set_alias(
@@ -297,16 +355,21 @@ class MetadataStore:
             s = tx.session
             adapter = self._adapter_row(s, name)
             last = s.exec(
-                select(AliasMove).where(AliasMove.adapter_id == adapter.id, AliasMove.alias == alias)
+                select(AliasMove)
+                .where(AliasMove.adapter_id == adapter.id, AliasMove.alias == alias)
                 .order_by(col(AliasMove.revision).desc())
             ).first()
             if last is None:
                 raise NotFoundError(f"{name} has no alias {alias!r}", param="alias")
             if last.from_version is None:
-                raise ConflictError(f"{name}:{alias} has only ever pointed at v{last.to_version}; "
-                                    "there is nothing to roll back to", param="alias")
-            return self._move_alias(tx, adapter, alias, last.from_version, expect=last.to_version,
-                                    reason="rollback")
+                raise ConflictError(
+                    f"{name}:{alias} has only ever pointed at v{last.to_version}; "
+                    "there is nothing to roll back to",
+                    param="alias",
+                )
+            return self._move_alias(
+                tx, adapter, alias, last.from_version, expect=last.to_version, reason="rollback"
+            )
 
     def _move_alias(
         self, tx: _Tx, adapter: Adapter, alias: str, version: int, *, expect: int | None, reason: str
@@ -326,18 +389,37 @@ class MetadataStore:
         if current == version:
             raise ConflictError(f"{name}:{alias} already points at v{version}", param="version")
         if row is None:
-            row = Alias(adapter_id=adapter.id, name=alias, version=version)  # type: ignore[arg-type]
+            row = Alias(adapter_id=_pk(adapter), name=alias, version=version)
         else:
             row.version, row.updated_at = version, utcnow()
         s.add(row)
-        move = AliasMove(adapter_id=adapter.id, alias=alias, from_version=current,  # type: ignore[arg-type]
-                         to_version=version, reason=reason, revision=tx.revision, actor=tx.actor)
+        move = AliasMove(
+            adapter_id=_pk(adapter),
+            alias=alias,
+            from_version=current,
+            to_version=version,
+            reason=reason,
+            revision=tx.revision,
+            actor=tx.actor,
+        )
         s.add(move)
-        tx.audit(f"alias.{reason}", f"{name}:{alias}",
-                 before={"version": current} if current is not None else None, after={"version": version})
+        tx.audit(
+            f"alias.{reason}",
+            f"{name}:{alias}",
+            before={"version": current} if current is not None else None,
+            after={"version": version},
+        )
         s.flush()
-        return domain.AliasMoveInfo(adapter=name, alias=alias, from_version=current, to_version=version,
-                                    reason=reason, revision=tx.revision, actor=tx.actor, at=move.created_at)
+        return domain.AliasMoveInfo(
+            adapter=name,
+            alias=alias,
+            from_version=current,
+            to_version=version,
+            reason=reason,
+            revision=tx.revision,
+            actor=tx.actor,
+            at=move.created_at,
+        )
 
     def archive(self, *, name: str, version: int, actor: str) -> domain.VersionInfo:
         with self._write(actor) as tx:
@@ -357,8 +439,12 @@ class MetadataStore:
                 raise ConflictError(f"{name}@v{version} is already archived", param="version")
             row.status = "archived"
             s.add(row)
-            tx.audit("version.archive", f"{name}@v{version}", before={"status": "registered"},
-                     after={"status": "archived"})
+            tx.audit(
+                "version.archive",
+                f"{name}@v{version}",
+                before={"status": "registered"},
+                after={"status": "archived"},
+            )
             s.flush()
             return self._version_info(s, adapter, row)
 
@@ -367,7 +453,8 @@ class MetadataStore:
     def _dataset_version_id(s: Session, ref: str) -> int:
         name, _, v = ref.partition("@v")
         row = s.exec(
-            select(DatasetVersionRow).join(DatasetRow, col(DatasetRow.id) == col(DatasetVersionRow.dataset_id))
+            select(DatasetVersionRow)
+            .join(DatasetRow, col(DatasetRow.id) == col(DatasetVersionRow.dataset_id))
             .where(DatasetRow.name == name, DatasetVersionRow.version == int(v))
         ).first()
         if row is None or row.id is None:
@@ -395,8 +482,15 @@ class MetadataStore:
             latest = s.exec(
                 select(func.max(DatasetVersionRow.version)).where(DatasetVersionRow.dataset_id == ds.id)
             ).one()
-            row = DatasetVersionRow(dataset_id=ds.id, version=(latest or 0) + 1, digest=digest,  # type: ignore[arg-type]
-                                    counts=counts, lineage=lineage, profile=profile, created_by=actor)
+            row = DatasetVersionRow(
+                dataset_id=_pk(ds),
+                version=(latest or 0) + 1,
+                digest=digest,
+                counts=counts,
+                lineage=lineage,
+                profile=profile,
+                created_by=actor,
+            )
             s.add(row)
             s.flush()
             tx.audit("dataset.register", f"{name}@v{row.version}", after={"digest": digest, "counts": counts})
@@ -404,9 +498,16 @@ class MetadataStore:
 
     @staticmethod
     def _dataset_info(ds: DatasetRow, row: DatasetVersionRow) -> domain.DatasetVersionInfo:
-        return domain.DatasetVersionInfo(name=ds.name, version=row.version, digest=row.digest, counts=row.counts,
-                                         lineage=row.lineage, profile=row.profile, created_by=row.created_by,
-                                         created_at=row.created_at)
+        return domain.DatasetVersionInfo(
+            name=ds.name,
+            version=row.version,
+            digest=row.digest,
+            counts=row.counts,
+            lineage=row.lineage,
+            profile=row.profile,
+            created_by=row.created_by,
+            created_at=row.created_at,
+        )
 
     def get_dataset_version(self, name: str, version: int | None = None) -> domain.DatasetVersionInfo:
         with self._read() as s:
@@ -419,6 +520,7 @@ class MetadataStore:
             else:
                 row = s.exec(query.where(DatasetVersionRow.version == version)).first()
             if row is None:
-                raise NotFoundError(f"dataset {name} has no version {'v' + str(version) if version else ''}",
-                                    param="dataset")
+                raise NotFoundError(
+                    f"dataset {name} has no version {'v' + str(version) if version else ''}", param="dataset"
+                )
             return self._dataset_info(ds, row)

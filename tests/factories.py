@@ -27,8 +27,13 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 SHAPES = {  # (in, out) for BASE_CONFIG
-    "q_proj": (128, 128), "k_proj": (128, 64), "v_proj": (128, 64), "o_proj": (128, 128),
-    "gate_proj": (128, 256), "up_proj": (128, 256), "down_proj": (256, 128),
+    "q_proj": (128, 128),
+    "k_proj": (128, 64),
+    "v_proj": (128, 64),
+    "o_proj": (128, 128),
+    "gate_proj": (128, 256),
+    "up_proj": (128, 256),
+    "down_proj": (256, 128),
 }
 ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 

@@ -55,7 +55,8 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     for _ in range(lines):
         words = rng.choices(_WORDS, k=rng.randint(4, 16))
         out.append(" ".join(words) + rng.choice([".", "?", "!", ":", ","]))
-        out.append('{"' + rng.choice(_WORDS) + '": "' + rng.choice(_WORDS) + '", "n": ' + str(rng.randint(0, 999)) + "}")
+        key, value, n = rng.choice(_WORDS), rng.choice(_WORDS), rng.randint(0, 999)
+        out.append(f'{{"{key}": "{value}", "n": {n}}}')
     out += [str(n) for n in range(1000)]
     return out
 
@@ -76,11 +77,19 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024) ->
     specials = [PAD, BOS, IM_START, IM_END]
     tok.train_from_iterator(
         _corpus(seed),
-        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=IM_END, pad_token=PAD, model_max_length=1024,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=IM_END,
+        pad_token=PAD,
+        model_max_length=1024,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
@@ -91,7 +100,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024) ->
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
         **TINY_CONFIG,
     )
     model = LlamaForCausalLM(config)
@@ -121,8 +130,14 @@ def random_lora_adapter(
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=False,
-                        task_type="CAUSAL_LM", **lora_kwargs)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=target_modules,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        **lora_kwargs,
+    )
     peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir

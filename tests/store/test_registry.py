@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,14 @@ def _snapshot(reg: Registry) -> tuple[int, list]:
 
 def test_register_assigns_versions_and_records_lineage(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
     start = reg.revision()
-    v1 = reg.register("support", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir), task="triage",
-                      metrics={"eval_loss": 1.5}, training_config={"lr": 1e-4, "lora": {"r": 8}})
+    v1 = reg.register(
+        "support",
+        make_adapter(tmp_path / "a1", seed=1),
+        base_model=str(base_dir),
+        task="triage",
+        metrics={"eval_loss": 1.5},
+        training_config={"lr": 1e-4, "lora": {"r": 8}},
+    )
     v2 = reg.register("support", make_adapter(tmp_path / "a2", seed=2, r=16), base_model=str(base_dir))
     assert (v1.version, v2.version) == (1, 2)
     assert v1.rank == 8 and v2.rank == 16
@@ -71,7 +78,9 @@ def test_refused_adapter_changes_nothing(reg: Registry, base_dir: Path, tmp_path
     reg.register("support", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir))
     before = _snapshot(reg)
     with pytest.raises(InvalidAdapterError):
-        reg.register("support", make_adapter(tmp_path / "bad", config={"use_dora": True}), base_model=str(base_dir))
+        reg.register(
+            "support", make_adapter(tmp_path / "bad", config={"use_dora": True}), base_model=str(base_dir)
+        )
     assert _snapshot(reg) == before
 
 
@@ -85,7 +94,9 @@ def test_other_base_model_refused_for_existing_adapter(reg: Registry, base_dir: 
     assert _snapshot(reg) == before
 
 
-def test_adapter_declaring_a_different_local_base_is_refused(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
+def test_adapter_declaring_a_different_local_base_is_refused(
+    reg: Registry, base_dir: Path, tmp_path: Path
+) -> None:
     other = make_base(tmp_path / "other-base", tokenizer="other")
     src = make_adapter(tmp_path / "a1", base_model_name_or_path=str(other))
     with pytest.raises(InvalidAdapterError, match="different model"):
@@ -158,7 +169,7 @@ def test_promote_rollback_and_linear_history(reg: Registry, base_dir: Path, tmp_
 
     moves = [m for m in reg.history("support").moves if m.alias == "production"]
     assert [(m.from_version, m.to_version) for m in moves] == [(None, 1), (1, 2), (2, 1)]
-    for earlier, later in zip(moves, moves[1:], strict=False):
+    for earlier, later in pairwise(moves):
         assert later.from_version == earlier.to_version
         assert later.revision > earlier.revision
     actions = [e.action for e in reg.history("support").events]
@@ -198,15 +209,41 @@ def test_unknown_names_list_what_exists(reg: Registry, base_dir: Path, tmp_path:
         reg.resolve(Ref("support", alias="canary"))
 
 
-def test_diff_reports_config_metric_and_dataset_changes(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
-    reg.store.register_dataset_version(name="tickets", digest="d" * 64, counts={"train": 8},
-                                       lineage={"kind": "file", "source": "a.jsonl"}, profile=None, actor="t")
-    reg.store.register_dataset_version(name="tickets", digest="e" * 64, counts={"train": 9},
-                                       lineage={"kind": "file", "source": "b.jsonl"}, profile=None, actor="t")
-    reg.register("support", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir),
-                 dataset="tickets@v1", training_config={"lr": 1e-4, "epochs": 3}, metrics={"eval_loss": 1.2})
-    reg.register("support", make_adapter(tmp_path / "a2", seed=2), base_model=str(base_dir),
-                 dataset="tickets", training_config={"lr": 2e-4, "epochs": 3}, metrics={"eval_loss": 0.9})
+def test_diff_reports_config_metric_and_dataset_changes(
+    reg: Registry, base_dir: Path, tmp_path: Path
+) -> None:
+    reg.store.register_dataset_version(
+        name="tickets",
+        digest="d" * 64,
+        counts={"train": 8},
+        lineage={"kind": "file", "source": "a.jsonl"},
+        profile=None,
+        actor="t",
+    )
+    reg.store.register_dataset_version(
+        name="tickets",
+        digest="e" * 64,
+        counts={"train": 9},
+        lineage={"kind": "file", "source": "b.jsonl"},
+        profile=None,
+        actor="t",
+    )
+    reg.register(
+        "support",
+        make_adapter(tmp_path / "a1", seed=1),
+        base_model=str(base_dir),
+        dataset="tickets@v1",
+        training_config={"lr": 1e-4, "epochs": 3},
+        metrics={"eval_loss": 1.2},
+    )
+    reg.register(
+        "support",
+        make_adapter(tmp_path / "a2", seed=2),
+        base_model=str(base_dir),
+        dataset="tickets",
+        training_config={"lr": 2e-4, "epochs": 3},
+        metrics={"eval_loss": 0.9},
+    )
     changes = reg.diff("support", 1, 2)
     assert changes["config"] == {"lr": (1e-4, 2e-4)}
     assert changes["metrics"] == {"eval_loss": (1.2, 0.9)}

@@ -75,11 +75,15 @@ def test_dora_magnitude_tensor_refused(tmp_path: Path) -> None:
 
 
 def test_modules_to_save_refused(tmp_path: Path) -> None:
-    _refused(make_adapter(tmp_path / "a", config={"modules_to_save": ["lm_head"]}), "modules_to_save", "vllm#9280")
+    _refused(
+        make_adapter(tmp_path / "a", config={"modules_to_save": ["lm_head"]}), "modules_to_save", "vllm#9280"
+    )
 
 
 def test_full_weight_tensor_refused(tmp_path: Path) -> None:
-    src = make_adapter(tmp_path / "a", extra_tensors={"base_model.model.lm_head.modules_to_save.weight": [4, 4]})
+    src = make_adapter(
+        tmp_path / "a", extra_tensors={"base_model.model.lm_head.modules_to_save.weight": [4, 4]}
+    )
     _refused(src, "adapter_model.safetensors", "not a LoRA A/B matrix")
 
 

@@ -1,0 +1,213 @@
+"""The `adapters` CLI through Typer's CliRunner: output, JSON shapes, exit codes, no change on error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.adapters import app as adapters_app
+from cli.common import EXIT_CODES
+from cli.main import app as loraflow_app
+from registry.errors import ErrorCode
+from tests.factories import make_adapter
+
+pytestmark = pytest.mark.unit
+runner = CliRunner()
+
+
+def adapters(*args: str) -> tuple[int, str]:
+    result = runner.invoke(adapters_app, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def two_versions(base_dir: Path, tmp_path: Path) -> Path:
+    for seed in (1, 2):
+        code, output = adapters(
+            "register",
+            "support",
+            str(make_adapter(tmp_path / f"a{seed}", seed=seed)),
+            "--base",
+            str(base_dir),
+        )
+        assert code == 0, output
+        assert f"registered support@v{seed}" in output
+    return base_dir
+
+
+def state_json() -> str:
+    code, output = adapters("list", "--json")
+    assert code == 0
+    return output
+
+
+def test_register_list_show(two_versions: Path) -> None:
+    code, output = adapters("list")
+    assert code == 0 and "support" in output
+    code, output = adapters("show", "support", "--json")
+    assert code == 0
+    data = json.loads(output)
+    assert set(data) == {"name", "base_model", "aliases", "versions"}
+    assert data["name"] == "support" and data["aliases"] == {}
+    assert [v["version"] for v in data["versions"]] == [1, 2]
+    assert set(data["versions"][0]) == {"version", "digest", "status", "dataset", "metrics", "created_at"}
+    code, output = adapters("show", "support@v2", "--json")
+    assert code == 0 and json.loads(output)["version"] == 2
+
+
+def test_register_json_metrics_and_config(base_dir: Path, tmp_path: Path) -> None:
+    metrics, config = tmp_path / "m.json", tmp_path / "c.json"
+    metrics.write_text('{"eval_loss": 0.5}')
+    config.write_text('{"lr": 0.001}')
+    code, output = adapters(
+        "register",
+        "x",
+        str(make_adapter(tmp_path / "a")),
+        "--base",
+        str(base_dir),
+        "--metrics",
+        str(metrics),
+        "--config",
+        str(config),
+        "--json",
+    )
+    assert code == 0, output
+    assert json.loads(output)["metrics"] == {"eval_loss": 0.5}
+    code, output = adapters("show", "x@v1", "--json")
+    assert json.loads(output)["training_config"] == {"lr": 0.001}
+
+
+def test_bad_metrics_file_names_the_option(base_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "m.json"
+    bad.write_text("{nope")
+    code, output = adapters(
+        "register", "x", str(make_adapter(tmp_path / "a")), "--base", str(base_dir), "--metrics", str(bad)
+    )
+    assert code == EXIT_CODES[ErrorCode.INVALID_ARGUMENT]
+    assert "metrics" in output and "not valid JSON" in output
+    assert json.loads(state_json()) == []
+
+
+def test_promote_expect_rollback_archive(two_versions: Path) -> None:
+    assert adapters("promote", "support", "v1")[0] == 0
+    code, output = adapters("promote", "support", "v2", "--expect", "v1")
+    assert code == 0 and "support:production -> v2 (was v1" in output
+
+    before = state_json()
+    code, output = adapters("promote", "support", "v1", "--expect", "v1")
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] == 4
+    assert output.count("\n") == 1 and "points at v2, not v1" in output
+    assert state_json() == before
+
+    code, output = adapters("archive", "support@v2")
+    assert code == 4 and "pointed at by production" in output
+    code, output = adapters("rollback", "support")
+    assert code == 0 and "-> v1" in output
+    assert adapters("archive", "support@v2")[0] == 0
+    data = json.loads(adapters("show", "support", "--json")[1])
+    assert data["aliases"] == {"production": 1}
+    assert data["versions"][1]["status"] == "archived"
+
+
+def test_staging_alias(two_versions: Path) -> None:
+    assert adapters("promote", "support", "v2", "--alias", "staging")[0] == 0
+    assert json.loads(adapters("show", "support", "--json")[1])["aliases"] == {"staging": 2}
+    code, output = adapters("promote", "support", "v2", "--alias", "Not A Slug")
+    assert code == 2 and "invalid alias" in output
+
+
+def test_default_adapter_from_loraflow_toml(two_versions: Path, isolated_env: Path) -> None:
+    (isolated_env / "loraflow.toml").write_text('default_adapter = "support"\n')
+    code, output = adapters("promote", "v2")
+    assert code == 0, output
+    assert "support:production -> v2" in output
+    assert adapters("promote", "v1")[0] == 0
+    assert "-> v2" in adapters("rollback")[1]
+
+
+def test_version_only_without_default_adapter(two_versions: Path) -> None:
+    code, output = adapters("promote", "v2")
+    assert code == 2 and "default_adapter" in output
+
+
+def test_history_json_is_linear(two_versions: Path) -> None:
+    adapters("promote", "support", "v1")
+    adapters("promote", "support", "v2")
+    adapters("rollback", "support")
+    code, output = adapters("history", "support", "--json")
+    assert code == 0
+    moves = json.loads(output)["moves"]
+    assert [(m["from_version"], m["to_version"]) for m in moves] == [(None, 1), (1, 2), (2, 1)]
+    code, output = adapters("history", "support")
+    assert code == 0 and "alias.rollback" in output
+
+
+def test_diff(base_dir: Path, tmp_path: Path) -> None:
+    for seed, lr in ((1, "0.001"), (2, "0.002")):
+        cfg = tmp_path / f"c{seed}.json"
+        cfg.write_text(f'{{"lr": {lr}, "epochs": 2}}')
+        adapters(
+            "register",
+            "x",
+            str(make_adapter(tmp_path / f"a{seed}", seed=seed)),
+            "--base",
+            str(base_dir),
+            "--config",
+            str(cfg),
+        )
+    code, output = adapters("diff", "x", "v1", "v2", "--json")
+    assert code == 0
+    data = json.loads(output)
+    assert data["config"] == {"lr": {"a": 0.001, "b": 0.002}}
+    assert "epochs" not in data["config"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (("show", "ghost"), 3, "no adapter named 'ghost'; adapters: support"),
+        (("show", "support@v9"), 3, "versions: v1, v2"),
+        (("show", "support@vx"), 2, "invalid version 'vx'"),
+        (("show", "bad name!"), 2, "invalid name"),
+        (("promote", "support", "v9"), 3, "versions: v1, v2"),
+        (("promote", "support", "three"), 2, "invalid version"),
+        (("archive", "support"), 2, "archive takes NAME@vN"),
+        (("rollback", "support"), 3, "no alias 'production'"),
+        (("diff", "support", "v1", "v7"), 3, "has no version v7"),
+    ],
+)
+def test_errors_are_one_line_and_change_nothing(
+    two_versions: Path, args: tuple[str, ...], code: int, words: str
+) -> None:
+    before = state_json()
+    got, output = adapters(*args)
+    assert got == code, output
+    assert words in output
+    assert output.startswith("error: ") and output.count("\n") == 1
+    assert state_json() == before
+
+
+def test_refused_adapter_exit_code(base_dir: Path, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a", config={"use_dora": True})
+    code, output = adapters("register", "x", str(src), "--base", str(base_dir))
+    assert code == EXIT_CODES[ErrorCode.INVALID_ADAPTER] == 5
+    assert "vllm#6983" in output
+    assert json.loads(state_json()) == []
+
+
+def test_loraflow_mounts_the_same_app(two_versions: Path) -> None:
+    result = runner.invoke(loraflow_app, ["adapters", "show", "support", "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.output) == json.loads(adapters("show", "support", "--json")[1])
+
+
+def test_bad_setting_is_named(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAFLOW_REGISTRY__MAX_LORA_RANK", "lots")
+    code, output = adapters("list")
+    assert code == 2
+    assert "registry.max_lora_rank" in output

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+from registry.errors import InvalidArgumentError
+from registry.refs import Ref, parse_ref, parse_version
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("text", "ref"),
+    [
+        ("support", Ref("support")),
+        ("support@v3", Ref("support", version=3)),
+        ("support@3", Ref("support", version=3)),
+        ("support:staging", Ref("support", alias="staging")),
+        ("org.support-v2_x", Ref("org.support-v2_x")),
+    ],
+)
+def test_parse(text: str, ref: Ref) -> None:
+    assert parse_ref(text) == ref
+
+
+@pytest.mark.parametrize("text", ["", "@v1", "a@v0", "a@x", "a:Prod", "a b", "a:", "-a"])
+def test_malformed_names_the_param(text: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        parse_ref(text, param="model")
+    assert info.value.param == "model"
+
+
+def test_version() -> None:
+    assert parse_version("v12") == 12
+    with pytest.raises(InvalidArgumentError):
+        parse_version("v-1")
