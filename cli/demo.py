@@ -85,7 +85,13 @@ def demo(
     moves = reg.history(name).moves
     out.print(
         f"history of {name}: "
-        + " ; ".join(f"r{m.revision} {m.reason} {m.alias} v{m.from_version}->v{m.to_version}" for m in moves)
+        + " ; ".join(
+            f"r{m.revision} {m.reason} {m.alias} {_v(m.from_version)}->v{m.to_version}" for m in moves
+        )
     )
     out.print(f"registry: {settings.resolved_database_url}   artifacts: {settings.resolved_artifact_uri}")
     out.print(f"try: adapters show {name}   adapters history {name}")
+
+
+def _v(version: int | None) -> str:
+    return f"v{version}" if version is not None else "(none)"
