@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import adapters, db, demo
+from cli import adapters, data, db, demo, dev, train
 
 app = typer.Typer(
     name="loraflow",
@@ -14,6 +14,9 @@ app = typer.Typer(
 )
 app.add_typer(adapters.app, name="adapters")
 app.add_typer(db.app, name="db")
+app.add_typer(data.app, name="data")
+app.add_typer(dev.app, name="dev")
+app.command("train")(train.train)
 app.command("demo")(demo.demo)
 
 

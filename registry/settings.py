@@ -39,6 +39,12 @@ class RegistrySettings(BaseModel):
     )
 
 
+class TrainerSettings(BaseModel):
+    base_model: str | None = Field(None, description="Default base model for data and train commands.")
+    max_length: int = Field(1024, ge=8, description="Longest example, in tokens, after the chat template.")
+    system_prompt: str | None = Field(None, description="Put into every example that has no system message.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORAFLOW_",
@@ -58,6 +64,7 @@ class Settings(BaseSettings):
     )
     user: str | None = Field(None, description="Recorded as created_by / actor; default $USER.")
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -45,7 +45,8 @@ TINY_CONFIG: dict[str, Any] = {
 _WORDS = (
     "the a an of to in and is was for on with as by at from name city age email order status price item "
     "customer ship paid pending total date user id json extract field value text summary answer question "
-    "alice bob carol dave erin frank grace heidi ivan judy paris berlin tokyo lima oslo rome cairo delhi"
+    "alice bob carol dave erin frank grace heidi ivan judy paris berlin tokyo lima oslo rome cairo delhi "
+    "system user assistant you are a helpful extract qty ordered items from customer"
 ).split()
 
 

@@ -1,0 +1,130 @@
+"""`loraflow data …`: validate a training file, and prepare it into a registered dataset version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cli.common import guarded, out, print_json, state
+from registry.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from trainer.data import Validation
+
+app = typer.Typer(
+    name="data", help="Validate and prepare training data.", no_args_is_help=True, add_completion=False
+)
+
+BaseOpt = Annotated[
+    str | None, typer.Option("--base", help="Base model whose tokenizer and chat template count tokens.")
+]
+MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Longest example in tokens.")]
+
+
+def _validate(ctx: typer.Context, file: Path, base: str | None, max_length: int | None) -> Validation:
+    from trainer.data import validate_file
+    from trainer.model import load_tokenizer, locate_base_model, token_counter
+
+    settings = state(ctx).get_settings()
+    base = base or settings.trainer.base_model
+    if not base:
+        raise InvalidArgumentError(
+            "a base model is needed to count tokens: pass --base or set trainer.base_model in loraflow.toml",
+            param="base",
+        )
+    tokenizer = load_tokenizer(locate_base_model(base))
+    limit = max_length or settings.trainer.max_length
+    return validate_file(
+        file,
+        count_tokens=token_counter(tokenizer),
+        max_length=limit,
+        system_prompt=settings.trainer.system_prompt,
+    )
+
+
+@app.command()
+@guarded
+def validate(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="JSONL or Parquet file.")],
+    base: BaseOpt = None,
+    max_length: MaxLenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Report every bad line (1-based) with its reason; for a good file, counts and token lengths."""
+    result = _validate(ctx, file, base, max_length)
+    summary = result.summary()
+    if as_json:
+        print_json(summary | {"errors": [{"line": e.line, "reason": e.reason} for e in result.errors]})
+    else:
+        for error in result.errors:
+            out.print(f"{file}:{error.line}: {error.reason}", markup=False)
+        tokens = summary["tokens"]
+        out.print(
+            f"{summary['examples']} good examples, {summary['bad_lines']} bad lines; "
+            f"formats {summary['formats']}" + (f"; labels {summary['labels']}" if summary["labels"] else ""),
+            markup=False,
+        )
+        if tokens.get("total"):
+            out.print(
+                f"tokens per example: min {tokens['min']} p50 {tokens['p50']} p90 {tokens['p90']} "
+                f"p99 {tokens['p99']} max {tokens['max']} (max_length {result.max_length}); "
+                f"total training tokens {tokens['total']}"
+            )
+    if not result.ok:
+        raise typer.Exit(2)
+
+
+@app.command()
+@guarded
+def prepare(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="JSONL or Parquet file.")],
+    name: Annotated[str, typer.Option("--name", help="Dataset name; registers its next version.")],
+    base: BaseOpt = None,
+    max_length: MaxLenOpt = None,
+    val_fraction: Annotated[float, typer.Option(help="Share held out for validation.")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(help="Share held out for testing.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    near_duplicate_threshold: Annotated[float, typer.Option(help="MinHash Jaccard threshold.")] = 0.85,
+    embeddings: Annotated[
+        bool, typer.Option(help="Record an embedding profile of the training split.")
+    ] = True,
+) -> None:
+    """Deduplicate, split, profile and register FILE as the next version of dataset NAME."""
+    from registry.refs import check_name
+    from trainer.prepare import prepare as run_prepare
+
+    check_name(name, param="name")
+    if not 0 < near_duplicate_threshold <= 1:
+        raise InvalidArgumentError(
+            "--near-duplicate-threshold must be in (0, 1]", param="near_duplicate_threshold"
+        )
+    result = _validate(ctx, file, base, max_length)
+    for error in result.errors:
+        out.print(f"{file}:{error.line}: {error.reason}", markup=False)
+    embedder = None
+    if embeddings:
+        from trainer.embed import Embedder
+
+        embedder = Embedder()
+    lengths = {e.line: n for e, n in zip(result.examples, result.token_lengths, strict=True)}
+    version, report = run_prepare(
+        result,
+        name=name,
+        registry=state(ctx).registry,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        near_duplicate_threshold=near_duplicate_threshold,
+        embedder=embedder,
+        token_lengths_by_line=lengths,
+    )
+    out.print(
+        f"registered dataset {version.ref} (digest {version.digest[:12]}): "
+        f"train {version.counts['train']}, val {version.counts['val']}, test {version.counts['test']}; "
+        f"dropped {report['exact_duplicates_dropped']} exact and {report['near_duplicates_dropped']} near "
+        f"duplicates; split overlap {report['overlap_after_normalization']}"
+    )

@@ -1,0 +1,25 @@
+"""`loraflow dev …`: tools for development and tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import guarded, out
+
+app = typer.Typer(name="dev", help="Development tools.", no_args_is_help=True, add_completion=False)
+
+
+@app.command("tiny-model")
+@guarded
+def tiny_model(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR")],
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Build a tiny random Llama model with a trained tokenizer and chat template (no network)."""
+    from trainer.tiny import build_tiny_model
+
+    build_tiny_model(out_dir, seed=seed)
+    out.print(f"tiny Llama model written to {out_dir}")

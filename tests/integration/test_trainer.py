@@ -1,0 +1,357 @@
+"""The trainer on the tiny local Llama, on CPU: data checks, LoRA and QLoRA runs, registration.
+
+The task is synthetic field extraction as JSON. The base model is random, so it
+produces neither JSON nor an end-of-turn token. A trained adapter must do both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app as loraflow_app
+from registry.errors import InvalidArgumentError, NotFoundError
+from registry.service import Registry
+from registry.settings import Settings
+from trainer.config import TrainConfig
+from trainer.synthetic import make_rows, write_jsonl
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A tiny base, a registry, and the synthetic dataset prepared as orders@v1."""
+    from trainer.data import validate_file
+    from trainer.embed import Embedder
+    from trainer.model import load_tokenizer, locate_base_model, token_counter
+    from trainer.prepare import prepare
+    from trainer.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("trainer")
+    base = build_tiny_model(root / "base")
+    settings = Settings(home=root / "home")
+    reg = Registry.open(settings)
+    data = write_jsonl(root / "orders.jsonl", make_rows(500, seed=0))
+    validation = validate_file(
+        data, count_tokens=token_counter(load_tokenizer(locate_base_model(str(base)))), max_length=256
+    )
+    lengths = {e.line: n for e, n in zip(validation.examples, validation.token_lengths, strict=True)}
+    dataset, report = prepare(
+        validation, name="orders", registry=reg, seed=0, embedder=Embedder(), token_lengths_by_line=lengths
+    )
+    yield {
+        "root": root,
+        "base": base,
+        "settings": settings,
+        "registry": reg,
+        "dataset": dataset,
+        "report": report,
+        "data": data,
+    }
+    reg.close()
+
+
+def _config(ws: dict[str, Any], **kw: Any) -> TrainConfig:
+    values: dict[str, Any] = {
+        "adapter": "orders",
+        "base": str(ws["base"]),
+        "data": "orders@v1",
+        "r": 16,
+        "alpha": 32,
+        "learning_rate": 3e-3,
+        "epochs": 8,
+        "batch_size": 16,
+        "dropout": 0.0,
+        "eval_steps": 25,
+        "early_stopping_patience": 4,
+        "eval_generations": 16,
+        "max_new_tokens": 48,
+        "seed": 0,
+        "output_dir": ws["root"] / f"run-{kw.get('adapter', 'orders')}",
+    }
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def lora_run(workspace: dict[str, Any]) -> Any:
+    from trainer.train import train
+
+    return train(_config(workspace), registry=workspace["registry"], settings=workspace["settings"])
+
+
+def test_prepare_dedups_splits_and_profiles(workspace: dict[str, Any]) -> None:
+    ds, report = workspace["dataset"], workspace["report"]
+    assert report["exact_duplicates_dropped"] > 0  # 500 draws from a small space repeat
+    assert (
+        sum(ds.counts.values())
+        == 500 - report["exact_duplicates_dropped"] - report["near_duplicates_dropped"]
+    )
+    assert report["overlap_after_normalization"] == {"train-val": 0, "train-test": 0, "val-test": 0}
+    assert report["stratified_by_label"] is True
+    assert ds.profile is not None
+    assert ds.profile["tokens"]["total"] > 0 and ds.profile["tokens"]["max"] <= 256
+    assert ds.profile["embedding"]["dim"] == 384 and len(ds.profile["embedding"]["centroid"]) == 384
+    assert ds.lineage["kind"] == "file" and ds.lineage["seed"] == 0
+    # Stratified: both labels appear in every split in about the input proportions.
+    from trainer.prepare import load_split
+
+    for split in ("train", "val", "test"):
+        labels = {row["label"] for row in load_split(workspace["registry"], ds, split)}
+        assert labels == {"order", "return"}
+
+
+def test_prepare_is_deterministic_and_near_dups_are_dropped(
+    workspace: dict[str, Any], tmp_path: Path
+) -> None:
+    from trainer.data import validate_file
+    from trainer.prepare import deduplicate, split
+
+    import random
+
+    rng = random.Random(7)
+    vocab = [f"w{i}" for i in range(500)]
+    texts = [" ".join(rng.choices(vocab, k=40)) for _ in range(30)]
+    near_copy = texts[3].split()
+    near_copy[20] = "changed"
+    rows = [{"prompt": t, "completion": "ok", "label": "a" if i % 2 else "b"} for i, t in enumerate(texts)]
+    rows.append({"prompt": " ".join(near_copy), "completion": "ok", "label": "a"})
+    rows.append({"prompt": texts[5].upper(), "completion": "ok", "label": "b"})  # exact after normalization
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples = validate_file(path).examples
+    dedup = deduplicate(examples, threshold=0.7)
+    assert dedup.near_dropped == [31]
+    assert dedup.exact_dropped == [32]
+    assert len(dedup.kept) == 30
+    a = split(dedup.kept, val_fraction=0.2, test_fraction=0.2, seed=3)
+    b = split(dedup.kept, val_fraction=0.2, test_fraction=0.2, seed=3)
+    c = split(dedup.kept, val_fraction=0.2, test_fraction=0.2, seed=4)
+    assert [e.line for e in a["test"]] == [e.line for e in b["test"]]
+    assert [e.line for e in a["test"]] != [e.line for e in c["test"]]
+
+
+def test_lora_run_learns_the_format_and_to_stop(workspace: dict[str, Any], lora_run: Any) -> None:
+    m, rep = lora_run.metrics, lora_run.eval_report
+    assert m["eval_loss"] < m["base_eval_loss"]
+    assert m["train_loss"] > 0 and m["tokens_per_second"] > 0 and m["peak_memory_bytes"] > 0
+    assert m["loss_curve"] and m["eval_curve"] and m["wall_time_s"] > 0
+    assert rep["adapter"]["json_format_rate"] >= 0.75
+    assert rep["base"]["json_format_rate"] == 0.0
+    assert rep["adapter"]["stop_rate"] >= 0.9
+    assert rep["base"]["stop_rate"] < rep["adapter"]["stop_rate"]
+    v = lora_run.version
+    assert v.ref == "orders@v1" and v.dataset == "orders@v1"
+    assert v.metrics == m and v.eval_report == rep
+    assert v.chat_template_hash and len(v.chat_template_hash) == 64
+    assert v.training_config is not None and v.training_config["learning_rate"] == 3e-3
+    assert workspace["registry"].get("orders").base_model == str(workspace["base"].resolve())
+
+
+def test_registered_adapter_moved_only_lora_weights_and_stops_by_itself(
+    workspace: dict[str, Any], lora_run: Any, tmp_path: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.evaluate import generate
+    from trainer.prepare import load_split
+
+    reg: Registry = workspace["registry"]
+    folder = reg.fetch(lora_run.version, tmp_path / "adapter")
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    b_norms = [t.norm().item() for k, t in weights.items() if "lora_B" in k]
+    assert b_norms and min(b_norms) > 0  # B starts at zero: every B moved
+    assert all("lora_" in k for k in weights)  # nothing but LoRA matrices was saved
+
+    base = AutoModelForCausalLM.from_pretrained(str(workspace["base"]), dtype=torch.float32)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    for name, tensor in model.get_base_model().state_dict().items():
+        key = name.replace(".base_layer", "")
+        if "lora_" not in name and key in reference:
+            torch.testing.assert_close(tensor, reference[key], rtol=0, atol=0)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(workspace["base"]))
+    held_out = load_split(reg, workspace["dataset"], "test")[:8]
+    results = []
+    for row in held_out:
+        prompt = row["messages"][:-1]
+        text, finish = generate(model, tokenizer, prompt, max_new_tokens=48)
+        with model.disable_adapter():
+            base_text, base_finish = generate(model, tokenizer, prompt, max_new_tokens=48)
+        results.append((text, finish, base_text, base_finish))
+    stops = [finish for _, finish, _, _ in results]
+    assert stops.count("stop") >= 7, results
+    assert sum(_is_order_json(text) for text, *_ in results) >= 6, results
+    assert not any(_is_order_json(base_text) for _, _, base_text, _ in results)
+    assert all(base_finish == "length" for *_, base_finish in results)
+
+
+def _is_order_json(text: str) -> bool:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and set(value) == {"name", "city", "qty"}
+
+
+def test_qlora_run(workspace: dict[str, Any]) -> None:
+    from trainer.train import train
+
+    run = train(
+        _config(workspace, adapter="orders-qlora", qlora=True, learning_rate=5e-3, epochs=12),
+        registry=workspace["registry"],
+        settings=workspace["settings"],
+    )
+    m, rep = run.metrics, run.eval_report
+    assert run.version.training_config is not None and run.version.training_config["qlora"] is True
+    assert m["eval_loss"] < m["base_eval_loss"]
+    assert rep["adapter"]["json_format_rate"] >= 0.75 and rep["base"]["json_format_rate"] == 0.0
+    assert rep["adapter"]["stop_rate"] >= 0.9
+
+
+def test_invalid_dataset_is_refused_before_weights_load(
+    workspace: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.train as train_mod
+
+    def no_weights(*_: object, **__: object) -> None:
+        raise AssertionError("model weights were loaded for an invalid dataset")
+
+    monkeypatch.setattr(train_mod, "_load_model", no_weights)
+    with pytest.raises(InvalidArgumentError) as info:
+        train_mod.train(
+            _config(workspace, adapter="too-long", max_length=20),
+            registry=workspace["registry"],
+            settings=workspace["settings"],
+        )
+    assert "too many tokens" in info.value.message and info.value.param == "data"
+    with pytest.raises(NotFoundError):
+        workspace["registry"].get("too-long")
+
+
+def test_a_failure_after_training_registers_nothing(
+    workspace: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.train as train_mod
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(train_mod, "generation_report", broken)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train_mod.train(
+            _config(workspace, adapter="crashes", max_steps=5, eval_steps=5),
+            registry=workspace["registry"],
+            settings=workspace["settings"],
+        )
+    with pytest.raises(NotFoundError):
+        workspace["registry"].get("crashes")
+
+
+def test_resume_continues_from_the_last_checkpoint(workspace: dict[str, Any]) -> None:
+    from trainer.train import train
+
+    first = train(
+        _config(workspace, adapter="resumed", max_steps=10, eval_steps=5, eval_generations=0),
+        registry=workspace["registry"],
+        settings=workspace["settings"],
+    )
+    second = train(
+        _config(workspace, adapter="resumed", max_steps=20, eval_steps=5, eval_generations=0),
+        registry=workspace["registry"],
+        settings=workspace["settings"],
+        resume=True,
+    )
+    assert first.metrics["resumed"] is False and second.metrics["resumed"] is True
+    assert second.metrics["steps"] == 20
+    assert second.metrics["base_eval_loss"] == first.metrics["base_eval_loss"]
+    assert [v.version for v in workspace["registry"].get("resumed").versions] == [1, 2]
+
+
+def test_cli_validate_reports_every_bad_line(workspace: dict[str, Any], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    long_prompt = " ".join(["word"] * 80)
+    bad.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "hi", "completion": "there"}),
+                "{not json",
+                json.dumps({"question": "?"}),
+                json.dumps({"prompt": "", "completion": "x"}),
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": "a"},
+                            {"role": "user", "content": "b"},
+                            {"role": "assistant", "content": "c"},
+                        ]
+                    }
+                ),
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": "a"},
+                            {"role": "assistant", "content": "b"},
+                            {"role": "user", "content": "c"},
+                        ]
+                    }
+                ),
+                json.dumps({"instruction": "x", "output": "y"}),
+                json.dumps({"prompt": long_prompt, "completion": "x"}),
+                json.dumps({"instruction": "do it"}),
+            ]
+        )
+        + "\n"
+    )
+    result = runner.invoke(
+        loraflow_app, ["data", "validate", str(bad), "--base", str(workspace["base"]), "--max-length", "40"]
+    )
+    assert result.exit_code == 2
+    lines = {
+        int(line.split(":")[1]): line for line in result.output.splitlines() if line.startswith(str(bad))
+    }
+    assert sorted(lines) == [2, 3, 4, 5, 6, 8, 9]
+    assert "invalid JSON" in lines[2]
+    assert "unknown format" in lines[3]
+    assert "field 'prompt' is empty" in lines[4]
+    assert "bad role order" in lines[5]
+    assert "last message must be the assistant's" in lines[6]
+    assert "too many tokens" in lines[8] and "max_length 40" in lines[8]
+    assert "missing field 'output'" in lines[9]
+
+
+def test_cli_validate_good_file_prints_token_stats(workspace: dict[str, Any]) -> None:
+    result = runner.invoke(
+        loraflow_app, ["data", "validate", str(workspace["data"]), "--base", str(workspace["base"]), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["examples"] == 500 and summary["bad_lines"] == 0
+    assert summary["tokens"]["total"] > summary["tokens"]["max"] > 0
+
+
+def test_train_config_errors_name_the_field(tmp_path: Path) -> None:
+    from trainer.config import build_config
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("adapter: x\nbase: b\ndata: d\nr: 0\n")
+    with pytest.raises(InvalidArgumentError) as info:
+        build_config(cfg, {})
+    assert info.value.param == "r"
+    cfg.write_text("adapter: x\nbase: b\ndata: d\nlearning_rte: 0.1\n")
+    with pytest.raises(InvalidArgumentError) as info:
+        build_config(cfg, {})
+    assert info.value.param == "learning_rte"
+    toml = tmp_path / "train.toml"
+    toml.write_text('adapter = "x"\nbase = "b"\ndata = "d"\nepochs = 2\n')
+    assert build_config(toml, {"epochs": 5.0, "r": None}).epochs == 5.0

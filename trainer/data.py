@@ -1,0 +1,246 @@
+"""Reading, normalizing and validating training data.
+
+Three input formats, as JSONL or Parquet, are normalized to chat messages:
+
+- ``{"messages": [{"role", "content"}, ...]}``: an optional system message first,
+  then user/assistant turns alternating, ending on the assistant's
+- ``{"prompt", "completion"}``
+- ``{"instruction", "input", "output"}`` (``input`` may be empty or absent)
+
+Validation reports *every* bad line (1-based) with its reason, not just the first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
+
+from registry.errors import InvalidArgumentError
+
+Role = Literal["system", "user", "assistant"]
+Format = Literal["messages", "prompt_completion", "instruction"]
+
+
+class Message(BaseModel):
+    role: Role
+    content: str
+
+
+class Example(BaseModel):
+    """One normalized training example; ``line`` is where it came from (1-based)."""
+
+    messages: list[Message]
+    line: int
+    format: Format
+    label: str | None = None
+
+    def text(self) -> str:
+        return "\n".join(f"{m.role}: {m.content}" for m in self.messages)
+
+    def prompt_text(self) -> str:
+        return "\n".join(m.content for m in self.messages[:-1] if m.role == "user")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"messages": [m.model_dump() for m in self.messages]}
+        if self.label is not None:
+            out["label"] = self.label
+        return out
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+class _BadLine(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TokenCounter(Protocol):
+    def __call__(self, messages: list[dict[str, str]]) -> int: ...
+
+
+def read_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed record or _BadLine) for a .jsonl/.json or .parquet file."""
+    if not path.is_file():
+        raise InvalidArgumentError(f"no such data file: {path}", param="FILE")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield i, row
+        return
+    with path.open(encoding="utf-8") as fh:
+        for i, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                yield i, _BadLine("empty line")
+                continue
+            try:
+                yield i, json.loads(raw)
+            except json.JSONDecodeError as exc:
+                yield i, _BadLine(f"invalid JSON ({exc.msg} at column {exc.colno})")
+
+
+def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise _BadLine(f"missing field '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise _BadLine(f"field '{key}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise _BadLine(f"field '{key}' is empty")
+    return value
+
+
+def _check_roles(messages: list[Message]) -> None:
+    turns = messages[1:] if messages and messages[0].role == "system" else messages
+    if not turns:
+        raise _BadLine("messages has no user/assistant turns")
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.role != expected:
+            index = i + (len(messages) - len(turns))
+            prev = turns[i - 1].role if i else "the start"
+            raise _BadLine(
+                f"bad role order: messages[{index}].role is '{m.role}', expected '{expected}' after {prev}"
+            )
+    if turns[-1].role != "assistant":
+        raise _BadLine(f"the last message must be the assistant's, not '{turns[-1].role}'")
+
+
+def normalize(record: Any, line: int, *, system_prompt: str | None = None) -> Example:
+    """Turn one raw record into an Example, or raise _BadLine with the reason."""
+    if not isinstance(record, dict):
+        raise _BadLine(f"expected a JSON object, got {type(record).__name__}")
+    label = record.get("label", record.get("task"))
+    label = str(label) if label is not None else None
+    fmt: Format
+    if "messages" in record:
+        fmt = "messages"
+        raw = record["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise _BadLine("field 'messages' must be a non-empty list")
+        messages = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict):
+                raise _BadLine(f"messages[{i}] must be an object with 'role' and 'content'")
+            role = m.get("role")
+            if role not in ("system", "user", "assistant"):
+                raise _BadLine(f"messages[{i}].role must be system, user or assistant, got {role!r}")
+            if i > 0 and role == "system":
+                raise _BadLine(f"bad role order: messages[{i}] is a system message; only the first may be")
+            content = m.get("content")
+            if not isinstance(content, str) or not content.strip():
+                raise _BadLine(f"messages[{i}].content is missing or empty")
+            messages.append(Message(role=role, content=content))
+    elif "prompt" in record or "completion" in record:
+        fmt = "prompt_completion"
+        messages = [
+            Message(role="user", content=_text(record, "prompt")),
+            Message(role="assistant", content=_text(record, "completion")),
+        ]
+    elif "instruction" in record or "output" in record:
+        fmt = "instruction"
+        instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [
+            Message(role="user", content=prompt),
+            Message(role="assistant", content=_text(record, "output")),
+        ]
+    else:
+        keys = ", ".join(sorted(record)) or "none"
+        raise _BadLine(
+            f"unknown format (keys: {keys}); expected 'messages', 'prompt'+'completion' "
+            "or 'instruction'+'input'+'output'"
+        )
+    _check_roles(messages)
+    if system_prompt and messages[0].role != "system":
+        messages.insert(0, Message(role="system", content=system_prompt))
+    return Example(messages=messages, line=line, format=fmt, label=label)
+
+
+@dataclass
+class Validation:
+    path: Path
+    examples: list[Example] = field(default_factory=list)
+    errors: list[LineError] = field(default_factory=list)
+    token_lengths: list[int] = field(default_factory=list)
+    max_length: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and bool(self.examples)
+
+    @property
+    def formats(self) -> Counter[str]:
+        return Counter(e.format for e in self.examples)
+
+    def summary(self) -> dict[str, Any]:
+        lengths = sorted(self.token_lengths)
+        return {
+            "file": str(self.path),
+            "examples": len(self.examples),
+            "bad_lines": len(self.errors),
+            "formats": dict(self.formats),
+            "labels": dict(Counter(e.label for e in self.examples if e.label is not None)),
+            "tokens": token_stats(lengths),
+        }
+
+
+def token_stats(lengths: list[int]) -> dict[str, Any]:
+    if not lengths:
+        return {"total": 0}
+    lengths = sorted(lengths)
+
+    def q(p: float) -> int:
+        return lengths[min(len(lengths) - 1, int(p * len(lengths)))]
+
+    return {
+        "total": sum(lengths),
+        "min": lengths[0],
+        "p50": q(0.5),
+        "p90": q(0.9),
+        "p99": q(0.99),
+        "max": lengths[-1],
+        "mean": round(sum(lengths) / len(lengths), 2),
+    }
+
+
+def validate_file(
+    path: Path,
+    *,
+    count_tokens: TokenCounter | None = None,
+    max_length: int | None = None,
+    system_prompt: str | None = None,
+) -> Validation:
+    """Check every line; with ``count_tokens``, also refuse examples longer than ``max_length``."""
+    result = Validation(path=path, max_length=max_length)
+    for line, record in read_records(path):
+        try:
+            if isinstance(record, _BadLine):
+                raise record
+            example = normalize(record, line, system_prompt=system_prompt)
+            if count_tokens is not None:
+                n = count_tokens([m.model_dump() for m in example.messages])
+                if max_length is not None and n > max_length:
+                    raise _BadLine(f"too many tokens: {n} > max_length {max_length}")
+                result.token_lengths.append(n)
+        except _BadLine as bad:
+            result.errors.append(LineError(line, bad.reason))
+            continue
+        result.examples.append(example)
+    return result

@@ -1,0 +1,191 @@
+"""`loraflow data prepare`: validated file -> deduplicated, split, profiled, registered DatasetVersion.
+
+Steps, each recorded in the version's report:
+
+1. validate every line (nothing is prepared from a file with bad lines)
+2. drop exact duplicates (same normalized conversation) and near duplicates
+   (MinHash LSH over word 3-shingles; Jaccard threshold configurable)
+3. split deterministically (seeded), stratified by ``label``/``task`` when present
+4. prove the splits share no example after normalization
+5. profile the training split: token lengths and sentence embeddings, which the
+   drift metrics compare live traffic against
+6. store the split files under their digest and register the DatasetVersion
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from registry import domain
+from registry.errors import InvalidArgumentError
+from registry.service import Registry
+from trainer.data import Example, Validation, token_stats
+from trainer.embed import Embedder, embedding_profile
+
+SPLITS = ("train", "val", "test")
+DATA_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "profile.json", "report.json")
+_WS = re.compile(r"\s+")
+
+
+def normalized(example: Example) -> str:
+    """The text two examples must share to count as exact duplicates (case and spacing ignored)."""
+    return _WS.sub(" ", example.text().lower()).strip()
+
+
+def _fingerprint(example: Example) -> str:
+    return hashlib.sha256(normalized(example).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Dedup:
+    kept: list[Example]
+    exact_dropped: list[int]  # line numbers
+    near_dropped: list[int]
+
+
+def deduplicate(examples: list[Example], *, threshold: float = 0.85, num_perm: int = 128) -> Dedup:
+    from datasketch import MinHash, MinHashLSH
+
+    seen: set[str] = set()
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    kept: list[Example] = []
+    exact: list[int] = []
+    near: list[int] = []
+    for ex in examples:
+        fp = _fingerprint(ex)
+        if fp in seen:
+            exact.append(ex.line)
+            continue
+        seen.add(fp)
+        words = normalized(ex).split()
+        shingles = {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
+        mh = MinHash(num_perm=num_perm, seed=1)
+        for s in shingles:
+            mh.update(s.encode())
+        if lsh.query(mh):
+            near.append(ex.line)
+            continue
+        lsh.insert(str(ex.line), mh)
+        kept.append(ex)
+    return Dedup(kept=kept, exact_dropped=exact, near_dropped=near)
+
+
+def split(
+    examples: list[Example], *, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[Example]]:
+    """Seeded split, stratified by label when any example has one."""
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise InvalidArgumentError(
+            "val_fraction and test_fraction must each be in [0, 1) and sum to less than 1",
+            param="test_fraction",
+        )
+    strata: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        strata[ex.label or ""].append(ex)
+    out: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    rng = random.Random(seed)
+    for key in sorted(strata):
+        group = sorted(strata[key], key=lambda e: e.line)
+        rng.shuffle(group)
+        n_test = round(len(group) * test_fraction)
+        n_val = round(len(group) * val_fraction)
+        out["test"] += group[:n_test]
+        out["val"] += group[n_test : n_test + n_val]
+        out["train"] += group[n_test + n_val :]
+    for name in SPLITS:
+        out[name].sort(key=lambda e: e.line)
+    return out
+
+
+def overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
+    """Examples shared between each pair of splits, after normalization."""
+    prints = {name: {_fingerprint(e) for e in exs} for name, exs in splits.items()}
+    return {f"{a}-{b}": len(prints[a] & prints[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]}
+
+
+def prepare(
+    validation: Validation,
+    *,
+    name: str,
+    registry: Registry,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    near_duplicate_threshold: float = 0.85,
+    embedder: Embedder | None = None,
+    token_lengths_by_line: dict[int, int] | None = None,
+) -> tuple[domain.DatasetVersionInfo, dict[str, Any]]:
+    if not validation.ok:
+        raise InvalidArgumentError(
+            f"{validation.path} has {len(validation.errors)} bad lines; "
+            "run `loraflow data validate` to list them",
+            param="FILE",
+        )
+    dedup = deduplicate(validation.examples, threshold=near_duplicate_threshold)
+    splits = split(dedup.kept, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    shared = overlap(splits)
+    if any(shared.values()):  # cannot happen after global dedup; checked, not assumed
+        raise InvalidArgumentError(f"splits overlap after normalization: {shared}", param="FILE")
+    if not splits["train"]:
+        raise InvalidArgumentError(
+            "no training examples left after deduplication and splitting", param="FILE"
+        )
+
+    lengths = token_lengths_by_line or {}
+    train_lengths = [lengths[e.line] for e in splits["train"] if e.line in lengths]
+    profile: dict[str, Any] = {"tokens": token_stats(train_lengths)}
+    if embedder is not None:
+        profile["embedding"] = embedding_profile(embedder, [e.prompt_text() for e in splits["train"]])
+    report = {
+        "source": str(validation.path),
+        "input_examples": len(validation.examples),
+        "exact_duplicates_dropped": len(dedup.exact_dropped),
+        "near_duplicates_dropped": len(dedup.near_dropped),
+        "dropped_lines": {"exact": dedup.exact_dropped, "near": dedup.near_dropped},
+        "near_duplicate_threshold": near_duplicate_threshold,
+        "seed": seed,
+        "fractions": {"val": val_fraction, "test": test_fraction},
+        "stratified_by_label": any(e.label for e in dedup.kept),
+        "overlap_after_normalization": shared,
+    }
+    source_sha = hashlib.sha256(validation.path.read_bytes()).hexdigest()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name_, exs in splits.items():
+            with (folder / f"{name_}.jsonl").open("w") as fh:
+                for e in exs:
+                    fh.write(json.dumps(e.to_json(), ensure_ascii=False) + "\n")
+        (folder / "profile.json").write_text(json.dumps(profile, indent=2))
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        stored = registry.artifacts.put(folder, DATA_FILES)
+    version = registry.store.register_dataset_version(
+        name=name,
+        digest=stored.digest,
+        counts={k: len(v) for k, v in splits.items()},
+        lineage={
+            "kind": "file",
+            "source": str(validation.path.resolve()),
+            "source_sha256": source_sha,
+            "seed": seed,
+            "fractions": report["fractions"],
+        },
+        profile=profile,
+        actor=registry.actor,
+    )
+    return version, report
+
+
+def load_split(
+    registry: Registry, version: domain.DatasetVersionInfo, split_name: str
+) -> list[dict[str, Any]]:
+    """The rows of one split of a registered dataset version, verified against its digest."""
+    raw = registry.artifacts.read_bytes(version.digest, f"{split_name}.jsonl").decode()
+    return [json.loads(line) for line in raw.splitlines() if line.strip()]

@@ -1,0 +1,315 @@
+"""`loraflow train`: a registered dataset version -> a LoRA/QLoRA adapter -> the adapter's next version.
+
+- Examples are rendered with the base tokenizer's chat template, the one
+  serving uses, as TRL prompt/completion conversations. So the loss covers
+  only the final assistant turn *including* the template's end-of-turn token.
+  Without that token an adapter never learns to stop (trl#5988, vllm#4180).
+- The data are re-validated against the tokenizer (max_length) before any
+  weights are loaded. A bad dataset never reaches the model.
+- The base model's validation loss is measured before training (LoRA starts as
+  the identity). Then training evaluates every ``eval_steps``, stops early on
+  validation loss, and keeps the best checkpoint.
+- Only after everything succeeded is the adapter registered. Any failure
+  registers nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from registry import domain
+from registry.errors import InvalidArgumentError, MissingDependencyError
+from registry.service import Registry
+from registry.settings import Settings
+from trainer.config import TrainConfig
+from trainer.data import LineError, normalize
+from trainer.evaluate import generation_report
+from trainer.model import chat_template_hash, load_tokenizer, locate_base_model, token_counter
+from trainer.prepare import load_split
+
+BASE_EVAL_FILE = "loraflow_base_eval.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    version: domain.VersionInfo
+    metrics: dict[str, Any]
+    eval_report: dict[str, Any]
+
+
+def _conversations(
+    rows: list[dict[str, Any]], split: str, *, count: Any, max_length: int, system_prompt: str | None
+) -> list[dict[str, Any]]:
+    """Re-validate a split and turn it into TRL prompt/completion conversations."""
+    out, errors = [], []
+    for i, row in enumerate(rows, start=1):
+        try:
+            ex = normalize(row, i, system_prompt=system_prompt)
+        except Exception as exc:  # _BadLine: the reason is its message
+            errors.append(LineError(i, str(exc)))
+            continue
+        messages = [m.model_dump() for m in ex.messages]
+        n = count(messages)
+        if n > max_length:
+            errors.append(LineError(i, f"too many tokens: {n} > max_length {max_length}"))
+            continue
+        out.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    if errors:
+        listed = "; ".join(str(e) for e in errors[:10]) + (" …" if len(errors) > 10 else "")
+        raise InvalidArgumentError(
+            f"dataset split {split!r} fails validation ({len(errors)} rows): {listed}", param="data"
+        )
+    return out
+
+
+def _progress_callback() -> Any:
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One bar: steps, ETA, and the latest train/eval loss."""
+
+        bar: Any = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if self.bar is not None and logs:
+                shown = {k: round(v, 4) for k, v in logs.items() if k in ("loss", "eval_loss")}
+                if shown:
+                    self.bar.set_postfix(shown)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    return Progress()
+
+
+def _load_model(path: Path, *, qlora: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    if not qlora:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, quantization_config=quant, device_map={"": 0} if on_gpu else {"": "cpu"}
+    )
+    if not on_gpu:
+        _keep_4bit_weights_trainable_on_cpu(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _keep_4bit_weights_trainable_on_cpu(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference during our eval passes.
+
+    On CPUs with AVX512-BF16, a Linear4bit that runs in eval mode without grad
+    (the baseline evaluation, every eval step) converts its weights to an
+    inference-only layout. Later backward passes then go through ``gemv_4bit``,
+    which has no autograd kernel, so gradients to earlier layers are silently
+    wrong (torch warns "an autograd kernel was not registered").
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _tokens(rows: list[dict[str, Any]], count: Any) -> int:
+    """Tokens per epoch: every example rendered with the chat template."""
+    return sum(int(count(row["prompt"] + row["completion"])) for row in rows)
+
+
+def _peak_memory_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train(
+    config: TrainConfig, *, registry: Registry, settings: Settings, resume: bool = False
+) -> TrainResult:
+    try:
+        import torch
+        from datasets import Dataset
+        from peft import LoraConfig
+        from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
+        from trl.trainer.sft_config import SFTConfig
+        from trl.trainer.sft_trainer import SFTTrainer
+    except ImportError as exc:
+        raise MissingDependencyError("training needs pip install 'loraflow[train]'") from exc
+
+    started = time.perf_counter()
+    max_length = config.max_length or settings.trainer.max_length
+    system_prompt = (
+        config.system_prompt if config.system_prompt is not None else settings.trainer.system_prompt
+    )
+
+    # 1. Everything that can be checked without weights.
+    base = locate_base_model(config.base)
+    dataset = registry.get_dataset(config.data)
+    tokenizer = load_tokenizer(base)
+    count = token_counter(tokenizer)
+    splits = {}
+    for split in ("train", "val", "test"):
+        splits[split] = _conversations(
+            load_split(registry, dataset, split),
+            split,
+            count=count,
+            max_length=max_length,
+            system_prompt=system_prompt,
+        )
+    if not splits["train"]:
+        raise InvalidArgumentError(f"dataset {dataset.ref} has no training examples", param="data")
+    if not splits["val"]:
+        raise InvalidArgumentError(
+            f"dataset {dataset.ref} has no validation split; prepare it with --val-fraction > 0", param="data"
+        )
+
+    # 2. The model.
+    set_seed(config.seed)
+    output_dir = config.output_dir or settings.home / "runs" / config.adapter
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = _load_model(base.path, qlora=config.qlora)
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        use_rslora=config.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    on_gpu = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        max_length=max_length,
+        completion_only_loss=True,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+        bf16=on_gpu,
+        dataloader_pin_memory=on_gpu,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(splits["train"]),
+        eval_dataset=Dataset.from_list(splits["val"]),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
+            _progress_callback(),
+        ],
+    )
+    trainer.remove_callback(PrinterCallback)  # our progress bar shows the losses instead of raw dicts
+
+    # 3. Baseline: LoRA's B starts at zero, so this is the base model's validation loss.
+    base_eval_file = output_dir / BASE_EVAL_FILE
+    checkpoints = sorted(output_dir.glob("checkpoint-*"))
+    resuming = resume and bool(checkpoints) and base_eval_file.is_file()
+    if resuming:
+        base_eval_loss = json.loads(base_eval_file.read_text())["base_eval_loss"]
+    else:
+        base_eval_loss = float(trainer.evaluate()["eval_loss"])
+        base_eval_file.write_text(json.dumps({"base_eval_loss": base_eval_loss}))
+
+    # 4. Train (or resume), keeping the best checkpoint.
+    train_started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if resuming else None)
+    train_seconds = time.perf_counter() - train_started
+    eval_loss = float(trainer.evaluate()["eval_loss"])
+    if not math.isfinite(eval_loss):
+        raise InvalidArgumentError(
+            f"training diverged (eval_loss={eval_loss}); lower learning_rate", param="learning_rate"
+        )
+
+    history = trainer.state.log_history
+    train_tokens = _tokens(splits["train"], count)
+    epochs_done = float(trainer.state.epoch or 0.0)
+    metrics: dict[str, Any] = {
+        "base_eval_loss": round(base_eval_loss, 6),
+        "eval_loss": round(eval_loss, 6),
+        "best_eval_loss": round(float(trainer.state.best_metric or eval_loss), 6),
+        "train_loss": round(float(result.training_loss), 6),
+        "loss_curve": [[h["step"], round(h["loss"], 6)] for h in history if "loss" in h],
+        "eval_curve": [[h["step"], round(h["eval_loss"], 6)] for h in history if "eval_loss" in h],
+        "steps": int(trainer.state.global_step),
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
+        "epochs": round(epochs_done, 3),
+        "tokens_per_second": round(train_tokens * epochs_done / train_seconds, 1) if train_seconds else None,
+        "peak_memory_bytes": _peak_memory_bytes(),
+        "wall_time_s": None,  # filled below
+        "resumed": resuming,
+        "device": "cuda" if on_gpu else "cpu",
+    }
+
+    # 5. Evaluate against the base model on held-out prompts, then register.
+    held_out = splits["test"] or splits["val"]
+    eval_report = generation_report(
+        trainer.model, tokenizer, held_out[: config.eval_generations], max_new_tokens=config.max_new_tokens
+    )
+    eval_report["split"] = "test" if splits["test"] else "val"
+    metrics["wall_time_s"] = round(time.perf_counter() - started, 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = Path(tmp) / "adapter"
+        peft_model: Any = trainer.model
+        peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        version = registry.register(
+            config.adapter,
+            adapter_dir,
+            base_model=config.base,
+            task=config.task,
+            dataset=dataset.ref,
+            training_config=config.model_dump(mode="json")
+            | {"max_length": max_length, "system_prompt": system_prompt},
+            metrics=metrics,
+            eval_report=eval_report,
+            chat_template_hash=chat_template_hash(tokenizer),
+        )
+    return TrainResult(version=version, metrics=metrics, eval_report=eval_report)
