@@ -1,21 +1,19 @@
 """`loraflow demo`: the main job on the embedded default (SQLite + local artifact store).
 
-It builds the tiny local base model, makes two real PEFT LoRA adapters for
-it, and walks them through the registry: register v1 and v2, promote,
-compare-and-swap promote, diff, rollback, history, and a verified fetch.
+From nothing to a promoted adapter, on CPU with no downloads:
+build the tiny local Llama, write a synthetic extraction dataset, validate and
+prepare it, train two adapter versions, then promote (with compare-and-swap),
+diff, roll back, and fetch the production version verified against its digest.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cli.common import guarded, out, state
-from registry.adapter_files import ADAPTER_FILES
 from registry.errors import ConflictError
 from registry.refs import Ref
 
@@ -24,74 +22,105 @@ from registry.refs import Ref
 def demo(
     ctx: typer.Context,
     workdir: Annotated[
-        Path | None, typer.Option(help="Where to build the demo model; default $LORAFLOW_HOME/demo.")
+        Path | None, typer.Option(help="Where to build the demo model and data; default $LORAFLOW_HOME/demo.")
     ] = None,
-    name: Annotated[str, typer.Option(help="Adapter name to use.")] = "demo-support",
+    name: Annotated[str, typer.Option(help="Adapter (and dataset) name.")] = "demo-orders",
 ) -> None:
-    """Run the registry round trip on a tiny locally built model."""
-    from trainer.tiny import build_tiny_model, random_lora_adapter
+    """Train, register, promote and roll back adapters on a tiny locally built model."""
+    from trainer.config import TrainConfig
+    from trainer.data import validate_file
+    from trainer.embed import Embedder
+    from trainer.model import load_tokenizer, locate_base_model, token_counter
+    from trainer.prepare import prepare
+    from trainer.synthetic import make_rows, write_jsonl
+    from trainer.tiny import build_tiny_model
+    from trainer.train import train
 
     app = state(ctx)
     settings = app.get_settings()
-    work = workdir or settings.home / "demo"
-    base = work / "tiny-llama"
-    if not (base / "config.json").is_file():
-        out.print(f"[1/7] building a tiny Llama model in {base}")
-        build_tiny_model(base)
-    else:
-        out.print(f"[1/7] using the tiny Llama model in {base}")
     reg = app.registry
+    work = (workdir or settings.home / "demo").resolve()
+    base = work / "tiny-llama"
 
-    out.print("[2/7] making two PEFT LoRA adapters and registering them")
+    out.print(f"[1/8] tiny Llama base model in {base}")
+    if not (base / "config.json").is_file():
+        build_tiny_model(base)
+
+    out.print("[2/8] synthetic task: extract name, city and qty as JSON (500 rows)")
+    data = write_jsonl(work / "orders.jsonl", make_rows(500, seed=reg.revision()))
+    validation = validate_file(
+        data,
+        count_tokens=token_counter(load_tokenizer(locate_base_model(str(base)))),
+        max_length=settings.trainer.max_length,
+    )
+    tokens = validation.summary()["tokens"]
+    out.print(
+        f"      {len(validation.examples)} valid examples, {tokens['total']} tokens, p90 {tokens['p90']}"
+    )
+
+    out.print("[3/8] prepare: dedup, stratified split, profile, register the dataset version")
+    lengths = {e.line: n for e, n in zip(validation.examples, validation.token_lengths, strict=True)}
+    dataset, report = prepare(
+        validation, name=name, registry=reg, embedder=Embedder(), token_lengths_by_line=lengths
+    )
+    out.print(
+        f"      {dataset.ref}: {dataset.counts}; dropped {report['exact_duplicates_dropped']} exact, "
+        f"{report['near_duplicates_dropped']} near duplicates"
+    )
+
     versions = []
-    for seed, r in ((1, 8), (2, 16)):
-        src = work / f"adapter-r{r}-seed{seed}"
-        shutil.rmtree(src, ignore_errors=True)
-        random_lora_adapter(base, src, r=r, alpha=2 * r, seed=seed + reg.revision())
-        v = reg.register(
-            name,
-            src,
-            base_model=str(base),
-            task="demo: answer support tickets",
-            training_config={"r": r, "alpha": 2 * r, "seed": seed},
-            metrics={"note": "untrained"},
+    for step, (r, epochs) in enumerate(((8, 3), (16, 8)), start=4):
+        out.print(f"[{step}/8] train a LoRA adapter (r={r}, {epochs} epochs) on {dataset.ref}")
+        run = train(
+            TrainConfig(
+                adapter=name,
+                base=str(base),
+                data=dataset.ref,
+                r=r,
+                alpha=2 * r,
+                learning_rate=3e-3,
+                epochs=epochs,
+                batch_size=16,
+                dropout=0.0,
+                eval_steps=25,
+                max_new_tokens=48,
+                task="extract order fields as JSON",
+                output_dir=work / "runs" / f"r{r}",
+            ),
+            registry=reg,
+            settings=settings,
         )
-        versions.append(v)
-        out.print(f"      registered {v.ref}  digest {v.digest[:12]}  r={v.rank}  {v.size_bytes} bytes")
+        m, a, b = run.metrics, run.eval_report["adapter"], run.eval_report["base"]
+        out.print(
+            f"      {run.version.ref}: eval_loss {m['eval_loss']} (base {m['base_eval_loss']}); "
+            f"JSON format {a['json_format_rate']} (base {b['json_format_rate']}); "
+            f"stops by itself {a['stop_rate']} (base {b['stop_rate']}); {m['wall_time_s']} s"
+        )
+        versions.append(run.version)
     first, second = versions
 
-    out.print(f"[3/7] promote {first.ref} to production")
+    out.print(f"[6/8] promote {first.ref}, then {second.ref} with --expect v{first.version}")
     reg.promote(name, first.version)
-    out.print(f"[4/7] promote {second.ref} with --expect v{first.version} (compare-and-swap)")
     reg.promote(name, second.version, expect=first.version)
     try:
         reg.promote(name, first.version, expect=first.version)
     except ConflictError as exc:
         out.print(f"      a stale --expect is refused: {exc.message}")
     out.print(f"      production -> {reg.resolve(Ref(name)).ref}")
-
-    out.print(f"[5/7] diff v{first.version} v{second.version}")
     for section, keys in reg.diff(name, first.version, second.version).items():
-        for key, (a, b) in keys.items():
-            out.print(f"      {section}.{key}: {json.dumps(a)} -> {json.dumps(b)}", markup=False)
+        shown = {k: v for k, v in keys.items() if section != "metrics" or not k.endswith("curve")}
+        for key, (x, y) in list(shown.items())[:6]:
+            out.print(f"      diff {section}.{key}: {x} -> {y}", markup=False)
 
-    out.print("[6/7] rollback")
+    out.print("[7/8] rollback")
     back = reg.rollback(name)
     out.print(f"      production -> v{back.to_version} (was v{back.from_version})")
 
-    out.print("[7/7] fetch production from the artifact store, verifying its digest")
+    out.print("[8/8] fetch production from the artifact store, verified against its digest")
     fetched = reg.fetch(reg.resolve(Ref(name)), work / "fetched")
-    out.print(f"      {', '.join(ADAPTER_FILES)} verified in {fetched}")
-    moves = reg.history(name).moves
-    out.print(
-        f"history of {name}: "
-        + " ; ".join(
-            f"r{m.revision} {m.reason} {m.alias} {_v(m.from_version)}->v{m.to_version}" for m in moves
-        )
-    )
+    out.print(f"      {fetched}")
     out.print(f"registry: {settings.resolved_database_url}   artifacts: {settings.resolved_artifact_uri}")
-    out.print(f"try: adapters show {name}   adapters history {name}")
-
-
-def _v(version: int | None) -> str:
-    return f"v{version}" if version is not None else "(none)"
+    out.print(
+        f"next: adapters show {name}   adapters history {name}   adapters diff {name} "
+        f"v{first.version} v{second.version}"
+    )

@@ -79,7 +79,9 @@ def _progress_callback() -> Any:
         bar: Any = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="training", unit="step", disable=None
+            )  # only on a terminal
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if self.bar is not None:
@@ -132,10 +134,10 @@ def _keep_4bit_weights_trainable_on_cpu(model: Any) -> None:
     which has no autograd kernel, so gradients to earlier layers are silently
     wrong (torch warns "an autograd kernel was not registered").
     """
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Linear4bit
 
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
 
 

@@ -111,10 +111,10 @@ def test_prepare_dedups_splits_and_profiles(workspace: dict[str, Any]) -> None:
 def test_prepare_is_deterministic_and_near_dups_are_dropped(
     workspace: dict[str, Any], tmp_path: Path
 ) -> None:
+    import random
+
     from trainer.data import validate_file
     from trainer.prepare import deduplicate, split
-
-    import random
 
     rng = random.Random(7)
     vocab = [f"w{i}" for i in range(500)]

@@ -1,0 +1,111 @@
+"""Normalization and line-by-line validation of training data, without a tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.data import validate_file
+
+pytestmark = pytest.mark.unit
+
+
+def _write(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_three_formats_normalize_to_messages(tmp_path: Path) -> None:
+    f = _write(
+        tmp_path / "d.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ]
+            },
+            {"prompt": "p", "completion": "c", "task": "t1"},
+            {"instruction": "do", "input": "this", "output": "done"},
+            {"instruction": "do", "output": "done"},
+        ],
+    )
+    v = validate_file(f)
+    assert v.ok and not v.errors
+    msgs = [[(m.role, m.content) for m in e.messages] for e in v.examples]
+    assert msgs[0][0] == ("system", "be brief")
+    assert msgs[1] == [("user", "p"), ("assistant", "c")]
+    assert msgs[2] == [("user", "do\n\nthis"), ("assistant", "done")]
+    assert msgs[3] == [("user", "do"), ("assistant", "done")]
+    assert v.examples[1].label == "t1"
+    assert dict(v.formats) == {"messages": 1, "prompt_completion": 1, "instruction": 2}
+
+
+def test_system_prompt_goes_into_every_example_without_one(tmp_path: Path) -> None:
+    f = _write(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "p", "completion": "c"},
+            {
+                "messages": [
+                    {"role": "system", "content": "own"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+        ],
+    )
+    v = validate_file(f, system_prompt="You extract JSON.")
+    assert v.examples[0].messages[0].content == "You extract JSON."
+    assert v.examples[1].messages[0].content == "own"
+
+
+def test_every_bad_line_is_reported(tmp_path: Path) -> None:
+    f = _write(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "ok", "completion": "ok"},
+            "[1, 2]",
+            "",
+            {"messages": []},
+            {"messages": [{"role": "bot", "content": "x"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "system", "content": "late"},
+                    {"role": "assistant", "content": "b"},
+                ]
+            },
+            {"messages": [{"role": "assistant", "content": "first"}]},
+            {"prompt": 3, "completion": "x"},
+            {"instruction": "x", "output": "   "},
+        ],
+    )
+    v = validate_file(f)
+    assert not v.ok
+    reasons = {e.line: e.reason for e in v.errors}
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert "expected a JSON object" in reasons[2]
+    assert "empty line" in reasons[3]
+    assert "non-empty list" in reasons[4]
+    assert "role must be system, user or assistant" in reasons[5]
+    assert "only the first may be" in reasons[6]
+    assert "messages[0].role is 'assistant', expected 'user'" in reasons[7]
+    assert "must be a string" in reasons[8]
+    assert "field 'output' is empty" in reasons[9]
+
+
+def test_parquet_input(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "p", "completion": "c"}, {"prompt": "", "completion": "c"}]), path
+    )
+    v = validate_file(path)
+    assert len(v.examples) == 1
+    assert [(e.line, e.reason) for e in v.errors] == [(2, "field 'prompt' is empty")]
