@@ -23,8 +23,7 @@ sys.path.insert(0, str(ROOT))
 from registry.service import Registry  # noqa: E402
 from registry.settings import Settings  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import validate_file  # noqa: E402
-from trainer.model import load_tokenizer, locate_base_model, token_counter  # noqa: E402
+from trainer.data import validate_for_base  # noqa: E402
 from trainer.prepare import prepare  # noqa: E402
 from trainer.synthetic import make_rows, write_jsonl  # noqa: E402
 from trainer.tiny import build_tiny_model  # noqa: E402
@@ -55,11 +54,8 @@ def main() -> None:
         settings = Settings(home=root / "home")
         reg = Registry.open(settings)
         data = write_jsonl(root / "orders.jsonl", make_rows(500, seed=0))
-        v = validate_file(
-            data, count_tokens=token_counter(load_tokenizer(locate_base_model(str(base)))), max_length=256
-        )
-        lengths = {e.line: n for e, n in zip(v.examples, v.token_lengths, strict=True)}
-        prepare(v, name="orders", registry=reg, token_lengths_by_line=lengths)
+        v = validate_for_base(data, str(base), max_length=256)
+        prepare(v, name="orders", registry=reg)
         for mode, overrides in MODES.items():
             config = TrainConfig(
                 adapter=f"bench-{mode}",

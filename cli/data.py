@@ -24,8 +24,7 @@ MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Longest exa
 
 
 def _validate(ctx: typer.Context, file: Path, base: str | None, max_length: int | None) -> Validation:
-    from trainer.data import validate_file
-    from trainer.model import load_tokenizer, locate_base_model, token_counter
+    from trainer.data import validate_for_base
 
     settings = state(ctx).get_settings()
     base = base or settings.trainer.base_model
@@ -34,12 +33,10 @@ def _validate(ctx: typer.Context, file: Path, base: str | None, max_length: int 
             "a base model is needed to count tokens: pass --base or set trainer.base_model in loraflow.toml",
             param="base",
         )
-    tokenizer = load_tokenizer(locate_base_model(base))
-    limit = max_length or settings.trainer.max_length
-    return validate_file(
+    return validate_for_base(
         file,
-        count_tokens=token_counter(tokenizer),
-        max_length=limit,
+        base,
+        max_length=max_length or settings.trainer.max_length,
         system_prompt=settings.trainer.system_prompt,
     )
 
@@ -110,7 +107,6 @@ def prepare(
         from trainer.embed import Embedder
 
         embedder = Embedder()
-    lengths = {e.line: n for e, n in zip(result.examples, result.token_lengths, strict=True)}
     version, report = run_prepare(
         result,
         name=name,
@@ -120,7 +116,6 @@ def prepare(
         seed=seed,
         near_duplicate_threshold=near_duplicate_threshold,
         embedder=embedder,
-        token_lengths_by_line=lengths,
     )
     out.print(
         f"registered dataset {version.ref} (digest {version.digest[:12]}): "

@@ -28,9 +28,8 @@ def demo(
 ) -> None:
     """Train, register, promote and roll back adapters on a tiny locally built model."""
     from trainer.config import TrainConfig
-    from trainer.data import validate_file
+    from trainer.data import validate_for_base
     from trainer.embed import Embedder
-    from trainer.model import load_tokenizer, locate_base_model, token_counter
     from trainer.prepare import prepare
     from trainer.synthetic import make_rows, write_jsonl
     from trainer.tiny import build_tiny_model
@@ -48,21 +47,14 @@ def demo(
 
     out.print("[2/8] synthetic task: extract name, city and qty as JSON (500 rows)")
     data = write_jsonl(work / "orders.jsonl", make_rows(500, seed=reg.revision()))
-    validation = validate_file(
-        data,
-        count_tokens=token_counter(load_tokenizer(locate_base_model(str(base)))),
-        max_length=settings.trainer.max_length,
-    )
+    validation = validate_for_base(data, str(base), max_length=settings.trainer.max_length)
     tokens = validation.summary()["tokens"]
     out.print(
         f"      {len(validation.examples)} valid examples, {tokens['total']} tokens, p90 {tokens['p90']}"
     )
 
     out.print("[3/8] prepare: dedup, stratified split, profile, register the dataset version")
-    lengths = {e.line: n for e, n in zip(validation.examples, validation.token_lengths, strict=True)}
-    dataset, report = prepare(
-        validation, name=name, registry=reg, embedder=Embedder(), token_lengths_by_line=lengths
-    )
+    dataset, report = prepare(validation, name=name, registry=reg, embedder=Embedder())
     out.print(
         f"      {dataset.ref}: {dataset.counts}; dropped {report['exact_duplicates_dropped']} exact, "
         f"{report['near_duplicates_dropped']} near duplicates"

@@ -40,6 +40,19 @@ def _pk(row: Adapter | DatasetRow) -> int:
     return row.id
 
 
+def _move_info(adapter: str, m: AliasMove) -> domain.AliasMoveInfo:
+    return domain.AliasMoveInfo(
+        adapter=adapter,
+        alias=m.alias,
+        from_version=m.from_version,
+        to_version=m.to_version,
+        reason=m.reason,
+        revision=m.revision,
+        actor=m.actor,
+        at=m.created_at,
+    )
+
+
 @dataclass
 class _Tx:
     session: Session
@@ -240,19 +253,7 @@ class MetadataStore:
             ).all()
             return domain.History(
                 adapter=name,
-                moves=[
-                    domain.AliasMoveInfo(
-                        adapter=name,
-                        alias=m.alias,
-                        from_version=m.from_version,
-                        to_version=m.to_version,
-                        reason=m.reason,
-                        revision=m.revision,
-                        actor=m.actor,
-                        at=m.created_at,
-                    )
-                    for m in moves
-                ],
+                moves=[_move_info(name, m) for m in moves],
                 events=[
                     domain.AuditInfo(
                         revision=e.revision,
@@ -410,16 +411,7 @@ class MetadataStore:
             after={"version": version},
         )
         s.flush()
-        return domain.AliasMoveInfo(
-            adapter=name,
-            alias=alias,
-            from_version=current,
-            to_version=version,
-            reason=reason,
-            revision=tx.revision,
-            actor=tx.actor,
-            at=move.created_at,
-        )
+        return _move_info(name, move)
 
     def archive(self, *, name: str, version: int, actor: str) -> domain.VersionInfo:
         with self._write(actor) as tx:

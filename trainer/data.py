@@ -39,6 +39,7 @@ class Example(BaseModel):
     line: int
     format: Format
     label: str | None = None
+    tokens: int | None = None  # after the chat template, when validated with a tokenizer
 
     def text(self) -> str:
         return "\n".join(f"{m.role}: {m.content}" for m in self.messages)
@@ -178,8 +179,11 @@ class Validation:
     path: Path
     examples: list[Example] = field(default_factory=list)
     errors: list[LineError] = field(default_factory=list)
-    token_lengths: list[int] = field(default_factory=list)
     max_length: int | None = None
+
+    @property
+    def token_lengths(self) -> list[int]:
+        return [e.tokens for e in self.examples if e.tokens is not None]
 
     @property
     def ok(self) -> bool:
@@ -238,9 +242,21 @@ def validate_file(
                 n = count_tokens([m.model_dump() for m in example.messages])
                 if max_length is not None and n > max_length:
                     raise _BadLine(f"too many tokens: {n} > max_length {max_length}")
-                result.token_lengths.append(n)
+                example.tokens = n
         except _BadLine as bad:
             result.errors.append(LineError(line, bad.reason))
             continue
         result.examples.append(example)
     return result
+
+
+def validate_for_base(
+    path: Path, base: str, *, max_length: int, system_prompt: str | None = None
+) -> Validation:
+    """Validate with the base model's tokenizer and chat template, as training will render it."""
+    from trainer.model import load_tokenizer, locate_base_model, token_counter
+
+    tokenizer = load_tokenizer(locate_base_model(base))
+    return validate_file(
+        path, count_tokens=token_counter(tokenizer), max_length=max_length, system_prompt=system_prompt
+    )

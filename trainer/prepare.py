@@ -121,7 +121,6 @@ def prepare(
     seed: int = 0,
     near_duplicate_threshold: float = 0.85,
     embedder: Embedder | None = None,
-    token_lengths_by_line: dict[int, int] | None = None,
 ) -> tuple[domain.DatasetVersionInfo, dict[str, Any]]:
     if not validation.ok:
         raise InvalidArgumentError(
@@ -139,8 +138,7 @@ def prepare(
             "no training examples left after deduplication and splitting", param="FILE"
         )
 
-    lengths = token_lengths_by_line or {}
-    train_lengths = [lengths[e.line] for e in splits["train"] if e.line in lengths]
+    train_lengths = [e.tokens for e in splits["train"] if e.tokens is not None]
     profile: dict[str, Any] = {"tokens": token_stats(train_lengths)}
     if embedder is not None:
         profile["embedding"] = embedding_profile(embedder, [e.prompt_text() for e in splits["train"]])

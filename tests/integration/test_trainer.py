@@ -28,9 +28,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A tiny base, a registry, and the synthetic dataset prepared as orders@v1."""
-    from trainer.data import validate_file
+    from trainer.data import validate_for_base
     from trainer.embed import Embedder
-    from trainer.model import load_tokenizer, locate_base_model, token_counter
     from trainer.prepare import prepare
     from trainer.tiny import build_tiny_model
 
@@ -39,13 +38,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     settings = Settings(home=root / "home")
     reg = Registry.open(settings)
     data = write_jsonl(root / "orders.jsonl", make_rows(500, seed=0))
-    validation = validate_file(
-        data, count_tokens=token_counter(load_tokenizer(locate_base_model(str(base)))), max_length=256
-    )
-    lengths = {e.line: n for e, n in zip(validation.examples, validation.token_lengths, strict=True)}
-    dataset, report = prepare(
-        validation, name="orders", registry=reg, seed=0, embedder=Embedder(), token_lengths_by_line=lengths
-    )
+    validation = validate_for_base(data, str(base), max_length=256)
+    dataset, report = prepare(validation, name="orders", registry=reg, seed=0, embedder=Embedder())
     yield {
         "root": root,
         "base": base,
@@ -355,3 +349,67 @@ def test_train_config_errors_name_the_field(tmp_path: Path) -> None:
     toml = tmp_path / "train.toml"
     toml.write_text('adapter = "x"\nbase = "b"\ndata = "d"\nepochs = 2\n')
     assert build_config(toml, {"epochs": 5.0, "r": None}).epochs == 5.0
+
+
+def test_early_stopping_keeps_the_best_checkpoint(workspace: dict[str, Any]) -> None:
+    from trainer.data import validate_for_base
+    from trainer.prepare import prepare
+    from trainer.train import train
+
+    data = write_jsonl(workspace["root"] / "small.jsonl", make_rows(120, seed=0))
+    prepare(
+        validate_for_base(data, str(workspace["base"]), max_length=256),
+        name="small",
+        registry=workspace["registry"],
+        val_fraction=0.2,
+    )
+    run = train(
+        _config(
+            workspace,
+            adapter="early",
+            data="small",
+            lr_scheduler="constant",
+            learning_rate=0.01,
+            epochs=40,
+            eval_steps=5,
+            early_stopping_patience=2,
+            eval_generations=0,
+        ),
+        registry=workspace["registry"],
+        settings=workspace["settings"],
+    )
+    m = run.metrics
+    planned = 40 * -(-workspace["registry"].get_dataset("small").counts["train"] // 16)
+    assert m["steps"] < planned  # stopped early
+    curve = [loss for _, loss in m["eval_curve"]]
+    assert m["best_eval_loss"] == min(curve)
+    assert m["eval_loss"] == m["best_eval_loss"]  # the best checkpoint was reloaded
+    assert int(m["best_checkpoint"].split("-")[1]) < m["steps"]
+
+
+def test_cli_train_and_tiny_model(workspace: dict[str, Any], tmp_path: Path) -> None:
+    result = runner.invoke(loraflow_app, ["dev", "tiny-model", str(tmp_path / "tiny")])
+    assert result.exit_code == 0, result.output
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "tiny").iterdir()
+    }
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        f"adapter: cli-run\nbase: {workspace['base']}\ndata: orders@v1\neval_generations: 0\n"
+        f"output_dir: {tmp_path / 'run'}\nepochs: 9\n"
+    )
+    env = {"LORAFLOW_HOME": str(workspace["settings"].home)}
+    result = runner.invoke(
+        loraflow_app,
+        ["train", "--config", str(cfg), "--max-steps", "4", "--eval-steps", "2", "--r", "4", "--alpha", "8"],
+        env=env,
+    )
+    assert result.exit_code == 0, result.output
+    assert "registered cli-run@v1" in result.output
+    v = workspace["registry"].get_version("cli-run", 1)
+    assert v.rank == 4 and v.metrics is not None and v.metrics["steps"] == 4
+    assert v.training_config is not None and v.training_config["epochs"] == 9.0
+
+    result = runner.invoke(loraflow_app, ["train", "--config", str(cfg), "--r", "0"], env=env)
+    assert result.exit_code == 2 and "training config: r:" in result.output
