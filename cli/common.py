@@ -28,6 +28,10 @@ EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.INTEGRITY: 6,
     ErrorCode.SCHEMA_OUT_OF_DATE: 7,
     ErrorCode.MISSING_DEPENDENCY: 8,
+    ErrorCode.UNAUTHENTICATED: 9,
+    ErrorCode.PERMISSION_DENIED: 9,
+    ErrorCode.OVERLOADED: 10,
+    ErrorCode.ENGINE_UNAVAILABLE: 10,
 }
 
 out = Console(highlight=False, soft_wrap=True)

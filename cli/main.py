@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import adapters, data, db, demo, dev, train
+from cli import adapters, data, db, demo, dev, keys, serve, train
 
 app = typer.Typer(
     name="loraflow",
@@ -16,7 +16,9 @@ app.add_typer(adapters.app, name="adapters")
 app.add_typer(db.app, name="db")
 app.add_typer(data.app, name="data")
 app.add_typer(dev.app, name="dev")
+app.add_typer(keys.app, name="keys")
 app.command("train")(train.train)
+app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
 
 

@@ -97,3 +97,16 @@ class History(_Record):
     adapter: str
     moves: list[AliasMoveInfo]
     events: list[AuditInfo]
+
+
+class ApiKeyInfo(_Record):
+    name: str
+    prefix: str
+    key_hash: str
+    adapters: list[str] | None
+    created_by: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    def allows(self, adapter: str) -> bool:
+        return self.adapters is None or adapter in self.adapters

@@ -19,6 +19,10 @@ class ErrorCode(StrEnum):
     INTEGRITY = "integrity_error"
     SCHEMA_OUT_OF_DATE = "schema_out_of_date"
     MISSING_DEPENDENCY = "missing_dependency"
+    UNAUTHENTICATED = "invalid_api_key"
+    PERMISSION_DENIED = "permission_denied"
+    OVERLOADED = "overloaded"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
 
 
 class LoraflowError(Exception):
@@ -73,3 +77,27 @@ class MissingDependencyError(LoraflowError):
     """An optional extra is needed; the message names the ``pip install`` to run."""
 
     code = ErrorCode.MISSING_DEPENDENCY
+
+
+class UnauthenticatedError(LoraflowError):
+    """No API key, or one that is unknown or revoked."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(LoraflowError):
+    """A valid API key that is not allowed this adapter."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
+class OverloadedError(LoraflowError):
+    """Too many requests in flight."""
+
+    code = ErrorCode.OVERLOADED
+
+
+class EngineUnavailableError(LoraflowError):
+    """No engine replica can take the request right now."""
+
+    code = ErrorCode.ENGINE_UNAVAILABLE

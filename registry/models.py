@@ -132,3 +132,20 @@ class AuditEvent(SQLModel, table=True):
     before: dict[str, Any] | None = _json()
     after: dict[str, Any] | None = _json()
     created_at: datetime = _ts()
+
+
+class ApiKey(SQLModel, table=True):
+    """Gateway API keys. Only the sha256 of the key is stored; the key is shown once."""
+
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=128)
+    prefix: str = Field(max_length=16)
+    key_hash: str = Field(index=True, unique=True, max_length=64)
+    adapters: list[str] | None = _json()  # None: every adapter
+    created_by: str = Field(max_length=256)
+    created_at: datetime = _ts()
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )

@@ -45,6 +45,28 @@ class TrainerSettings(BaseModel):
     system_prompt: str | None = Field(None, description="Put into every example that has no system message.")
 
 
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    engine_urls: list[str] = Field(default_factory=list, description="Running vLLM replicas (private URLs).")
+    base_model: str | None = Field(None, description="Base model for a supervised engine.")
+    served_model_name: str | None = Field(
+        None, description="Model id clients use for the base; default its path."
+    )
+    max_loras: int = Field(4, ge=1, description="Adapters in one batch (vLLM --max-loras).")
+    max_cpu_loras: int = Field(8, ge=1, description="Adapters resident per replica (vLLM --max-cpu-loras).")
+    max_lora_rank: int = Field(64, ge=1, description="vLLM --max-lora-rank.")
+    max_model_len: int = Field(2048, ge=16)
+    auth: bool = Field(False, description="Require API keys (loraflow keys create).")
+    max_concurrency: int = Field(64, ge=1, description="In-flight requests before 429.")
+    poll_interval_s: float = Field(0.2, gt=0, description="How often the registry revision is checked.")
+    adapter_cache: Path | None = Field(
+        None, description="Where adapter files are fetched; default $home/cache."
+    )
+    engine_timeout_s: float = Field(120.0, gt=0)
+    retry_after_s: int = Field(5, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORAFLOW_",
@@ -65,6 +87,7 @@ class Settings(BaseSettings):
     user: str | None = Field(None, description="Recorded as created_by / actor; default $USER.")
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -26,6 +26,7 @@ from registry.models import (
     AdapterVersion,
     Alias,
     AliasMove,
+    ApiKey,
     AuditEvent,
     DatasetRow,
     DatasetVersionRow,
@@ -516,3 +517,47 @@ class MetadataStore:
                     f"dataset {name} has no version {'v' + str(version) if version else ''}", param="dataset"
                 )
             return self._dataset_info(ds, row)
+
+    # -- API keys ----------------------------------------------------------------
+    @staticmethod
+    def _key_info(row: ApiKey) -> domain.ApiKeyInfo:
+        return domain.ApiKeyInfo(
+            name=row.name,
+            prefix=row.prefix,
+            key_hash=row.key_hash,
+            adapters=row.adapters,
+            created_by=row.created_by,
+            created_at=row.created_at,
+            revoked_at=row.revoked_at,
+        )
+
+    def create_api_key(
+        self, *, name: str, prefix: str, key_hash: str, adapters: list[str] | None, actor: str
+    ) -> domain.ApiKeyInfo:
+        with self._write(actor) as tx:
+            s = tx.session
+            if s.exec(select(ApiKey).where(ApiKey.name == name)).first() is not None:
+                raise ConflictError(f"an API key named {name!r} exists already", param="name")
+            row = ApiKey(name=name, prefix=prefix, key_hash=key_hash, adapters=adapters, created_by=actor)
+            s.add(row)
+            tx.audit("key.create", f"key:{name}", after={"adapters": adapters, "prefix": prefix})
+            s.flush()
+            return self._key_info(row)
+
+    def list_api_keys(self) -> list[domain.ApiKeyInfo]:
+        with self._read() as s:
+            return [self._key_info(r) for r in s.exec(select(ApiKey).order_by(col(ApiKey.name))).all()]
+
+    def revoke_api_key(self, *, name: str, actor: str) -> domain.ApiKeyInfo:
+        with self._write(actor) as tx:
+            s = tx.session
+            row = s.exec(select(ApiKey).where(ApiKey.name == name)).first()
+            if row is None:
+                raise NotFoundError(f"no API key named {name!r}", param="name")
+            if row.revoked_at is not None:
+                raise ConflictError(f"API key {name!r} is already revoked", param="name")
+            row.revoked_at = utcnow()
+            s.add(row)
+            tx.audit("key.revoke", f"key:{name}", before={"revoked": False}, after={"revoked": True})
+            s.flush()
+            return self._key_info(row)

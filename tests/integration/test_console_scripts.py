@@ -50,4 +50,4 @@ def test_db_upgrade_and_current(isolated_env: Path) -> None:
     done = run("loraflow", "db", "upgrade", cwd=isolated_env)
     assert done.returncode == 0, done.stderr
     done = run("loraflow", "db", "current", cwd=isolated_env)
-    assert "database: 0001" in done.stdout and "code: 0001" in done.stdout
+    assert "database: 0002" in done.stdout and "code: 0002" in done.stdout

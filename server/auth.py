@@ -1,0 +1,24 @@
+"""API key checks against the routing snapshot (keys are reloaded when the registry revision moves)."""
+
+from __future__ import annotations
+
+from registry import domain
+from registry.errors import PermissionDeniedError, UnauthenticatedError
+from registry.keys import hash_key
+from server.routing import Snapshot
+
+
+def authenticate(header: str | None, snapshot: Snapshot) -> domain.ApiKeyInfo:
+    if not header or not header.lower().startswith("bearer "):
+        raise UnauthenticatedError(
+            "missing API key: send 'Authorization: Bearer <key>'", param="authorization"
+        )
+    key = snapshot.keys.get(hash_key(header[7:].strip()))
+    if key is None:
+        raise UnauthenticatedError("invalid or revoked API key", param="authorization")
+    return key
+
+
+def authorize(key: domain.ApiKeyInfo, adapter: str | None) -> None:
+    if adapter is not None and not key.allows(adapter):
+        raise PermissionDeniedError(f"this API key may not use adapter {adapter!r}", param="model")

@@ -1,0 +1,86 @@
+"""One error shape on the wire: OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
+
+``HTTP_STATUS`` is the only place an ErrorCode becomes an HTTP status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from registry.errors import ErrorCode, LoraflowError
+from server.engine.vllm_http import EngineRequestError
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.INVALID_ADAPTER: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.OVERLOADED: 429,
+    ErrorCode.ENGINE_UNAVAILABLE: 503,
+    ErrorCode.SCHEMA_OUT_OF_DATE: 503,
+    ErrorCode.INTEGRITY: 500,
+    ErrorCode.MISSING_DEPENDENCY: 500,
+}
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    kind = _TYPES.get(status, "server_error" if status < 503 else "service_unavailable_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def from_exception(exc: LoraflowError, *, retry_after_s: int = 5) -> JSONResponse:
+    if isinstance(exc, EngineRequestError):
+        return error_response(exc.status, exc.message, param=exc.param, code=str(exc.status))
+    status = HTTP_STATUS.get(exc.code, 500)
+    code = "model_not_found" if exc.code == ErrorCode.NOT_FOUND and exc.param == "model" else exc.code.value
+    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
+    return error_response(status, exc.message, param=exc.param, code=code, headers=headers)
+
+
+def install(app: FastAPI, *, retry_after_s: int) -> None:
+    async def on_loraflow(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, LoraflowError)
+        return from_exception(exc, retry_after_s=retry_after_s)
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        return error_response(
+            400,
+            f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}",
+            param=".".join(loc) or None,
+            code="invalid_request",
+        )
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return error_response(exc.status_code, str(exc.detail), code=str(exc.status_code))
+
+    app.add_exception_handler(LoraflowError, on_loraflow)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http)

@@ -1,0 +1,104 @@
+"""Engine replicas and which adapter versions are resident on each.
+
+vLLM does not bound runtime-loaded adapters for us, and its unload does not
+free engine memory, so each replica keeps its own LRU of resident versions,
+capped at ``max_cpu_loras``. Versions that an alias points at, or that a
+request is using right now, are never evicted. Loading is serialized per
+(replica, version) with an asyncio lock, so concurrent requests for the same
+cold version trigger exactly one load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from registry.errors import EngineUnavailableError, OverloadedError
+from server.engine.protocol import Engine
+
+Fetch = Callable[[str], Awaitable[Path]]  # engine adapter name -> verified local folder
+
+
+class Replica:
+    def __init__(self, engine: Engine, *, max_resident: int) -> None:
+        self.engine = engine
+        self.max_resident = max_resident
+        self.healthy = False
+        self.resident: OrderedDict[str, None] = OrderedDict()
+        self.in_flight: Counter[str] = Counter()
+        self.loads = 0  # adapter loads since the engine (re)started
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @property
+    def url(self) -> str:
+        return self.engine.url
+
+    def reset(self, resident: list[str]) -> None:
+        """After the engine (re)started: it holds exactly ``resident``."""
+        self.resident = OrderedDict((name, None) for name in resident)
+        self.loads = 0
+
+    async def ensure_loaded(self, name: str, fetch: Fetch, *, pinned: set[str]) -> None:
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return
+        async with self._locks[name]:
+            if name in self.resident:
+                return
+            await self._make_room(pinned | {name})
+            path = await fetch(name)
+            await self.engine.load_adapter(name, str(path))
+            self.loads += 1
+            self.resident[name] = None
+
+    async def _make_room(self, keep: set[str]) -> None:
+        while len(self.resident) >= self.max_resident:
+            victim = next((n for n in self.resident if n not in keep and not self.in_flight[n]), None)
+            if victim is None:
+                raise OverloadedError(
+                    f"replica {self.url} has {len(self.resident)} adapters resident (max_cpu_loras) "
+                    "and all are in use; retry shortly"
+                )
+            await self.engine.unload_adapter(victim)
+            del self.resident[victim]
+
+    @asynccontextmanager
+    async def using(self, name: str | None) -> AsyncIterator[None]:
+        if name is None:
+            yield
+            return
+        self.in_flight[name] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[name] -= 1
+
+
+class ReplicaSet:
+    def __init__(self, engines: list[Engine], *, max_resident: int) -> None:
+        self.replicas = [Replica(e, max_resident=max_resident) for e in engines]
+
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy]
+
+    def pick(self, name: str | None) -> Replica:
+        """A healthy replica, preferring one that already holds the version, then the least busy."""
+        candidates = self.healthy()
+        if not candidates:
+            raise EngineUnavailableError("no engine replica is available; retry shortly")
+        return min(
+            candidates, key=lambda r: (name is not None and name not in r.resident, sum(r.in_flight.values()))
+        )
+
+    async def check_health(self) -> list[Replica]:
+        """Update health flags; return replicas that just came (back) up."""
+        results = await asyncio.gather(*(r.engine.health() for r in self.replicas))
+        recovered = []
+        for replica, ok in zip(self.replicas, results, strict=True):
+            if ok and not replica.healthy:
+                recovered.append(replica)
+            replica.healthy = ok
+        return recovered
