@@ -109,12 +109,10 @@ def _error(response: httpx.Response) -> dict[str, Any]:
 
 
 def test_error_schema_and_status(gateway: Gateway) -> None:
-    post = lambda body, **kw: httpx.post(
-        f"{gateway.url}/v1/chat/completions",
-        timeout=30,
-        **kw,
-        **({"json": body} if not isinstance(body, bytes) else {"content": body}),
-    )
+    def post(body: dict[str, Any] | bytes, **kw: Any) -> httpx.Response:
+        payload: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
+        return httpx.post(f"{gateway.url}/v1/chat/completions", timeout=30, **kw, **payload)
+
     r = post({"model": "ghost", "messages": CHAT})
     assert r.status_code == 404 and _error(r)["code"] == "model_not_found" and _error(r)["param"] == "model"
     gateway.registry.archive("support", 2)
@@ -187,10 +185,9 @@ def test_overload_is_429_with_retry_after(registry: Any, engine_url: str, tmp_pa
     settings = Settings(home=tmp_path / "home", server=ServerSettings(max_concurrency=1, poll_interval_s=0.1))
     body = {"model": "support", "prompt": "x", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
     for gw in run_gateway(settings, registry, [engine_url]):
+        url = f"{gw.url}/v1/completions"
         with ThreadPoolExecutor(6) as pool:
-            responses = list(
-                pool.map(lambda _: httpx.post(f"{gw.url}/v1/completions", json=body, timeout=60), range(6))
-            )
+            responses = list(pool.map(lambda _, u=url: httpx.post(u, json=body, timeout=60), range(6)))
         statuses = sorted(r.status_code for r in responses)
         assert 200 in statuses and 429 in statuses, statuses
         for r in responses:
