@@ -1,0 +1,196 @@
+"""Gateway parts without an engine: residency, the per-version load lock, routing, SSE rewriting."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry import domain
+from registry.errors import EngineUnavailableError, NotFoundError, OverloadedError
+from server.metrics import GatewayMetrics
+from server.proxy import Gateway
+from server.replicas import Replica, ReplicaSet
+from server.routing import Router, Snapshot, Target, engine_name
+
+pytestmark = pytest.mark.unit
+
+
+class FakeEngine:
+    """An Engine at the true boundary: records loads and unloads; loading takes a moment."""
+
+    def __init__(self, url: str = "http://fake") -> None:
+        self.url = url
+        self.loads: list[str] = []
+        self.unloads: list[str] = []
+        self.up = True
+
+    async def health(self) -> bool:
+        return self.up
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return 200, {}
+
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        yield b""
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await asyncio.sleep(0.05)
+        self.loads.append(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.unloads.append(name)
+
+    async def loaded_adapters(self) -> list[str]:
+        return []
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def _fetch(name: str) -> Path:
+    return Path("/tmp") / name
+
+
+def test_concurrent_requests_for_a_cold_version_load_it_once() -> None:
+    async def run() -> FakeEngine:
+        engine = FakeEngine()
+        replica = Replica(engine, max_resident=4)
+        await asyncio.gather(*(replica.ensure_loaded("a@v1+x", _fetch, pinned=set()) for _ in range(20)))
+        return engine
+
+    assert asyncio.run(run()).loads == ["a@v1+x"]
+
+
+def test_residency_is_lru_bounded_and_spares_pinned_and_in_flight() -> None:
+    async def run() -> tuple[FakeEngine, Replica]:
+        engine = FakeEngine()
+        replica = Replica(engine, max_resident=3)
+        for name in ("p", "a", "b"):
+            await replica.ensure_loaded(name, _fetch, pinned={"p"})
+        async with replica.using("a"):
+            await replica.ensure_loaded("c", _fetch, pinned={"p"})  # evicts b: p is pinned, a is in use
+        await replica.ensure_loaded("a", _fetch, pinned={"p"})  # a is now most recent
+        await replica.ensure_loaded("d", _fetch, pinned={"p"})  # evicts c, the least recent unpinned
+        return engine, replica
+
+    engine, replica = asyncio.run(run())
+    assert engine.unloads == ["b", "c"]
+    assert list(replica.resident) == ["p", "a", "d"]
+
+
+def test_full_of_pinned_versions_is_overload() -> None:
+    async def run() -> None:
+        replica = Replica(FakeEngine(), max_resident=1)
+        await replica.ensure_loaded("p", _fetch, pinned={"p"})
+        await replica.ensure_loaded("q", _fetch, pinned={"p"})
+
+    with pytest.raises(OverloadedError):
+        asyncio.run(run())
+
+
+def test_pick_prefers_resident_then_healthy() -> None:
+    one, two = FakeEngine("http://one"), FakeEngine("http://two")
+    replicas = ReplicaSet([one, two], max_resident=4)
+    with pytest.raises(EngineUnavailableError):
+        replicas.pick(None)
+    asyncio.run(replicas.check_health())
+    replicas.replicas[1].resident["x"] = None
+    assert replicas.pick("x").url == "http://two"
+    two.up = False
+    asyncio.run(replicas.check_health())
+    assert replicas.pick("x").url == "http://one"
+
+
+def _version(name: str, n: int, status: str = "registered") -> domain.VersionInfo:
+    return domain.VersionInfo(
+        adapter=name,
+        version=n,
+        digest=f"{n:064d}",
+        rank=8,
+        alpha=16,
+        target_modules=["q_proj"],
+        size_bytes=1,
+        dataset=None,
+        training_config=None,
+        metrics=None,
+        eval_report=None,
+        chat_template_hash=None,
+        status=status,  # type: ignore[arg-type]
+        created_by="t",
+        created_at=datetime.now(UTC),
+    )
+
+
+def _router() -> Router:
+    versions = [_version("support", 1), _version("support", 2), _version("support", 3, "archived")]
+    adapter = domain.AdapterInfo(
+        name="support",
+        base_model="b",
+        base_model_fingerprint="f",
+        task=None,
+        created_by="t",
+        created_at=datetime.now(UTC),
+        aliases={"production": 1, "staging": 2},
+        versions=versions,
+    )
+    router = Router(
+        registry=None,
+        replicas=ReplicaSet([], max_resident=1),  # type: ignore[arg-type]
+        base_model_id="tiny",
+        engine_base_name="/models/tiny",
+        cache_dir=Path("/tmp"),
+        poll_interval_s=1,
+    )
+    router.snapshot = Snapshot(
+        revision=1, adapters={"support": adapter}, versions={v.ref: v for v in versions}
+    )
+    return router
+
+
+@pytest.mark.parametrize(
+    ("model", "public"),
+    [
+        ("support", "support@v1"),
+        ("support:staging", "support@v2"),
+        ("support@v2", "support@v2"),
+        ("tiny", "tiny"),
+        ("/models/tiny", "tiny"),
+    ],
+)
+def test_resolve(model: str, public: str) -> None:
+    target = _router().resolve(model)
+    assert target.public == public
+    if target.adapter:
+        assert target.engine_model == engine_name(_router().snapshot.versions[public])
+        assert target.engine_model.startswith(public + "+")
+    else:
+        assert target.engine_model == "/models/tiny"
+
+
+@pytest.mark.parametrize("model", ["ghost", "support@v3", "support@v9", "support:canary", "bad name!"])
+def test_resolve_unknown_or_archived_is_404(model: str) -> None:
+    with pytest.raises(NotFoundError) as info:
+        _router().resolve(model)
+    assert info.value.param == "model"
+
+
+def test_sse_rewrite_names_the_version_and_hides_injected_usage() -> None:
+    from registry.settings import ServerSettings
+
+    gw = Gateway(ServerSettings(), _router(), ReplicaSet([], max_resident=1), GatewayMetrics())
+    target = Target(public="support@v1", engine_model="support@v1+abc", adapter="support", version=1)
+    labels = ("support", "v1")
+    chunk = b'data: {"model": "support@v1+abc", "choices": [{"text": "hi"}]}'
+    assert (
+        gw._rewrite(chunk, target, labels, wants_usage=False)
+        == b'data: {"model":"support@v1","choices":[{"text":"hi"}]}'
+    )
+    usage_only = b'data: {"model": "x", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}'
+    assert gw._rewrite(usage_only, target, labels, wants_usage=False) is None
+    assert b'"usage"' in (gw._rewrite(usage_only, target, labels, wants_usage=True) or b"")
+    assert gw._rewrite(b"data: [DONE]", target, labels, wants_usage=False) == b"data: [DONE]"
