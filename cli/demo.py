@@ -8,14 +8,17 @@ diff, roll back, and fetch the production version verified against its digest.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cli.common import guarded, out, state
 from registry.errors import ConflictError
 from registry.refs import Ref
+from registry.service import Registry
+from registry.settings import Settings
 
 
 @guarded
@@ -25,6 +28,7 @@ def demo(
         Path | None, typer.Option(help="Where to build the demo model and data; default $LORAFLOW_HOME/demo.")
     ] = None,
     name: Annotated[str, typer.Option(help="Adapter (and dataset) name.")] = "demo-orders",
+    serve: Annotated[bool, typer.Option(help="Also start vLLM + the gateway and hot-swap under it.")] = True,
 ) -> None:
     """Train, register, promote and roll back adapters on a tiny locally built model."""
     from trainer.config import TrainConfig
@@ -41,11 +45,11 @@ def demo(
     work = (workdir or settings.home / "demo").resolve()
     base = work / "tiny-llama"
 
-    out.print(f"[1/8] tiny Llama base model in {base}")
+    out.print(f"[1/9] tiny Llama base model in {base}")
     if not (base / "config.json").is_file():
         build_tiny_model(base)
 
-    out.print("[2/8] synthetic task: extract name, city and qty as JSON (500 rows)")
+    out.print("[2/9] synthetic task: extract name, city and qty as JSON (500 rows)")
     data = write_jsonl(work / "orders.jsonl", make_rows(500, seed=reg.revision()))
     validation = validate_for_base(data, str(base), max_length=settings.trainer.max_length)
     tokens = validation.summary()["tokens"]
@@ -53,7 +57,7 @@ def demo(
         f"      {len(validation.examples)} valid examples, {tokens['total']} tokens, p90 {tokens['p90']}"
     )
 
-    out.print("[3/8] prepare: dedup, stratified split, profile, register the dataset version")
+    out.print("[3/9] prepare: dedup, stratified split, profile, register the dataset version")
     dataset, report = prepare(validation, name=name, registry=reg, embedder=Embedder())
     out.print(
         f"      {dataset.ref}: {dataset.counts}; dropped {report['exact_duplicates_dropped']} exact, "
@@ -62,7 +66,7 @@ def demo(
 
     versions = []
     for step, (r, epochs) in enumerate(((8, 3), (16, 8)), start=4):
-        out.print(f"[{step}/8] train a LoRA adapter (r={r}, {epochs} epochs) on {dataset.ref}")
+        out.print(f"[{step}/9] train a LoRA adapter (r={r}, {epochs} epochs) on {dataset.ref}")
         run = train(
             TrainConfig(
                 adapter=name,
@@ -91,7 +95,7 @@ def demo(
         versions.append(run.version)
     first, second = versions
 
-    out.print(f"[6/8] promote {first.ref}, then {second.ref} with --expect v{first.version}")
+    out.print(f"[6/9] promote {first.ref}, then {second.ref} with --expect v{first.version}")
     reg.promote(name, first.version)
     reg.promote(name, second.version, expect=first.version)
     try:
@@ -104,15 +108,68 @@ def demo(
         for key, (x, y) in list(shown.items())[:6]:
             out.print(f"      diff {section}.{key}: {x} -> {y}", markup=False)
 
-    out.print("[7/8] rollback")
+    out.print("[7/9] rollback")
     back = reg.rollback(name)
     out.print(f"      production -> v{back.to_version} (was v{back.from_version})")
 
-    out.print("[8/8] fetch production from the artifact store, verified against its digest")
+    out.print("[8/9] fetch production from the artifact store, verified against its digest")
     fetched = reg.fetch(reg.resolve(Ref(name)), work / "fetched")
     out.print(f"      {fetched}")
+    if serve:
+        out.print("[9/9] serve: a supervised vLLM engine and the gateway; promote under it (about a minute)")
+        _serve_and_hot_swap(settings, reg, base, name, held_out=dataset)
+    else:
+        out.print("[9/9] serving skipped (--no-serve)")
     out.print(f"registry: {settings.resolved_database_url}   artifacts: {settings.resolved_artifact_uri}")
     out.print(
         f"next: adapters show {name}   adapters history {name}   adapters diff {name} "
         f"v{first.version} v{second.version}"
     )
+
+
+def _serve_and_hot_swap(settings: Settings, reg: Registry, base: Path, name: str, *, held_out: Any) -> None:
+    import httpx
+
+    from server.app import create_app
+    from server.embedded import serve_in_thread
+    from server.engine.supervisor import EngineProcess, free_port
+    from server.engine.vllm_http import VLLMHttpEngine
+    from trainer.prepare import load_split
+
+    server = settings.server.model_copy(update={"max_lora_rank": 16, "max_model_len": 512})
+    process = EngineProcess(
+        server, model=str(base), served_name="tiny-llama", log_file=settings.home / "logs" / "demo-engine.log"
+    )
+    app = create_app(
+        settings.model_copy(update={"server": server}),
+        registry=reg,
+        engines=[VLLMHttpEngine(process.url)],
+        base_model_id="tiny-llama",
+        supervised=[process],
+    )
+    prompt = load_split(reg, held_out, "test")[0]["messages"][:-1]
+
+    def ask(url: str) -> tuple[str, str, str]:
+        body = {"model": name, "messages": prompt, "temperature": 0, "max_tokens": 48}
+        data = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        choice = data["choices"][0]
+        return data["model"], choice["message"]["content"], choice["finish_reason"]
+
+    with serve_in_thread(app, free_port()) as url:
+        out.print(f"      gateway {url} -> engine {process.url}")
+        out.print(f"      prompt: {prompt[-1]['content']!r}", markup=False)
+        served, text, finish = ask(url)
+        out.print(f"      {served}: {text!r} (finish_reason={finish})", markup=False)
+        current = reg.resolve(Ref(name)).version
+        target = max(v.version for v in reg.get(name).versions if v.version != current)
+        reg.promote(name, target, expect=current)
+        promoted = time.monotonic()
+        while (served := ask(url)[0]) != f"{name}@v{target}":
+            time.sleep(0.05)
+        out.print(
+            f"      promoted v{target}: the gateway served {served} "
+            f"{time.monotonic() - promoted:.2f} s later, no restart",
+            markup=False,
+        )
+        served, text, finish = ask(url)
+        out.print(f"      {served}: {text!r} (finish_reason={finish})", markup=False)

@@ -6,18 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
 
 from registry.service import Registry
 from registry.settings import ServerSettings, Settings
+from server.embedded import serve_in_thread, wait_until_ok
 from server.engine.supervisor import engine_env, free_port, vllm_command
 
 BASE_NAME = "tiny-llama"
@@ -50,7 +47,9 @@ def start_engine(base: Path, log: Path, *, port: int | None = None) -> tuple[sub
             cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(), start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: proc.poll() is None and _ok(f"{url}/health"), 240, f"engine at {url} (log {log})")
+    if not wait_until_ok(f"{url}/health", 240):
+        stop(proc)
+        raise TimeoutError(f"engine at {url} did not start (log {log})")
     return proc, url
 
 
@@ -64,32 +63,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_for(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.25)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="session")
 def engine_url(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc, url = start_engine(assets.base, tmp_path_factory.mktemp("engine") / "engine.log")
     yield url
     stop(proc)
-
-
-class ServerThread(uvicorn.Server):
-    def install_signal_handlers(self) -> None:  # running in a thread
-        pass
 
 
 @dataclass
@@ -119,17 +97,8 @@ def run_gateway(
     app = create_app(
         settings, registry=registry, engines=list(engines), base_model_id=BASE_NAME, supervised=supervised
     )
-    port = free_port()
-    server = ServerThread(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _ok(f"{url}{ready_path}"), 300, f"gateway {ready_path}")
-    try:
+    with serve_in_thread(app, free_port(), ready_path=ready_path) as url:
         yield Gateway(url=url, registry=registry, settings=settings, app=app)
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 @pytest.fixture
