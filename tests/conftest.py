@@ -24,6 +24,15 @@ from tests.factories import make_base
 
 PG_ENV = "LORAFLOW_TEST_DATABASE_URL"
 
+# Tests use only local models: no hub look-ups, no telemetry from HF or vLLM.
+for _var, _value in (
+    ("HF_HUB_OFFLINE", "1"),
+    ("HF_HUB_DISABLE_TELEMETRY", "1"),
+    ("VLLM_NO_USAGE_STATS", "1"),
+    ("DO_NOT_TRACK", "1"),
+):
+    os.environ.setdefault(_var, _value)
+
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -54,6 +54,9 @@ def vllm_command(settings: ServerSettings, *, model: str, served_name: str, port
 def engine_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM reports usage statistics to its authors by default; an engine we run phones nobody.
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
 
