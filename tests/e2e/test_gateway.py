@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -326,3 +327,30 @@ def test_engine_crash_mid_load_gets_503_then_recovers(registry: Any, assets: Ass
         assert any(name.startswith("support@v1+") for name in resident)
     finally:
         gen.close()
+    assert process.process is not None and process.process.returncode is not None  # engine stopped with us
+
+
+def test_shutdown_drains_in_flight_streams(registry: Any, engine_url: str, tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", server=ServerSettings(poll_interval_s=0.1))
+    gen = run_gateway(settings, registry, [engine_url])
+    gw = next(gen)
+    body = {
+        "model": "support",
+        "prompt": "x",
+        "max_tokens": 300,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=60) as response:
+        chunks = response.iter_lines()
+        assert next(chunks).startswith("data: ")
+        closer = threading.Thread(target=gen.close)  # shutdown begins while the stream is open
+        closer.start()
+        rest = [line for line in chunks if line.startswith("data: ")]
+    closer.join(60)
+    assert rest[-1] == "data: [DONE]"
+    finals = [json.loads(line[6:]) for line in rest[:-1]]
+    assert finals[-1]["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{gw.url}/health", timeout=2)
