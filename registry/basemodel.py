@@ -8,6 +8,7 @@ or chat template, do not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,3 +72,20 @@ def resolve_base_model(ref: str, *, param: str = "base") -> BaseModel:
         raise InvalidArgumentError(f"base model {ref!r}: config.json is not valid JSON ({exc})") from exc
     files = {name: sha256_file(path / name) for name in FINGERPRINT_FILES if (path / name).is_file()}
     return BaseModel(id=model_id, path=path, fingerprint=digest_of(files), config=config)
+
+
+def chat_template_hash(path: Path) -> str | None:
+    """sha256 of a model folder's chat template, as the tokenizer loads it (None if it has none).
+
+    Training records this hash on each version; the gateway compares it with the
+    template of the base it serves.
+    """
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        template: object = jinja.read_text()
+    else:
+        config = path / "tokenizer_config.json"
+        template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    if not isinstance(template, str):
+        return None
+    return hashlib.sha256(template.encode()).hexdigest()

@@ -35,6 +35,7 @@ def create_app(
     base_model_id: str,
     engine_base_name: str | None = None,
     supervised: list[EngineProcess] | None = None,
+    base_template_hash: str | None = None,
 ) -> FastAPI:
     server = settings.server
     replicas = ReplicaSet(engines, max_resident=server.max_cpu_loras)
@@ -45,6 +46,7 @@ def create_app(
         engine_base_name=engine_base_name or base_model_id,
         cache_dir=server.adapter_cache or settings.home / "cache" / "adapters",
         poll_interval_s=server.poll_interval_s,
+        base_template_hash=base_template_hash,
     )
     gateway = Gateway(server, router, replicas, GatewayMetrics())
 

@@ -71,8 +71,11 @@ class Router:
         engine_base_name: str,
         cache_dir: Path,
         poll_interval_s: float,
+        base_template_hash: str | None = None,
     ) -> None:
         self.registry = registry
+        self.base_template_hash = base_template_hash
+        self._template_warned: set[str] = set()
         self.replicas = replicas
         self.base_model_id = base_model_id
         self.engine_base_name = engine_base_name
@@ -154,8 +157,25 @@ class Router:
         await self._preload(snap, self.replicas.healthy())
         self.snapshot = snap
         self.swapped_at = time.monotonic()
+        self._warn_template_mismatches(snap)
         log.info("routing: registry revision %s, %d adapters", snap.revision, len(snap.adapters))
         return True
+
+    def template_matches(self, version: domain.VersionInfo) -> bool | None:
+        """Whether a version was trained with the chat template this gateway serves (None: unknown)."""
+        if self.base_template_hash is None or version.chat_template_hash is None:
+            return None
+        return version.chat_template_hash == self.base_template_hash
+
+    def _warn_template_mismatches(self, snap: Snapshot) -> None:
+        for ref, version in snap.versions.items():
+            if self.template_matches(version) is False and ref not in self._template_warned:
+                self._template_warned.add(ref)
+                log.warning(
+                    "%s was trained with a different chat template than the served base model; "
+                    "its prompts will be rendered differently from training",
+                    ref,
+                )
 
     async def sync_recovered(self) -> None:
         """Replicas that came (back) up: learn what they hold, and preload what aliases need."""

@@ -42,6 +42,7 @@ def load_tokenizer(base: BaseModel) -> Any:
 
 
 def chat_template_hash(tokenizer: Any) -> str:
+    """Same definition as registry.basemodel.chat_template_hash, from the loaded tokenizer."""
     return hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()
 
 

@@ -413,3 +413,9 @@ def test_cli_train_and_tiny_model(workspace: dict[str, Any], tmp_path: Path) -> 
 
     result = runner.invoke(loraflow_app, ["train", "--config", str(cfg), "--r", "0"], env=env)
     assert result.exit_code == 2 and "training config: r:" in result.output
+
+
+def test_recorded_template_hash_matches_the_base_folder(workspace: dict[str, Any], lora_run: Any) -> None:
+    from registry.basemodel import chat_template_hash
+
+    assert lora_run.version.chat_template_hash == chat_template_hash(workspace["base"])

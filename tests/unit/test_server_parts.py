@@ -194,3 +194,23 @@ def test_sse_rewrite_names_the_version_and_hides_injected_usage() -> None:
     assert gw._rewrite(usage_only, target, labels, wants_usage=False) is None
     assert b'"usage"' in (gw._rewrite(usage_only, target, labels, wants_usage=True) or b"")
     assert gw._rewrite(b"data: [DONE]", target, labels, wants_usage=False) == b"data: [DONE]"
+
+
+def test_chat_template_mismatch_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    router = _router()
+    snap = router.snapshot
+    trained_with = {"support@v1": "a" * 64, "support@v2": "b" * 64}
+    versions = {
+        ref: v.model_copy(update={"chat_template_hash": trained_with.get(ref)})
+        for ref, v in snap.versions.items()
+    }
+    router.base_template_hash = "a" * 64
+    with caplog.at_level("WARNING", logger="loraflow.routing"):
+        router._warn_template_mismatches(Snapshot(revision=2, adapters=snap.adapters, versions=versions))
+    assert [router.template_matches(versions[r]) for r in ("support@v1", "support@v2", "support@v3")] == [
+        True,
+        False,
+        None,
+    ]
+    assert "support@v2 was trained with a different chat template" in caplog.text
+    assert "support@v1" not in caplog.text
