@@ -69,7 +69,6 @@ def create_app(
 
     app = FastAPI(title="loraflow gateway", lifespan=lifespan)
     app.state.gateway = gateway
-    app.state.supervised = supervised or []
     errors.install(app, retry_after_s=server.retry_after_s)
     for module in (chat, completions, models, health):
         module.attach_router(app)

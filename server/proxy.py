@@ -95,8 +95,9 @@ class Gateway:
         stack = AsyncExitStack()
         await stack.enter_async_context(self._admitted())
         try:
-            replica = self.replicas.pick(target.engine_model if target.adapter else None)
-            await stack.enter_async_context(replica.using(target.engine_model if target.adapter else None))
+            adapter_name = target.engine_model if target.adapter else None
+            replica = self.replicas.pick(adapter_name)
+            await stack.enter_async_context(replica.using(adapter_name))
             await self.router.ensure_loaded(replica, target)
             body = body | {"model": target.engine_model}
             headers = {MODEL_HEADER: target.public}

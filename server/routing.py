@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from registry import domain
@@ -51,7 +51,7 @@ class Snapshot:
     by_engine_name: dict[str, domain.VersionInfo] = field(default_factory=dict)
     keys: dict[str, domain.ApiKeyInfo] = field(default_factory=dict)  # sha256 -> active key
 
-    @property
+    @cached_property
     def aliased(self) -> set[str]:
         """Engine names of every version an alias points at."""
         return {
@@ -82,7 +82,6 @@ class Router:
         self.cache_dir = cache_dir
         self.poll_interval_s = poll_interval_s
         self.snapshot = Snapshot()
-        self.swapped_at = 0.0  # monotonic time of the last snapshot swap
         self._registry_ok = False
 
     # -- resolution --------------------------------------------------------------
@@ -156,7 +155,6 @@ class Router:
         snap = await asyncio.to_thread(self._load_snapshot)
         await self._preload(snap, self.replicas.healthy())
         self.snapshot = snap
-        self.swapped_at = time.monotonic()
         self._warn_template_mismatches(snap)
         log.info("routing: registry revision %s, %d adapters", snap.revision, len(snap.adapters))
         return True

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -224,16 +224,17 @@ def token_stats(lengths: list[int]) -> dict[str, Any]:
     }
 
 
-def validate_file(
-    path: Path,
+def validate_records(
+    records: Iterable[tuple[int, Any]],
+    source: Path,
     *,
     count_tokens: TokenCounter | None = None,
     max_length: int | None = None,
     system_prompt: str | None = None,
 ) -> Validation:
-    """Check every line; with ``count_tokens``, also refuse examples longer than ``max_length``."""
-    result = Validation(path=path, max_length=max_length)
-    for line, record in read_records(path):
+    """Check every (line, record); with ``count_tokens``, also refuse examples longer than ``max_length``."""
+    result = Validation(path=source, max_length=max_length)
+    for line, record in records:
         try:
             if isinstance(record, _BadLine):
                 raise record
@@ -248,6 +249,23 @@ def validate_file(
             continue
         result.examples.append(example)
     return result
+
+
+def validate_file(
+    path: Path,
+    *,
+    count_tokens: TokenCounter | None = None,
+    max_length: int | None = None,
+    system_prompt: str | None = None,
+) -> Validation:
+    """Check every line of a JSONL/Parquet file."""
+    return validate_records(
+        read_records(path),
+        path,
+        count_tokens=count_tokens,
+        max_length=max_length,
+        system_prompt=system_prompt,
+    )
 
 
 def validate_for_base(

@@ -29,7 +29,7 @@ from registry.errors import InvalidArgumentError, MissingDependencyError
 from registry.service import Registry
 from registry.settings import Settings
 from trainer.config import TrainConfig
-from trainer.data import LineError, normalize
+from trainer.data import validate_records
 from trainer.evaluate import generation_report
 from trainer.model import chat_template_hash, load_tokenizer, locate_base_model, token_counter
 from trainer.prepare import load_split
@@ -48,24 +48,22 @@ def _conversations(
     rows: list[dict[str, Any]], split: str, *, count: Any, max_length: int, system_prompt: str | None
 ) -> list[dict[str, Any]]:
     """Re-validate a split and turn it into TRL prompt/completion conversations."""
-    out, errors = [], []
-    for i, row in enumerate(rows, start=1):
-        try:
-            ex = normalize(row, i, system_prompt=system_prompt)
-        except Exception as exc:  # _BadLine: the reason is its message
-            errors.append(LineError(i, str(exc)))
-            continue
-        messages = [m.model_dump() for m in ex.messages]
-        n = count(messages)
-        if n > max_length:
-            errors.append(LineError(i, f"too many tokens: {n} > max_length {max_length}"))
-            continue
-        out.append({"prompt": messages[:-1], "completion": messages[-1:]})
-    if errors:
-        listed = "; ".join(str(e) for e in errors[:10]) + (" …" if len(errors) > 10 else "")
+    checked = validate_records(
+        enumerate(rows, start=1),
+        Path(split),
+        count_tokens=count,
+        max_length=max_length,
+        system_prompt=system_prompt,
+    )
+    if checked.errors:
+        listed = "; ".join(str(e) for e in checked.errors[:10]) + (" …" if len(checked.errors) > 10 else "")
         raise InvalidArgumentError(
-            f"dataset split {split!r} fails validation ({len(errors)} rows): {listed}", param="data"
+            f"dataset split {split!r} fails validation ({len(checked.errors)} rows): {listed}", param="data"
         )
+    out = []
+    for ex in checked.examples:
+        messages = [m.model_dump() for m in ex.messages]
+        out.append({"prompt": messages[:-1], "completion": messages[-1:]})
     return out
 
 
