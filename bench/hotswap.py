@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -21,16 +20,15 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import ServerSettings, Settings
+from loraflow.server.app import create_app
+from loraflow.server.embedded import serve_in_thread
+from loraflow.server.engine.supervisor import EngineProcess, free_port
+from loraflow.server.engine.vllm_http import VLLMHttpEngine
+from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter
 
-from registry.service import Registry  # noqa: E402
-from registry.settings import ServerSettings, Settings  # noqa: E402
-from server.app import create_app  # noqa: E402
-from server.embedded import serve_in_thread  # noqa: E402
-from server.engine.supervisor import EngineProcess, free_port  # noqa: E402
-from server.engine.vllm_http import VLLMHttpEngine  # noqa: E402
-from trainer.tiny import build_tiny_model, random_lora_adapter  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ROUNDS = 10
 WORKERS = 4

@@ -12,22 +12,20 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
+from loraflow.trainer.config import TrainConfig
+from loraflow.trainer.data import validate_for_base
+from loraflow.trainer.prepare import prepare
+from loraflow.trainer.synthetic import make_rows, write_jsonl
+from loraflow.trainer.tiny import build_tiny_model
+from loraflow.trainer.train import train
 
-from registry.service import Registry  # noqa: E402
-from registry.settings import Settings  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import validate_for_base  # noqa: E402
-from trainer.prepare import prepare  # noqa: E402
-from trainer.synthetic import make_rows, write_jsonl  # noqa: E402
-from trainer.tiny import build_tiny_model  # noqa: E402
-from trainer.train import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODES = {
     "lora": {"qlora": False, "learning_rate": 3e-3, "epochs": 8},

@@ -9,10 +9,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.common import guarded, out, print_json, state
-from registry import domain
-from registry.errors import InvalidArgumentError
-from registry.refs import DEFAULT_ALIAS, parse_ref, parse_version
+from loraflow.cli.common import guarded, out, print_json, state
+from loraflow.registry import domain
+from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref, parse_version
 
 app = typer.Typer(
     name="adapters",

@@ -16,9 +16,9 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from registry.errors import ErrorCode, LoraflowError
-from registry.service import Registry
-from registry.settings import Settings, load_settings
+from loraflow.registry.errors import ErrorCode, LoraflowError
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings, load_settings
 
 EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 2,  # the same code Click uses for usage errors

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import guarded, out, print_json, state
-from registry.errors import InvalidArgumentError
+from loraflow.cli.common import guarded, out, print_json, state
+from loraflow.registry.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from trainer.data import Validation
+    from loraflow.trainer.data import Validation
 
 app = typer.Typer(
     name="data", help="Validate and prepare training data.", no_args_is_help=True, add_completion=False
@@ -24,7 +24,7 @@ MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Longest exa
 
 
 def _validate(ctx: typer.Context, file: Path, base: str | None, max_length: int | None) -> Validation:
-    from trainer.data import validate_for_base
+    from loraflow.trainer.data import validate_for_base
 
     settings = state(ctx).get_settings()
     base = base or settings.trainer.base_model
@@ -91,8 +91,8 @@ def prepare(
     ] = True,
 ) -> None:
     """Deduplicate, split, profile and register FILE as the next version of dataset NAME."""
-    from registry.refs import check_name
-    from trainer.prepare import prepare as run_prepare
+    from loraflow.registry.refs import check_name
+    from loraflow.trainer.prepare import prepare as run_prepare
 
     check_name(name, param="name")
     if not 0 < near_duplicate_threshold <= 1:
@@ -104,7 +104,7 @@ def prepare(
         out.print(f"{file}:{error.line}: {error.reason}", markup=False)
     embedder = None
     if embeddings:
-        from trainer.embed import Embedder
+        from loraflow.trainer.embed import Embedder
 
         embedder = Embedder()
     version, report = run_prepare(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import guarded, out, state
-from registry import db
+from loraflow.cli.common import guarded, out, state
+from loraflow.registry import db
 
 app = typer.Typer(name="db", help="Registry database schema.", no_args_is_help=True, add_completion=False)
 

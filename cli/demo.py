@@ -14,11 +14,11 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.common import guarded, out, state
-from registry.errors import ConflictError
-from registry.refs import Ref
-from registry.service import Registry
-from registry.settings import Settings
+from loraflow.cli.common import guarded, out, state
+from loraflow.registry.errors import ConflictError
+from loraflow.registry.refs import Ref
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
 
 
 @guarded
@@ -31,13 +31,13 @@ def demo(
     serve: Annotated[bool, typer.Option(help="Also start vLLM + the gateway and hot-swap under it.")] = True,
 ) -> None:
     """Train, register, promote and roll back adapters on a tiny locally built model."""
-    from trainer.config import TrainConfig
-    from trainer.data import validate_for_base
-    from trainer.embed import Embedder
-    from trainer.prepare import prepare
-    from trainer.synthetic import make_rows, write_jsonl
-    from trainer.tiny import build_tiny_model
-    from trainer.train import train
+    from loraflow.trainer.config import TrainConfig
+    from loraflow.trainer.data import validate_for_base
+    from loraflow.trainer.embed import Embedder
+    from loraflow.trainer.prepare import prepare
+    from loraflow.trainer.synthetic import make_rows, write_jsonl
+    from loraflow.trainer.tiny import build_tiny_model
+    from loraflow.trainer.train import train
 
     app = state(ctx)
     settings = app.get_settings()
@@ -130,11 +130,11 @@ def demo(
 def _serve_and_hot_swap(settings: Settings, reg: Registry, base: Path, name: str, *, held_out: Any) -> None:
     import httpx
 
-    from server.app import create_app
-    from server.embedded import serve_in_thread
-    from server.engine.supervisor import EngineProcess, free_port
-    from server.engine.vllm_http import VLLMHttpEngine
-    from trainer.prepare import load_split
+    from loraflow.server.app import create_app
+    from loraflow.server.embedded import serve_in_thread
+    from loraflow.server.engine.supervisor import EngineProcess, free_port
+    from loraflow.server.engine.vllm_http import VLLMHttpEngine
+    from loraflow.trainer.prepare import load_split
 
     server = settings.server.model_copy(update={"max_lora_rank": 16, "max_model_len": 512})
     process = EngineProcess(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import guarded, out
+from loraflow.cli.common import guarded, out
 
 app = typer.Typer(name="dev", help="Development tools.", no_args_is_help=True, add_completion=False)
 
@@ -19,7 +19,7 @@ def tiny_model(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Build a tiny random Llama model with a trained tokenizer and chat template (no network)."""
-    from trainer.tiny import build_tiny_model
+    from loraflow.trainer.tiny import build_tiny_model
 
     build_tiny_model(out_dir, seed=seed)
     out.print(f"tiny Llama model written to {out_dir}")

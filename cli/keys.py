@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import guarded, out, print_json, state
-from registry.keys import create_key
+from loraflow.cli.common import guarded, out, print_json, state
+from loraflow.registry.keys import create_key
 
 app = typer.Typer(name="keys", help="Gateway API keys.", no_args_is_help=True, add_completion=False)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import adapters, data, db, demo, dev, keys, serve, train
+from loraflow.cli import adapters, data, db, demo, dev, keys, serve, train
 
 app = typer.Typer(
     name="loraflow",

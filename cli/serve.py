@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import guarded, state
-from registry.errors import InvalidArgumentError
+from loraflow.cli.common import guarded, state
+from loraflow.registry.errors import InvalidArgumentError
 
 
 @guarded
@@ -29,9 +29,9 @@ def serve(
     """Serve /v1/chat/completions and /v1/completions with per-request adapters and hot-swap."""
     import uvicorn
 
-    from server.app import create_app
-    from server.engine.supervisor import EngineProcess
-    from server.engine.vllm_http import VLLMHttpEngine
+    from loraflow.server.app import create_app
+    from loraflow.server.engine.supervisor import EngineProcess
+    from loraflow.server.engine.vllm_http import VLLMHttpEngine
 
     app_state = state(ctx)
     settings = app_state.get_settings()

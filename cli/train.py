@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import guarded, out, state
+from loraflow.cli.common import guarded, out, state
 
 
 @guarded
@@ -31,8 +31,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
 ) -> None:
     """Train on a registered dataset and register the adapter as its next version."""
-    from trainer.config import build_config
-    from trainer.train import train as run_train
+    from loraflow.trainer.config import build_config
+    from loraflow.trainer.train import train as run_train
 
     app = state(ctx)
     settings = app.get_settings()

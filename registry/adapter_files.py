@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.errors import InvalidAdapterError, InvalidArgumentError
-from registry.settings import RegistrySettings
+from loraflow.registry.errors import InvalidAdapterError, InvalidArgumentError
+from loraflow.registry.settings import RegistrySettings
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

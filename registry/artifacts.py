@@ -33,7 +33,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from registry.errors import IntegrityError, NotFoundError
+from loraflow.registry.errors import IntegrityError, NotFoundError
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20

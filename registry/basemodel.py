@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.artifacts import digest_of, sha256_file
-from registry.errors import InvalidArgumentError, NotFoundError
+from loraflow.registry.artifacts import digest_of, sha256_file
+from loraflow.registry.errors import InvalidArgumentError, NotFoundError
 
 FINGERPRINT_FILES = (
     "config.json",

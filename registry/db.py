@@ -19,7 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from registry.errors import MissingDependencyError, SchemaOutOfDateError
+from loraflow.registry.errors import MissingDependencyError, SchemaOutOfDateError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

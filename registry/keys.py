@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from registry import domain
-from registry.refs import check_name
-from registry.service import Registry
+from loraflow.registry import domain
+from loraflow.registry.refs import check_name
+from loraflow.registry.service import Registry
 
 KEY_PREFIX = "lf-"
 

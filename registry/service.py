@@ -12,15 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from registry import domain
-from registry.adapter_files import ADAPTER_FILES, inspect_adapter
-from registry.artifacts import ArtifactStore
-from registry.basemodel import BaseModel, resolve_base_model
-from registry.db import ensure_schema, make_engine
-from registry.errors import InvalidAdapterError, NotFoundError
-from registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
-from registry.settings import Settings
-from registry.store import MetadataStore, NewVersion
+from loraflow.registry import domain
+from loraflow.registry.adapter_files import ADAPTER_FILES, inspect_adapter
+from loraflow.registry.artifacts import ArtifactStore
+from loraflow.registry.basemodel import BaseModel, resolve_base_model
+from loraflow.registry.db import ensure_schema, make_engine
+from loraflow.registry.errors import InvalidAdapterError, NotFoundError
+from loraflow.registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
+from loraflow.registry.settings import Settings
+from loraflow.registry.store import MetadataStore, NewVersion
 
 
 class Registry:

@@ -19,9 +19,9 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
-from registry import domain
-from registry.errors import ConflictError, InvalidAdapterError, NotFoundError
-from registry.models import (
+from loraflow.registry import domain
+from loraflow.registry.errors import ConflictError, InvalidAdapterError, NotFoundError
+from loraflow.registry.models import (
     Adapter,
     AdapterVersion,
     Alias,

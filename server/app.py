@@ -10,19 +10,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from registry.service import Registry
-from registry.settings import Settings
-from server import errors
-from server.chat import api_router as chat
-from server.completions import api_router as completions
-from server.engine.protocol import Engine
-from server.engine.supervisor import EngineProcess
-from server.health import api_router as health
-from server.metrics import GatewayMetrics
-from server.models import api_router as models
-from server.proxy import Gateway
-from server.replicas import ReplicaSet
-from server.routing import Router
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
+from loraflow.server import errors
+from loraflow.server.chat import api_router as chat
+from loraflow.server.completions import api_router as completions
+from loraflow.server.engine.protocol import Engine
+from loraflow.server.engine.supervisor import EngineProcess
+from loraflow.server.health import api_router as health
+from loraflow.server.metrics import GatewayMetrics
+from loraflow.server.models import api_router as models
+from loraflow.server.proxy import Gateway
+from loraflow.server.replicas import ReplicaSet
+from loraflow.server.routing import Router
 
 log = logging.getLogger("loraflow.server")
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from registry import domain
-from registry.errors import PermissionDeniedError, UnauthenticatedError
-from registry.keys import hash_key
-from server.routing import Snapshot
+from loraflow.registry import domain
+from loraflow.registry.errors import PermissionDeniedError, UnauthenticatedError
+from loraflow.registry.keys import hash_key
+from loraflow.server.routing import Snapshot
 
 
 def authenticate(header: str | None, snapshot: Snapshot) -> domain.ApiKeyInfo:

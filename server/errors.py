@@ -12,8 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from registry.errors import ErrorCode, LoraflowError
-from server.engine.vllm_http import EngineRequestError
+from loraflow.registry.errors import ErrorCode, LoraflowError
+from loraflow.server.engine.vllm_http import EngineRequestError
 
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 400,

@@ -18,14 +18,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from registry.errors import InvalidArgumentError, LoraflowError, OverloadedError
-from registry.settings import ServerSettings
-from server.auth import authenticate, authorize
-from server.engine.vllm_http import EngineRequestError
-from server.errors import from_exception
-from server.metrics import GatewayMetrics
-from server.replicas import ReplicaSet
-from server.routing import Router, Target
+from loraflow.registry.errors import InvalidArgumentError, LoraflowError, OverloadedError
+from loraflow.registry.settings import ServerSettings
+from loraflow.server.auth import authenticate, authorize
+from loraflow.server.engine.vllm_http import EngineRequestError
+from loraflow.server.errors import from_exception
+from loraflow.server.metrics import GatewayMetrics
+from loraflow.server.replicas import ReplicaSet
+from loraflow.server.routing import Router, Target
 
 MODEL_HEADER = "x-loraflow-model"
 

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from registry.errors import EngineUnavailableError, OverloadedError
-from server.engine.protocol import Engine
+from loraflow.registry.errors import EngineUnavailableError, OverloadedError
+from loraflow.server.engine.protocol import Engine
 
 Fetch = Callable[[str], Awaitable[Path]]  # engine adapter name -> verified local folder
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from registry import domain
-from registry.errors import LoraflowError, NotFoundError
-from registry.refs import DEFAULT_ALIAS, parse_ref
-from registry.service import Registry
-from server.replicas import Fetch, Replica, ReplicaSet
+from loraflow.registry import domain
+from loraflow.registry.errors import LoraflowError, NotFoundError
+from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref
+from loraflow.registry.service import Registry
+from loraflow.server.replicas import Fetch, Replica, ReplicaSet
 
 log = logging.getLogger("loraflow.routing")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from registry.service import Registry
-from registry.settings import Settings
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
 from tests.factories import make_base
 
 PG_ENV = "LORAFLOW_TEST_DATABASE_URL"
@@ -75,7 +75,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         pytest.skip(f"PostgreSQL tier: set {PG_ENV} (e.g. postgresql://postgres@localhost/postgres) to run")
     url, name = _create_pg_database(admin)
     try:
-        from registry import db
+        from loraflow.registry import db
 
         engine = db.make_engine(url)
         db.upgrade(engine)

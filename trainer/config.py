@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from registry.errors import InvalidArgumentError
+from loraflow.registry.errors import InvalidArgumentError
 
 
 class TrainConfig(BaseModel):

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
-from registry.errors import InvalidArgumentError
+from loraflow.registry.errors import InvalidArgumentError
 
 Role = Literal["system", "user", "assistant"]
 Format = Literal["messages", "prompt_completion", "instruction"]
@@ -272,7 +272,7 @@ def validate_for_base(
     path: Path, base: str, *, max_length: int, system_prompt: str | None = None
 ) -> Validation:
     """Validate with the base model's tokenizer and chat template, as training will render it."""
-    from trainer.model import load_tokenizer, locate_base_model, token_counter
+    from loraflow.trainer.model import load_tokenizer, locate_base_model, token_counter
 
     tokenizer = load_tokenizer(locate_base_model(base))
     return validate_file(

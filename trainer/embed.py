@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from registry.errors import MissingDependencyError
+from loraflow.registry.errors import MissingDependencyError
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 

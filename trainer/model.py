@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from registry.basemodel import BaseModel, resolve_base_model
-from registry.errors import InvalidArgumentError, MissingDependencyError, NotFoundError
+from loraflow.registry.basemodel import BaseModel, resolve_base_model
+from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError, NotFoundError
 
 
 def locate_base_model(ref: str) -> BaseModel:

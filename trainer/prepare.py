@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry import domain
-from registry.errors import InvalidArgumentError
-from registry.service import Registry
-from trainer.data import Example, Validation, token_stats
-from trainer.embed import Embedder, embedding_profile
+from loraflow.registry import domain
+from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.service import Registry
+from loraflow.trainer.data import Example, Validation, token_stats
+from loraflow.trainer.embed import Embedder, embedding_profile
 
 SPLITS = ("train", "val", "test")
 DATA_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "profile.json", "report.json")

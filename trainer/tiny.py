@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from registry.errors import MissingDependencyError
+from loraflow.registry.errors import MissingDependencyError
 
 IM_START, IM_END, PAD, BOS = "<|im_start|>", "<|im_end|>", "<|pad|>", "<|begin_of_text|>"
 

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry import domain
-from registry.errors import InvalidArgumentError, MissingDependencyError
-from registry.service import Registry
-from registry.settings import Settings
-from trainer.config import TrainConfig
-from trainer.data import validate_records
-from trainer.evaluate import generation_report
-from trainer.model import chat_template_hash, load_tokenizer, locate_base_model, token_counter
-from trainer.prepare import load_split
+from loraflow.registry import domain
+from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
+from loraflow.trainer.config import TrainConfig
+from loraflow.trainer.data import validate_records
+from loraflow.trainer.evaluate import generation_report
+from loraflow.trainer.model import chat_template_hash, load_tokenizer, locate_base_model, token_counter
+from loraflow.trainer.prepare import load_split
 
 BASE_EVAL_FILE = "loraflow_base_eval.json"
 

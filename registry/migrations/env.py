@@ -5,13 +5,13 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-import registry.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import loraflow.registry.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 config = context.config
 engine = config.attributes.get("engine")
 if engine is None:  # invoked by the alembic CLI, e.g. for `alembic revision --autogenerate`
-    from registry.db import make_engine
-    from registry.settings import load_settings
+    from loraflow.registry.db import make_engine
+    from loraflow.registry.settings import load_settings
 
     engine = make_engine(load_settings().resolved_database_url)
 

@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from registry.settings import ServerSettings
+from loraflow.registry.settings import ServerSettings
 
 log = logging.getLogger("loraflow.engine")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from registry.errors import EngineUnavailableError, InvalidArgumentError, LoraflowError
+from loraflow.registry.errors import EngineUnavailableError, InvalidArgumentError, LoraflowError
 
 
 class EngineRequestError(LoraflowError):

@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 
-from server.auth import authenticate
-from server.routing import Router
+from loraflow.server.auth import authenticate
+from loraflow.server.routing import Router
 
 router = APIRouter()
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.adapters import app as adapters_app
-from cli.common import EXIT_CODES
-from cli.main import app as loraflow_app
-from registry.errors import ErrorCode
+from loraflow.cli.adapters import app as adapters_app
+from loraflow.cli.common import EXIT_CODES
+from loraflow.cli.main import app as loraflow_app
+from loraflow.registry.errors import ErrorCode
 from tests.factories import make_adapter
 
 pytestmark = pytest.mark.unit

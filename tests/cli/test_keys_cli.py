@@ -7,10 +7,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from registry.keys import hash_key
-from registry.service import Registry
-from registry.settings import load_settings
+from loraflow.cli.main import app
+from loraflow.registry.keys import hash_key
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import load_settings
 
 pytestmark = pytest.mark.unit
 runner = CliRunner()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from registry.service import Registry
-from registry.settings import ServerSettings, Settings
-from server.embedded import serve_in_thread, wait_until_ok
-from server.engine.supervisor import engine_env, free_port, vllm_command
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import ServerSettings, Settings
+from loraflow.server.embedded import serve_in_thread, wait_until_ok
+from loraflow.server.engine.supervisor import engine_env, free_port, vllm_command
 
 BASE_NAME = "tiny-llama"
 
@@ -28,7 +28,7 @@ class Assets:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    from trainer.tiny import build_tiny_model, random_lora_adapter
+    from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter
 
     root = tmp_path_factory.mktemp("e2e-assets")
     base = build_tiny_model(root / "base")
@@ -90,8 +90,8 @@ def run_gateway(
     supervised: list | None = None,
     ready_path: str = "/ready",
 ) -> Iterator[Gateway]:
-    from server.app import create_app
-    from server.engine.vllm_http import VLLMHttpEngine
+    from loraflow.server.app import create_app
+    from loraflow.server.engine.vllm_http import VLLMHttpEngine
 
     engines = [VLLMHttpEngine(u, timeout_s=60) for u in engine_urls]
     app = create_app(

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from registry.keys import create_key
-from registry.settings import ServerSettings, Settings
+from loraflow.registry.keys import create_key
+from loraflow.registry.settings import ServerSettings, Settings
 from tests.e2e.conftest import BASE_NAME, Assets, Gateway, run_gateway
 
 pytestmark = pytest.mark.e2e
@@ -198,7 +198,7 @@ def test_overload_is_429_with_retry_after(registry: Any, engine_url: str, tmp_pa
 
 
 def test_engine_down_is_503_with_retry_after(registry: Any, tmp_path: Path) -> None:
-    from server.engine.supervisor import free_port
+    from loraflow.server.engine.supervisor import free_port
 
     settings = Settings(home=tmp_path / "home", server=ServerSettings(poll_interval_s=0.1))
     dead = f"http://127.0.0.1:{free_port()}"
@@ -274,7 +274,7 @@ def test_promote_under_load_hot_swaps_with_no_failed_request(gateway: Gateway, t
 
 
 def test_engine_crash_mid_load_gets_503_then_recovers(registry: Any, assets: Assets, tmp_path: Path) -> None:
-    from server.engine.supervisor import EngineProcess
+    from loraflow.server.engine.supervisor import EngineProcess
 
     server_settings = ServerSettings(
         poll_interval_s=0.1, max_lora_rank=16, max_model_len=512, max_loras=4, max_cpu_loras=8

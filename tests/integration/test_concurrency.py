@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.service import Registry
-from registry.settings import Settings
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
 from tests.factories import make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.store]
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.store]
 WORKERS = 6
 HARNESS = """
 import os, sys, time
-from cli.adapters import app
+from loraflow.cli.adapters import app
 go = sys.argv[1]
 while not os.path.exists(go):
     time.sleep(0.002)

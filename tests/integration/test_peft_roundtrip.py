@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from registry.errors import InvalidAdapterError
-from registry.refs import Ref
-from registry.service import Registry
-from registry.settings import RegistrySettings, Settings
+from loraflow.registry.errors import InvalidAdapterError
+from loraflow.registry.refs import Ref
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import RegistrySettings, Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.tiny import build_tiny_model
+    from loraflow.trainer.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base")
 
@@ -36,7 +36,7 @@ def test_registered_adapter_loads_with_peft_and_behaves_the_same(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.tiny import random_lora_adapter
+    from loraflow.trainer.tiny import random_lora_adapter
 
     src = random_lora_adapter(tiny_base, tmp_path / "adapter", r=8, seed=3)
     v1 = reg.register("tiny", src, base_model=str(tiny_base))
@@ -58,8 +58,8 @@ def test_registered_adapter_loads_with_peft_and_behaves_the_same(
 
 
 def test_real_dora_and_embedding_adapters_are_refused(tiny_base: Path, tmp_path: Path) -> None:
-    from registry.adapter_files import inspect_adapter
-    from trainer.tiny import random_lora_adapter
+    from loraflow.registry.adapter_files import inspect_adapter
+    from loraflow.trainer.tiny import random_lora_adapter
 
     dora = random_lora_adapter(tiny_base, tmp_path / "dora", target_modules=["q_proj"], use_dora=True)
     with pytest.raises(InvalidAdapterError) as info:

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app as loraflow_app
-from registry.errors import InvalidArgumentError, NotFoundError
-from registry.service import Registry
-from registry.settings import Settings
-from trainer.config import TrainConfig
-from trainer.synthetic import make_rows, write_jsonl
+from loraflow.cli.main import app as loraflow_app
+from loraflow.registry.errors import InvalidArgumentError, NotFoundError
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
+from loraflow.trainer.config import TrainConfig
+from loraflow.trainer.synthetic import make_rows, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 runner = CliRunner()
@@ -28,10 +28,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A tiny base, a registry, and the synthetic dataset prepared as orders@v1."""
-    from trainer.data import validate_for_base
-    from trainer.embed import Embedder
-    from trainer.prepare import prepare
-    from trainer.tiny import build_tiny_model
+    from loraflow.trainer.data import validate_for_base
+    from loraflow.trainer.embed import Embedder
+    from loraflow.trainer.prepare import prepare
+    from loraflow.trainer.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("trainer")
     base = build_tiny_model(root / "base")
@@ -76,7 +76,7 @@ def _config(ws: dict[str, Any], **kw: Any) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def lora_run(workspace: dict[str, Any]) -> Any:
-    from trainer.train import train
+    from loraflow.trainer.train import train
 
     return train(_config(workspace), registry=workspace["registry"], settings=workspace["settings"])
 
@@ -95,7 +95,7 @@ def test_prepare_dedups_splits_and_profiles(workspace: dict[str, Any]) -> None:
     assert ds.profile["embedding"]["dim"] == 384 and len(ds.profile["embedding"]["centroid"]) == 384
     assert ds.lineage["kind"] == "file" and ds.lineage["seed"] == 0
     # Stratified: both labels appear in every split in about the input proportions.
-    from trainer.prepare import load_split
+    from loraflow.trainer.prepare import load_split
 
     for split in ("train", "val", "test"):
         labels = {row["label"] for row in load_split(workspace["registry"], ds, split)}
@@ -107,8 +107,8 @@ def test_prepare_is_deterministic_and_near_dups_are_dropped(
 ) -> None:
     import random
 
-    from trainer.data import validate_file
-    from trainer.prepare import deduplicate, split
+    from loraflow.trainer.data import validate_file
+    from loraflow.trainer.prepare import deduplicate, split
 
     rng = random.Random(7)
     vocab = [f"w{i}" for i in range(500)]
@@ -156,8 +156,8 @@ def test_registered_adapter_moved_only_lora_weights_and_stops_by_itself(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.evaluate import generate
-    from trainer.prepare import load_split
+    from loraflow.trainer.evaluate import generate
+    from loraflow.trainer.prepare import load_split
 
     reg: Registry = workspace["registry"]
     folder = reg.fetch(lora_run.version, tmp_path / "adapter")
@@ -199,7 +199,7 @@ def _is_order_json(text: str) -> bool:
 
 
 def test_qlora_run(workspace: dict[str, Any]) -> None:
-    from trainer.train import train
+    from loraflow.trainer.train import train
 
     run = train(
         _config(workspace, adapter="orders-qlora", qlora=True, learning_rate=5e-3, epochs=12),
@@ -216,7 +216,7 @@ def test_qlora_run(workspace: dict[str, Any]) -> None:
 def test_invalid_dataset_is_refused_before_weights_load(
     workspace: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainer.train as train_mod
+    import loraflow.trainer.train as train_mod
 
     def no_weights(*_: object, **__: object) -> None:
         raise AssertionError("model weights were loaded for an invalid dataset")
@@ -236,7 +236,7 @@ def test_invalid_dataset_is_refused_before_weights_load(
 def test_a_failure_after_training_registers_nothing(
     workspace: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainer.train as train_mod
+    import loraflow.trainer.train as train_mod
 
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("evaluation crashed")
@@ -253,7 +253,7 @@ def test_a_failure_after_training_registers_nothing(
 
 
 def test_resume_continues_from_the_last_checkpoint(workspace: dict[str, Any]) -> None:
-    from trainer.train import train
+    from loraflow.trainer.train import train
 
     first = train(
         _config(workspace, adapter="resumed", max_steps=10, eval_steps=5, eval_generations=0),
@@ -335,7 +335,7 @@ def test_cli_validate_good_file_prints_token_stats(workspace: dict[str, Any]) ->
 
 
 def test_train_config_errors_name_the_field(tmp_path: Path) -> None:
-    from trainer.config import build_config
+    from loraflow.trainer.config import build_config
 
     cfg = tmp_path / "train.yaml"
     cfg.write_text("adapter: x\nbase: b\ndata: d\nr: 0\n")
@@ -352,9 +352,9 @@ def test_train_config_errors_name_the_field(tmp_path: Path) -> None:
 
 
 def test_early_stopping_keeps_the_best_checkpoint(workspace: dict[str, Any]) -> None:
-    from trainer.data import validate_for_base
-    from trainer.prepare import prepare
-    from trainer.train import train
+    from loraflow.trainer.data import validate_for_base
+    from loraflow.trainer.prepare import prepare
+    from loraflow.trainer.train import train
 
     data = write_jsonl(workspace["root"] / "small.jsonl", make_rows(120, seed=0))
     prepare(
@@ -416,6 +416,6 @@ def test_cli_train_and_tiny_model(workspace: dict[str, Any], tmp_path: Path) -> 
 
 
 def test_recorded_template_hash_matches_the_base_folder(workspace: dict[str, Any], lora_run: Any) -> None:
-    from registry.basemodel import chat_template_hash
+    from loraflow.registry.basemodel import chat_template_hash
 
     assert lora_run.version.chat_template_hash == chat_template_hash(workspace["base"])

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from registry.errors import ConflictError, IntegrityError, InvalidAdapterError, NotFoundError
-from registry.refs import Ref
-from registry.service import Registry
-from registry.settings import Settings
+from loraflow.registry.errors import ConflictError, IntegrityError, InvalidAdapterError, NotFoundError
+from loraflow.registry.refs import Ref
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
 from tests.factories import make_adapter, make_base
 
 pytestmark = pytest.mark.store
@@ -262,8 +262,8 @@ def test_schema_upgrade_policy(db_url: str, tmp_path: Path) -> None:
     """SQLite upgrades itself on open; PostgreSQL must be upgraded with `loraflow db upgrade`."""
     from sqlalchemy import text
 
-    from registry import db
-    from registry.errors import SchemaOutOfDateError
+    from loraflow.registry import db
+    from loraflow.registry.errors import SchemaOutOfDateError
 
     if db_url.startswith("sqlite"):
         fresh = f"sqlite:///{tmp_path / 'fresh.db'}"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from registry.adapter_files import inspect_adapter
-from registry.errors import InvalidAdapterError, InvalidArgumentError
-from registry.settings import RegistrySettings
+from loraflow.registry.adapter_files import inspect_adapter
+from loraflow.registry.errors import InvalidAdapterError, InvalidArgumentError
+from loraflow.registry.settings import RegistrySettings
 from tests.factories import BASE_CONFIG, SHAPES, make_adapter
 
 pytestmark = pytest.mark.unit

@@ -8,8 +8,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from registry.artifacts import MANIFEST, ArtifactStore, digest_of, sha256_file
-from registry.errors import IntegrityError, NotFoundError
+from loraflow.registry.artifacts import MANIFEST, ArtifactStore, digest_of, sha256_file
+from loraflow.registry.errors import IntegrityError, NotFoundError
 
 pytestmark = pytest.mark.unit
 

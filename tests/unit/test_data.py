@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.data import validate_file
+from loraflow.trainer.data import validate_file
 
 pytestmark = pytest.mark.unit
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from registry.errors import InvalidArgumentError
-from registry.refs import Ref, parse_ref, parse_version
+from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.refs import Ref, parse_ref, parse_version
 
 pytestmark = pytest.mark.unit
 

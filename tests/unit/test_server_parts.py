@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from registry import domain
-from registry.errors import EngineUnavailableError, NotFoundError, OverloadedError
-from server.metrics import GatewayMetrics
-from server.proxy import Gateway
-from server.replicas import Replica, ReplicaSet
-from server.routing import Router, Snapshot, Target, engine_name
+from loraflow.registry import domain
+from loraflow.registry.errors import EngineUnavailableError, NotFoundError, OverloadedError
+from loraflow.server.metrics import GatewayMetrics
+from loraflow.server.proxy import Gateway
+from loraflow.server.replicas import Replica, ReplicaSet
+from loraflow.server.routing import Router, Snapshot, Target, engine_name
 
 pytestmark = pytest.mark.unit
 
@@ -180,7 +180,7 @@ def test_resolve_unknown_or_archived_is_404(model: str) -> None:
 
 
 def test_sse_rewrite_names_the_version_and_hides_injected_usage() -> None:
-    from registry.settings import ServerSettings
+    from loraflow.registry.settings import ServerSettings
 
     gw = Gateway(ServerSettings(), _router(), ReplicaSet([], max_resident=1), GatewayMetrics())
     target = Target(public="support@v1", engine_model="support@v1+abc", adapter="support", version=1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from registry.settings import Settings, load_settings
+from loraflow.registry.settings import Settings, load_settings
 
 pytestmark = pytest.mark.unit
 
