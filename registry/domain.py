@@ -83,14 +83,29 @@ class AliasMoveInfo(_Record):
     at: datetime
 
 
+SubjectKind = Literal["adapter", "dataset", "api_key"]
+
+
 class AuditInfo(_Record):
     revision: int
     actor: str
     action: str
-    target: str
+    subject_kind: SubjectKind
+    subject: str
+    version: int | None = None
+    alias: str | None = None
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     at: datetime
+
+    @property
+    def target(self) -> str:
+        """For display: ``NAME``, ``NAME@vN`` or ``NAME:ALIAS``."""
+        if self.version is not None:
+            return f"{self.subject}@v{self.version}"
+        if self.alias is not None:
+            return f"{self.subject}:{self.alias}"
+        return self.subject
 
 
 class History(_Record):

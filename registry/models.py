@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -122,13 +122,19 @@ class AliasMove(SQLModel, table=True):
 
 
 class AuditEvent(SQLModel, table=True):
+    """One row per mutation. What it concerns is a kind and an id, never a formatted string."""
+
     __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_subject", "subject_kind", "subject"),)
 
     id: int | None = Field(default=None, primary_key=True)
     revision: int = Field(index=True)
     actor: str = Field(max_length=256)
     action: str = Field(max_length=64)
-    target: str = Field(max_length=256, index=True)
+    subject_kind: str = Field(max_length=16)  # "adapter", "dataset" or "api_key"
+    subject: str = Field(max_length=128)  # its name
+    version: int | None = None  # the version of the adapter or dataset, when it concerns one
+    alias: str | None = Field(default=None, max_length=64)  # the alias moved, for alias events
     before: dict[str, Any] | None = _json()
     after: dict[str, Any] | None = _json()
     created_at: datetime = _ts()

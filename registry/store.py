@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, update
+from sqlalchemy import Engine, func, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -60,13 +60,26 @@ class _Tx:
     revision: int
     actor: str
 
-    def audit(self, action: str, target: str, before: Any = None, after: Any = None) -> None:
+    def audit(
+        self,
+        action: str,
+        kind: domain.SubjectKind,
+        subject: str,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        before: Any = None,
+        after: Any = None,
+    ) -> None:
         self.session.add(
             AuditEvent(
                 revision=self.revision,
                 actor=self.actor,
                 action=action,
-                target=target,
+                subject_kind=kind,
+                subject=subject,
+                version=version,
+                alias=alias,
                 before=before,
                 after=after,
             )
@@ -243,13 +256,7 @@ class MetadataStore:
             ).all()
             events = s.exec(
                 select(AuditEvent)
-                .where(
-                    or_(
-                        col(AuditEvent.target) == name,
-                        col(AuditEvent.target).startswith(f"{name}@"),
-                        col(AuditEvent.target).startswith(f"{name}:"),
-                    )
-                )
+                .where(AuditEvent.subject_kind == "adapter", AuditEvent.subject == name)
                 .order_by(col(AuditEvent.revision), col(AuditEvent.id))
             ).all()
             return domain.History(
@@ -260,7 +267,10 @@ class MetadataStore:
                         revision=e.revision,
                         actor=e.actor,
                         action=e.action,
-                        target=e.target,
+                        subject_kind=e.subject_kind,
+                        subject=e.subject,
+                        version=e.version,
+                        alias=e.alias,
                         before=e.before,
                         after=e.after,
                         at=e.created_at,
@@ -295,6 +305,7 @@ class MetadataStore:
                 s.flush()
                 tx.audit(
                     "adapter.create",
+                    "adapter",
                     name,
                     after={"base_model": base_model, "base_model_fingerprint": base_model_fingerprint},
                 )
@@ -339,7 +350,9 @@ class MetadataStore:
             s.flush()
             tx.audit(
                 "version.register",
-                f"{name}@v{row.version}",
+                "adapter",
+                name,
+                version=row.version,
                 after={"digest": new.digest, "dataset": new.dataset, "rank": new.rank},
             )
             return self._version_info(s, adapter, row)
@@ -407,7 +420,9 @@ class MetadataStore:
         s.add(move)
         tx.audit(
             f"alias.{reason}",
-            f"{name}:{alias}",
+            "adapter",
+            name,
+            alias=alias,
             before={"version": current} if current is not None else None,
             after={"version": version},
         )
@@ -434,7 +449,9 @@ class MetadataStore:
             s.add(row)
             tx.audit(
                 "version.archive",
-                f"{name}@v{version}",
+                "adapter",
+                name,
+                version=version,
                 before={"status": "registered"},
                 after={"status": "archived"},
             )
@@ -472,6 +489,17 @@ class MetadataStore:
                 ds = DatasetRow(name=name, description=description, created_by=actor)
                 s.add(ds)
                 s.flush()
+            same = s.exec(
+                select(DatasetVersionRow.version).where(
+                    DatasetVersionRow.dataset_id == ds.id, DatasetVersionRow.digest == digest
+                )
+            ).first()
+            if same is not None:
+                raise ConflictError(
+                    f"dataset {name}@v{same} already holds these exact splits (digest {digest[:12]}); "
+                    "nothing was registered",
+                    param="FILE",
+                )
             latest = s.exec(
                 select(func.max(DatasetVersionRow.version)).where(DatasetVersionRow.dataset_id == ds.id)
             ).one()
@@ -486,7 +514,13 @@ class MetadataStore:
             )
             s.add(row)
             s.flush()
-            tx.audit("dataset.register", f"{name}@v{row.version}", after={"digest": digest, "counts": counts})
+            tx.audit(
+                "dataset.register",
+                "dataset",
+                name,
+                version=row.version,
+                after={"digest": digest, "counts": counts},
+            )
             return self._dataset_info(ds, row)
 
     @staticmethod
@@ -540,7 +574,7 @@ class MetadataStore:
                 raise ConflictError(f"an API key named {name!r} exists already", param="name")
             row = ApiKey(name=name, prefix=prefix, key_hash=key_hash, adapters=adapters, created_by=actor)
             s.add(row)
-            tx.audit("key.create", f"key:{name}", after={"adapters": adapters, "prefix": prefix})
+            tx.audit("key.create", "api_key", name, after={"adapters": adapters, "prefix": prefix})
             s.flush()
             return self._key_info(row)
 
@@ -558,6 +592,6 @@ class MetadataStore:
                 raise ConflictError(f"API key {name!r} is already revoked", param="name")
             row.revoked_at = utcnow()
             s.add(row)
-            tx.audit("key.revoke", f"key:{name}", before={"revoked": False}, after={"revoked": True})
+            tx.audit("key.revoke", "api_key", name, before={"revoked": False}, after={"revoked": True})
             s.flush()
             return self._key_info(row)

@@ -5,7 +5,9 @@ LORAFLOW_HOME pointing into tmp, so no test can touch a developer's registry.
 
 ``db_url`` is parametrized over SQLite and PostgreSQL (MLflow's ``store``
 fixture pattern). PostgreSQL runs when LORAFLOW_TEST_DATABASE_URL names a
-server (``.ci/run`` starts one); each test gets a fresh database on it.
+server (``.ci/run`` starts one); each test gets a fresh database on it. Without
+one those tests skip, unless LORAFLOW_TEST_REQUIRE_SERVICES is set (CI sets it),
+in which case they fail: a skipped tier is not a pass.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from loraflow.registry.settings import Settings
 from tests.factories import make_base
 
 PG_ENV = "LORAFLOW_TEST_DATABASE_URL"
+# Set by .ci/run: a tier whose real component is missing fails instead of skipping.
+REQUIRE_ENV = "LORAFLOW_TEST_REQUIRE_SERVICES"
 
 # Tests use only local models: no hub look-ups, no telemetry from HF or vLLM.
 for _var, _value in (
@@ -37,7 +41,7 @@ for _var, _value in (
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for key in list(os.environ):
-        if key.startswith("LORAFLOW_") and key != PG_ENV:
+        if key.startswith("LORAFLOW_") and key not in (PG_ENV, REQUIRE_ENV):
             monkeypatch.delenv(key)
     work = tmp_path / "work"
     work.mkdir()
@@ -66,23 +70,34 @@ def _drop_pg_database(admin_url: str, name: str) -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no schema yet: SQLite in tmp, or a fresh database on the PostgreSQL server."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'home' / 'registry.db'}"
         return
     admin = os.environ.get(PG_ENV)
     if not admin:
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{REQUIRE_ENV} is set but {PG_ENV} is not: the PostgreSQL tier cannot be skipped")
         pytest.skip(f"PostgreSQL tier: set {PG_ENV} (e.g. postgresql://postgres@localhost/postgres) to run")
     url, name = _create_pg_database(admin)
     try:
-        from loraflow.registry import db
-
-        engine = db.make_engine(url)
-        db.upgrade(engine)
-        engine.dispose()
         yield url
     finally:
         _drop_pg_database(admin, name)
+
+
+@pytest.fixture
+def db_url(empty_db_url: str) -> str:
+    """The same databases, upgraded to the current schema (PostgreSQL is never upgraded implicitly)."""
+    from loraflow.registry import db
+
+    engine = db.make_engine(empty_db_url)
+    try:
+        db.upgrade(engine)
+    finally:
+        engine.dispose()
+    return empty_db_url
 
 
 @pytest.fixture
@@ -100,3 +115,17 @@ def registry(settings: Settings) -> Iterator[Registry]:
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
     return make_base(tmp_path / "base")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI (LORAFLOW_TEST_REQUIRE_SERVICES), any skipped test fails the run."""
+    if not os.environ.get(REQUIRE_ENV):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        reporter.write_line(
+            f"{REQUIRE_ENV} is set and {len(skipped)} tests were skipped: a skipped tier is not a pass",
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

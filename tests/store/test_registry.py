@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -133,18 +136,118 @@ def test_crash_while_storing_leaves_nothing_in_view(
         reg.get("support")
 
 
-def test_crash_before_commit_leaves_no_version(
-    reg: Registry, base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def die(**_: object) -> None:
-        raise KeyboardInterrupt
+CRASH_AT_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+from sqlalchemy import event
+from sqlmodel import Session
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
 
-    monkeypatch.setattr(reg.store, "register_version", die)
-    with pytest.raises(KeyboardInterrupt):
-        reg.register("support", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir))
-    monkeypatch.undo()
+home, url, src, base = sys.argv[1:5]
+reg = Registry.open(Settings(home=Path(home), database_url=url))
+
+@event.listens_for(Session, "before_commit")
+def die(session):
+    # Every statement of the registration has run in the open transaction; the process dies
+    # before COMMIT, as a power cut or an OOM kill would do it.
+    os.kill(os.getpid(), signal.SIGKILL)
+
+reg.register("support", Path(src), base_model=base)
+"""
+
+
+def test_crash_before_commit_leaves_no_version(
+    reg: Registry, db_url: str, base_dir: Path, tmp_path: Path
+) -> None:
+    src = make_adapter(tmp_path / "a1", seed=1)
+    before = _snapshot(reg)
+    done = subprocess.run(
+        [sys.executable, "-c", CRASH_AT_COMMIT, str(tmp_path / "home"), db_url, str(src), str(base_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert _snapshot(reg) == before  # no version, no adapter, not even a revision bump
     with pytest.raises(NotFoundError):
         reg.get("support")
+    # What may be left is one complete, verified, unreferenced artifact; registering again reuses it.
+    version = reg.register("support", src, base_model=str(base_dir))
+    reg.artifacts.verify(version.digest)
+    assert version.version == 1
+
+
+def test_a_dataset_with_the_same_splits_is_not_a_new_version(reg: Registry) -> None:
+    reg.store.register_dataset_version(
+        name="tickets", digest="d" * 64, counts={"train": 8}, lineage={}, profile=None, actor="t"
+    )
+    before = (reg.revision(), reg.get_dataset("tickets"))
+    with pytest.raises(ConflictError, match="tickets@v1 already holds these exact splits") as info:
+        reg.store.register_dataset_version(
+            name="tickets", digest="d" * 64, counts={"train": 8}, lineage={}, profile=None, actor="t"
+        )
+    assert info.value.param == "FILE"
+    assert (reg.revision(), reg.get_dataset("tickets")) == before
+
+
+def test_migrations_match_the_models(db_url: str) -> None:
+    """What `loraflow db upgrade` builds is exactly what the code's tables declare."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    from loraflow.registry import db
+
+    engine = db.make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    finally:
+        engine.dispose()
+    assert diff == []
+
+
+def test_audit_subjects_are_backfilled_from_the_old_target_strings(empty_db_url: str) -> None:
+    from sqlalchemy import text
+
+    from loraflow.registry import db
+
+    engine = db.make_engine(empty_db_url)
+    try:
+        db.upgrade(engine, "0002")
+        old = [
+            ("adapter.create", "key"),
+            ("version.register", "key@v1"),
+            ("alias.promote", "key:production"),
+            ("dataset.register", "key@v3"),
+            ("key.create", "key:ci-bot"),
+            ("key.revoke", "key:ci-bot"),
+        ]
+        with engine.begin() as conn:
+            for i, (action, target) in enumerate(old, start=1):
+                conn.execute(
+                    text(
+                        "INSERT INTO audit_event (revision, actor, action, target, created_at) "
+                        "VALUES (:r, 'me', :a, :t, CURRENT_TIMESTAMP)"
+                    ),
+                    {"r": i, "a": action, "t": target},
+                )
+        db.upgrade(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT subject_kind, subject, version, alias FROM audit_event ORDER BY id")
+            ).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in rows] == [
+        ("adapter", "key", None, None),
+        ("adapter", "key", 1, None),
+        ("adapter", "key", None, "production"),
+        ("dataset", "key", 3, None),
+        ("api_key", "ci-bot", None, None),
+        ("api_key", "ci-bot", None, None),
+    ]
 
 
 def test_promote_rollback_and_linear_history(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
