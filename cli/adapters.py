@@ -59,24 +59,29 @@ def _default_name(ctx: typer.Context, given: str | None = None) -> str:
     return name
 
 
-def _version_json(v: domain.VersionInfo) -> dict[str, Any]:
+def _version_json(v: domain.VersionInfo, template_matches: bool | None = None) -> dict[str, Any]:
     return {
         "version": v.version,
         "digest": v.digest,
         "status": v.status,
         "dataset": v.dataset,
         "metrics": v.metrics,
+        "template_matches": template_matches,
         "created_at": v.created_at.isoformat(),
     }
 
 
-def _adapter_json(a: domain.AdapterInfo) -> dict[str, Any]:
+def _adapter_json(a: domain.AdapterInfo, matches: dict[int, bool | None]) -> dict[str, Any]:
     return {
         "name": a.name,
         "base_model": a.base_model,
         "aliases": a.aliases,
-        "versions": [_version_json(v) for v in a.versions],
+        "versions": [_version_json(v, matches.get(v.version)) for v in a.versions],
     }
+
+
+def _yes_no(value: bool | None) -> str:
+    return "unknown" if value is None else "yes" if value else "NO"
 
 
 def _aliases_of(a: domain.AdapterInfo, version: int) -> str:
@@ -109,7 +114,8 @@ def register(
         eval_report=_load_json_file(eval_report, "eval_report"),
     )
     if as_json:
-        print_json({"name": version.adapter, **_version_json(version)})
+        matches = state(ctx).registry.template_matches(state(ctx).registry.get(name))
+        print_json({"name": version.adapter, **_version_json(version, matches[version.version])})
     else:
         out.print(
             f"registered {version.ref} (digest {version.digest[:12]}, r={version.rank}, "
@@ -121,9 +127,10 @@ def register(
 @guarded
 def list_(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """List adapters with their aliases and latest version."""
-    adapters = state(ctx).registry.list()
+    reg = state(ctx).registry
+    adapters = reg.list()
     if as_json:
-        print_json([_adapter_json(a) for a in adapters])
+        print_json([_adapter_json(a, reg.template_matches(a)) for a in adapters])
         return
     table = Table("name", "base model", "latest", "aliases", "versions")
     for a in adapters:
@@ -146,6 +153,7 @@ def show(
         raise InvalidArgumentError(f"show takes NAME or NAME@vN, not an alias ({ref})", param="NAME[@vN]")
     reg = state(ctx).registry
     adapter = reg.get(parsed.name)
+    matches = reg.template_matches(adapter)
     if parsed.version is not None:
         v = reg.get_version(parsed.name, parsed.version)
         if as_json:
@@ -155,10 +163,12 @@ def show(
                     "base_model": adapter.base_model,
                     "aliases": [k for k, n in adapter.aliases.items() if n == v.version],
                     **v.model_dump(mode="json", exclude={"adapter"}),
+                    "template_matches": matches[v.version],
                 }
             )
             return
         out.print(f"[bold]{v.ref}[/bold]  {v.status}  aliases: {_aliases_of(adapter, v.version) or '-'}")
+        out.print(f"  template_matches: {_yes_no(matches[v.version])}", markup=False)
         for key in (
             "digest",
             "rank",
@@ -177,10 +187,10 @@ def show(
                 out.print(f"  {section}: {json.dumps(value, sort_keys=True)}", markup=False)
         return
     if as_json:
-        print_json(_adapter_json(adapter))
+        print_json(_adapter_json(adapter, matches))
         return
     out.print(f"[bold]{adapter.name}[/bold]  base: {adapter.base_model}  task: {adapter.task or '-'}")
-    table = Table("version", "status", "aliases", "digest", "rank", "dataset", "created")
+    table = Table("version", "status", "aliases", "digest", "rank", "dataset", "template", "created")
     for v in adapter.versions:
         table.add_row(
             f"v{v.version}",
@@ -189,6 +199,7 @@ def show(
             v.digest[:12],
             str(v.rank),
             v.dataset or "-",
+            _yes_no(matches[v.version]),
             v.created_at.strftime("%Y-%m-%d %H:%M"),
         )
     out.print(table)

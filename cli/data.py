@@ -23,16 +23,22 @@ BaseOpt = Annotated[
 MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Longest example in tokens.")]
 
 
-def _validate(ctx: typer.Context, file: Path, base: str | None, max_length: int | None) -> Validation:
-    from loraflow.trainer.data import validate_for_base
+def _validate(
+    ctx: typer.Context, file: Path, base: str | None, max_length: int | None, *, need_base: bool
+) -> Validation:
+    """Structure always; token lengths too when a base is given or configured (trainer.base_model)."""
+    from loraflow.trainer.data import validate_file, validate_for_base
 
     settings = state(ctx).get_settings()
     base = base or settings.trainer.base_model
     if not base:
-        raise InvalidArgumentError(
-            "a base model is needed to count tokens: pass --base or set trainer.base_model in loraflow.toml",
-            param="base",
-        )
+        if need_base:
+            raise InvalidArgumentError(
+                "a base model is needed to count tokens: pass --base or set trainer.base_model "
+                "in loraflow.toml",
+                param="base",
+            )
+        return validate_file(file, system_prompt=settings.trainer.system_prompt)
     return validate_for_base(
         file,
         base,
@@ -50,11 +56,20 @@ def validate(
     max_length: MaxLenOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Report every bad line (1-based) with its reason; for a good file, counts and token lengths."""
-    result = _validate(ctx, file, base, max_length)
+    """Report every bad line (1-based) with its reason; for a good file, counts and token lengths.
+
+    Without a base model (--base or trainer.base_model) it checks structure only.
+    """
+    result = _validate(ctx, file, base, max_length, need_base=False)
     summary = result.summary()
     if as_json:
-        print_json(summary | {"errors": [{"line": e.line, "reason": e.reason} for e in result.errors]})
+        print_json(
+            summary
+            | {
+                "token_lengths_checked": result.max_length is not None,
+                "errors": [{"line": e.line, "reason": e.reason} for e in result.errors],
+            }
+        )
     else:
         for error in result.errors:
             out.print(f"{file}:{error.line}: {error.reason}", markup=False)
@@ -64,7 +79,9 @@ def validate(
             f"formats {summary['formats']}" + (f"; labels {summary['labels']}" if summary["labels"] else ""),
             markup=False,
         )
-        if tokens.get("total"):
+        if result.max_length is None:
+            out.print("token lengths not checked: pass --base (or set trainer.base_model) to count them")
+        elif tokens.get("total"):
             out.print(
                 f"tokens per example: min {tokens['min']} p50 {tokens['p50']} p90 {tokens['p90']} "
                 f"p99 {tokens['p99']} max {tokens['max']} (max_length {result.max_length}); "
@@ -99,7 +116,7 @@ def prepare(
         raise InvalidArgumentError(
             "--near-duplicate-threshold must be in (0, 1]", param="near_duplicate_threshold"
         )
-    result = _validate(ctx, file, base, max_length)
+    result = _validate(ctx, file, base, max_length, need_base=True)
     for error in result.errors:
         out.print(f"{file}:{error.line}: {error.reason}", markup=False)
     embedder = None

@@ -89,3 +89,18 @@ def chat_template_hash(path: Path) -> str | None:
     if not isinstance(template, str):
         return None
     return hashlib.sha256(template.encode()).hexdigest()
+
+
+def template_hash_of(ref: str) -> str | None:
+    """The chat-template hash of a base model found on this machine; None if it is not here."""
+    try:
+        return chat_template_hash(resolve_base_model(ref).path)
+    except (NotFoundError, InvalidArgumentError):
+        return None
+
+
+def template_matches(trained_with: str | None, served: str | None) -> bool | None:
+    """Whether a version's training chat template is the one its base renders now (None: unknown)."""
+    if trained_with is None or served is None:
+        return None
+    return trained_with == served

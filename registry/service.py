@@ -15,7 +15,7 @@ from typing import Any
 from loraflow.registry import domain
 from loraflow.registry.adapter_files import ADAPTER_FILES, inspect_adapter
 from loraflow.registry.artifacts import ArtifactStore
-from loraflow.registry.basemodel import BaseModel, resolve_base_model
+from loraflow.registry.basemodel import BaseModel, resolve_base_model, template_hash_of, template_matches
 from loraflow.registry.db import ensure_schema, make_engine
 from loraflow.registry.errors import InvalidAdapterError, NotFoundError
 from loraflow.registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
@@ -114,6 +114,12 @@ class Registry:
 
     def get(self, name: str) -> domain.AdapterInfo:
         return self.store.get_adapter(name)
+
+    def template_matches(self, adapter: domain.AdapterInfo) -> dict[int, bool | None]:
+        """Per version: trained with the chat template its base model has here? None: unknown
+        (no hash recorded, or the base is not on this machine)."""
+        served = template_hash_of(adapter.base_model)
+        return {v.version: template_matches(v.chat_template_hash, served) for v in adapter.versions}
 
     def resolve(self, ref: Ref) -> domain.VersionInfo:
         """The version a reference denotes: exact version, alias, or the default alias."""

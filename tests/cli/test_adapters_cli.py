@@ -55,7 +55,15 @@ def test_register_list_show(two_versions: Path) -> None:
     assert set(data) == {"name", "base_model", "aliases", "versions"}
     assert data["name"] == "support" and data["aliases"] == {}
     assert [v["version"] for v in data["versions"]] == [1, 2]
-    assert set(data["versions"][0]) == {"version", "digest", "status", "dataset", "metrics", "created_at"}
+    assert set(data["versions"][0]) == {
+        "version",
+        "digest",
+        "status",
+        "dataset",
+        "metrics",
+        "template_matches",
+        "created_at",
+    }
     code, output = adapters("show", "support@v2", "--json")
     assert code == 0 and json.loads(output)["version"] == 2
 
@@ -211,3 +219,55 @@ def test_bad_setting_is_named(isolated_env: Path, monkeypatch: pytest.MonkeyPatc
     code, output = adapters("list")
     assert code == 2
     assert "registry.max_lora_rank" in output
+
+
+def test_show_says_whether_each_version_matches_its_base_chat_template(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    from loraflow.registry.basemodel import chat_template_hash
+    from loraflow.registry.service import Registry
+    from loraflow.registry.settings import load_settings
+
+    (base_dir / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    served = chat_template_hash(base_dir)
+    reg = Registry.open(load_settings())
+    for seed, trained_with in ((1, served), (2, "f" * 64), (3, None)):
+        reg.register(
+            "support",
+            make_adapter(tmp_path / f"a{seed}", seed=seed),
+            base_model=str(base_dir),
+            chat_template_hash=trained_with,
+        )
+    reg.close()
+    data = json.loads(adapters("show", "support", "--json")[1])
+    assert [v["template_matches"] for v in data["versions"]] == [True, False, None]
+    assert json.loads(adapters("show", "support@v2", "--json")[1])["template_matches"] is False
+    code, output = adapters("show", "support")
+    rows = [line.split("│") for line in output.splitlines() if line.startswith("│ v")]
+    assert code == 0 and "template" in output
+    assert [row[7].strip() for row in rows] == ["yes", "NO", "unknown"]
+    assert "template_matches: yes" in adapters("show", "support@v1")[1]
+
+
+def test_history_holds_only_the_adapters_own_events(base_dir: Path, tmp_path: Path) -> None:
+    """Names may share a prefix with datasets and API keys: `history key` is not `key:ci-bot`."""
+    from loraflow.registry.keys import create_key
+    from loraflow.registry.service import Registry
+    from loraflow.registry.settings import load_settings
+
+    reg = Registry.open(load_settings())
+    reg.register("key", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir))
+    reg.register("support", make_adapter(tmp_path / "a2", seed=2), base_model=str(base_dir))
+    create_key(reg, "ci-bot")
+    reg.store.register_dataset_version(
+        name="support", digest="d" * 64, counts={"train": 1}, lineage={}, profile=None, actor="t"
+    )
+    reg.close()
+    for name in ("key", "support"):
+        code, output = adapters("history", name, "--json")
+        assert code == 0
+        events = json.loads(output)["events"]
+        assert [e["action"] for e in events] == ["adapter.create", "version.register"]
+        assert {(e["subject_kind"], e["subject"]) for e in events} == {("adapter", name)}
+    code, output = adapters("history", "support")
+    assert "support@v1" in output and "dataset.register" not in output
