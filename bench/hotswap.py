@@ -22,10 +22,9 @@ import httpx
 
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
-from loraflow.server.app import create_app
+from loraflow.server.app import build_app
 from loraflow.server.embedded import serve_in_thread
-from loraflow.server.engine.supervisor import EngineProcess, free_port
-from loraflow.server.engine.vllm_http import VLLMHttpEngine
+from loraflow.server.engine.supervisor import free_port
 from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = build_tiny_model(root / "base")
-        server = ServerSettings(poll_interval_s=0.2, max_lora_rank=16, max_model_len=512)
+        server = ServerSettings(poll_interval_s=0.2, max_lora_rank=16)
         settings = Settings(home=root / "home", server=server)
         reg = Registry.open(settings)
         for seed in (1, 2):
@@ -46,13 +45,8 @@ def main() -> None:
                 "bench", random_lora_adapter(base, root / f"a{seed}", seed=seed), base_model=str(base)
             )
         reg.promote("bench", 1)
-        process = EngineProcess(server, model=str(base), served_name="tiny", log_file=root / "engine.log")
-        app = create_app(
-            settings,
-            registry=reg,
-            engines=[VLLMHttpEngine(process.url)],
-            base_model_id="tiny",
-            supervised=[process],
+        app = build_app(
+            settings, registry=reg, base_model=str(base), model_name="tiny", log_file=root / "engine.log"
         )
         served: list[tuple[float, str]] = []
         failures: list[str] = []

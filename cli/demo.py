@@ -130,23 +130,22 @@ def demo(
 def _serve_and_hot_swap(settings: Settings, reg: Registry, base: Path, name: str, *, held_out: Any) -> None:
     import httpx
 
-    from loraflow.server.app import create_app
+    from loraflow.server.app import build_app
     from loraflow.server.embedded import serve_in_thread
-    from loraflow.server.engine.supervisor import EngineProcess, free_port
-    from loraflow.server.engine.vllm_http import VLLMHttpEngine
+    from loraflow.server.engine.supervisor import free_port
     from loraflow.trainer.prepare import load_split
 
-    server = settings.server.model_copy(update={"max_lora_rank": 16, "max_model_len": 512})
-    process = EngineProcess(
-        server, model=str(base), served_name="tiny-llama", log_file=settings.home / "logs" / "demo-engine.log"
+    demo_settings = settings.model_copy(
+        update={"server": settings.server.model_copy(update={"max_lora_rank": 16})}
     )
-    app = create_app(
-        settings.model_copy(update={"server": server}),
+    app = build_app(
+        demo_settings,
         registry=reg,
-        engines=[VLLMHttpEngine(process.url)],
-        base_model_id="tiny-llama",
-        supervised=[process],
+        base_model=str(base),
+        model_name="tiny-llama",
+        log_file=settings.home / "logs" / "demo-engine.log",
     )
+    (process,) = app.state.supervised
     prompt = load_split(reg, held_out, "test")[0]["messages"][:-1]
 
     def ask(url: str) -> tuple[str, str, str]:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
-from typing import Annotated
+import signal
+import socket
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from loraflow.cli.common import guarded, state
+from loraflow.cli.common import err, guarded, state
 from loraflow.registry.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from loraflow.server.engine.supervisor import EngineProcess
+
+log = logging.getLogger("loraflow.serve")
 
 
 @guarded
@@ -26,42 +37,65 @@ def serve(
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
 ) -> None:
-    """Serve /v1/chat/completions and /v1/completions with per-request adapters and hot-swap."""
+    """Serve /v1/chat/completions and /v1/completions with per-request adapters and hot-swap.
+
+    With --base-model alone, serve starts one vLLM engine and waits until it is healthy
+    (flags from the [server] settings). If the engine exits before that, serve exits
+    non-zero with the last lines of the engine's log.
+    """
     import uvicorn
 
-    from loraflow.server.app import create_app
-    from loraflow.server.engine.supervisor import EngineProcess
-    from loraflow.server.engine.vllm_http import VLLMHttpEngine
+    from loraflow.server.app import build_app
 
     app_state = state(ctx)
     settings = app_state.get_settings()
     server = settings.server
     base = base_model or server.base_model
-    urls = engine_url or server.engine_urls
     if not base:
         raise InvalidArgumentError("pass --base-model (or set server.base_model)", param="base_model")
-    public = model_name or server.served_model_name or base
-    supervised: list[EngineProcess] = []
-    if not urls:
-        process = EngineProcess(
-            server, model=base, served_name=public, log_file=settings.home / "logs" / "engine.log"
-        )
-        supervised.append(process)
-        urls = [process.url]
-    engines = [VLLMHttpEngine(u, timeout_s=server.engine_timeout_s) for u in urls]
+    bind_host, bind_port = host or server.host, port or server.port
+    _check_port_free(bind_host, bind_port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
-    app = create_app(
-        settings,
-        registry=app_state.registry,
-        engines=list(engines),
-        base_model_id=public,
-        supervised=supervised,
+    app = build_app(
+        settings, registry=app_state.registry, base_model=base, model_name=model_name, engine_urls=engine_url
     )
-    uvicorn.run(
-        app,
-        host=host or server.host,
-        port=port or server.port,
-        timeout_graceful_shutdown=30,
-        log_level="info",
+    config = uvicorn.Config(
+        app, host=bind_host, port=bind_port, timeout_graceful_shutdown=30, log_level="info"
     )
+    try:
+        stopped_by = asyncio.run(_run(uvicorn.Server(config), app.state.supervised))
+    except KeyboardInterrupt:
+        stopped_by = signal.SIGINT
+    if stopped_by is not None:
+        err.print("stopped before the engine was ready; it was shut down", markup=False)
+        raise typer.Exit(128 + stopped_by)
+
+
+async def _run(server: uvicorn.Server, supervised: list[EngineProcess]) -> signal.Signals | None:
+    """Start the supervised engine (interruptible), then serve. The signal if stopped before serving."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None  # we are inside asyncio.run
+    loop.add_signal_handler(signal.SIGTERM, main.cancel)  # uvicorn handles signals once it serves
+    try:
+        for process in supervised:
+            log.info("waiting for the engine to become healthy (log: %s)", process.log_file)
+            await process.start()
+    except asyncio.CancelledError:
+        return signal.SIGTERM
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    await server.serve()
+    return None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before a minute of engine start-up, not after it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            raise InvalidArgumentError(f"{host}:{port} {reason}; pass --port", param="port") from exc

@@ -14,8 +14,9 @@ from __future__ import annotations
 import getpass
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -45,6 +46,27 @@ class TrainerSettings(BaseModel):
     system_prompt: str | None = Field(None, description="Put into every example that has no system message.")
 
 
+# vLLM flags that loraflow sets from its own settings (or always sets itself). server.engine_args
+# may not repeat them: two sources for one flag is how a deployment ends up running something else
+# than its config says.
+ENGINE_FLAG_SETTINGS: dict[str, str] = {
+    "--model": "server.base_model (or --base-model)",
+    "--served-model-name": "server.served_model_name (or --model-name)",
+    "--host": "nothing: a supervised engine listens on 127.0.0.1 only",
+    "--port": "nothing: a supervised engine gets a free private port",
+    "--enable-lora": "nothing: it is always on",
+    "--max-loras": "server.max_loras",
+    "--max-cpu-loras": "server.max_cpu_loras",
+    "--max-lora-rank": "server.max_lora_rank",
+    "--max-model-len": "server.max_model_len",
+    "--dtype": "server.dtype",
+    "--gpu-memory-utilization": "server.gpu_memory_utilization",
+    "--tensor-parallel-size": "server.tensor_parallel_size",
+}
+
+EngineDtype = Literal["auto", "bfloat16", "float16", "float32", "half", "float"]
+
+
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -53,18 +75,57 @@ class ServerSettings(BaseModel):
     served_model_name: str | None = Field(
         None, description="Model id clients use for the base; default its path."
     )
-    max_loras: int = Field(4, ge=1, description="Adapters in one batch (vLLM --max-loras).")
-    max_cpu_loras: int = Field(8, ge=1, description="Adapters resident per replica (vLLM --max-cpu-loras).")
-    max_lora_rank: int = Field(64, ge=1, description="vLLM --max-lora-rank.")
-    max_model_len: int = Field(2048, ge=16)
     auth: bool = Field(False, description="Require API keys (loraflow keys create).")
     max_concurrency: int = Field(64, ge=1, description="In-flight requests before 429.")
     poll_interval_s: float = Field(0.2, gt=0, description="How often the registry revision is checked.")
     adapter_cache: Path | None = Field(
         None, description="Where adapter files are fetched; default $home/cache."
     )
-    engine_timeout_s: float = Field(120.0, gt=0)
-    retry_after_s: int = Field(5, ge=1)
+    engine_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait on an engine.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After on 429 and 503.")
+
+    # -- the engine: vLLM flags. An unset flag is not passed, so vLLM derives it from the model.
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="Where a supervised engine runs; auto looks for a GPU. The CPU-only defaults "
+        "(dtype float32, a 1 GiB KV cache) apply only on cpu.",
+    )
+    max_loras: int = Field(4, ge=1, description="Adapters in one batch (vLLM --max-loras).")
+    max_cpu_loras: int = Field(8, ge=1, description="Adapters resident per replica (vLLM --max-cpu-loras).")
+    max_lora_rank: int = Field(64, ge=1, description="vLLM --max-lora-rank.")
+    max_model_len: int | None = Field(
+        None, ge=16, description="vLLM --max-model-len; unset: the model's own context length."
+    )
+    dtype: EngineDtype | None = Field(None, description="vLLM --dtype; unset: vLLM's auto (float32 on cpu).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM --gpu-memory-utilization; unset: vLLM's default."
+    )
+    tensor_parallel_size: int | None = Field(None, ge=1, description="vLLM --tensor-parallel-size.")
+    engine_args: list[str] = Field(
+        default_factory=list,
+        description="Any other vLLM flags, passed as given, e.g. ['--enforce-eager', '--swap-space', '8'].",
+    )
+    engine_start_timeout_s: float = Field(
+        900.0, gt=0, description="How long a supervised engine may take to become healthy."
+    )
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_managed_flags(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in ENGINE_FLAG_SETTINGS:
+                raise ValueError(f"{flag} is set by loraflow; use {ENGINE_FLAG_SETTINGS[flag]} instead")
+        return args
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_a_batch(self) -> ServerSettings:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras}): "
+                "vLLM refuses to start otherwise"
+            )
+        return self
 
 
 class Settings(BaseSettings):

@@ -7,16 +7,23 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
+from pathlib import Path
 
 from fastapi import FastAPI
 
+from loraflow.registry.basemodel import template_hash_of
+from loraflow.registry.errors import LoraflowError
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from loraflow.server import errors
+from loraflow.server import errors, openapi
 from loraflow.server.chat import api_router as chat
+from loraflow.server.chat.protocol import ChatCompletionChunk, ChatCompletionRequest
 from loraflow.server.completions import api_router as completions
+from loraflow.server.completions.protocol import CompletionRequest
 from loraflow.server.engine.protocol import Engine
 from loraflow.server.engine.supervisor import EngineProcess
+from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from loraflow.server.health import api_router as health
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.models import api_router as models
@@ -27,33 +34,85 @@ from loraflow.server.routing import Router
 log = logging.getLogger("loraflow.server")
 
 
+def build_app(
+    settings: Settings,
+    *,
+    registry: Registry,
+    base_model: str,
+    model_name: str | None = None,
+    engine_urls: list[str] | None = None,
+    log_file: Path | None = None,
+) -> FastAPI:
+    """The gateway as ``loraflow serve`` runs it, from settings: the one place engines are wired.
+
+    With engine URLs (the argument, else ``server.engine_urls``) it fronts those
+    replicas. Without, it supervises one vLLM engine on this machine, started in the
+    lifespan and stopped with the gateway (``app.state.supervised``). ``base_model``
+    is the path or hub id engines serve; ``model_name`` is the id clients use for it.
+    """
+    server = settings.server
+    urls = engine_urls or server.engine_urls
+    supervised: list[EngineProcess] = []
+    if not urls:
+        process = EngineProcess(
+            server,
+            model=base_model,
+            served_name=base_model,
+            log_file=log_file or settings.home / "logs" / "engine.log",
+        )
+        supervised.append(process)
+        urls = [process.url]
+    engines: list[Engine] = [VLLMHttpEngine(u, timeout_s=server.engine_timeout_s) for u in urls]
+    return create_app(
+        settings,
+        registry=registry,
+        engines=engines,
+        base_model=base_model,
+        base_model_id=model_name or server.served_model_name or base_model,
+        supervised=supervised,
+    )
+
+
 def create_app(
     settings: Settings,
     *,
     registry: Registry,
     engines: list[Engine],
-    base_model_id: str,
-    engine_base_name: str | None = None,
+    base_model: str,
+    base_model_id: str | None = None,
     supervised: list[EngineProcess] | None = None,
-    base_template_hash: str | None = None,
 ) -> FastAPI:
+    """Build the services once and store them on ``app.state``, over the given engine replicas.
+
+    Engines serve the base as ``base_model`` (its path or hub id); clients may name it
+    ``base_model_id`` too. The base's chat template is compared with each version's.
+    """
     server = settings.server
     replicas = ReplicaSet(engines, max_resident=server.max_cpu_loras)
+    template = template_hash_of(base_model)
+    if template is None:
+        log.warning("base model %s is not on this machine; chat templates cannot be compared", base_model)
     router = Router(
         registry,
         replicas,
-        base_model_id=base_model_id,
-        engine_base_name=engine_base_name or base_model_id,
+        base_model_id=base_model_id or base_model,
+        engine_base_name=base_model,
         cache_dir=server.adapter_cache or settings.home / "cache" / "adapters",
         poll_interval_s=server.poll_interval_s,
-        base_template_hash=base_template_hash,
+        base_template_hash=template,
     )
-    gateway = Gateway(server, router, replicas, GatewayMetrics())
+    gateway = Gateway(server, router, replicas, GatewayMetrics(router))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for process in supervised or []:
-            await process.start()
+        try:
+            for process in supervised or []:
+                await process.start()  # returns once healthy; a no-op if `serve` started it already
+        except LoraflowError as exc:
+            app.state.startup_error = exc  # uvicorn only logs a failed startup; callers re-raise this
+            for process in supervised or []:
+                await process.stop()
+            raise
         task = asyncio.create_task(router.run())
         try:
             yield
@@ -67,9 +126,21 @@ def create_app(
             for process in supervised or []:
                 await process.stop()
 
-    app = FastAPI(title="loraflow gateway", lifespan=lifespan)
+    app = FastAPI(
+        title="loraflow gateway",
+        version=version("loraflow"),
+        description="OpenAI-compatible API over vLLM engines, with one LoRA adapter version per request.",
+        lifespan=lifespan,
+    )
     app.state.gateway = gateway
+    app.state.startup_error = None
+    app.state.supervised = list(supervised or [])
     errors.install(app, retry_after_s=server.retry_after_s)
     for module in (chat, completions, models, health):
         module.attach_router(app)
+    openapi.install(
+        app,
+        bodies={"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest},
+        extra_models=[ChatCompletionChunk],
+    )
     return app

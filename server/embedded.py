@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+from loraflow.registry.errors import LoraflowError
 
 
 class _ThreadServer(uvicorn.Server):
@@ -17,9 +19,10 @@ class _ThreadServer(uvicorn.Server):
         pass
 
 
-def wait_until_ok(url: str, timeout_s: float) -> bool:
+def wait_until_ok(url: str, timeout_s: float, *, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll ``url`` until it answers 200 (True), ``timeout_s`` passes or ``alive()`` is false (False)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return True
@@ -39,7 +42,10 @@ def serve_in_thread(
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        if not wait_until_ok(f"{url}{ready_path}", timeout_s):
+        if not wait_until_ok(f"{url}{ready_path}", timeout_s, alive=thread.is_alive):
+            failure = getattr(app.state, "startup_error", None)
+            if isinstance(failure, LoraflowError):
+                raise failure  # e.g. the supervised engine failed to start: its log tail is in the message
             raise TimeoutError(f"the gateway at {url} did not become ready in {timeout_s:.0f} s")
         yield url
     finally:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,7 +14,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from loraflow.registry.errors import ErrorCode, LoraflowError
-from loraflow.server.engine.vllm_http import EngineRequestError
+from loraflow.server.engine.protocol import EngineRequestError
+
+# The `code` of an error nobody anticipated. Its message never carries the exception's text.
+INTERNAL_ERROR_CODE = "internal_error"
 
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 400,
@@ -39,6 +43,13 @@ _TYPES = {
 }
 
 
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind = _TYPES.get(status, "server_error" if status < 503 else "service_unavailable_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def error_response(
     status: int,
     message: str,
@@ -47,9 +58,14 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    kind = _TYPES.get(status, "server_error" if status < 503 else "service_unavailable_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(
+        error_body(status, message, param=param, code=code), status_code=status, headers=headers
+    )
+
+
+def sse_error(message: str, *, code: str) -> bytes:
+    """An error after a stream has started: one SSE event in the same shape (vLLM does the same)."""
+    return b"data: " + json.dumps(error_body(500, message, code=code)).encode() + b"\n\n"
 
 
 def from_exception(exc: LoraflowError, *, retry_after_s: int = 5) -> JSONResponse:
@@ -81,6 +97,11 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
         assert isinstance(exc, HTTPException)
         return error_response(exc.status_code, str(exc.detail), code=str(exc.status_code))
 
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this response is sent; the client never sees it.
+        return error_response(500, "internal error in the gateway", code=INTERNAL_ERROR_CODE)
+
     app.add_exception_handler(LoraflowError, on_loraflow)
+    app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)

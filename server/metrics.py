@@ -1,15 +1,62 @@
-"""Prometheus metrics of the gateway, labelled per adapter and version ("-" for the base model)."""
+"""Prometheus metrics of the gateway, labelled per adapter and version ("-" for the base model).
+
+Request metrics are counted as requests go. What the replicas hold is read at
+scrape time by :class:`ReplicaCollector`: that is the operator's view of the
+engines (their private URLs, health, residency), which the public ``/ready``
+probe does not show.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loraflow.server.routing import Router
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class RoutingCollector(Collector):
+    """Per replica: up, adapter loads since its engine (re)started, and the versions it holds.
+    Also the registry revision the routing table was built from."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[Metric]:
+        revision = GaugeMetricFamily(
+            "loraflow_registry_revision", "The registry revision the routing table was built from."
+        )
+        revision.add_metric([], float(self.router.snapshot.revision))
+        up = GaugeMetricFamily(
+            "loraflow_replica_up", "1 if the replica passed its last health check.", labels=["replica"]
+        )
+        loads = GaugeMetricFamily(
+            "loraflow_replica_adapter_loads",
+            "Adapter loads since the replica's engine started (vLLM's unload does not free memory).",
+            labels=["replica"],
+        )
+        resident = GaugeMetricFamily(
+            "loraflow_resident_versions",
+            "Adapter versions resident on each replica.",
+            labels=["replica", "adapter", "version"],
+        )
+        for replica in self.router.replicas.replicas:
+            up.add_metric([replica.url], 1.0 if replica.healthy else 0.0)
+            loads.add_metric([replica.url], float(replica.loads))
+            for name in list(replica.resident):
+                adapter, _, version = name.partition("+")[0].partition("@")
+                resident.add_metric([replica.url, adapter, version], 1.0)
+        yield from (revision, up, loads, resident)
+
+
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, router: Router) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(RoutingCollector(router))
         labels = ["adapter", "version"]
         self.requests = Counter(
             "loraflow_requests",
@@ -21,6 +68,13 @@ class GatewayMetrics:
             "loraflow_request_errors",
             "Failed requests by error code.",
             [*labels, "code"],
+            registry=self.registry,
+        )
+        self.engine_failures = Counter(
+            "loraflow_engine_failures",
+            "Replica failures: before_first_byte (retried once elsewhere), mid_stream (an SSE error "
+            "event), lost_adapter (the engine no longer held a version; reloaded).",
+            ["replica", "phase"],
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -42,12 +96,6 @@ class GatewayMetrics:
         )
         self.completion_tokens = Counter(
             "loraflow_completion_tokens", "Completion tokens.", labels, registry=self.registry
-        )
-        self.resident = Gauge(
-            "loraflow_resident_versions",
-            "Adapter versions resident on each replica.",
-            ["replica", *labels],
-            registry=self.registry,
         )
         self.in_flight = Gauge(
             "loraflow_in_flight_requests", "Requests being served.", registry=self.registry

@@ -1,33 +1,62 @@
 """The serving path shared by /v1/chat/completions and /v1/completions.
 
 auth -> resolve ``model`` to an immutable version -> admission (429) -> pick a
-replica -> make sure the version is resident -> forward with ``model=NAME@vN``
--> rewrite the response's ``model`` to ``NAME@vN`` and add the
+replica -> make sure the version is resident -> forward with the engine's name
+for the version -> rewrite the response's ``model`` to ``NAME@vN`` and add the
 ``x-loraflow-model`` header. Streams are passed through event by event, as
 they arrive.
+
+Failures, by when they happen:
+
+- before the first byte reaches the client, a replica's failure
+  (:class:`EngineFailure`) is retried once on another healthy replica; if none
+  is left, the client gets 503 with ``Retry-After``. A replica that answers 404
+  for a version we thought it held has lost it (it restarted): it is forgotten
+  there and the retry loads it again.
+- after the first byte of a stream, the status line is gone, so the error is one
+  more SSE event in OpenAI's error shape, followed by ``data: [DONE]``.
+- anything unexpected is a 500 in OpenAI's shape; the traceback goes to the log.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from loraflow.registry.errors import InvalidArgumentError, LoraflowError, OverloadedError
+from loraflow.registry.errors import (
+    EngineUnavailableError,
+    InvalidArgumentError,
+    LoraflowError,
+    OverloadedError,
+)
 from loraflow.registry.settings import ServerSettings
 from loraflow.server.auth import authenticate, authorize
-from loraflow.server.engine.vllm_http import EngineRequestError
-from loraflow.server.errors import from_exception
+from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
+from loraflow.server.errors import INTERNAL_ERROR_CODE, error_response, from_exception, sse_error
 from loraflow.server.metrics import GatewayMetrics
-from loraflow.server.replicas import ReplicaSet
+from loraflow.server.replicas import Replica, ReplicaSet
 from loraflow.server.routing import Router, Target
 
 MODEL_HEADER = "x-loraflow-model"
+log = logging.getLogger("loraflow.gateway")
+
+
+@dataclass
+class _Stream:
+    """A stream whose first chunk has arrived: from here on, failures are SSE events."""
+
+    replica: Replica
+    first: bytes
+    chunks: AsyncIterator[bytes]
+    attempt: AsyncExitStack  # the replica's in-flight count for the version
 
 
 class Gateway:
@@ -86,56 +115,121 @@ class Gateway:
         except LoraflowError as exc:
             response = from_exception(exc, retry_after_s=self.settings.retry_after_s)
             self.metrics.errors.labels(*labels, exc.code.value).inc()
+        except Exception:
+            log.exception("unexpected error serving %s", path)
+            response = error_response(500, "internal error in the gateway", code=INTERNAL_ERROR_CODE)
+            self.metrics.errors.labels(*labels, INTERNAL_ERROR_CODE).inc()
         self.metrics.requests.labels(*labels, path, str(response.status_code)).inc()
         return response
 
     async def _serve(
         self, body: dict[str, Any], target: Target, path: str, labels: tuple[str, str], started: float
     ) -> Response:
-        stack = AsyncExitStack()
+        stack = AsyncExitStack()  # admission, then the replica's in-flight count; a stream's relay owns it
         await stack.enter_async_context(self._admitted())
         try:
             adapter_name = target.engine_model if target.adapter else None
-            replica = self.replicas.pick(adapter_name)
-            await stack.enter_async_context(replica.using(adapter_name))
-            await self.router.ensure_loaded(replica, target)
             body = body | {"model": target.engine_model}
-            headers = {MODEL_HEADER: target.public}
-            if not body.get("stream"):
-                status, data = await replica.engine.post_json(path, body)
-                if status != 200:
-                    raise EngineRequestError(status, data)
-                data["model"] = target.public
-                self._count_usage(data.get("usage"), labels)
-                self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
-                await stack.aclose()
-                return JSONResponse(data, headers=headers)
-            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-            chunks = replica.engine.stream(path, body).__aiter__()
-            first = await chunks.__anext__()  # engine errors surface here, as a proper HTTP error
+            wants_usage = False
+            if body.get("stream"):
+                # We ask for usage on our own behalf (to count tokens) and hide it unless asked.
+                wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            exclude: list[Replica] = []
+            failure: EngineFailure | None = None
+            retried = False
+            while True:
+                replica = self._pick(adapter_name, exclude, failure)
+                try:
+                    response = await self._attempt(replica, body, target, path, labels, started)
+                    break
+                except EngineFailure as exc:
+                    self.metrics.engine_failures.labels(replica.url, "before_first_byte").inc()
+                    if isinstance(exc, EngineDown):
+                        replica.healthy = False  # until the next health check says otherwise
+                    if retried:
+                        raise
+                    log.warning("%s; retrying once on another replica", exc)
+                    exclude.append(replica)
+                    failure = exc
+                except EngineRequestError as exc:
+                    if exc.status != 404 or adapter_name is None or retried:
+                        raise
+                    # The engine does not hold a version we thought it did: it restarted between
+                    # health checks. Forget it there; the one retry (there, too) loads it again.
+                    replica.forget(adapter_name)
+                    self.metrics.engine_failures.labels(replica.url, "lost_adapter").inc()
+                retried = True
         except BaseException:
             await stack.aclose()
             raise
-        return StreamingResponse(
-            self._relay(first, chunks, stack, target, labels, started, wants_usage),
-            media_type="text/event-stream",
-            headers=headers,
-        )
+        if isinstance(response, _Stream):
+            await stack.enter_async_context(response.attempt)
+            return StreamingResponse(
+                self._relay(response, stack, target, labels, started, wants_usage),
+                media_type="text/event-stream",
+                headers={MODEL_HEADER: target.public},
+            )
+        await stack.aclose()
+        return response
+
+    def _pick(
+        self, adapter_name: str | None, exclude: list[Replica], failure: EngineFailure | None
+    ) -> Replica:
+        try:
+            return self.replicas.pick(adapter_name, exclude=exclude)
+        except EngineUnavailableError:
+            if failure is not None:
+                raise EngineUnavailableError(
+                    f"{failure.message}; no other replica is available to retry on. Retry shortly"
+                ) from failure
+            raise
+
+    async def _attempt(
+        self,
+        replica: Replica,
+        body: dict[str, Any],
+        target: Target,
+        path: str,
+        labels: tuple[str, str],
+        started: float,
+    ) -> Response | _Stream:
+        """One try on one replica. Any failure here happens before a byte reaches the client."""
+        adapter_name = body["model"] if target.adapter else None
+        attempt = AsyncExitStack()
+        await attempt.enter_async_context(replica.using(adapter_name))
+        try:
+            await self.router.ensure_loaded(replica, target)
+            if not body.get("stream"):
+                data = await replica.engine.post_json(path, body)
+                data["model"] = target.public
+                self._count_usage(data.get("usage"), labels)
+                self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+                await attempt.aclose()
+                return JSONResponse(data, headers={MODEL_HEADER: target.public})
+            chunks = replica.engine.stream(path, body).__aiter__()
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            await attempt.aclose()
+            raise EngineFailure(replica.url, "the stream ended before its first event") from None
+        except BaseException:
+            await attempt.aclose()
+            raise
+        return _Stream(replica=replica, first=first, chunks=chunks, attempt=attempt)
 
     async def _relay(
         self,
-        first: bytes,
-        chunks: AsyncIterator[bytes],
+        opened: _Stream,
         stack: AsyncExitStack,
         target: Target,
         labels: tuple[str, str],
         started: float,
         wants_usage: bool,
     ) -> AsyncIterator[bytes]:
+        replica, chunks = opened.replica, opened.chunks
         buffer, first_token = b"", True
         try:
-            chunk: bytes | None = first
+            chunk: bytes | None = opened.first
             while chunk is not None:
                 buffer += chunk
                 while b"\n\n" in buffer:
@@ -151,6 +245,21 @@ class Gateway:
             if buffer.strip():
                 yield buffer
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+        except Exception as exc:
+            # The status line has gone out; the error becomes the stream's last event.
+            if isinstance(exc, LoraflowError):
+                code = exc.code.value
+                log.warning("stream from %s broke: %s", replica.url, exc)
+                message = f"the engine failed mid-stream: {exc.message}"
+            else:
+                code = INTERNAL_ERROR_CODE
+                log.exception("unexpected error relaying a stream from %s", replica.url)
+                message = "internal error in the gateway"
+            if isinstance(exc, EngineFailure):
+                self.metrics.engine_failures.labels(replica.url, "mid_stream").inc()
+            self.metrics.errors.labels(*labels, code).inc()
+            yield sse_error(message, code=code)
+            yield b"data: [DONE]\n\n"
         finally:
             await stack.aclose()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,6 +31,7 @@ class Replica:
         self.in_flight: Counter[str] = Counter()
         self.loads = 0  # adapter loads since the engine (re)started
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._loading: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -41,29 +42,42 @@ class Replica:
         self.resident = OrderedDict((name, None) for name in resident)
         self.loads = 0
 
+    def forget(self, name: str) -> None:
+        """The engine turned out not to hold ``name`` (it restarted between health checks)."""
+        self.resident.pop(name, None)
+
     async def ensure_loaded(self, name: str, fetch: Fetch, *, pinned: set[str]) -> None:
+        """Return once ``name`` is loaded on the engine (loading it first if needed)."""
         if name in self.resident:
             self.resident.move_to_end(name)
             return
-        async with self._locks[name]:
+        async with self._locks[name]:  # also held while ``name`` is being unloaded
             if name in self.resident:
                 return
             await self._make_room(pinned | {name})
-            path = await fetch(name)
-            await self.engine.load_adapter(name, str(path))
+            self._loading.add(name)  # holds its slot, so concurrent loads of others make room for it
+            try:
+                path = await fetch(name)
+                await self.engine.load_adapter(name, str(path))
+            finally:
+                self._loading.discard(name)
             self.loads += 1
             self.resident[name] = None
 
     async def _make_room(self, keep: set[str]) -> None:
-        while len(self.resident) >= self.max_resident:
+        while len(self.resident) + len(self._loading) >= self.max_resident:
             victim = next((n for n in self.resident if n not in keep and not self.in_flight[n]), None)
             if victim is None:
                 raise OverloadedError(
-                    f"replica {self.url} has {len(self.resident)} adapters resident (max_cpu_loras) "
-                    "and all are in use; retry shortly"
+                    f"replica {self.url} has {len(self.resident) + len(self._loading)} adapters resident "
+                    "or loading (server.max_cpu_loras) and all are in use; retry shortly"
                 )
-            await self.engine.unload_adapter(victim)
+            # Out of `resident` before the unload is awaited, and under the victim's own lock, so a
+            # request arriving meanwhile waits for the unload to finish and then loads it again,
+            # rather than being sent to an engine that is dropping it.
             del self.resident[victim]
+            async with self._locks[victim]:
+                await self.engine.unload_adapter(victim)
 
     @asynccontextmanager
     async def using(self, name: str | None) -> AsyncIterator[None]:
@@ -84,9 +98,9 @@ class ReplicaSet:
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy]
 
-    def pick(self, name: str | None) -> Replica:
+    def pick(self, name: str | None, *, exclude: Collection[Replica] = ()) -> Replica:
         """A healthy replica, preferring one that already holds the version, then the least busy."""
-        candidates = self.healthy()
+        candidates = [r for r in self.healthy() if r not in exclude]
         if not candidates:
             raise EngineUnavailableError("no engine replica is available; retry shortly")
         return min(

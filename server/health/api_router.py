@@ -1,4 +1,4 @@
-"""/health (liveness), /ready (engine and registry reachable), /metrics (Prometheus)."""
+"""/health (liveness), /ready (engine and registry reachable), /metrics (Prometheus, for operators)."""
 
 from __future__ import annotations
 
@@ -16,28 +16,19 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    gateway = request.app.state.gateway
-    body = {
-        "ready": gateway.router.ready,
-        "registry_revision": gateway.router.snapshot.revision,
-        "replicas": [
-            {"url": r.url, "healthy": r.healthy, "resident": list(r.resident)}
-            for r in gateway.replicas.replicas
-        ],
-    }
-    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+    """Status only: which engines exist and what they hold is for operators (``/metrics``)."""
+    is_ready = request.app.state.gateway.router.ready
+    return JSONResponse(
+        {"status": "ready" if is_ready else "not ready"}, status_code=200 if is_ready else 503
+    )
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    gateway = request.app.state.gateway
-    gauge = gateway.metrics.resident
-    gauge.clear()
-    for replica in gateway.replicas.replicas:
-        for name in replica.resident:
-            adapter, _, version = name.partition("+")[0].partition("@")
-            gauge.labels(replica.url, adapter, version).set(1)
-    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus; the replica detail (URLs, health, residency, loads) is collected at scrape time."""
+    return Response(
+        generate_latest(request.app.state.gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
 
 
 def attach_router(app: FastAPI) -> None:

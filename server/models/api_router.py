@@ -1,46 +1,58 @@
-"""GET /v1/models: the base model, and every adapter with its aliases and versions."""
+"""GET /v1/models: the base model, and every adapter (the key may use) with its aliases and versions."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, FastAPI, Request
 
+from loraflow.registry import domain
 from loraflow.server.auth import authenticate
+from loraflow.server.models.protocol import ModelCard, ModelList, VersionCard
+from loraflow.server.openapi import ERROR_RESPONSES
 from loraflow.server.routing import Router
 
 router = APIRouter()
 
 
-def model_list(r: Router) -> dict[str, Any]:
-    snap = r.snapshot
-    data: list[dict[str, Any]] = [
-        {"id": r.base_model_id, "object": "model", "owned_by": "loraflow", "parent": None}
-    ]
-    for a in snap.adapters.values():
+def model_list(r: Router, key: domain.ApiKeyInfo | None = None) -> ModelList:
+    """The base, and each adapter ``key`` may use (all of them when auth is off)."""
+    data = [ModelCard(id=r.base_model_id)]
+    for a in r.snapshot.adapters.values():
+        if key is not None and not key.allows(a.name):
+            continue
+        versions = [
+            VersionCard(
+                id=v.ref,
+                version=v.version,
+                status=v.status,
+                digest=v.digest,
+                template_matches=r.template_matches(v),
+            )
+            for v in a.versions
+        ]
         data.append(
-            {
-                "id": a.name,
-                "object": "model",
-                "owned_by": "loraflow",
-                "parent": r.base_model_id,
-                "created": int(a.created_at.timestamp()),
-                "aliases": a.aliases,
-                "versions": [
-                    {"id": v.ref, "version": v.version, "status": v.status, "digest": v.digest}
-                    for v in a.versions
-                ],
-            }
+            ModelCard(
+                id=a.name,
+                parent=r.base_model_id,
+                created=int(a.created_at.timestamp()),
+                aliases=a.aliases,
+                versions=versions,
+            )
         )
-    return {"object": "list", "data": data}
+    return ModelList(data=data)
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    response_model_exclude_unset=True,
+    responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 500)},
+)
+async def list_models(request: Request) -> ModelList:
     gateway = request.app.state.gateway
+    key = None
     if gateway.settings.auth:
-        authenticate(request.headers.get("authorization"), gateway.router.snapshot)
-    return model_list(gateway.router)
+        key = authenticate(request.headers.get("authorization"), gateway.router.snapshot)
+    return model_list(gateway.router, key)
 
 
 def attach_router(app: FastAPI) -> None:

@@ -32,8 +32,8 @@ class FakeEngine:
     async def health(self) -> bool:
         return self.up
 
-    async def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        return 200, {}
+    async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         yield b""
@@ -91,6 +91,69 @@ def test_full_of_pinned_versions_is_overload() -> None:
 
     with pytest.raises(OverloadedError):
         asyncio.run(run())
+
+
+class SlowUnloadEngine(FakeEngine):
+    """Holds exactly what was loaded and not yet unloaded; an unload waits for the test's go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded: set[str] = set()
+        self.unloading: set[str] = set()
+        self.unload_started = asyncio.Event()
+        self.finish_unloads = asyncio.Event()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await asyncio.sleep(0.01)
+        self.loaded.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        self.unloading.add(name)
+        self.unload_started.set()
+        await self.finish_unloads.wait()
+        self.loaded.discard(name)
+        self.unloading.discard(name)
+
+
+def test_a_version_being_unloaded_is_reloaded_not_sent_to_the_engine() -> None:
+    """The eviction race: while `a` is being unloaded to make room for `b`, a request for `a`
+    must wait and load it again, not be sent to an engine that is dropping it."""
+
+    async def run() -> tuple[SlowUnloadEngine, Replica, list[tuple[bool, bool]]]:
+        engine = SlowUnloadEngine()
+        replica = Replica(engine, max_resident=2)
+        for name in ("a", "c"):
+            await replica.ensure_loaded(name, _fetch, pinned=set())
+        loading_b = asyncio.create_task(replica.ensure_loaded("b", _fetch, pinned=set()))
+        await engine.unload_started.wait()  # b's load is evicting a, the least recently used
+        request_a = asyncio.create_task(replica.ensure_loaded("a", _fetch, pinned=set()))
+        when_ready: list[tuple[bool, bool]] = []  # what a request for `a` finds when it is sent
+        request_a.add_done_callback(
+            lambda _: when_ready.append(("a" in engine.loaded, "a" in engine.unloading))
+        )
+        await asyncio.sleep(0.05)
+        engine.finish_unloads.set()  # the engine drops a
+        await asyncio.gather(request_a, loading_b)
+        return engine, replica, when_ready
+
+    engine, replica, when_ready = asyncio.run(run())
+    assert when_ready == [(True, False)]  # loaded, and not being dropped
+    assert set(replica.resident) == engine.loaded == {"a", "b"}
+
+
+def test_concurrent_loads_never_exceed_the_replica_capacity() -> None:
+    async def run() -> tuple[SlowUnloadEngine, Replica, list[BaseException | None]]:
+        engine = SlowUnloadEngine()
+        engine.finish_unloads.set()
+        replica = Replica(engine, max_resident=2)
+        results = await asyncio.gather(
+            *(replica.ensure_loaded(n, _fetch, pinned=set()) for n in ("a", "b", "c")), return_exceptions=True
+        )
+        return engine, replica, results
+
+    engine, replica, results = asyncio.run(run())
+    assert set(replica.resident) == engine.loaded and len(engine.loaded) <= 2
+    assert [type(r) for r in results].count(OverloadedError) == 3 - len(engine.loaded)
 
 
 def test_pick_prefers_resident_then_healthy() -> None:
@@ -182,7 +245,8 @@ def test_resolve_unknown_or_archived_is_404(model: str) -> None:
 def test_sse_rewrite_names_the_version_and_hides_injected_usage() -> None:
     from loraflow.registry.settings import ServerSettings
 
-    gw = Gateway(ServerSettings(), _router(), ReplicaSet([], max_resident=1), GatewayMetrics())
+    router = _router()
+    gw = Gateway(ServerSettings(), router, router.replicas, GatewayMetrics(router))
     target = Target(public="support@v1", engine_model="support@v1+abc", adapter="support", version=1)
     labels = ("support", "v1")
     chunk = b'data: {"model": "support@v1+abc", "choices": [{"text": "hi"}]}'

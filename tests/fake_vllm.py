@@ -1,0 +1,175 @@
+"""A fake vLLM at the HTTP boundary (``httpx.MockTransport``) and a gateway over it, for the unit tier.
+
+Everything above the transport is real: the app, the router polling a real SQLite
+registry, and ``VLLMHttpEngine``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import ServerSettings, Settings
+from loraflow.server.app import create_app
+from loraflow.server.engine.vllm_http import VLLMHttpEngine
+from tests.factories import make_adapter
+
+BASE_ID = "tiny"
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@dataclass
+class FakeVLLM:
+    """vLLM's OpenAI server as the gateway sees it: health, models, runtime LoRA, completions."""
+
+    url: str
+    base: str
+    loaded: set[str] = field(default_factory=set)
+    up: bool = True
+    fail: str | None = None  # "connect", "500", "html500", "empty-stream"
+    break_stream_after: int | None = None  # events sent before the connection drops
+    requests: list[dict[str, Any]] = field(default_factory=list)  # each completion request's body
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if not self.up:
+            raise httpx.ConnectError("connection refused", request=request)
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/v1/models":
+            data = [{"id": self.base, "parent": None}] + [{"id": n, "parent": self.base} for n in self.loaded]
+            return httpx.Response(200, json={"object": "list", "data": data})
+        body = json.loads(request.content)
+        if path == "/v1/load_lora_adapter":
+            self.loaded.add(body["lora_name"])
+            return httpx.Response(200, text="ok")
+        if path == "/v1/unload_lora_adapter":
+            self.loaded.discard(body["lora_name"])
+            return httpx.Response(200, text="ok")
+        return self._complete(request, body)
+
+    def _complete(self, request: httpx.Request, body: dict[str, Any]) -> httpx.Response:
+        model = body["model"]
+        self.requests.append(body)
+        if self.fail == "connect":
+            raise httpx.ConnectError("connection refused", request=request)
+        if self.fail == "500":
+            return httpx.Response(500, json={"error": {"message": "CUDA error: an illegal memory access"}})
+        if self.fail == "html500":
+            return httpx.Response(500, text="<html>Internal Server Error</html>")
+        if model != self.base and model not in self.loaded:
+            return httpx.Response(404, json={"error": {"message": f"The model `{model}` does not exist."}})
+        text = f"from {self.url}"
+        if not body.get("stream"):
+            return httpx.Response(
+                200,
+                json={
+                    "id": "cmpl-1",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": body.get(
+                        "usage_override", {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+                    ),
+                },
+            )
+        events = [
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
+            }
+            for word in text.split(" ")
+        ]
+        events.append(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            }
+        )
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=self._sse(request, events)
+        )
+
+    async def _sse(self, request: httpx.Request, events: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+        if self.fail == "empty-stream":
+            return
+        for i, event in enumerate(events):
+            if self.break_stream_after is not None and i >= self.break_stream_after:
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body"
+                )
+            yield b"data: " + json.dumps(event).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+
+@dataclass
+class Setup:
+    registry: Registry
+    engines: list[FakeVLLM]
+    base: Path
+    settings: Settings
+
+
+@pytest.fixture
+def gateway_setup(tmp_path: Path, base_dir: Path) -> Iterator[Setup]:
+    (base_dir / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    settings = Settings(home=tmp_path / "home", server=ServerSettings(poll_interval_s=0.05))
+    reg = Registry.open(settings)
+    reg.register("support", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir))
+    reg.register("billing", make_adapter(tmp_path / "a2", seed=2), base_model=str(base_dir))
+    reg.promote("support", 1)
+    reg.promote("billing", 1)
+    yield Setup(registry=reg, engines=[], base=base_dir, settings=settings)
+    reg.close()
+
+
+def wait(predicate: Any, what: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def gateway(s: Setup, n_replicas: int = 1, **server: Any) -> TestClient:
+    s.engines = [FakeVLLM(f"http://replica-{i}", str(s.base)) for i in range(n_replicas)]
+    settings = s.settings.model_copy(update={"server": s.settings.server.model_copy(update=server)})
+    app = create_app(
+        settings,
+        registry=s.registry,
+        engines=[VLLMHttpEngine(e.url, transport=e.transport()) for e in s.engines],
+        base_model=str(s.base),
+        base_model_id=BASE_ID,
+    )
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def ready(client: TestClient) -> TestClient:
+    wait(lambda: client.get("/ready").status_code == 200, "/ready")
+    return client

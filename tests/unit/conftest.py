@@ -1,0 +1,3 @@
+from tests.fake_vllm import gateway_setup
+
+__all__ = ["gateway_setup"]

@@ -1,0 +1,87 @@
+"""Engine flags come from settings; an unset flag is left to vLLM; CPU defaults only without a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loraflow.cli.main import app
+from loraflow.registry.settings import ServerSettings
+from loraflow.server.engine.supervisor import detect_device, engine_env, vllm_command
+
+pytestmark = pytest.mark.unit
+
+
+def command(device: str, **settings: object) -> list[str]:
+    return vllm_command(
+        ServerSettings(**settings),  # type: ignore[arg-type]
+        model="/m",
+        served_name="m",
+        port=9,
+        device=device,  # type: ignore[arg-type]
+    )
+
+
+def flag(cmd: list[str], name: str) -> str | None:
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def test_unset_flags_are_left_to_vllm_and_cpu_defaults_stay_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cpu, gpu = command("cpu"), command("gpu")
+    for name in ("--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size"):
+        assert name not in cpu and name not in gpu
+    assert flag(cpu, "--dtype") == "float32" and flag(gpu, "--dtype") is None
+    assert engine_env("cpu")["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in engine_env("gpu")
+    assert engine_env("gpu")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert flag(cpu, "--host") == "127.0.0.1"  # the runtime-LoRA admin API stays private
+
+
+def test_settings_set_flags_and_engine_args_carry_the_rest() -> None:
+    cmd = command(
+        "gpu",
+        max_model_len=512,
+        dtype="bfloat16",
+        gpu_memory_utilization=0.85,
+        tensor_parallel_size=2,
+        max_loras=2,
+        max_cpu_loras=16,
+        max_lora_rank=32,
+        engine_args=["--enforce-eager", "--swap-space", "8"],
+    )
+    assert flag(cmd, "--max-model-len") == "512" and flag(cmd, "--dtype") == "bfloat16"
+    assert flag(cmd, "--gpu-memory-utilization") == "0.85" and flag(cmd, "--tensor-parallel-size") == "2"
+    assert (flag(cmd, "--max-loras"), flag(cmd, "--max-cpu-loras"), flag(cmd, "--max-lora-rank")) == (
+        "2",
+        "16",
+        "32",
+    )
+    assert cmd[-3:] == ["--enforce-eager", "--swap-space", "8"]
+    assert flag(command("cpu", dtype="bfloat16"), "--dtype") == "bfloat16"  # a setting beats the default
+
+
+@pytest.mark.parametrize(
+    ("value", "setting"),
+    [('["--max-model-len", "4096"]', "server.max_model_len"), ('["--port=9"]', "a free private port")],
+)
+def test_engine_args_may_not_repeat_a_flag_loraflow_sets(
+    value: str, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAFLOW_SERVER__ENGINE_ARGS", value)
+    result = CliRunner().invoke(app, ["serve", "--base-model", "/nowhere"])
+    assert result.exit_code == 2
+    assert "server.engine_args" in result.output and setting in result.output
+
+
+def test_max_cpu_loras_must_hold_a_batch(isolated_env: Path) -> None:
+    (isolated_env / "loraflow.toml").write_text("[server]\nmax_loras = 8\nmax_cpu_loras = 4\n")
+    result = CliRunner().invoke(app, ["serve", "--base-model", "/nowhere"])
+    assert result.exit_code == 2 and "max_cpu_loras (4) must be at least max_loras (8)" in result.output
+
+
+def test_no_visible_gpu_means_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect_device() == "cpu"

@@ -1,0 +1,205 @@
+"""The gateway under engine faults, over a fake vLLM at the HTTP boundary (``httpx.MockTransport``).
+
+Everything above the transport is real: the app, the router polling a real SQLite
+registry, ``VLLMHttpEngine``, and the official ``openai`` client for streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from loraflow.registry.keys import create_key
+from tests.factories import make_adapter
+from tests.fake_vllm import BASE_ID, CHAT, Setup, gateway, ready, wait
+
+pytestmark = pytest.mark.unit
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])
+
+
+def _metric(client: TestClient, line_start: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("fail", ["connect", "500", "html500"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_replica_is_retried_once_on_another(gateway_setup: Setup, fail: str, stream: bool) -> None:
+    with gateway(gateway_setup, n_replicas=2) as client:
+        ready(client)
+        first, second = gateway_setup.engines
+        first.fail = fail
+        body = {"model": "support", **CHAT, "stream": stream}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert "replica-1" in r.text and "replica-0" not in r.text
+        assert len(first.requests) == 1 and len(second.requests) == 1
+        failures = 'loraflow_engine_failures_total{phase="before_first_byte",replica="http://replica-0"}'
+        assert _metric(client, failures) == 1.0
+        # A replica that cannot be reached is taken out until its next health check.
+        r2 = client.post("/v1/chat/completions", json=body)
+        assert r2.status_code == 200
+        assert len(first.requests) == (1 if fail == "connect" else 2)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_with_no_other_replica_a_failure_is_503_with_retry_after(gateway_setup: Setup, stream: bool) -> None:
+    with gateway(gateway_setup, n_replicas=1) as client:
+        ready(client)
+        gateway_setup.engines[0].fail = "500"
+        r = client.post("/v1/chat/completions", json={"model": "support", **CHAT, "stream": stream})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        error = _error(r)
+        assert error["type"] == "service_unavailable_error" and error["code"] == "engine_unavailable"
+        assert "illegal memory access" in error["message"]
+
+
+def test_when_every_replica_fails_the_client_gets_503_not_500(gateway_setup: Setup) -> None:
+    with gateway(gateway_setup, n_replicas=2) as client:
+        ready(client)
+        for engine in gateway_setup.engines:
+            engine.fail = "html500"
+        r = client.post("/v1/chat/completions", json={"model": "support", **CHAT})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert sum(len(e.requests) for e in gateway_setup.engines) == 2  # one try, one retry
+        gateway_setup.engines[0].fail = "empty-stream"
+        gateway_setup.engines[1].fail = "empty-stream"
+        r = client.post("/v1/chat/completions", json={"model": "support", **CHAT, "stream": True})
+        assert r.status_code == 503 and "ended before its first event" in _error(r)["message"]
+
+
+def test_an_engine_dying_mid_stream_ends_the_stream_with_an_error_event(gateway_setup: Setup) -> None:
+    with gateway(gateway_setup) as client:
+        ready(client)
+        gateway_setup.engines[0].break_stream_after = 1
+        with client.stream(
+            "POST", "/v1/chat/completions", json={"model": "support", **CHAT, "stream": True}
+        ) as response:
+            assert response.status_code == 200
+            events = [line for line in response.iter_lines() if line]
+        assert len(events) == 3, events
+        assert json.loads(events[0][6:])["choices"][0]["delta"]["content"] == "from"
+        error = json.loads(events[1][6:])["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == "engine_unavailable" and "mid-stream" in error["message"]
+        assert events[2] == "data: [DONE]"
+        failures = 'loraflow_engine_failures_total{phase="mid_stream",replica="http://replica-0"}'
+        assert _metric(client, failures) == 1.0
+
+        oai = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="x", http_client=client, max_retries=0)
+        stream = oai.chat.completions.create(model="support", stream=True, **CHAT)  # type: ignore[call-overload]
+        with pytest.raises(openai.APIError, match="mid-stream"):
+            list(stream)
+
+
+def test_a_replica_that_lost_a_version_gets_it_loaded_again(gateway_setup: Setup) -> None:
+    with gateway(gateway_setup) as client:
+        ready(client)
+        engine = gateway_setup.engines[0]
+        engine.loaded.clear()  # it restarted between two health checks
+        r = client.post("/v1/chat/completions", json={"model": "support", **CHAT})
+        assert r.status_code == 200 and r.json()["model"] == "support@v1"
+        assert any(name.startswith("support@v1+") for name in engine.loaded)
+        lost = 'loraflow_engine_failures_total{phase="lost_adapter",replica="http://replica-0"}'
+        assert _metric(client, lost) == 1.0
+
+
+def test_unexpected_errors_are_500s_in_openai_shape_without_a_traceback(gateway_setup: Setup) -> None:
+    with gateway(gateway_setup) as client:
+        ready(client)
+        # An engine answer the gateway cannot read (usage is not an object) breaks the gateway's own code.
+        r = client.post(
+            "/v1/chat/completions", json={"model": "support", **CHAT, "usage_override": "garbled"}
+        )
+        assert r.status_code == 500
+        error = _error(r)
+        assert error == {
+            "message": "internal error in the gateway",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+
+        def boom() -> None:
+            raise RuntimeError("secret detail")
+
+        client.app.add_api_route("/boom", boom)  # type: ignore[attr-defined]
+        r = client.get("/boom")
+        assert r.status_code == 500 and _error(r)["code"] == "internal_error"
+        assert "secret detail" not in r.text and "Traceback" not in r.text
+
+
+def test_ready_is_status_only_and_the_detail_is_in_metrics(gateway_setup: Setup) -> None:
+    with gateway(gateway_setup, n_replicas=2) as client:
+        ready(client)
+        r = client.get("/ready")
+        assert r.json() == {"status": "ready"}
+        assert "replica" not in r.text and "support" not in r.text
+        metrics = client.get("/metrics").text
+        assert 'loraflow_replica_up{replica="http://replica-0"} 1.0' in metrics
+        assert (
+            'loraflow_resident_versions{adapter="support",replica="http://replica-1",version="v1"} 1.0'
+            in metrics
+        )
+        assert _metric(client, 'loraflow_replica_adapter_loads{replica="http://replica-0"}') == 2.0
+        assert _metric(client, "loraflow_registry_revision") == gateway_setup.registry.revision()
+        for engine in gateway_setup.engines:
+            engine.up = False
+        wait(lambda: client.get("/ready").status_code == 503, "/ready to turn 503")
+        assert client.get("/ready").json() == {"status": "not ready"}
+        assert 'loraflow_replica_up{replica="http://replica-0"} 0.0' in client.get("/metrics").text
+
+
+def test_models_lists_only_what_the_key_may_use(gateway_setup: Setup) -> None:
+    billing_key, _ = create_key(gateway_setup.registry, "billing-team", ["billing"])
+    all_key, _ = create_key(gateway_setup.registry, "ops")
+    with gateway(gateway_setup, auth=True) as client:
+        ready(client)
+
+        def ids(key: str) -> list[str]:
+            r = client.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+            return [m["id"] for m in r.json()["data"]]
+
+        assert ids(billing_key) == [BASE_ID, "billing"]
+        assert ids(all_key) == [BASE_ID, "billing", "support"]
+        assert client.get("/v1/models").status_code == 401
+
+
+def test_models_show_whether_each_version_matches_the_served_chat_template(
+    gateway_setup: Setup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    served = hashlib.sha256((gateway_setup.base / "chat_template.jinja").read_bytes()).hexdigest()
+    gateway_setup.registry.register(
+        "support",
+        make_adapter(tmp_path / "a3", seed=3),
+        base_model=str(gateway_setup.base),
+        chat_template_hash=served,
+    )
+    gateway_setup.registry.register(
+        "support",
+        make_adapter(tmp_path / "a4", seed=4),
+        base_model=str(gateway_setup.base),
+        chat_template_hash="0" * 64,
+    )
+    with caplog.at_level("WARNING", logger="loraflow.routing"), gateway(gateway_setup) as client:
+        ready(client)
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    matches = {v["id"]: v["template_matches"] for v in models["support"]["versions"]}
+    assert matches == {"support@v1": None, "support@v2": True, "support@v3": False}
+    assert "support@v3 was trained with a different chat template" in caplog.text
+    assert "support@v2 was" not in caplog.text
