@@ -144,12 +144,57 @@ def _tokens(rows: list[dict[str, Any]], count: Any) -> int:
     return sum(int(count(row["prompt"] + row["completion"])) for row in rows)
 
 
-def _peak_memory_bytes() -> int:
-    import torch
+class PeakMemory:
+    """The peak memory of one training run, not of the whole process.
 
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    On a GPU it is torch's peak allocation since the run began. On Linux it is the
+    peak resident set size (VmHWM) after resetting it at the start of the run
+    (``/proc/self/clear_refs``), so a long-lived process that trained, say, a bigger
+    model before reports this run's peak. Elsewhere it falls back to the process
+    peak (``ru_maxrss``), and ``scope`` says so.
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        self.on_gpu = torch.cuda.is_available()
+        self.scope = "run"
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            self.scope = "process"
+
+    def peak_bytes(self) -> int:
+        import torch
+
+        if self.on_gpu:
+            return int(torch.cuda.max_memory_allocated())
+        if self.scope == "run":
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _StartStep:
+    """Records the optimizer step training starts from: 0, or the checkpoint's when resuming."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class StartStep(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                recorder.step = int(state.global_step)
+
+        return StartStep()
 
 
 def train(
@@ -166,6 +211,7 @@ def train(
         raise MissingDependencyError("training needs pip install 'loraflow[train]'") from exc
 
     started = time.perf_counter()
+    memory = PeakMemory()
     max_length = config.max_length or settings.trainer.max_length
     system_prompt = (
         config.system_prompt if config.system_prompt is not None else settings.trainer.system_prompt
@@ -235,6 +281,7 @@ def train(
         bf16=on_gpu,
         dataloader_pin_memory=on_gpu,
     )
+    start_step = _StartStep()
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -245,6 +292,7 @@ def train(
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
             _progress_callback(),
+            start_step.callback(),
         ],
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the losses instead of raw dicts
@@ -283,9 +331,11 @@ def train(
         "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
         "epochs": round(epochs_done, 3),
         "tokens_per_second": round(train_tokens * epochs_done / train_seconds, 1) if train_seconds else None,
-        "peak_memory_bytes": _peak_memory_bytes(),
+        "peak_memory_bytes": memory.peak_bytes(),
+        "peak_memory_scope": memory.scope,
         "wall_time_s": None,  # filled below
         "resumed": resuming,
+        "resumed_from_step": start_step.step if resuming else None,
         "device": "cuda" if on_gpu else "cpu",
     }
 

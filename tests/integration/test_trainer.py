@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,46 @@ def _config(ws: dict[str, Any], **kw: Any) -> TrainConfig:
     return TrainConfig(**values)
 
 
+@contextmanager
+def recording_trainers() -> Iterator[list[Any]]:
+    """Observe the SFTTrainer a run builds (its model, after training), without changing it."""
+    import trl.trainer.sft_trainer as sft
+
+    trainers: list[Any] = []
+
+    class Recording(sft.SFTTrainer):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sft, "SFTTrainer", Recording)
+        yield trainers
+
+
 @pytest.fixture(scope="module")
 def lora_run(workspace: dict[str, Any]) -> Any:
     from loraflow.trainer.train import train
 
-    return train(_config(workspace), registry=workspace["registry"], settings=workspace["settings"])
+    with recording_trainers() as trainers:
+        run = train(_config(workspace), registry=workspace["registry"], settings=workspace["settings"])
+    (trainer,) = trainers
+    workspace["lora_model"] = trainer.model  # the PeftModel as training left it
+    return run
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 def test_prepare_dedups_splits_and_profiles(workspace: dict[str, Any]) -> None:
@@ -134,7 +170,7 @@ def test_prepare_is_deterministic_and_near_dups_are_dropped(
 def test_lora_run_learns_the_format_and_to_stop(workspace: dict[str, Any], lora_run: Any) -> None:
     m, rep = lora_run.metrics, lora_run.eval_report
     assert m["eval_loss"] < m["base_eval_loss"]
-    assert m["train_loss"] > 0 and m["tokens_per_second"] > 0 and m["peak_memory_bytes"] > 0
+    assert m["train_loss"] > 0 and m["tokens_per_second"] > 0
     assert m["loss_curve"] and m["eval_curve"] and m["wall_time_s"] > 0
     assert rep["adapter"]["json_format_rate"] >= 0.75
     assert rep["base"]["json_format_rate"] == 0.0
@@ -148,7 +184,22 @@ def test_lora_run_learns_the_format_and_to_stop(workspace: dict[str, Any], lora_
     assert workspace["registry"].get("orders").base_model == str(workspace["base"].resolve())
 
 
-def test_registered_adapter_moved_only_lora_weights_and_stops_by_itself(
+def test_training_moved_only_the_lora_weights(workspace: dict[str, Any], lora_run: Any) -> None:
+    """The model SFTTrainer trained: every base weight is bit-identical to the base on disk."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pristine = AutoModelForCausalLM.from_pretrained(str(workspace["base"]), dtype=torch.float32).state_dict()
+    trained = workspace["lora_model"].get_base_model().state_dict()
+    base_weights = {k: v for k, v in trained.items() if "lora_" not in k}
+    assert {k.replace(".base_layer", "") for k in base_weights} == set(pristine)
+    for name, tensor in base_weights.items():
+        torch.testing.assert_close(tensor, pristine[name.replace(".base_layer", "")], rtol=0, atol=0)
+    lora_b = [t for k, t in trained.items() if "lora_B" in k]
+    assert len(lora_b) == 14 and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero; all moved
+
+
+def test_the_registered_adapter_emits_json_and_stops_by_itself(
     workspace: dict[str, Any], lora_run: Any, tmp_path: Path
 ) -> None:
     import torch
@@ -162,18 +213,12 @@ def test_registered_adapter_moved_only_lora_weights_and_stops_by_itself(
     reg: Registry = workspace["registry"]
     folder = reg.fetch(lora_run.version, tmp_path / "adapter")
     weights = load_file(str(folder / "adapter_model.safetensors"))
-    b_norms = [t.norm().item() for k, t in weights.items() if "lora_B" in k]
-    assert b_norms and min(b_norms) > 0  # B starts at zero: every B moved
-    assert all("lora_" in k for k in weights)  # nothing but LoRA matrices was saved
+    assert weights and all("lora_" in k for k in weights)  # nothing but LoRA matrices was saved
+    trained = {k: v for k, v in workspace["lora_model"].state_dict().items() if "lora_" in k}
+    assert len(trained) == len(weights)  # the registered files are what training produced
 
     base = AutoModelForCausalLM.from_pretrained(str(workspace["base"]), dtype=torch.float32)
-    reference = {k: v.clone() for k, v in base.state_dict().items()}
     model = PeftModel.from_pretrained(base, str(folder)).eval()
-    for name, tensor in model.get_base_model().state_dict().items():
-        key = name.replace(".base_layer", "")
-        if "lora_" not in name and key in reference:
-            torch.testing.assert_close(tensor, reference[key], rtol=0, atol=0)
-
     tokenizer = AutoTokenizer.from_pretrained(str(workspace["base"]))
     held_out = load_split(reg, workspace["dataset"], "test")[:8]
     results = []
@@ -199,13 +244,26 @@ def _is_order_json(text: str) -> bool:
 
 
 def test_qlora_run(workspace: dict[str, Any]) -> None:
+    import torch
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
     from loraflow.trainer.train import train
 
-    run = train(
-        _config(workspace, adapter="orders-qlora", qlora=True, learning_rate=5e-3, epochs=12),
-        registry=workspace["registry"],
-        settings=workspace["settings"],
-    )
+    with recording_trainers() as trainers:
+        run = train(
+            _config(workspace, adapter="orders-qlora", qlora=True, learning_rate=5e-3, epochs=12),
+            registry=workspace["registry"],
+            settings=workspace["settings"],
+        )
+    model = trainers[0].model
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert len(quantized) == 14  # every linear projection of both layers is 4-bit
+    for module in quantized.values():
+        assert isinstance(module.weight, Params4bit) and module.weight.quant_type == "nf4"
+        assert module.weight.dtype == torch.uint8 and not module.weight.requires_grad
+        assert module.weight.quant_state.nested  # double quantization
+    lora_wrapped = [n for n, m in model.named_modules() if type(m).__module__ == "peft.tuners.lora.bnb"]
+    assert len(lora_wrapped) == 14  # and LoRA runs on top of each
     m, rep = run.metrics, run.eval_report
     assert run.version.training_config is not None and run.version.training_config["qlora"] is True
     assert m["eval_loss"] < m["base_eval_loss"]
@@ -253,23 +311,70 @@ def test_a_failure_after_training_registers_nothing(
 
 
 def test_resume_continues_from_the_last_checkpoint(workspace: dict[str, Any]) -> None:
+    """10 steps, then --resume to 20, ends where 20 straight steps end: it picked up the
+    checkpoint's weights, optimizer state and place in the data, and ran only the rest."""
+    from safetensors.torch import load_file
+
     from loraflow.trainer.train import train
 
+    reg: Registry = workspace["registry"]
+    run = {"eval_steps": 5, "eval_generations": 0, "lr_scheduler": "constant"}
     first = train(
-        _config(workspace, adapter="resumed", max_steps=10, eval_steps=5, eval_generations=0),
-        registry=workspace["registry"],
+        _config(workspace, adapter="resumed", max_steps=10, **run),
+        registry=reg,
         settings=workspace["settings"],
     )
     second = train(
-        _config(workspace, adapter="resumed", max_steps=20, eval_steps=5, eval_generations=0),
-        registry=workspace["registry"],
+        _config(workspace, adapter="resumed", max_steps=20, **run),
+        registry=reg,
         settings=workspace["settings"],
         resume=True,
     )
-    assert first.metrics["resumed"] is False and second.metrics["resumed"] is True
-    assert second.metrics["steps"] == 20
+    straight = train(
+        _config(workspace, adapter="straight", max_steps=20, **run),
+        registry=reg,
+        settings=workspace["settings"],
+    )
+    assert (first.metrics["resumed"], first.metrics["resumed_from_step"]) == (False, None)
+    assert (second.metrics["resumed"], second.metrics["resumed_from_step"]) == (True, 10)
+    assert second.metrics["steps"] == straight.metrics["steps"] == 20
     assert second.metrics["base_eval_loss"] == first.metrics["base_eval_loss"]
-    assert [v.version for v in workspace["registry"].get("resumed").versions] == [1, 2]
+    assert [v.version for v in reg.get("resumed").versions] == [1, 2]
+
+    def weights(version: Any, name: str) -> dict[str, Any]:
+        folder = reg.fetch(version, workspace["root"] / "fetched" / name)
+        return dict(load_file(str(folder / "adapter_model.safetensors")))
+
+    resumed, uninterrupted, after_ten = (
+        weights(second.version, "resumed"),
+        weights(straight.version, "straight"),
+        weights(first.version, "first"),
+    )
+    import torch
+
+    for key, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(after_ten[k], uninterrupted[k]) for k in uninterrupted)  # it trained on
+
+
+def test_peak_memory_is_the_runs_not_the_processes(workspace: dict[str, Any]) -> None:
+    """A process that once held more than this run needs reports this run's peak."""
+    from loraflow.trainer.train import train
+
+    ballast = bytearray(2 * 1024**3)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # touch every page: the process's high-water mark rises by 2 GiB
+    high_water = _vm_hwm()
+    del ballast
+    before_run = _rss()
+    run = train(
+        _config(workspace, adapter="memory", max_steps=3, eval_steps=3, eval_generations=0),
+        registry=workspace["registry"],
+        settings=workspace["settings"],
+    )
+    peak = run.metrics["peak_memory_bytes"]
+    assert run.metrics["peak_memory_scope"] == "run"
+    assert before_run <= peak < high_water - 1024**3
 
 
 def test_cli_validate_reports_every_bad_line(workspace: dict[str, Any], tmp_path: Path) -> None:
