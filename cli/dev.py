@@ -17,9 +17,12 @@ app = typer.Typer(name="dev", help="Development tools.", no_args_is_help=True, a
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR")],
     seed: Annotated[int, typer.Option()] = 0,
+    max_position_embeddings: Annotated[
+        int, typer.Option(min=64, help="Its context length (config.json max_position_embeddings).")
+    ] = 1024,
 ) -> None:
     """Build a tiny random Llama model with a trained tokenizer and chat template (no network)."""
     from loraflow.trainer.tiny import build_tiny_model
 
-    build_tiny_model(out_dir, seed=seed)
+    build_tiny_model(out_dir, seed=seed, max_position_embeddings=max_position_embeddings)
     out.print(f"tiny Llama model written to {out_dir}")

@@ -62,7 +62,9 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     return out
 
 
-def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024) -> Path:
+def build_tiny_model(
+    out_dir: Path, *, seed: int = 0, vocab_size: int = 1024, max_position_embeddings: int = 1024
+) -> Path:
     """Write a tiny Llama model folder (config, safetensors weights, tokenizer, chat template)."""
     try:
         import torch
@@ -90,7 +92,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024) ->
         bos_token=BOS,
         eos_token=IM_END,
         pad_token=PAD,
-        model_max_length=1024,
+        model_max_length=max_position_embeddings,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
@@ -102,7 +104,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 1024) ->
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         dtype="float32",
-        **TINY_CONFIG,
+        **(TINY_CONFIG | {"max_position_embeddings": max_position_embeddings}),
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = fast.eos_token_id

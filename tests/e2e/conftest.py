@@ -6,18 +6,29 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
 from loraflow.server.embedded import serve_in_thread, wait_until_ok
-from loraflow.server.engine.supervisor import engine_env, free_port, vllm_command
+from loraflow.server.engine.supervisor import (
+    EngineProcess,
+    engine_env,
+    free_port,
+    log_tail,
+    resolve_device,
+    vllm_command,
+)
+from loraflow.server.engine.vllm_http import VLLMHttpEngine
 
 BASE_NAME = "tiny-llama"
+ENGINE_SETTINGS = ServerSettings(max_loras=4, max_cpu_loras=8, max_lora_rank=16)
 
 
 @dataclass
@@ -31,25 +42,36 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter
 
     root = tmp_path_factory.mktemp("e2e-assets")
-    base = build_tiny_model(root / "base")
+    # A 4096-token context lets a stream run for ~15 s on this CPU (see the engine-death test).
+    base = build_tiny_model(root / "base", max_position_embeddings=4096)
     adapters = {
         f"a{seed}": random_lora_adapter(base, root / f"a{seed}", r=8, seed=seed) for seed in (1, 2, 3)
     }
     return Assets(base=base, adapters=adapters)
 
 
+def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    """Poll ``predicate`` against a deadline (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
 def start_engine(base: Path, log: Path, *, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """The engine command `loraflow serve` supervises, shared by the whole session."""
     port = port or free_port()
-    settings = ServerSettings(max_loras=4, max_cpu_loras=8, max_lora_rank=16, max_model_len=512)
-    cmd = vllm_command(settings, model=str(base), served_name=BASE_NAME, port=port)
+    device = resolve_device(ENGINE_SETTINGS)
+    cmd = vllm_command(ENGINE_SETTINGS, model=str(base), served_name=str(base), port=port, device=device)
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(), start_new_session=True
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(device), start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
-    if not wait_until_ok(f"{url}/health", 240):
+    if not wait_until_ok(f"{url}/health", 240, alive=lambda: proc.poll() is None):
         stop(proc)
-        raise TimeoutError(f"engine at {url} did not start (log {log})")
+        raise RuntimeError(f"engine at {url} did not start:\n{log_tail(log)}")
     return proc, url
 
 
@@ -71,13 +93,58 @@ def engine_url(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @dataclass
+class RecordingEngine:
+    """A real VLLMHttpEngine, passed through untouched, that keeps a timeline of what the gateway
+    asked of it: ("request", model, t) when a completion is sent, ("loaded", name, t) when a load
+    finished. ``before_load`` runs before each load reaches the engine (to kill it there)."""
+
+    inner: VLLMHttpEngine
+    before_load: Callable[[str], Awaitable[None]] | None = None
+    timeline: list[tuple[str, str, float]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.inner.url
+
+    def first(self, kind: str, name: str) -> float | None:
+        return min((t for k, n, t in self.timeline if k == kind and n == name), default=None)
+
+    async def health(self) -> bool:
+        return await self.inner.health()
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.timeline.append(("request", body["model"], time.monotonic()))
+        return await self.inner.post_json(path, body)
+
+    def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        self.timeline.append(("request", body["model"], time.monotonic()))
+        return self.inner.stream(path, body)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self.before_load is not None:
+            await self.before_load(name)
+        await self.inner.load_adapter(name, path)
+        self.timeline.append(("loaded", name, time.monotonic()))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.inner.unload_adapter(name)
+
+    async def loaded_adapters(self) -> list[str]:
+        return await self.inner.loaded_adapters()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@dataclass
 class Gateway:
     url: str
     registry: Registry
     settings: Settings
-    app: object
+    app: Any
+    engines: list[RecordingEngine]
 
-    def client(self, api_key: str = "unused", **kw: object) -> object:
+    def client(self, api_key: str = "unused", **kw: object) -> Any:
         from openai import OpenAI
 
         return OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kw)  # type: ignore[arg-type]
@@ -87,18 +154,25 @@ def run_gateway(
     settings: Settings,
     registry: Registry,
     engine_urls: list[str],
-    supervised: list | None = None,
+    base: Path,
+    *,
+    supervised: list[EngineProcess] | None = None,
+    before_load: Callable[[str], Awaitable[None]] | None = None,
     ready_path: str = "/ready",
 ) -> Iterator[Gateway]:
     from loraflow.server.app import create_app
-    from loraflow.server.engine.vllm_http import VLLMHttpEngine
 
-    engines = [VLLMHttpEngine(u, timeout_s=60) for u in engine_urls]
+    engines = [RecordingEngine(VLLMHttpEngine(u, timeout_s=60), before_load=before_load) for u in engine_urls]
     app = create_app(
-        settings, registry=registry, engines=list(engines), base_model_id=BASE_NAME, supervised=supervised
+        settings,
+        registry=registry,
+        engines=list(engines),
+        base_model=str(base),
+        base_model_id=BASE_NAME,
+        supervised=supervised,
     )
     with serve_in_thread(app, free_port(), ready_path=ready_path) as url:
-        yield Gateway(url=url, registry=registry, settings=settings, app=app)
+        yield Gateway(url=url, registry=registry, settings=settings, app=app, engines=engines)
 
 
 @pytest.fixture
@@ -115,6 +189,6 @@ def registry(tmp_path: Path, assets: Assets) -> Iterator[Registry]:
 
 
 @pytest.fixture
-def gateway(registry: Registry, engine_url: str, tmp_path: Path) -> Iterator[Gateway]:
+def gateway(registry: Registry, engine_url: str, assets: Assets, tmp_path: Path) -> Iterator[Gateway]:
     settings = Settings(home=tmp_path / "home", server=ServerSettings(poll_interval_s=0.1, max_cpu_loras=8))
-    yield from run_gateway(settings, registry, [engine_url])
+    yield from run_gateway(settings, registry, [engine_url], assets.base)

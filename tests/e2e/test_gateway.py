@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -17,8 +21,9 @@ import openai
 import pytest
 
 from loraflow.registry.keys import create_key
+from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
-from tests.e2e.conftest import BASE_NAME, Assets, Gateway, run_gateway
+from tests.e2e.conftest import BASE_NAME, ENGINE_SETTINGS, Assets, Gateway, run_gateway, wait_for
 
 pytestmark = pytest.mark.e2e
 CHAT = [{"role": "user", "content": "alice from paris ordered 3 items"}]
@@ -117,7 +122,9 @@ def test_error_schema_and_status(gateway: Gateway) -> None:
     r = post({"model": "ghost", "messages": CHAT})
     assert r.status_code == 404 and _error(r)["code"] == "model_not_found" and _error(r)["param"] == "model"
     gateway.registry.archive("support", 2)
-    time.sleep(0.5)
+    wait_for(
+        lambda: post({"model": "support@v2", "messages": CHAT}).status_code == 404, "the archive to show"
+    )
     r = post({"model": "support@v2", "messages": CHAT})
     assert r.status_code == 404 and "archived" in _error(r)["message"]
     r = post({"model": "support:canary", "messages": CHAT})
@@ -141,6 +148,7 @@ def test_models_lists_base_and_adapters(gateway: Gateway) -> None:
     assert set(models) == {BASE_NAME, "support", "billing"}
     assert models["support"]["aliases"] == {"production": 1}
     assert [v["id"] for v in models["support"]["versions"]] == ["support@v1", "support@v2"]
+    assert [v["template_matches"] for v in models["support"]["versions"]] == [None, None]  # no hash recorded
     assert [m.id for m in gateway.client().models.list()] == list(models)
 
 
@@ -161,11 +169,11 @@ def test_metrics_per_adapter_version(gateway: Gateway) -> None:
     assert 'loraflow_resident_versions{adapter="support",replica=' in text
 
 
-def test_api_keys(registry: Any, engine_url: str, tmp_path: Path) -> None:
+def test_api_keys(registry: Any, engine_url: str, assets: Assets, tmp_path: Path) -> None:
     settings = Settings(home=tmp_path / "home", server=ServerSettings(auth=True, poll_interval_s=0.1))
     billing_key, _ = create_key(registry, "billing-team", ["billing"])
     all_key, _ = create_key(registry, "ops")
-    for gw in run_gateway(settings, registry, [engine_url]):
+    for gw in run_gateway(settings, registry, [engine_url], assets.base):
         with pytest.raises(openai.AuthenticationError) as info:
             _chat(gw.client("lf-not-a-key"), "billing")
         assert info.value.status_code == 401
@@ -176,16 +184,25 @@ def test_api_keys(registry: Any, engine_url: str, tmp_path: Path) -> None:
         assert denied.value.status_code == 403
         assert _chat(gw.client(billing_key), "billing").model == "billing@v1"
         assert _chat(gw.client(all_key), "support").model == "support@v1"
+        assert [m.id for m in gw.client(billing_key).models.list()] == [BASE_NAME, "billing"]
         registry.store.revoke_api_key(name="ops", actor="test")
-        time.sleep(0.5)
-        with pytest.raises(openai.AuthenticationError):
-            _chat(gw.client(all_key), "support")
+
+        def revoked(gw: Gateway = gw) -> bool:
+            try:
+                _chat(gw.client(all_key), "support")
+            except openai.AuthenticationError:
+                return True
+            return False
+
+        wait_for(revoked, "the revoked key to be refused", timeout_s=10)
 
 
-def test_overload_is_429_with_retry_after(registry: Any, engine_url: str, tmp_path: Path) -> None:
+def test_overload_is_429_with_retry_after(
+    registry: Any, engine_url: str, assets: Assets, tmp_path: Path
+) -> None:
     settings = Settings(home=tmp_path / "home", server=ServerSettings(max_concurrency=1, poll_interval_s=0.1))
     body = {"model": "support", "prompt": "x", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
-    for gw in run_gateway(settings, registry, [engine_url]):
+    for gw in run_gateway(settings, registry, [engine_url], assets.base):
         url = f"{gw.url}/v1/completions"
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda _, u=url: httpx.post(u, json=body, timeout=60), range(6)))
@@ -197,15 +214,16 @@ def test_overload_is_429_with_retry_after(registry: Any, engine_url: str, tmp_pa
         assert httpx.post(f"{gw.url}/v1/completions", json=body, timeout=60).status_code == 200
 
 
-def test_engine_down_is_503_with_retry_after(registry: Any, tmp_path: Path) -> None:
+def test_engine_down_is_503_with_retry_after(registry: Any, assets: Assets, tmp_path: Path) -> None:
     from loraflow.server.engine.supervisor import free_port
 
     settings = Settings(home=tmp_path / "home", server=ServerSettings(poll_interval_s=0.1))
     dead = f"http://127.0.0.1:{free_port()}"
-    gen = run_gateway(settings, registry, [dead], ready_path="/health")
+    gen = run_gateway(settings, registry, [dead], assets.base, ready_path="/health")
     gw = next(gen)
     try:
-        assert httpx.get(f"{gw.url}/ready").status_code == 503
+        ready = httpx.get(f"{gw.url}/ready")
+        assert ready.status_code == 503 and ready.json() == {"status": "not ready"}
         r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "support", "messages": CHAT})
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         assert _error(r)["type"] == "service_unavailable_error"
@@ -213,8 +231,10 @@ def test_engine_down_is_503_with_retry_after(registry: Any, tmp_path: Path) -> N
         gen.close()
 
 
-def _promote_in_another_process(home: Path, *args: str) -> float:
+def _promote_in_another_process(home: Path, *args: str, database_url: str | None = None) -> float:
     env = {**os.environ, "LORAFLOW_HOME": str(home)}
+    if database_url:
+        env["LORAFLOW_DATABASE_URL"] = database_url
     done = subprocess.run(
         [str(Path(sys.executable).parent / "adapters"), "promote", *args],
         env=env,
@@ -226,113 +246,188 @@ def _promote_in_another_process(home: Path, *args: str) -> float:
     return time.monotonic()
 
 
-def test_promote_under_load_hot_swaps_with_no_failed_request(gateway: Gateway, tmp_path: Path) -> None:
-    client = gateway.client()
-    stop = threading.Event()
-    log: list[tuple[float, str | None, str]] = []  # (start, served model, error)
-
-    def worker() -> None:
-        while not stop.is_set():
-            start = time.monotonic()
-            try:
-                log.append((start, _chat(client, "support").model, ""))
-            except Exception as exc:  # every failure is recorded and fails the test below
-                log.append((start, None, repr(exc)))
-
-    # A long stream that starts on v1 must finish on v1.
-    long_stream = client.completions.create(
-        model="support",
-        prompt="alice",
-        max_tokens=300,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    first = next(iter(long_stream))
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(2.0)
-    promote_started = time.monotonic()
-    promoted_at = _promote_in_another_process(tmp_path / "home", "support", "v2", "--expect", "v1")
-    time.sleep(3.0)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    rest = list(long_stream)
-
-    assert {c.model for c in [first, *rest]} == {"support@v1"}
-    assert sum(len(c.choices[0].text) for c in rest if c.choices) > 0
-    failures = [entry for entry in log if entry[2]]
-    assert not failures, failures[:3]
-    assert len(log) > 20
-    assert {m for _, m, _ in log} == {"support@v1", "support@v2"}
-    late = [m for start, m, _ in log if start > promoted_at + 1.0]
-    assert late and set(late) == {"support@v2"}  # served within 1 s of the change
-    early = [m for start, m, _ in log if start < promote_started]
-    assert early and set(early) == {"support@v1"}
+def _engine_holds(engine_url: str) -> set[str]:
+    models = httpx.get(f"{engine_url}/v1/models", timeout=10).json()["data"]
+    return {m["id"] for m in models if m.get("parent")}
 
 
-def test_engine_crash_mid_load_gets_503_then_recovers(registry: Any, assets: Assets, tmp_path: Path) -> None:
+def test_promoting_a_cold_version_under_load_hot_swaps_with_no_failed_request(
+    registry: Registry, engine_url: str, assets: Assets, tmp_path: Path
+) -> None:
+    from loraflow.server.routing import engine_name
+    from loraflow.trainer.tiny import random_lora_adapter
+
+    # A version whose bytes no engine has seen: its load really happens during this test.
+    fresh = random_lora_adapter(assets.base, tmp_path / "fresh", r=8, seed=secrets.randbelow(10**9))
+    cold = registry.register("support", fresh, base_model=str(assets.base))
+    cold_name = engine_name(cold)
+    assert cold_name not in _engine_holds(engine_url)
+    routed_to_at_load: list[str] = []  # what `model=support` resolved to while v3 was loading
+
+    async def before_load(name: str) -> None:
+        if name == cold_name:
+            routed_to_at_load.append(gateway.app.state.gateway.router.resolve("support").public)
+
+    settings = Settings(home=tmp_path / "home", server=ServerSettings(poll_interval_s=0.1))
+    gen = run_gateway(settings, registry, [engine_url], assets.base, before_load=before_load)
+    with contextlib.closing(gen):
+        gateway = next(gen)
+
+        client = gateway.client()
+        stop = threading.Event()
+        log: list[tuple[float, str | None, str]] = []  # (start, served model, error)
+
+        def worker() -> None:
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    log.append((start, _chat(client, "support").model, ""))
+                except Exception as exc:  # every failure is recorded and fails the test below
+                    log.append((start, None, repr(exc)))
+
+        # A long stream that starts on v1 must finish on v1.
+        long_stream = client.completions.create(
+            model="support",
+            prompt="alice",
+            max_tokens=300,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        first = next(iter(long_stream))
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(log) >= 8, "requests before the promote")
+        promote_started = time.monotonic()
+        promoted_at = _promote_in_another_process(tmp_path / "home", "support", "v3", "--expect", "v1")
+        wait_for(
+            lambda: sum(start > promoted_at + 1.0 for start, _, _ in log) >= 8,
+            "requests more than 1 s after the promote",
+        )
+        stop.set()
+        for t in threads:
+            t.join(60)
+        rest = list(long_stream)
+
+        assert {c.model for c in [first, *rest]} == {"support@v1"}
+        assert sum(len(c.choices[0].text) for c in rest if c.choices) > 0
+        failures = [entry for entry in log if entry[2]]
+        assert not failures, failures[:3]
+        assert {m for _, m, _ in log} == {"support@v1", "support@v3"}
+        late = [m for start, m, _ in log if start > promoted_at + 1.0]
+        assert late and set(late) == {"support@v3"}  # served within 1 s of the change
+        early = [m for start, m, _ in log if start < promote_started]
+        assert early and set(early) == {"support@v1"}
+        # The load happened after the promote, while the routing table still said v1 (a preload, not a
+        # request waiting on a cold load), and finished before any request was sent to v3.
+        (engine,) = gateway.engines
+        loaded_at, first_request = engine.first("loaded", cold_name), engine.first("request", cold_name)
+        assert loaded_at is not None and first_request is not None
+        assert promote_started < loaded_at < first_request
+        assert routed_to_at_load == ["support@v1"]
+        assert cold_name in _engine_holds(engine_url)
+
+
+def test_engine_death_mid_stream_and_mid_load(registry: Any, assets: Assets, tmp_path: Path) -> None:
+    """The supervised engine is killed while a stream is open and a cold version is loading:
+    the stream ends with an error event, the load is a 503 with Retry-After (never a bare 500),
+    the engine is restarted, and serving resumes with the same outputs."""
     from loraflow.server.engine.supervisor import EngineProcess
+    from loraflow.server.routing import engine_name
 
-    server_settings = ServerSettings(
-        poll_interval_s=0.1, max_lora_rank=16, max_model_len=512, max_loras=4, max_cpu_loras=8
-    )
+    server_settings = ENGINE_SETTINGS.model_copy(update={"poll_interval_s": 0.1})
     settings = Settings(home=tmp_path / "home", server=server_settings)
     process = EngineProcess(
-        server_settings, model=str(assets.base), served_name=BASE_NAME, log_file=tmp_path / "engine.log"
+        server_settings,
+        model=str(assets.base),
+        served_name=str(assets.base),
+        log_file=tmp_path / "engine.log",
     )
-    gen = run_gateway(settings, registry, [process.url], supervised=[process])
+    cold_v2 = engine_name(registry.get_version("support", 2))
+    kill_on_load = threading.Event()
+
+    async def before_load(name: str) -> None:
+        if name == cold_v2 and kill_on_load.is_set():
+            assert process.process is not None
+            os.killpg(process.process.pid, signal.SIGKILL)  # the engine dies as v2's load begins
+            await _until_dead(process.url, time.monotonic() + 10)
+
+    gen = run_gateway(
+        settings, registry, [process.url], assets.base, supervised=[process], before_load=before_load
+    )
     gw = next(gen)
     try:
-        client = gw.client(timeout=60)
+        client, http = gw.client(timeout=60), httpx.Client(timeout=60)
         before = _chat(client, "support").choices[0].message.content
+        stream = client.completions.create(
+            model="support",
+            prompt="x",
+            max_tokens=4000,  # ~15 s on this CPU, so it is still running when the engine dies
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        assert next(iter(stream)).model == "support@v1"
 
-        def cold_load() -> int:
-            return httpx.post(
-                f"{gw.url}/v1/chat/completions",
-                timeout=60,
-                json={"model": "support@v2", "messages": CHAT, "max_tokens": 4},
-            ).status_code
-
-        assert process.process is not None
-        with ThreadPoolExecutor(1) as pool:
-            loading = pool.submit(cold_load)
-            os.killpg(process.process.pid, 9)  # the engine dies while v2 is being loaded
-            status = loading.result()
-        assert status in (200, 503)
+        kill_on_load.set()
+        r = http.post(
+            f"{gw.url}/v1/chat/completions", json={"model": "support@v2", "messages": CHAT, "max_tokens": 4}
+        )
+        kill_on_load.clear()
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert _error(r)["code"] == "engine_unavailable"
+        with pytest.raises(openai.APIError, match="mid-stream"):
+            list(stream)  # the open stream ended with an error event, not a truncated body
 
         statuses = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            r = httpx.post(
+
+        def served() -> bool:
+            response = httpx.post(
                 f"{gw.url}/v1/chat/completions",
                 timeout=60,
                 json={"model": "support", "messages": CHAT, "max_tokens": 12, "temperature": 0},
             )
-            statuses.append(r.status_code)
-            if r.status_code == 200:
-                break
-            assert r.status_code == 503 and r.headers.get("retry-after"), r.text
-            time.sleep(1.0)
-        assert 503 in statuses and statuses[-1] == 200
-        assert process.restarts == 1
-        assert r.json()["choices"][0]["message"]["content"] == before
-        ready = httpx.get(f"{gw.url}/ready").json()
-        assert ready["ready"] is True
-        # No stale routing: the restarted engine's residency was re-learned, and v2 loads again on demand.
+            statuses.append(response.status_code)
+            if response.status_code != 200:
+                assert response.status_code == 503 and response.headers.get("retry-after"), response.text
+                time.sleep(0.5)
+                return False
+            assert response.json()["choices"][0]["message"]["content"] == before
+            return True
+
+        wait_for(served, "the restarted engine to serve", timeout_s=240)
+        assert 503 in statuses and process.restarts == 1
+        assert httpx.get(f"{gw.url}/ready").json() == {"status": "ready"}
+        # No stale routing: the restarted engine's residency was re-learned, and v2 loads on demand.
         assert _chat(client, "support@v2").model == "support@v2"
-        resident = ready["replicas"][0]["resident"]
-        assert any(name.startswith("support@v1+") for name in resident)
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert (
+            f'loraflow_resident_versions{{adapter="support",replica="{process.url}",version="v1"}} 1.0'
+            in metrics
+        )
+        assert f'loraflow_engine_failures_total{{phase="mid_stream",replica="{process.url}"}} 1.0' in metrics
     finally:
         gen.close()
     assert process.process is not None and process.process.returncode is not None  # engine stopped with us
 
 
-def test_shutdown_drains_in_flight_streams(registry: Any, engine_url: str, tmp_path: Path) -> None:
+async def _until_dead(url: str, deadline: float) -> None:
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            try:
+                await client.get(f"{url}/health", timeout=1)
+            except httpx.HTTPError:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"the engine at {url} did not die")
+
+
+def test_shutdown_drains_in_flight_streams(
+    registry: Any, engine_url: str, assets: Assets, tmp_path: Path
+) -> None:
     settings = Settings(home=tmp_path / "home", server=ServerSettings(poll_interval_s=0.1))
-    gen = run_gateway(settings, registry, [engine_url])
+    gen = run_gateway(settings, registry, [engine_url], assets.base)
     gw = next(gen)
     body = {
         "model": "support",
@@ -354,3 +449,34 @@ def test_shutdown_drains_in_flight_streams(registry: Any, engine_url: str, tmp_p
     assert finals[-1]["choices"][0]["finish_reason"] == "length"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{gw.url}/health", timeout=2)
+
+
+@pytest.mark.parametrize("empty_db_url", ["postgres"], indirect=True)
+def test_serving_from_a_postgresql_registry(
+    db_url: str, engine_url: str, assets: Assets, tmp_path: Path
+) -> None:
+    """The production registry: PostgreSQL. Promotes and keys made by other processes reach the gateway."""
+    settings = Settings(
+        home=tmp_path / "home", database_url=db_url, server=ServerSettings(poll_interval_s=0.1, auth=True)
+    )
+    reg = Registry.open(settings)
+    try:
+        reg.register("support", assets.adapters["a1"], base_model=str(assets.base))
+        reg.register("support", assets.adapters["a2"], base_model=str(assets.base))
+        reg.register("billing", assets.adapters["a3"], base_model=str(assets.base))
+        reg.promote("support", 1)
+        reg.promote("billing", 1)
+        key, _ = create_key(reg, "ops", ["support"])
+        for gw in run_gateway(settings, reg, [engine_url], assets.base):
+            client = gw.client(key)
+            assert _chat(client, "support").model == "support@v1"
+            promoted_at = _promote_in_another_process(
+                tmp_path / "home", "support", "v2", "--expect", "v1", database_url=db_url
+            )
+            wait_for(lambda c=client: _chat(c, "support").model == "support@v2", "v2 to be served", 5)
+            assert time.monotonic() - promoted_at < 5
+            assert [e.action for e in reg.history("support").events][-1] == "alias.promote"
+            with pytest.raises(openai.PermissionDeniedError):
+                _chat(client, "billing")
+    finally:
+        reg.close()
