@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, field_validator
 
+from loraflow.registry.refs import Ref
+
 VersionStatus = Literal["registered", "archived"]
 
 
@@ -101,11 +103,7 @@ class AuditInfo(_Record):
     @property
     def target(self) -> str:
         """For display: ``NAME``, ``NAME@vN`` or ``NAME:ALIAS``."""
-        if self.version is not None:
-            return f"{self.subject}@v{self.version}"
-        if self.alias is not None:
-            return f"{self.subject}:{self.alias}"
-        return self.subject
+        return str(Ref(self.subject, version=self.version, alias=self.alias))
 
 
 class History(_Record):
