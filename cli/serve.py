@@ -63,29 +63,43 @@ def serve(
     config = uvicorn.Config(
         app, host=bind_host, port=bind_port, timeout_graceful_shutdown=30, log_level="info"
     )
+    serving = asyncio.Event()  # set once uvicorn runs; a signal after that is a normal stop
     try:
-        stopped_by = asyncio.run(_run(uvicorn.Server(config), app.state.supervised))
+        stopped_by = asyncio.run(_run(uvicorn.Server(config), app.state.supervised, serving))
     except KeyboardInterrupt:
+        if serving.is_set():
+            return  # Ctrl-C while serving: uvicorn drained and stopped, as `uvicorn.run` would
         stopped_by = signal.SIGINT
     if stopped_by is not None:
         err.print("stopped before the engine was ready; it was shut down", markup=False)
         raise typer.Exit(128 + stopped_by)
 
 
-async def _run(server: uvicorn.Server, supervised: list[EngineProcess]) -> signal.Signals | None:
+async def _run(
+    server: uvicorn.Server, supervised: list[EngineProcess], serving: asyncio.Event
+) -> signal.Signals | None:
     """Start the supervised engine (interruptible), then serve. The signal if stopped before serving."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None  # we are inside asyncio.run
-    loop.add_signal_handler(signal.SIGTERM, main.cancel)  # uvicorn handles signals once it serves
+    terminated = asyncio.Event()
+
+    def on_sigterm() -> None:
+        terminated.set()
+        main.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)  # uvicorn handles signals once it serves
     try:
         for process in supervised:
             log.info("waiting for the engine to become healthy (log: %s)", process.log_file)
             await process.start()
     except asyncio.CancelledError:
+        if not terminated.is_set():
+            raise  # Ctrl-C: asyncio.run turns this into KeyboardInterrupt
         return signal.SIGTERM
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+    serving.set()
     await server.serve()
     return None
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -51,7 +51,8 @@ class TrainerSettings(BaseModel):
 # than its config says.
 ENGINE_FLAG_SETTINGS: dict[str, str] = {
     "--model": "server.base_model (or --base-model)",
-    "--served-model-name": "server.served_model_name (or --model-name)",
+    "--served-model-name": "nothing: engines serve the base by its path or hub id; server.served_model_name "
+    "(or --model-name) is the id clients use",
     "--host": "nothing: a supervised engine listens on 127.0.0.1 only",
     "--port": "nothing: a supervised engine gets a free private port",
     "--enable-lora": "nothing: it is always on",
@@ -81,8 +82,18 @@ class ServerSettings(BaseModel):
     adapter_cache: Path | None = Field(
         None, description="Where adapter files are fetched; default $home/cache."
     )
-    engine_timeout_s: float = Field(120.0, gt=0, description="Longest a request may wait on an engine.")
+    engine_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest the gateway waits for an engine to send the next bytes of an answer "
+        "(a stream may last longer in all).",
+    )
     retry_after_s: int = Field(5, ge=1, description="Retry-After on 429 and 503.")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="If set, /metrics (which names the engines' private URLs) answers only "
+        "'Authorization: Bearer <token>', e.g. Prometheus's bearer_token.",
+    )
 
     # -- the engine: vLLM flags. An unset flag is not passed, so vLLM derives it from the model.
     device: Literal["auto", "cpu", "gpu"] = Field(

@@ -101,7 +101,7 @@ def create_app(
         poll_interval_s=server.poll_interval_s,
         base_template_hash=template,
     )
-    gateway = Gateway(server, router, replicas, GatewayMetrics(router))
+    gateway = Gateway(server, router, replicas, GatewayMetrics(router, supervised))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from loraflow.server.engine.supervisor import EngineProcess
 from loraflow.server.routing import Router
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -53,10 +54,27 @@ class RoutingCollector(Collector):
         yield from (revision, up, loads, resident)
 
 
+class SupervisorCollector(Collector):
+    """Restarts of each engine this gateway supervises (crashes after it had been healthy)."""
+
+    def __init__(self, processes: list[EngineProcess]) -> None:
+        self.processes = processes
+
+    def collect(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(
+            "loraflow_engine_restarts", "Restarts of a supervised engine after a crash.", labels=["replica"]
+        )
+        for process in self.processes:
+            restarts.add_metric([process.url], float(process.restarts))
+        yield restarts
+
+
 class GatewayMetrics:
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, supervised: list[EngineProcess] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(RoutingCollector(router))
+        if supervised:
+            self.registry.register(SupervisorCollector(supervised))
         labels = ["adapter", "version"]
         self.requests = Counter(
             "loraflow_requests",

@@ -148,8 +148,9 @@ class Gateway:
                     if isinstance(exc, EngineDown):
                         replica.healthy = False  # until the next health check says otherwise
                     if retried:
+                        log.warning("%s; the retry failed too", exc.detail)
                         raise
-                    log.warning("%s; retrying once on another replica", exc)
+                    log.warning("%s; retrying once on another replica", exc.detail)
                     exclude.append(replica)
                     failure = exc
                 except EngineRequestError as exc:
@@ -181,7 +182,7 @@ class Gateway:
         except EngineUnavailableError:
             if failure is not None:
                 raise EngineUnavailableError(
-                    f"{failure.message}; no other replica is available to retry on. Retry shortly"
+                    f"{failure.message}, and no other replica is available to retry on; retry shortly"
                 ) from failure
             raise
 
@@ -249,8 +250,10 @@ class Gateway:
             # The status line has gone out; the error becomes the stream's last event.
             if isinstance(exc, LoraflowError):
                 code = exc.code.value
-                log.warning("stream from %s broke: %s", replica.url, exc)
+                log.warning("stream from %s broke: %s", replica.url, getattr(exc, "detail", exc.message))
                 message = f"the engine failed mid-stream: {exc.message}"
+                if isinstance(exc, EngineDown):
+                    replica.healthy = False  # until the next health check says otherwise
             else:
                 code = INTERNAL_ERROR_CODE
                 log.exception("unexpected error relaying a stream from %s", replica.url)

@@ -77,7 +77,14 @@ class Replica:
             # rather than being sent to an engine that is dropping it.
             del self.resident[victim]
             async with self._locks[victim]:
-                await self.engine.unload_adapter(victim)
+                try:
+                    await self.engine.unload_adapter(victim)
+                except BaseException:
+                    # The engine may still hold it: keep it (as least recently used) rather than
+                    # believe it gone and later ask the engine to load what it already has.
+                    self.resident[victim] = None
+                    self.resident.move_to_end(victim, last=False)
+                    raise
 
     @asynccontextmanager
     async def using(self, name: str | None) -> AsyncIterator[None]:

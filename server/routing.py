@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -83,6 +84,7 @@ class Router:
         self.cache_dir = cache_dir
         self.poll_interval_s = poll_interval_s
         self.snapshot = Snapshot()
+        self.started_at = int(time.time())
         self._registry_ok = False
 
     # -- resolution --------------------------------------------------------------

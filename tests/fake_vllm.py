@@ -35,7 +35,7 @@ class FakeVLLM:
     base: str
     loaded: set[str] = field(default_factory=set)
     up: bool = True
-    fail: str | None = None  # "connect", "500", "html500", "empty-stream"
+    fail: str | None = None  # "connect" (unreachable), "500", "html500", "empty-stream" (completions)
     break_stream_after: int | None = None  # events sent before the connection drops
     requests: list[dict[str, Any]] = field(default_factory=list)  # each completion request's body
 
@@ -44,7 +44,7 @@ class FakeVLLM:
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
-        if not self.up:
+        if not self.up or self.fail == "connect":
             raise httpx.ConnectError("connection refused", request=request)
         if path == "/health":
             return httpx.Response(200)
@@ -53,6 +53,8 @@ class FakeVLLM:
             return httpx.Response(200, json={"object": "list", "data": data})
         body = json.loads(request.content)
         if path == "/v1/load_lora_adapter":
+            if body["lora_name"] in self.loaded:  # as vLLM answers
+                return httpx.Response(400, json={"error": {"message": "has already been loaded"}})
             self.loaded.add(body["lora_name"])
             return httpx.Response(200, text="ok")
         if path == "/v1/unload_lora_adapter":
@@ -63,8 +65,6 @@ class FakeVLLM:
     def _complete(self, request: httpx.Request, body: dict[str, Any]) -> httpx.Response:
         model = body["model"]
         self.requests.append(body)
-        if self.fail == "connect":
-            raise httpx.ConnectError("connection refused", request=request)
         if self.fail == "500":
             return httpx.Response(500, json={"error": {"message": "CUDA error: an illegal memory access"}})
         if self.fail == "html500":
@@ -159,7 +159,8 @@ def wait(predicate: Any, what: str, timeout_s: float = 10) -> None:
 
 def gateway(s: Setup, n_replicas: int = 1, **server: Any) -> TestClient:
     s.engines = [FakeVLLM(f"http://replica-{i}", str(s.base)) for i in range(n_replicas)]
-    settings = s.settings.model_copy(update={"server": s.settings.server.model_copy(update=server)})
+    validated = ServerSettings.model_validate(s.settings.server.model_dump() | server)
+    settings = s.settings.model_copy(update={"server": validated})
     app = create_app(
         settings,
         registry=s.registry,

@@ -34,11 +34,16 @@ class EngineRequestError(LoraflowError):
 
 
 class EngineFailure(EngineUnavailableError):
-    """A replica failed a request: its fault, not the client's."""
+    """A replica failed a request: its fault, not the client's.
 
-    def __init__(self, url: str, message: str) -> None:
-        super().__init__(f"engine {url} failed: {message}")
+    ``message`` is what a client may read; it never names the replica's private URL or
+    repeats what the engine said. ``detail`` is for the gateway's log.
+    """
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__("an engine replica failed while serving this request")
         self.url = url
+        self.detail = f"engine {url} failed: {detail}"
 
 
 class EngineDown(EngineFailure):

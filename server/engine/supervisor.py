@@ -62,7 +62,7 @@ def detect_device() -> Device:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return "cpu"
-    if Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists():
+    if any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists():
         return "gpu"
     smi = shutil.which("nvidia-smi")
     if smi:
@@ -159,7 +159,6 @@ class EngineProcess:
         self.log_file = log_file
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
-        self.healthy_once = False
         self._log_offset = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -195,7 +194,6 @@ class EngineProcess:
         except BaseException:  # a start failure, or an interrupt while waiting: leave nothing behind
             await self._kill(process)
             raise
-        self.healthy_once = True
         self._task = asyncio.create_task(self._watch())
 
     async def _until_healthy(self, process: asyncio.subprocess.Process) -> None:
@@ -235,35 +233,51 @@ class EngineProcess:
                 self.log_file,
                 self.tail(),
             )
+            await self._kill(self.process)  # the engine's own children (EngineCore, workers) too
             await asyncio.sleep(backoff)
             self.restarts += 1
-            process = await self._spawn()
             try:
+                process = await self._spawn()
                 await self._until_healthy(process)
                 backoff = 1.0
-            except EngineStartError as exc:
+            except (EngineStartError, OSError) as exc:
                 log.error("engine restart failed: %s", exc)
-                await self._kill(process)
+                if self.process is not None:
+                    await self._kill(self.process)
                 backoff = min(backoff * 2, 30.0)
 
     @staticmethod
     async def _kill(process: asyncio.subprocess.Process, timeout_s: float = 20.0) -> None:
-        if process.returncode is not None:
+        """Stop the engine's whole process group: vLLM runs its EngineCore (and tensor-parallel
+        workers) as children, which outlive a crashed API server unless they are stopped too."""
+
+        def signal_group(sig: int) -> bool:
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                return False  # nobody is left in the group
+            return True
+
+        if not signal_group(signal.SIGTERM):
+            await process.wait()
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), timeout_s)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            signal_group(signal.SIGKILL)
             await process.wait()
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while signal_group(0):  # signal 0 only asks whether children are still shutting down
+            if asyncio.get_running_loop().time() > deadline:
+                signal_group(signal.SIGKILL)
+                break
+            await asyncio.sleep(0.1)
 
     async def stop(self, timeout_s: float = 20.0) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task  # a watcher that failed must not stop the shutdown
             self._task = None
         if self.process is not None:
             await self._kill(self.process, timeout_s)

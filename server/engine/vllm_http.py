@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
-from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.errors import InvalidAdapterError
 from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
 
 
@@ -20,6 +21,9 @@ def _parse_error(status: int, raw: bytes) -> dict[str, Any]:
     if isinstance(data, dict):
         return data
     return {"error": {"message": raw[:500].decode(errors="replace") or f"HTTP {status}"}}
+
+
+log = logging.getLogger("loraflow.engine")
 
 
 class VLLMHttpEngine:
@@ -39,7 +43,7 @@ class VLLMHttpEngine:
 
     def _transport_error(self, exc: httpx.HTTPError, doing: str) -> EngineFailure:
         what = f"{type(exc).__name__} while {doing}"
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
             return EngineFailure(self.url, what)  # slow, not necessarily gone
         return EngineDown(self.url, what)
 
@@ -92,8 +96,13 @@ class VLLMHttpEngine:
                 self.url, f"loading {name}: HTTP {response.status_code} {response.text[:300]}"
             )
         if response.status_code != 200:
-            raise InvalidArgumentError(
-                f"engine {self.url} refused {name}: {response.text[:300]}", param="model"
+            # A load that timed out on our side may have finished on the engine's: then it holds
+            # the version already, under its immutable name, and that is the outcome we want.
+            if name in await self.loaded_adapters():
+                return
+            log.error("engine %s refused %s: %s", self.url, name, response.text[:300])
+            raise InvalidAdapterError(
+                f"the engine cannot load {name.partition('+')[0]}; the gateway's log says why", param="model"
             )
 
     async def unload_adapter(self, name: str) -> None:
@@ -109,13 +118,13 @@ class VLLMHttpEngine:
             response = await self._client.get("/v1/models")
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, "listing models") from exc
+        if response.status_code != 200:
+            raise EngineFailure(self.url, f"/v1/models answered HTTP {response.status_code}")
         try:
             data = response.json()
             return [m["id"] for m in data.get("data", []) if m.get("parent")]
         except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
-            raise EngineFailure(
-                self.url, f"/v1/models answered HTTP {response.status_code}, not a list"
-            ) from exc
+            raise EngineFailure(self.url, "/v1/models did not answer with a model list") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
+
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from loraflow.registry.errors import UnauthenticatedError
 
 router = APIRouter()
 
@@ -25,7 +29,15 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    """Prometheus; the replica detail (URLs, health, residency, loads) is collected at scrape time."""
+    """Prometheus; the replica detail (URLs, health, residency, loads) is collected at scrape time.
+
+    With ``server.metrics_token`` set, only a scraper that presents it may read them.
+    """
+    token = request.app.state.gateway.settings.metrics_token
+    if token is not None:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
+            raise UnauthenticatedError("/metrics needs the metrics token (server.metrics_token)")
     return Response(
         generate_latest(request.app.state.gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST
     )

@@ -15,7 +15,7 @@ router = APIRouter()
 
 def model_list(r: Router, key: domain.ApiKeyInfo | None = None) -> ModelList:
     """The base, and each adapter ``key`` may use (all of them when auth is off)."""
-    data = [ModelCard(id=r.base_model_id)]
+    data = [ModelCard(id=r.base_model_id, created=r.started_at)]
     for a in r.snapshot.adapters.values():
         if key is not None and not key.allows(a.name):
             continue
@@ -44,7 +44,7 @@ def model_list(r: Router, key: domain.ApiKeyInfo | None = None) -> ModelList:
 @router.get(
     "/v1/models",
     response_model=ModelList,
-    response_model_exclude_unset=True,
+    response_model_exclude_none=False,
     responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 500)},
 )
 async def list_models(request: Request) -> ModelList:

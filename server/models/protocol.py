@@ -25,9 +25,13 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     owned_by: str = "loraflow"
     parent: str | None = Field(None, description="The base model an adapter runs on; null for the base.")
-    created: int | None = None
-    aliases: dict[str, int] | None = Field(None, description="Alias -> version, e.g. {'production': 3}.")
-    versions: list[VersionCard] | None = None
+    created: int = Field(
+        description="Unix time: the adapter's registration, or the gateway's start for the base."
+    )
+    aliases: dict[str, int] | None = Field(
+        None, description="Alias -> version, e.g. {'production': 3}; null for the base."
+    )
+    versions: list[VersionCard] | None = Field(None, description="Every version; null for the base.")
 
 
 class ModelList(BaseModel):

@@ -26,6 +26,7 @@ from loraflow.registry.settings import ServerSettings, Settings
 from tests.e2e.conftest import BASE_NAME, ENGINE_SETTINGS, Assets, Gateway, run_gateway, wait_for
 
 pytestmark = pytest.mark.e2e
+SWAP_BOUND_S = 5.0  # a promote is served by every request that starts this long after it
 CHAT = [{"role": "user", "content": "alice from paris ordered 3 items"}]
 
 
@@ -301,9 +302,10 @@ def test_promoting_a_cold_version_under_load_hot_swaps_with_no_failed_request(
         wait_for(lambda: len(log) >= 8, "requests before the promote")
         promote_started = time.monotonic()
         promoted_at = _promote_in_another_process(tmp_path / "home", "support", "v3", "--expect", "v1")
+        # How fast the swap is lives in bench/hotswap.py; here it must happen, within a bound.
         wait_for(
-            lambda: sum(start > promoted_at + 1.0 for start, _, _ in log) >= 8,
-            "requests more than 1 s after the promote",
+            lambda: sum(start > promoted_at + SWAP_BOUND_S for start, _, _ in log) >= 8,
+            "requests well after the promote",
         )
         stop.set()
         for t in threads:
@@ -315,8 +317,8 @@ def test_promoting_a_cold_version_under_load_hot_swaps_with_no_failed_request(
         failures = [entry for entry in log if entry[2]]
         assert not failures, failures[:3]
         assert {m for _, m, _ in log} == {"support@v1", "support@v3"}
-        late = [m for start, m, _ in log if start > promoted_at + 1.0]
-        assert late and set(late) == {"support@v3"}  # served within 1 s of the change
+        late = [m for start, m, _ in log if start > promoted_at + SWAP_BOUND_S]
+        assert late and set(late) == {"support@v3"}
         early = [m for start, m, _ in log if start < promote_started]
         assert early and set(early) == {"support@v1"}
         # The load happened after the promote, while the routing table still said v1 (a preload, not a
@@ -407,6 +409,7 @@ def test_engine_death_mid_stream_and_mid_load(registry: Any, assets: Assets, tmp
             in metrics
         )
         assert f'loraflow_engine_failures_total{{phase="mid_stream",replica="{process.url}"}} 1.0' in metrics
+        assert f'loraflow_engine_restarts_total{{replica="{process.url}"}} 1.0' in metrics
     finally:
         gen.close()
     assert process.process is not None and process.process.returncode is not None  # engine stopped with us

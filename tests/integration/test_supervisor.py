@@ -8,6 +8,7 @@ in seconds.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from loraflow.server.engine.supervisor import EngineProcess, EngineStartError
 pytestmark = pytest.mark.integration
 
 STAND_IN = """
-import http.server, sys, threading, time
+import http.server, subprocess, sys, threading, time
 port, mode, marker = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 print("stand-in engine starting", flush=True)
 if mode == "exit":
@@ -40,6 +41,9 @@ threading.Thread(target=server.serve_forever, daemon=True).start()
 print("healthy", flush=True)
 runs = open(marker, "a+"); runs.write("run\\n"); runs.close()
 if mode == "crash-once" and open(marker).read().count("run") == 1:
+    # Like vLLM's EngineCore: a child in the engine's process group that outlives a crash.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    open(marker + ".child", "w").write(str(child.pid))
     time.sleep(1.0)
     print("Fatal Python error: Segmentation fault", flush=True)
     sys.exit(139)
@@ -95,7 +99,7 @@ def test_an_engine_that_crashes_after_being_healthy_is_restarted(tmp_path: Path)
 
     async def run() -> int:
         await process.start()
-        assert process.healthy_once
+        assert process.process is not None and process.process.returncode is None  # running
         deadline = time.monotonic() + 30
         while process.restarts == 0 or not await _healthy(process.url):
             assert time.monotonic() < deadline, "the engine was not restarted"
@@ -106,6 +110,9 @@ def test_an_engine_that_crashes_after_being_healthy_is_restarted(tmp_path: Path)
 
     pid = asyncio.run(run())
     assert process.restarts == 1 and pid > 0
+    orphan = int((tmp_path / "runs.child").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(orphan, 0)  # the crashed engine's child was stopped with it
     assert (tmp_path / "runs").read_text().count("run") == 2
     log = (tmp_path / "engine.log").read_text()
     assert "Segmentation fault" in log and log.count("stand-in engine starting") == 2

@@ -214,8 +214,12 @@ def test_the_registered_adapter_emits_json_and_stops_by_itself(
     folder = reg.fetch(lora_run.version, tmp_path / "adapter")
     weights = load_file(str(folder / "adapter_model.safetensors"))
     assert weights and all("lora_" in k for k in weights)  # nothing but LoRA matrices was saved
-    trained = {k: v for k, v in workspace["lora_model"].state_dict().items() if "lora_" in k}
-    assert len(trained) == len(weights)  # the registered files are what training produced
+    trained = {
+        k.replace(".default", ""): v for k, v in workspace["lora_model"].state_dict().items() if "lora_" in k
+    }
+    assert trained.keys() == weights.keys()  # the registered files are exactly what training produced
+    for key, tensor in weights.items():
+        torch.testing.assert_close(tensor, trained[key], rtol=0, atol=0)
 
     base = AutoModelForCausalLM.from_pretrained(str(workspace["base"]), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(folder)).eval()

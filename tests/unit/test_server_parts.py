@@ -12,6 +12,7 @@ import pytest
 
 from loraflow.registry import domain
 from loraflow.registry.errors import EngineUnavailableError, NotFoundError, OverloadedError
+from loraflow.server.engine.protocol import EngineFailure
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.proxy import Gateway
 from loraflow.server.replicas import Replica, ReplicaSet
@@ -139,6 +140,25 @@ def test_a_version_being_unloaded_is_reloaded_not_sent_to_the_engine() -> None:
     engine, replica, when_ready = asyncio.run(run())
     assert when_ready == [(True, False)]  # loaded, and not being dropped
     assert set(replica.resident) == engine.loaded == {"a", "b"}
+
+
+def test_a_failed_unload_keeps_the_version_resident() -> None:
+    """If the engine did not confirm the unload, it may still hold the version: the replica must
+    not later ask it to load what it has."""
+
+    class FailingUnload(FakeEngine):
+        async def unload_adapter(self, name: str) -> None:
+            raise EngineFailure(self.url, "HTTP 500")
+
+    async def run() -> Replica:
+        replica = Replica(FailingUnload(), max_resident=1)
+        await replica.ensure_loaded("a", _fetch, pinned=set())
+        with pytest.raises(EngineFailure):
+            await replica.ensure_loaded("b", _fetch, pinned=set())
+        return replica
+
+    replica = asyncio.run(run())
+    assert list(replica.resident) == ["a"]
 
 
 def test_concurrent_loads_never_exceed_the_replica_capacity() -> None:
