@@ -359,8 +359,9 @@ def test_engine_death_mid_stream_and_mid_load(registry: Any, assets: Assets, tmp
         settings, registry, [process.url], assets.base, supervised=[process], before_load=before_load
     )
     gw = next(gen)
+    stack = contextlib.ExitStack()
     try:
-        client, http = gw.client(timeout=60), httpx.Client(timeout=60)
+        client, http = gw.client(timeout=60), stack.enter_context(httpx.Client(timeout=60))
         before = _chat(client, "support").choices[0].message.content
         stream = client.completions.create(
             model="support",
@@ -411,6 +412,7 @@ def test_engine_death_mid_stream_and_mid_load(registry: Any, assets: Assets, tmp
         assert f'loraflow_engine_failures_total{{phase="mid_stream",replica="{process.url}"}} 1.0' in metrics
         assert f'loraflow_engine_restarts_total{{replica="{process.url}"}} 1.0' in metrics
     finally:
+        stack.close()
         gen.close()
     assert process.process is not None and process.process.returncode is not None  # engine stopped with us
 

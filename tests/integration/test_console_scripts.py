@@ -50,4 +50,7 @@ def test_db_upgrade_and_current(isolated_env: Path) -> None:
     done = run("loraflow", "db", "upgrade", cwd=isolated_env)
     assert done.returncode == 0, done.stderr
     done = run("loraflow", "db", "current", cwd=isolated_env)
-    assert "database: 0002" in done.stdout and "code: 0002" in done.stdout
+    from loraflow.registry.db import head_revision
+
+    head = head_revision()
+    assert head is not None and f"database: {head}" in done.stdout and f"code: {head}" in done.stdout

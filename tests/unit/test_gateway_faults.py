@@ -105,6 +105,8 @@ def test_an_engine_dying_mid_stream_ends_the_stream_with_an_error_event(gateway_
         failures = 'loraflow_engine_failures_total{phase="mid_stream",replica="http://replica-0"}'
         assert _metric(client, failures) == 1.0
 
+        # The broken connection took the replica out until a health check finds it again.
+        wait(lambda: client.get("/ready").status_code == 200, "the replica to be back")
         oai = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="x", http_client=client, max_retries=0)
         stream = oai.chat.completions.create(model="support", stream=True, **CHAT)  # type: ignore[call-overload]
         with pytest.raises(openai.APIError, match="mid-stream"):
