@@ -48,21 +48,25 @@ def _hub_snapshot(model_id: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def resolve_base_model(ref: str, *, param: str = "base") -> BaseModel:
+def _locate(ref: str, param: str) -> tuple[Path, str]:
+    """(the local folder, the id to record) of a base model: a local directory or a cached hub id."""
     if not ref:
         raise InvalidArgumentError("a base model is required", param=param)
     local = Path(ref).expanduser()
     if local.is_dir():
-        path, model_id = local.resolve(), str(local.resolve())
-    else:
-        snapshot = _hub_snapshot(ref)
-        if snapshot is None:
-            raise NotFoundError(
-                f"base model {ref!r} is neither a local directory nor in the Hugging Face cache; "
-                f"pass a local path or download it first (huggingface-cli download {ref})",
-                param=param,
-            )
-        path, model_id = snapshot, ref
+        return local.resolve(), str(local.resolve())
+    snapshot = _hub_snapshot(ref)
+    if snapshot is None:
+        raise NotFoundError(
+            f"base model {ref!r} is neither a local directory nor in the Hugging Face cache; "
+            f"pass a local path or download it first (huggingface-cli download {ref})",
+            param=param,
+        )
+    return snapshot, ref
+
+
+def resolve_base_model(ref: str, *, param: str = "base") -> BaseModel:
+    path, model_id = _locate(ref, param)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InvalidArgumentError(f"base model {ref!r} has no config.json in {path}", param=param)
@@ -94,9 +98,10 @@ def chat_template_hash(path: Path) -> str | None:
 def template_hash_of(ref: str) -> str | None:
     """The chat-template hash of a base model found on this machine; None if it is not here."""
     try:
-        return chat_template_hash(resolve_base_model(ref).path)
+        path, _ = _locate(ref, "base")
     except (NotFoundError, InvalidArgumentError):
         return None
+    return chat_template_hash(path)  # only the template is read: no fingerprint of the files
 
 
 def template_matches(trained_with: str | None, served: str | None) -> bool | None:

@@ -141,7 +141,7 @@ class Gateway:
             while True:
                 replica = self._pick(adapter_name, exclude, failure)
                 try:
-                    response = await self._attempt(replica, body, target, path, labels, started)
+                    response = await self._attempt(replica, adapter_name, body, target, path, labels, started)
                     break
                 except EngineFailure as exc:
                     self.metrics.engine_failures.labels(replica.url, "before_first_byte").inc()
@@ -189,6 +189,7 @@ class Gateway:
     async def _attempt(
         self,
         replica: Replica,
+        adapter_name: str | None,
         body: dict[str, Any],
         target: Target,
         path: str,
@@ -196,7 +197,6 @@ class Gateway:
         started: float,
     ) -> Response | _Stream:
         """One try on one replica. Any failure here happens before a byte reaches the client."""
-        adapter_name = body["model"] if target.adapter else None
         attempt = AsyncExitStack()
         await attempt.enter_async_context(replica.using(adapter_name))
         try:
