@@ -78,7 +78,9 @@ def serve(
 async def _run(
     server: uvicorn.Server, supervised: list[EngineProcess], serving: asyncio.Event
 ) -> signal.Signals | None:
-    """Start the supervised engine (interruptible), then serve. The signal if stopped before serving."""
+    """Start the supervised engines (interruptible), then serve. The signal if stopped before serving."""
+    from loraflow.server.engine.supervisor import start_all
+
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None  # we are inside asyncio.run
@@ -92,7 +94,7 @@ async def _run(
     try:
         for process in supervised:
             log.info("waiting for the engine to become healthy (log: %s)", process.log_file)
-            await process.start()
+        await start_all(supervised)
     except asyncio.CancelledError:
         if not terminated.is_set():
             raise  # Ctrl-C: asyncio.run turns this into KeyboardInterrupt

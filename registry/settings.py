@@ -79,8 +79,35 @@ class ServerSettings(BaseModel):
     auth: bool = Field(False, description="Require API keys (loraflow keys create).")
     max_concurrency: int = Field(64, ge=1, description="In-flight requests before 429.")
     poll_interval_s: float = Field(0.2, gt=0, description="How often the registry revision is checked.")
-    adapter_cache: Path | None = Field(
-        None, description="Where adapter files are fetched; default $home/cache."
+    engine_dns: str | None = Field(
+        None,
+        description="HOST:PORT resolved every dns_interval_s to find engine replicas, e.g. a Kubernetes "
+        "headless Service. Replicas come and go without a restart. Excludes engine_urls.",
+    )
+    dns_interval_s: float = Field(5.0, gt=0, description="How often engine_dns is resolved again.")
+    supervised_engines: int = Field(
+        1,
+        ge=1,
+        description="Engines serve supervises when no engine URLs are given (on GPUs, one per "
+        "tensor_parallel_size GPUs).",
+    )
+    adapter_replicas: int = Field(
+        2,
+        ge=1,
+        description="Replicas each version lives on (its home set, by rendezvous hashing). Requests go to "
+        "the least-loaded healthy home replica, elsewhere only if all are down or saturated.",
+    )
+    replica_max_in_flight: int = Field(
+        32, ge=1, description="Requests in flight on one replica beyond which it counts as saturated."
+    )
+    max_adapter_loads: int | None = Field(
+        None,
+        ge=1,
+        description="Adapter loads after which a supervised replica is drained and restarted: vLLM does "
+        "not free an unloaded adapter's memory. Unset: never.",
+    )
+    drain_timeout_s: float = Field(
+        300.0, gt=0, description="Longest a draining replica waits for its in-flight requests to finish."
     )
     engine_timeout_s: float = Field(
         120.0,
@@ -130,6 +157,16 @@ class ServerSettings(BaseModel):
         return args
 
     @model_validator(mode="after")
+    def _one_source_of_replicas(self) -> ServerSettings:
+        if self.engine_dns and self.engine_urls:
+            raise ValueError("set server.engine_urls or server.engine_dns, not both")
+        if self.engine_dns is not None:
+            host, sep, port = self.engine_dns.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"server.engine_dns must be HOST:PORT, not {self.engine_dns!r}")
+        return self
+
+    @model_validator(mode="after")
     def _cpu_loras_hold_a_batch(self) -> ServerSettings:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(
@@ -137,6 +174,22 @@ class ServerSettings(BaseModel):
                 "vLLM refuses to start otherwise"
             )
         return self
+
+
+class EngineSettings(BaseModel):
+    """What ``loraflow engine`` (vLLM plus the loraflow resolver plugin) needs on its own host."""
+
+    cache_dir: Path | None = Field(
+        None, description="Where the engine keeps verified adapter files; default $home/cache/engine."
+    )
+    cache_max_bytes: int = Field(
+        10 * 2**30, ge=1, description="Bound on that cache; least recently used versions go first."
+    )
+    resolver: bool = Field(
+        False,
+        description="Set by loraflow engine in the engine's environment: register the resolver that "
+        "fetches NAME@vN+DIGEST from the artifact store. A plain vLLM leaves it off.",
+    )
 
 
 class Settings(BaseSettings):
@@ -160,6 +213,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -188,6 +242,10 @@ class Settings(BaseSettings):
         if self.artifact_uri:
             return self.artifact_uri
         return str((self.home / "artifacts").resolve())
+
+    @property
+    def resolved_engine_cache(self) -> Path:
+        return (self.engine.cache_dir or self.home / "cache" / "engine").resolve()
 
     @property
     def actor(self) -> str:

@@ -21,13 +21,15 @@ from loraflow.server.chat import api_router as chat
 from loraflow.server.chat.protocol import ChatCompletionChunk, ChatCompletionRequest
 from loraflow.server.completions import api_router as completions
 from loraflow.server.completions.protocol import CompletionRequest
+from loraflow.server.discovery import DnsDiscovery
 from loraflow.server.engine.protocol import Engine
-from loraflow.server.engine.supervisor import EngineProcess
+from loraflow.server.engine.supervisor import EngineProcess, start_all
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from loraflow.server.health import api_router as health
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.models import api_router as models
 from loraflow.server.proxy import Gateway
+from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
 from loraflow.server.routing import Router
 
@@ -45,31 +47,44 @@ def build_app(
 ) -> FastAPI:
     """The gateway as ``loraflow serve`` runs it, from settings: the one place engines are wired.
 
-    With engine URLs (the argument, else ``server.engine_urls``) it fronts those
-    replicas. Without, it supervises one vLLM engine on this machine, started in the
-    lifespan and stopped with the gateway (``app.state.supervised``). ``base_model``
-    is the path or hub id engines serve; ``model_name`` is the id clients use for it.
+    Replicas come from, in order: engine URLs (the argument, else ``server.engine_urls``);
+    ``server.engine_dns``, resolved again and again; or, with neither,
+    ``server.supervised_engines`` engines on this machine, started in the lifespan and
+    stopped with the gateway (``app.state.supervised``). ``base_model`` is the path or
+    hub id engines serve; ``model_name`` is the id clients use for it.
     """
     server = settings.server
+
+    def make_engine(url: str) -> Engine:
+        return VLLMHttpEngine(url, timeout_s=server.engine_timeout_s)
+
     urls = engine_urls or server.engine_urls
     supervised: list[EngineProcess] = []
-    if not urls:
-        process = EngineProcess(
-            server,
-            model=base_model,
-            served_name=base_model,
-            log_file=log_file or settings.home / "logs" / "engine.log",
-        )
-        supervised.append(process)
-        urls = [process.url]
-    engines: list[Engine] = [VLLMHttpEngine(u, timeout_s=server.engine_timeout_s) for u in urls]
+    discovery: DnsDiscovery | None = None
+    if not urls and server.engine_dns:
+        discovery = DnsDiscovery(server.engine_dns, make_engine, interval_s=server.dns_interval_s)
+    elif not urls:
+        log_file = log_file or settings.home / "logs" / "engine.log"
+        for i in range(server.supervised_engines):
+            supervised.append(
+                EngineProcess(
+                    settings,
+                    model=base_model,
+                    log_file=log_file
+                    if i == 0
+                    else log_file.with_name(f"{log_file.stem}-{i}{log_file.suffix}"),
+                    index=i,
+                )
+            )
+        urls = [p.url for p in supervised]
     return create_app(
         settings,
         registry=registry,
-        engines=engines,
+        engines=[make_engine(u) for u in urls],
         base_model=base_model,
         base_model_id=model_name or server.served_model_name or base_model,
         supervised=supervised,
+        discovery=discovery,
     )
 
 
@@ -81,6 +96,7 @@ def create_app(
     base_model: str,
     base_model_id: str | None = None,
     supervised: list[EngineProcess] | None = None,
+    discovery: DnsDiscovery | None = None,
 ) -> FastAPI:
     """Build the services once and store them on ``app.state``, over the given engine replicas.
 
@@ -88,7 +104,12 @@ def create_app(
     ``base_model_id`` too. The base's chat template is compared with each version's.
     """
     server = settings.server
-    replicas = ReplicaSet(engines, max_resident=server.max_cpu_loras)
+    replicas = ReplicaSet(
+        engines,
+        max_resident=server.max_cpu_loras,
+        home_size=server.adapter_replicas,
+        max_in_flight=server.replica_max_in_flight,
+    )
     template = template_hash_of(base_model)
     if template is None:
         log.warning("base model %s is not on this machine; chat templates cannot be compared", base_model)
@@ -97,32 +118,49 @@ def create_app(
         replicas,
         base_model_id=base_model_id or base_model,
         engine_base_name=base_model,
-        cache_dir=server.adapter_cache or settings.home / "cache" / "adapters",
         poll_interval_s=server.poll_interval_s,
         base_template_hash=template,
     )
     gateway = Gateway(server, router, replicas, GatewayMetrics(router, supervised))
+    recycler = (
+        Recycler(
+            router,
+            supervised,
+            max_loads=server.max_adapter_loads,
+            drain_timeout_s=server.drain_timeout_s,
+            interval_s=server.poll_interval_s,
+        )
+        if supervised and server.max_adapter_loads
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            for process in supervised or []:
-                await process.start()  # returns once healthy; a no-op if `serve` started it already
+            await start_all(supervised or [])  # returns once healthy; a no-op if `serve` started them
         except LoraflowError as exc:
             app.state.startup_error = exc  # uvicorn only logs a failed startup; callers re-raise this
             for process in supervised or []:
                 await process.stop()
             raise
-        task = asyncio.create_task(router.run())
+        if discovery is not None:
+            await discovery.refresh(replicas)  # the first members before the first health check
+        loops = [router.run()]
+        if discovery is not None:
+            loops.append(discovery.run(replicas))
+        if recycler is not None:
+            loops.append(recycler.run())
+        tasks = [asyncio.create_task(loop) for loop in loops]
         try:
             yield
         finally:
             # uvicorn has stopped accepting and drained in-flight requests by now.
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            for engine in engines:
-                await engine.aclose()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await replicas.aclose()
             for process in supervised or []:
                 await process.stop()
 
@@ -135,6 +173,7 @@ def create_app(
     app.state.gateway = gateway
     app.state.startup_error = None
     app.state.supervised = list(supervised or [])
+    app.state.recycler = recycler
     errors.install(app, retry_after_s=server.retry_after_s)
     for module in (chat, completions, models, health):
         module.attach_router(app)

@@ -40,6 +40,26 @@ class RoutingCollector(Collector):
             "Adapter loads since the replica's engine started (vLLM's unload does not free memory).",
             labels=["replica"],
         )
+        draining = GaugeMetricFamily(
+            "loraflow_replica_draining",
+            "1 while the replica is drained for a planned restart.",
+            labels=["replica"],
+        )
+        busy = GaugeMetricFamily(
+            "loraflow_replica_in_flight",
+            "Requests this gateway has in flight on the replica.",
+            labels=["replica"],
+        )
+        home = GaugeMetricFamily(
+            "loraflow_replica_home_versions",
+            "Aliased versions whose home set includes the replica (server.adapter_replicas).",
+            labels=["replica"],
+        )
+        preload_failures = CounterMetricFamily(
+            "loraflow_preload_failures",
+            "Preloads of an aliased version that failed (logged with the reason).",
+        )
+        preload_failures.add_metric([], float(self.router.preload_failures))
         resident = GaugeMetricFamily(
             "loraflow_resident_versions",
             "Adapter versions resident on each replica.",
@@ -48,10 +68,13 @@ class RoutingCollector(Collector):
         for replica in self.router.replicas.replicas:
             up.add_metric([replica.url], 1.0 if replica.healthy else 0.0)
             loads.add_metric([replica.url], float(replica.loads))
+            draining.add_metric([replica.url], 1.0 if replica.draining else 0.0)
+            busy.add_metric([replica.url], float(replica.busy))
+            home.add_metric([replica.url], float(len(self.router.pinned(replica))))
             for name in list(replica.resident):
                 adapter, _, version = name.partition("+")[0].partition("@")
                 resident.add_metric([replica.url, adapter, version], 1.0)
-        yield from (revision, up, loads, resident)
+        yield from (revision, up, loads, draining, busy, home, preload_failures, resident)
 
 
 class SupervisorCollector(Collector):
@@ -64,9 +87,15 @@ class SupervisorCollector(Collector):
         restarts = CounterMetricFamily(
             "loraflow_engine_restarts", "Restarts of a supervised engine after a crash.", labels=["replica"]
         )
+        recycles = CounterMetricFamily(
+            "loraflow_engine_recycles",
+            "Planned restarts of a supervised engine after server.max_adapter_loads loads.",
+            labels=["replica"],
+        )
         for process in self.processes:
             restarts.add_metric([process.url], float(process.restarts))
-        yield restarts
+            recycles.add_metric([process.url], float(process.recycles))
+        yield from (restarts, recycles)
 
 
 class GatewayMetrics:

@@ -1,25 +1,40 @@
-"""Engine replicas and which adapter versions are resident on each.
+"""Engine replicas, which versions are resident on each, and where each version lives.
 
 vLLM does not bound runtime-loaded adapters for us, and its unload does not
 free engine memory, so each replica keeps its own LRU of resident versions,
-capped at ``max_cpu_loras``. Versions that an alias points at, or that a
-request is using right now, are never evicted. Loading is serialized per
-(replica, version) with an asyncio lock, so concurrent requests for the same
-cold version trigger exactly one load.
+capped at ``max_cpu_loras``. Versions a replica must keep (aliased versions it
+is home to) or that a request is using right now are never evicted. Loading is
+serialized per (replica, version) with an asyncio lock, so concurrent requests
+for the same cold version trigger exactly one load.
+
+Placement: each version has a *home set* of ``server.adapter_replicas`` replicas,
+chosen by rendezvous (highest-random-weight) hashing of the version's engine name
+against each replica's URL. Every gateway computes the same sets from the same
+replica list, and when a replica joins or leaves, only the versions whose top-k
+included it move. A request goes to the least-loaded healthy home replica, and
+elsewhere only when every home replica is down, draining or saturated
+(``server.replica_max_in_flight``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from loraflow.registry.errors import EngineUnavailableError, OverloadedError
 from loraflow.server.engine.protocol import Engine
 
-Fetch = Callable[[str], Awaitable[Path]]  # engine adapter name -> verified local folder
+log = logging.getLogger("loraflow.replicas")
+
+EngineFactory = Callable[[str], Engine]  # a replica's URL -> a client for it
+
+
+def rendezvous_score(url: str, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{url}\n{name}".encode()).digest()[:8], "big")
 
 
 class Replica:
@@ -30,6 +45,9 @@ class Replica:
         self.resident: OrderedDict[str, None] = OrderedDict()
         self.in_flight: Counter[str] = Counter()
         self.loads = 0  # adapter loads since the engine (re)started
+        self.draining = False  # takes no new requests (a planned restart is coming)
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._loading: set[str] = set()
 
@@ -46,19 +64,22 @@ class Replica:
         """The engine turned out not to hold ``name`` (it restarted between health checks)."""
         self.resident.pop(name, None)
 
-    async def ensure_loaded(self, name: str, fetch: Fetch, *, pinned: set[str]) -> None:
-        """Return once ``name`` is loaded on the engine (loading it first if needed)."""
+    @property
+    def busy(self) -> int:
+        return sum(self.in_flight.values())
+
+    async def ensure_loaded(self, name: str, *, pinned: Collection[str]) -> None:
+        """Return once ``name`` is loaded on the engine (it fetches the files itself)."""
         if name in self.resident:
             self.resident.move_to_end(name)
             return
         async with self._locks[name]:  # also held while ``name`` is being unloaded
             if name in self.resident:
                 return
-            await self._make_room(pinned | {name})
+            await self._make_room({*pinned, name})
             self._loading.add(name)  # holds its slot, so concurrent loads of others make room for it
             try:
-                path = await fetch(name)
-                await self.engine.load_adapter(name, str(path))
+                await self.engine.load_adapter(name)
             finally:
                 self._loading.discard(name)
             self.loads += 1
@@ -88,38 +109,114 @@ class Replica:
 
     @asynccontextmanager
     async def using(self, name: str | None) -> AsyncIterator[None]:
-        if name is None:
-            yield
-            return
+        name = name or ""  # the base model: counted too, so draining waits for it
         self.in_flight[name] += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self.in_flight[name] -= 1
+            if not self.busy:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight here; False if ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
 
 class ReplicaSet:
-    def __init__(self, engines: list[Engine], *, max_resident: int) -> None:
+    """The replicas a gateway routes to. Membership may change while serving (DNS discovery)."""
+
+    def __init__(
+        self, engines: Iterable[Engine], *, max_resident: int, home_size: int = 2, max_in_flight: int = 32
+    ) -> None:
+        self.max_resident = max_resident
+        self.home_size = home_size
+        self.max_in_flight = max_in_flight
         self.replicas = [Replica(e, max_resident=max_resident) for e in engines]
+        self.generation = 0  # bumped whenever membership changes
+        self._homes: dict[str, list[Replica]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy]
 
+    def home(self, name: str) -> list[Replica]:
+        """The replicas ``name`` lives on, best first: the same on every gateway with the same members."""
+        home = self._homes.get(name)
+        if home is None:
+            ranked = sorted(self.replicas, key=lambda r: rendezvous_score(r.url, name), reverse=True)
+            home = self._homes[name] = ranked[: self.home_size]
+        return home
+
+    def homes_on(self, replica: Replica, names: Iterable[str]) -> set[str]:
+        """Of ``names``, those whose home set includes ``replica``."""
+        return {n for n in names if replica in self.home(n)}
+
     def pick(self, name: str | None, *, exclude: Collection[Replica] = ()) -> Replica:
-        """A healthy replica, preferring one that already holds the version, then the least busy."""
-        candidates = [r for r in self.healthy() if r not in exclude]
-        if not candidates:
+        """The replica for a request: the least busy available home replica of ``name``; if none is
+        available (down, draining, excluded after a failure, or saturated), the least busy other
+        one, preferring a replica that already holds the version."""
+        available = [r for r in self.replicas if r.healthy and not r.draining and r not in exclude]
+        if not available:
             raise EngineUnavailableError("no engine replica is available; retry shortly")
-        return min(
-            candidates, key=lambda r: (name is not None and name not in r.resident, sum(r.in_flight.values()))
-        )
+        if name is None:
+            return min(available, key=lambda r: r.busy)
+        unsaturated = [r for r in available if r.busy < self.max_in_flight]
+        home = [r for r in self.home(name) if r in unsaturated]
+        if home:
+            return min(home, key=lambda r: r.busy)
+        return min(unsaturated or available, key=lambda r: (name not in r.resident, r.busy))
+
+    def set_members(self, urls: Collection[str], make: EngineFactory) -> bool:
+        """Make the replicas exactly ``urls``. New ones start unhealthy (the next health check
+        brings them in); a removed one leaves the routing now and its client is closed once
+        its in-flight requests have finished. True if anything changed."""
+        current = {r.url: r for r in self.replicas}
+        wanted = set(urls)
+        if wanted == set(current):
+            return False
+        for url, replica in current.items():
+            if url not in wanted:
+                log.info("replica %s left", url)
+                task = asyncio.create_task(self._close_when_idle(replica))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        kept = [r for r in self.replicas if r.url in wanted]
+        added = [Replica(make(url), max_resident=self.max_resident) for url in sorted(wanted - set(current))]
+        for replica in added:
+            log.info("replica %s joined", replica.url)
+        self.replicas = kept + added
+        self.generation += 1
+        self._homes.clear()
+        return True
+
+    @staticmethod
+    async def _close_when_idle(replica: Replica, timeout_s: float = 600.0) -> None:
+        replica.healthy = False
+        try:
+            await replica.wait_idle(timeout_s)
+        finally:
+            await replica.engine.aclose()
 
     async def check_health(self) -> list[Replica]:
         """Update health flags; return replicas that just came (back) up."""
-        results = await asyncio.gather(*(r.engine.health() for r in self.replicas))
+        replicas = list(self.replicas)
+        results = await asyncio.gather(*(r.engine.health() for r in replicas))
         recovered = []
-        for replica, ok in zip(self.replicas, results, strict=True):
+        for replica, ok in zip(replicas, results, strict=True):
             if ok and not replica.healthy:
                 recovered.append(replica)
             replica.healthy = ok
         return recovered
+
+    async def aclose(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        for replica in self.replicas:
+            await replica.engine.aclose()

@@ -2,11 +2,17 @@
 
 A background loop polls the registry revision (one indexed read). When the
 revision moves, it loads a new snapshot (aliases, versions, API keys) and
-*preloads* every aliased version on every healthy replica. Only then does it
-swap the snapshot in, with one assignment. A request resolves its target
-once, at the start, so in-flight requests finish on the version they began
-with. A new alias target is resident everywhere before any request can
-resolve to it.
+*preloads* every aliased version on the healthy replicas of its home set
+(:meth:`ReplicaSet.home`), all replicas at once. Only then does it swap the
+snapshot in, with one assignment. A request resolves its target once, at the
+start, so in-flight requests finish on the version they began with. A new
+alias target is resident on its home set before any request can resolve to
+it. A preload that fails (a replica down, an artifact refused) is logged and
+does not hold back the swap: the version is loaded on demand, or its requests
+get 503.
+
+Engines are told names only (``NAME@vN+DIGEST``); each fetches and verifies the
+files itself (``server/engine/plugin.py``).
 """
 
 from __future__ import annotations
@@ -16,25 +22,23 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 from loraflow.registry import domain
 from loraflow.registry.basemodel import template_matches
 from loraflow.registry.errors import LoraflowError, NotFoundError
 from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref
 from loraflow.registry.service import Registry
-from loraflow.server.replicas import Fetch, Replica, ReplicaSet
+from loraflow.server.engine import cache
+from loraflow.server.engine.protocol import EngineDown
+from loraflow.server.replicas import Replica, ReplicaSet
 
 log = logging.getLogger("loraflow.routing")
 
 
 def engine_name(version: domain.VersionInfo) -> str:
-    """The name an engine knows a version by: immutable, and bound to the exact bytes.
-
-    ``NAME@vN`` alone could collide on a shared engine if a registry were recreated;
-    the digest suffix makes a stale load impossible.
-    """
-    return f"{version.ref}+{version.digest[:12]}"
+    """The name an engine knows a version by (``NAME@vN+DIGEST``): immutable, bound to the exact
+    bytes, and all an engine needs to fetch them."""
+    return cache.engine_name(version.ref, version.digest)
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,6 @@ class Snapshot:
     revision: int = -1
     adapters: dict[str, domain.AdapterInfo] = field(default_factory=dict)
     versions: dict[str, domain.VersionInfo] = field(default_factory=dict)  # "NAME@vN"
-    by_engine_name: dict[str, domain.VersionInfo] = field(default_factory=dict)
     keys: dict[str, domain.ApiKeyInfo] = field(default_factory=dict)  # sha256 -> active key
 
     @cached_property
@@ -71,7 +74,6 @@ class Router:
         *,
         base_model_id: str,
         engine_base_name: str,
-        cache_dir: Path,
         poll_interval_s: float,
         base_template_hash: str | None = None,
     ) -> None:
@@ -81,11 +83,12 @@ class Router:
         self.replicas = replicas
         self.base_model_id = base_model_id
         self.engine_base_name = engine_base_name
-        self.cache_dir = cache_dir
         self.poll_interval_s = poll_interval_s
         self.snapshot = Snapshot()
         self.started_at = int(time.time())
         self._registry_ok = False
+        self._pins: tuple[tuple[int, int], dict[str, frozenset[str]]] = ((-2, -1), {})
+        self.preload_failures = 0
 
     # -- resolution --------------------------------------------------------------
     def resolve(self, model: str) -> Target:
@@ -117,20 +120,23 @@ class Router:
             raise NotFoundError(f"the model {model!r} does not exist: {name} is {state}", param="model")
         return Target(public=name, engine_model=engine_name(info), adapter=ref.name, version=version)
 
-    # -- files -------------------------------------------------------------------
-    def _fetcher(self, snap: Snapshot) -> Fetch:
-        """Fetch a version's files into the local cache, verified against its digest."""
-
-        async def fetch(name: str) -> Path:
-            digest = snap.by_engine_name[name].digest
-            return await asyncio.to_thread(self.registry.artifacts.fetch, digest, self.cache_dir / digest)
-
-        return fetch
+    # -- placement ---------------------------------------------------------------
+    def pinned(self, replica: Replica, snap: Snapshot | None = None) -> frozenset[str]:
+        """Aliased versions ``replica`` is home to: it never evicts them."""
+        snap = snap or self.snapshot
+        if snap is not self.snapshot:
+            return frozenset(self.replicas.homes_on(replica, snap.aliased))
+        key = (snap.revision, self.replicas.generation)
+        if self._pins[0] != key:
+            self._pins = (key, {})
+        pins = self._pins[1]
+        if replica.url not in pins:
+            pins[replica.url] = frozenset(self.replicas.homes_on(replica, snap.aliased))
+        return pins[replica.url]
 
     async def ensure_loaded(self, replica: Replica, target: Target) -> None:
         if target.adapter is not None:
-            snap = self.snapshot
-            await replica.ensure_loaded(target.engine_model, self._fetcher(snap), pinned=snap.aliased)
+            await replica.ensure_loaded(target.engine_model, pinned=self.pinned(replica))
 
     # -- refresh -----------------------------------------------------------------
     def _load_snapshot(self) -> Snapshot:
@@ -138,16 +144,32 @@ class Router:
         adapters = {a.name: a for a in self.registry.list()}
         versions = {v.ref: v for a in adapters.values() for v in a.versions}
         keys = {k.key_hash: k for k in self.registry.store.list_api_keys() if k.revoked_at is None}
-        by_engine_name = {engine_name(v): v for v in versions.values()}
-        return Snapshot(
-            revision=revision, adapters=adapters, versions=versions, by_engine_name=by_engine_name, keys=keys
-        )
+        return Snapshot(revision=revision, adapters=adapters, versions=versions, keys=keys)
 
     async def _preload(self, snap: Snapshot, replicas: list[Replica]) -> None:
-        keep = snap.aliased | self.snapshot.aliased  # old targets still serve until the swap
-        for replica in replicas:
-            for name in sorted(snap.aliased):
-                await replica.ensure_loaded(name, self._fetcher(snap), pinned=keep)
+        """Load every aliased version on the given replicas it calls home, replicas in parallel."""
+
+        async def preload(replica: Replica) -> None:
+            # The outgoing targets stay pinned until the swap: they serve until then.
+            keep = self.pinned(replica, snap) | self.pinned(replica)
+            for name in sorted(self.replicas.homes_on(replica, snap.aliased)):
+                try:
+                    await replica.ensure_loaded(name, pinned=keep)
+                except LoraflowError as exc:  # one refused version must not keep the others out
+                    self.preload_failures += 1
+                    log.warning(
+                        "preload of %s on %s failed: %s", name, replica.url, getattr(exc, "detail", exc)
+                    )
+                    if isinstance(exc, EngineDown):
+                        replica.healthy = False  # until the next health check
+                        return
+
+        await asyncio.gather(*(preload(r) for r in replicas if r.healthy))
+
+    async def preload_home(self, replica: Replica) -> None:
+        """After ``replica`` (re)started: learn what it holds, and load the versions it is home to."""
+        replica.reset(await replica.engine.loaded_adapters())
+        await self._preload(self.snapshot, [replica])
 
     async def refresh(self) -> bool:
         """Swap in a new snapshot if the registry changed. True if it did."""
@@ -180,8 +202,7 @@ class Router:
         """Replicas that came (back) up: learn what they hold, and preload what aliases need."""
         for replica in await self.replicas.check_health():
             try:
-                replica.reset(await replica.engine.loaded_adapters())
-                await self._preload(self.snapshot, [replica])
+                await self.preload_home(replica)
                 log.info("replica %s is up with %d adapters", replica.url, len(replica.resident))
             except LoraflowError as exc:
                 replica.healthy = False

@@ -20,7 +20,9 @@ from fastapi.testclient import TestClient
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
 from loraflow.server.app import create_app
+from loraflow.server.engine.cache import parse_engine_name
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
+from loraflow.server.routing import engine_name
 from tests.factories import make_adapter
 
 BASE_ID = "tiny"
@@ -29,7 +31,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 @dataclass
 class FakeVLLM:
-    """vLLM's OpenAI server as the gateway sees it: health, models, runtime LoRA, completions."""
+    """A loraflow engine (vLLM + the resolver plugin) as the gateway sees it: health, models,
+    runtime LoRA by name (``/tokenize`` naming a version resolves it), completions."""
 
     url: str
     base: str
@@ -38,6 +41,18 @@ class FakeVLLM:
     fail: str | None = None  # "connect" (unreachable), "500", "html500", "empty-stream" (completions)
     break_stream_after: int | None = None  # events sent before the connection drops
     requests: list[dict[str, Any]] = field(default_factory=list)  # each completion request's body
+    refuse: set[str] = field(default_factory=set)  # engine names its resolver refuses (bad digest)
+    resolved: list[str] = field(default_factory=list)  # every load, in order
+
+    def _resolve(self, name: str) -> bool:
+        """What vLLM does for a name it does not hold: ask the resolver (here: any engine name)."""
+        if name in self.loaded:
+            return True
+        if parse_engine_name(name) is None or name in self.refuse:
+            return False
+        self.loaded.add(name)
+        self.resolved.append(name)
+        return True
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -52,11 +67,12 @@ class FakeVLLM:
             data = [{"id": self.base, "parent": None}] + [{"id": n, "parent": self.base} for n in self.loaded]
             return httpx.Response(200, json={"object": "list", "data": data})
         body = json.loads(request.content)
-        if path == "/v1/load_lora_adapter":
-            if body["lora_name"] in self.loaded:  # as vLLM answers
-                return httpx.Response(400, json={"error": {"message": "has already been loaded"}})
-            self.loaded.add(body["lora_name"])
-            return httpx.Response(200, text="ok")
+        if path == "/tokenize":
+            if body["model"] == self.base or self._resolve(body["model"]):
+                return httpx.Response(200, json={"tokens": [1], "count": 1})
+            return httpx.Response(
+                404, json={"error": {"message": f"The model `{body['model']}` does not exist."}}
+            )
         if path == "/v1/unload_lora_adapter":
             self.loaded.discard(body["lora_name"])
             return httpx.Response(200, text="ok")
@@ -69,7 +85,7 @@ class FakeVLLM:
             return httpx.Response(500, json={"error": {"message": "CUDA error: an illegal memory access"}})
         if self.fail == "html500":
             return httpx.Response(500, text="<html>Internal Server Error</html>")
-        if model != self.base and model not in self.loaded:
+        if model != self.base and not self._resolve(model):
             return httpx.Response(404, json={"error": {"message": f"The model `{model}` does not exist."}})
         text = f"from {self.url}"
         if not body.get("stream"):
@@ -174,3 +190,10 @@ def gateway(s: Setup, n_replicas: int = 1, **server: Any) -> TestClient:
 def ready(client: TestClient) -> TestClient:
     wait(lambda: client.get("/ready").status_code == 200, "/ready")
     return client
+
+
+def home_order(client: TestClient, s: Setup, adapter: str, version: int) -> list[FakeVLLM]:
+    """The fake engines in the order the gateway prefers them for ``adapter@v<version>`` (its home set)."""
+    name = engine_name(s.registry.get_version(adapter, version))
+    urls = [r.url for r in client.app.state.gateway.replicas.home(name)]  # type: ignore[attr-defined]
+    return sorted(s.engines, key=lambda e: urls.index(e.url) if e.url in urls else len(urls))

@@ -9,6 +9,8 @@ Errors say whose fault a failure is, because the gateway acts on that:
   once on another healthy replica, and otherwise answers 503 with ``Retry-After``.
 - :class:`EngineDown`: the replica could not be reached at all. As above, and it is
   marked unhealthy until its next health check.
+- :class:`AdapterLoadFailure`: the replica could not fetch, verify or load a version.
+  As :class:`EngineFailure`; the replica stays in the routing.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ class EngineDown(EngineFailure):
     """A replica could not be reached, or dropped the connection."""
 
 
+class AdapterLoadFailure(EngineFailure):
+    """A replica could not load a version: its resolver found no files for the digest, the files
+    did not match it, or vLLM refused them. A server-side fault (503), retried like any failure."""
+
+    def __init__(self, url: str, name: str, detail: str) -> None:
+        super().__init__(url, detail)
+        self.message = f"the engine could not load {name.partition('+')[0]}; retry shortly"
+
+
 class Engine(Protocol):
     """A vLLM replica. Adapter names it sees are immutable versions: ``NAME@vN+digest``."""
 
@@ -65,7 +76,9 @@ class Engine(Protocol):
         """A streaming OpenAI call: the raw SSE bytes, chunk by chunk. Raises the errors above."""
         ...
 
-    async def load_adapter(self, name: str, path: str) -> None: ...
+    async def load_adapter(self, name: str) -> None:
+        """Have the replica fetch (from the artifact store), verify and load ``name``."""
+        ...
 
     async def unload_adapter(self, name: str) -> None: ...
 

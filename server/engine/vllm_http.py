@@ -9,8 +9,7 @@ from typing import Any
 
 import httpx
 
-from loraflow.registry.errors import InvalidAdapterError
-from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
+from loraflow.server.engine.protocol import AdapterLoadFailure, EngineDown, EngineFailure, EngineRequestError
 
 
 def _parse_error(status: int, raw: bytes) -> dict[str, Any]:
@@ -84,26 +83,26 @@ class VLLMHttpEngine:
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, f"streaming {path}") from exc
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str) -> None:
+        """Make the engine load ``name`` (``NAME@vN+DIGEST``) by naming it in a request.
+
+        vLLM asks its resolvers for a name it does not hold; the loraflow resolver fetches the
+        files from the artifact store and verifies them there, on the engine's host. The
+        cheapest request that does so is ``/tokenize``. Idempotent: a loaded name resolves
+        at once.
+        """
         try:
-            response = await self._client.post(
-                "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
-            )
+            response = await self._client.post("/tokenize", json={"model": name, "prompt": "."})
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, f"loading {name}") from exc
+        if response.status_code == 200:
+            return
+        detail = f"loading {name}: HTTP {response.status_code} {response.text[:300]}"
         if response.status_code >= 500:
-            raise EngineFailure(
-                self.url, f"loading {name}: HTTP {response.status_code} {response.text[:300]}"
-            )
-        if response.status_code != 200:
-            # A load that timed out on our side may have finished on the engine's: then it holds
-            # the version already, under its immutable name, and that is the outcome we want.
-            if name in await self.loaded_adapters():
-                return
-            log.error("engine %s refused %s: %s", self.url, name, response.text[:300])
-            raise InvalidAdapterError(
-                f"the engine cannot load {name.partition('+')[0]}; the gateway's log says why", param="model"
-            )
+            raise EngineFailure(self.url, detail)
+        # 404: no resolver produced it (not in the store, or its bytes do not match the digest);
+        # 400: vLLM could not load what was fetched. Either way the engine's log says which.
+        raise AdapterLoadFailure(self.url, name, detail)
 
     async def unload_adapter(self, name: str) -> None:
         try:

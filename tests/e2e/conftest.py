@@ -59,14 +59,21 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) ->
         time.sleep(0.05)
 
 
-def start_engine(base: Path, log: Path, *, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """The engine command `loraflow serve` supervises, shared by the whole session."""
+def start_engine(
+    base: Path, log: Path, settings: Settings, *, port: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The engine `loraflow serve` supervises (vLLM with the loraflow resolver), shared by the session.
+    It fetches adapters from the artifact store ``settings`` names."""
     port = port or free_port()
-    device = resolve_device(ENGINE_SETTINGS)
-    cmd = vllm_command(ENGINE_SETTINGS, model=str(base), served_name=str(base), port=port, device=device)
+    device = resolve_device(settings.server)
+    cmd = vllm_command(settings.server, model=str(base), port=port, device=device)
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(device), start_new_session=True
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=engine_env(settings, device),
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     if not wait_until_ok(f"{url}/health", 240, alive=lambda: proc.poll() is None):
@@ -86,8 +93,22 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def engine_url(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_engine(assets.base, tmp_path_factory.mktemp("engine") / "engine.log")
+def artifact_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One artifact store for the session: engines fetch from it, so every registry here writes to it
+    (it is content-addressed, so registries sharing it never see each other's rows)."""
+    return str(tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(autouse=True)
+def shared_artifact_store(artifact_uri: str, isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAFLOW_ARTIFACT_URI", artifact_uri)
+
+
+@pytest.fixture(scope="session")
+def engine_url(assets: Assets, artifact_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("engine")
+    settings = Settings(home=root / "home", artifact_uri=artifact_uri, server=ENGINE_SETTINGS)
+    proc, url = start_engine(assets.base, root / "engine.log", settings)
     yield url
     stop(proc)
 
@@ -120,10 +141,10 @@ class RecordingEngine:
         self.timeline.append(("request", body["model"], time.monotonic()))
         return self.inner.stream(path, body)
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str) -> None:
         if self.before_load is not None:
             await self.before_load(name)
-        await self.inner.load_adapter(name, path)
+        await self.inner.load_adapter(name)
         self.timeline.append(("loaded", name, time.monotonic()))
 
     async def unload_adapter(self, name: str) -> None:

@@ -341,9 +341,8 @@ def test_engine_death_mid_stream_and_mid_load(registry: Any, assets: Assets, tmp
     server_settings = ENGINE_SETTINGS.model_copy(update={"poll_interval_s": 0.1})
     settings = Settings(home=tmp_path / "home", server=server_settings)
     process = EngineProcess(
-        server_settings,
+        settings,
         model=str(assets.base),
-        served_name=str(assets.base),
         log_file=tmp_path / "engine.log",
     )
     cold_v2 = engine_name(registry.get_version("support", 2))

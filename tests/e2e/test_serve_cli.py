@@ -27,12 +27,13 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def short_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    """A 512-token base, built and registered with the CLI, with one promoted adapter."""
+def short_context(artifact_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """A 512-token base, built and registered with the CLI, with one promoted adapter. In the
+    session's artifact store, where `serve`'s engine (its environment names it) fetches it from."""
     from loraflow.trainer.tiny import random_lora_adapter
 
     root = tmp_path_factory.mktemp("serve-cli")
-    env = {**os.environ, "LORAFLOW_HOME": str(root / "home")}
+    env = {**os.environ, "LORAFLOW_HOME": str(root / "home"), "LORAFLOW_ARTIFACT_URI": artifact_uri}
     base = root / "tiny-512"
 
     def run(*args: str) -> None:

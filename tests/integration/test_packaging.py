@@ -61,6 +61,8 @@ def test_wheel_has_only_the_loraflow_package_and_every_module(tmp_path: Path) ->
     )
     assert "loraflow = loraflow.cli.main:main" in entry_points
     assert "adapters = loraflow.cli.adapters:main" in entry_points
+    # vLLM finds the resolver through this entry point: without it, `loraflow engine` is plain vLLM.
+    assert "[vllm.general_plugins]\nloraflow = loraflow.server.engine.plugin:register" in entry_points
 
 
 def test_every_module_imports_as_loraflow_from_outside_the_repository(tmp_path: Path) -> None:

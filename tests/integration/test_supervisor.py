@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loraflow.registry.settings import ServerSettings
+from loraflow.registry.settings import ServerSettings, Settings
 from loraflow.server.engine.supervisor import EngineProcess, EngineStartError
 
 pytestmark = pytest.mark.integration
@@ -53,9 +53,8 @@ time.sleep(600)
 
 def _engine(tmp_path: Path, mode: str, **settings: object) -> EngineProcess:
     process = EngineProcess(
-        ServerSettings(**settings),  # type: ignore[arg-type]
+        Settings(home=tmp_path / "home", server=ServerSettings(**settings)),  # type: ignore[arg-type]
         model="/models/tiny",
-        served_name="tiny",
         log_file=tmp_path / "engine.log",
         device="cpu",
     )

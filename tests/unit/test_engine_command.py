@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from loraflow.cli.main import app
-from loraflow.registry.settings import ServerSettings
-from loraflow.server.engine.supervisor import detect_device, engine_env, vllm_command
+from loraflow.registry.settings import EngineSettings, ServerSettings, Settings
+from loraflow.server.engine.supervisor import detect_device, engine_env, engine_slice, vllm_command
 
 pytestmark = pytest.mark.unit
 
@@ -18,7 +18,6 @@ def command(device: str, **settings: object) -> list[str]:
     return vllm_command(
         ServerSettings(**settings),  # type: ignore[arg-type]
         model="/m",
-        served_name="m",
         port=9,
         device=device,  # type: ignore[arg-type]
     )
@@ -34,10 +33,36 @@ def test_unset_flags_are_left_to_vllm_and_cpu_defaults_stay_on_cpu(monkeypatch: 
     for name in ("--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size"):
         assert name not in cpu and name not in gpu
     assert flag(cpu, "--dtype") == "float32" and flag(gpu, "--dtype") is None
-    assert engine_env("cpu")["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    assert "VLLM_CPU_KVCACHE_SPACE" not in engine_env("gpu")
-    assert engine_env("gpu")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    settings = Settings(home=Path("/h"))
+    assert engine_env(settings, "cpu")["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in engine_env(settings, "gpu")
+    assert engine_env(settings, "gpu")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert flag(cpu, "--host") == "127.0.0.1"  # the runtime-LoRA admin API stays private
+
+
+def test_the_engine_environment_turns_the_resolver_on_for_these_settings_only(tmp_path: Path) -> None:
+    settings = Settings(
+        home=tmp_path, artifact_uri="s3://bucket/art", engine=EngineSettings(cache_max_bytes=123)
+    )
+    env = engine_env(settings, "cpu")
+    assert env["LORAFLOW_ENGINE__RESOLVER"] == "true"
+    assert env["LORAFLOW_ARTIFACT_URI"] == "s3://bucket/art"
+    assert env["LORAFLOW_ENGINE__CACHE_DIR"] == str((tmp_path / "cache" / "engine").resolve())
+    assert env["LORAFLOW_ENGINE__CACHE_MAX_BYTES"] == "123"
+    assert Settings(home=tmp_path).engine.resolver is False  # a plain vLLM: the plugin stays off
+
+
+def test_several_supervised_engines_get_disjoint_gpus_or_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert engine_slice(ServerSettings(), "gpu", 0) == {} and engine_slice(ServerSettings(), "cpu", 0) == {}
+    two_by_two = ServerSettings(supervised_engines=2, tensor_parallel_size=2)
+    gpus = [engine_slice(two_by_two, "gpu", i)["CUDA_VISIBLE_DEVICES"] for i in (0, 1)]
+    assert gpus == ["0,1", "2,3"]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    two = ServerSettings(supervised_engines=2)
+    cores = [engine_slice(two, "cpu", i)["VLLM_CPU_OMP_THREADS_BIND"] for i in (0, 1)]
+    assert cores == ["0,1", "2,3"]
+    settings = Settings(home=Path("/h"), server=two)
+    assert engine_env(settings, "cpu", index=1)["VLLM_CPU_OMP_THREADS_BIND"] == "2,3"
 
 
 def test_settings_set_flags_and_engine_args_carry_the_rest() -> None:

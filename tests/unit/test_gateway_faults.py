@@ -17,8 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loraflow.registry.keys import create_key
+from loraflow.server.routing import engine_name
 from tests.factories import make_adapter
-from tests.fake_vllm import BASE_ID, CHAT, Setup, gateway, ready, wait
+from tests.fake_vllm import BASE_ID, CHAT, Setup, gateway, home_order, ready, wait
 
 pytestmark = pytest.mark.unit
 
@@ -41,14 +42,14 @@ def _metric(client: TestClient, line_start: str) -> float:
 def test_a_failing_replica_is_retried_once_on_another(gateway_setup: Setup, fail: str, stream: bool) -> None:
     with gateway(gateway_setup, n_replicas=2) as client:
         ready(client)
-        first, second = gateway_setup.engines
+        first, second = home_order(client, gateway_setup, "support", 1)  # the order they are tried in
         first.fail = fail
         body = {"model": "support", **CHAT, "stream": stream}
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
-        assert "replica-1" in r.text and "replica-0" not in r.text
+        assert second.url in r.text and first.url not in r.text
         assert len(first.requests) == (0 if fail == "connect" else 1) and len(second.requests) == 1
-        failures = 'loraflow_engine_failures_total{phase="before_first_byte",replica="http://replica-0"}'
+        failures = f'loraflow_engine_failures_total{{phase="before_first_byte",replica="{first.url}"}}'
         assert _metric(client, failures) == 1.0
         # A replica that cannot be reached is taken out until a health check finds it again; one
         # that answers its health checks stays in.
@@ -113,16 +114,37 @@ def test_an_engine_dying_mid_stream_ends_the_stream_with_an_error_event(gateway_
             list(stream)
 
 
-def test_a_replica_that_lost_a_version_gets_it_loaded_again(gateway_setup: Setup) -> None:
+def test_a_replica_that_lost_a_version_resolves_it_again_by_name(gateway_setup: Setup) -> None:
     with gateway(gateway_setup) as client:
         ready(client)
         engine = gateway_setup.engines[0]
+        name = engine_name(gateway_setup.registry.get_version("support", 1))
+        assert engine.resolved.count(name) == 1  # preloaded once, by name
         engine.loaded.clear()  # it restarted between two health checks
         r = client.post("/v1/chat/completions", json={"model": "support", **CHAT})
         assert r.status_code == 200 and r.json()["model"] == "support@v1"
-        assert any(name.startswith("support@v1+") for name in engine.loaded)
-        lost = 'loraflow_engine_failures_total{phase="lost_adapter",replica="http://replica-0"}'
-        assert _metric(client, lost) == 1.0
+        assert engine.resolved.count(name) == 2  # the request named it, and the engine fetched it itself
+
+
+def test_a_version_the_engine_refuses_is_a_503_after_one_retry(gateway_setup: Setup, tmp_path: Path) -> None:
+    """An artifact whose bytes do not match its digest: the engine's resolver refuses it (404 on the
+    load), the gateway tries the other replica, then answers 503 with Retry-After, never a 500."""
+    reg = gateway_setup.registry
+    name = engine_name(
+        reg.register("support", make_adapter(tmp_path / "a3", seed=3), base_model=str(gateway_setup.base))
+    )
+    with gateway(gateway_setup, n_replicas=2) as client:
+        ready(client)
+        for engine in gateway_setup.engines:
+            engine.refuse.add(name)
+        r = client.post("/v1/chat/completions", json={"model": "support@v2", **CHAT})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        error = _error(r)
+        assert error["code"] == "engine_unavailable" and "support@v2" in error["message"]
+        assert name not in error["message"] and "replica-" not in error["message"]
+        assert all(not e.requests for e in gateway_setup.engines)  # never sent a completion
+        assert all(r.healthy for r in client.app.state.gateway.replicas.replicas)  # type: ignore[attr-defined]
+        assert client.post("/v1/chat/completions", json={"model": "support", **CHAT}).status_code == 200
 
 
 def test_unexpected_errors_are_500s_in_openai_shape_without_a_traceback(gateway_setup: Setup) -> None:

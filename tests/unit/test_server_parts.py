@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,7 +38,7 @@ class FakeEngine:
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         yield b""
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str) -> None:
         await asyncio.sleep(0.05)
         self.loads.append(name)
 
@@ -53,15 +52,11 @@ class FakeEngine:
         pass
 
 
-async def _fetch(name: str) -> Path:
-    return Path("/tmp") / name
-
-
 def test_concurrent_requests_for_a_cold_version_load_it_once() -> None:
     async def run() -> FakeEngine:
         engine = FakeEngine()
         replica = Replica(engine, max_resident=4)
-        await asyncio.gather(*(replica.ensure_loaded("a@v1+x", _fetch, pinned=set()) for _ in range(20)))
+        await asyncio.gather(*(replica.ensure_loaded("a@v1+x", pinned=set()) for _ in range(20)))
         return engine
 
     assert asyncio.run(run()).loads == ["a@v1+x"]
@@ -72,11 +67,11 @@ def test_residency_is_lru_bounded_and_spares_pinned_and_in_flight() -> None:
         engine = FakeEngine()
         replica = Replica(engine, max_resident=3)
         for name in ("p", "a", "b"):
-            await replica.ensure_loaded(name, _fetch, pinned={"p"})
+            await replica.ensure_loaded(name, pinned={"p"})
         async with replica.using("a"):
-            await replica.ensure_loaded("c", _fetch, pinned={"p"})  # evicts b: p is pinned, a is in use
-        await replica.ensure_loaded("a", _fetch, pinned={"p"})  # a is now most recent
-        await replica.ensure_loaded("d", _fetch, pinned={"p"})  # evicts c, the least recent unpinned
+            await replica.ensure_loaded("c", pinned={"p"})  # evicts b: p is pinned, a is in use
+        await replica.ensure_loaded("a", pinned={"p"})  # a is now most recent
+        await replica.ensure_loaded("d", pinned={"p"})  # evicts c, the least recent unpinned
         return engine, replica
 
     engine, replica = asyncio.run(run())
@@ -87,8 +82,8 @@ def test_residency_is_lru_bounded_and_spares_pinned_and_in_flight() -> None:
 def test_full_of_pinned_versions_is_overload() -> None:
     async def run() -> None:
         replica = Replica(FakeEngine(), max_resident=1)
-        await replica.ensure_loaded("p", _fetch, pinned={"p"})
-        await replica.ensure_loaded("q", _fetch, pinned={"p"})
+        await replica.ensure_loaded("p", pinned={"p"})
+        await replica.ensure_loaded("q", pinned={"p"})
 
     with pytest.raises(OverloadedError):
         asyncio.run(run())
@@ -104,7 +99,7 @@ class SlowUnloadEngine(FakeEngine):
         self.unload_started = asyncio.Event()
         self.finish_unloads = asyncio.Event()
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str) -> None:
         await asyncio.sleep(0.01)
         self.loaded.add(name)
 
@@ -124,10 +119,10 @@ def test_a_version_being_unloaded_is_reloaded_not_sent_to_the_engine() -> None:
         engine = SlowUnloadEngine()
         replica = Replica(engine, max_resident=2)
         for name in ("a", "c"):
-            await replica.ensure_loaded(name, _fetch, pinned=set())
-        loading_b = asyncio.create_task(replica.ensure_loaded("b", _fetch, pinned=set()))
+            await replica.ensure_loaded(name, pinned=set())
+        loading_b = asyncio.create_task(replica.ensure_loaded("b", pinned=set()))
         await engine.unload_started.wait()  # b's load is evicting a, the least recently used
-        request_a = asyncio.create_task(replica.ensure_loaded("a", _fetch, pinned=set()))
+        request_a = asyncio.create_task(replica.ensure_loaded("a", pinned=set()))
         when_ready: list[tuple[bool, bool]] = []  # what a request for `a` finds when it is sent
         request_a.add_done_callback(
             lambda _: when_ready.append(("a" in engine.loaded, "a" in engine.unloading))
@@ -152,9 +147,9 @@ def test_a_failed_unload_keeps_the_version_resident() -> None:
 
     async def run() -> Replica:
         replica = Replica(FailingUnload(), max_resident=1)
-        await replica.ensure_loaded("a", _fetch, pinned=set())
+        await replica.ensure_loaded("a", pinned=set())
         with pytest.raises(EngineFailure):
-            await replica.ensure_loaded("b", _fetch, pinned=set())
+            await replica.ensure_loaded("b", pinned=set())
         return replica
 
     replica = asyncio.run(run())
@@ -167,7 +162,7 @@ def test_concurrent_loads_never_exceed_the_replica_capacity() -> None:
         engine.finish_unloads.set()
         replica = Replica(engine, max_resident=2)
         results = await asyncio.gather(
-            *(replica.ensure_loaded(n, _fetch, pinned=set()) for n in ("a", "b", "c")), return_exceptions=True
+            *(replica.ensure_loaded(n, pinned=set()) for n in ("a", "b", "c")), return_exceptions=True
         )
         return engine, replica, results
 
@@ -226,7 +221,6 @@ def _router() -> Router:
         replicas=ReplicaSet([], max_resident=1),  # type: ignore[arg-type]
         base_model_id="tiny",
         engine_base_name="/models/tiny",
-        cache_dir=Path("/tmp"),
         poll_interval_s=1,
     )
     router.snapshot = Snapshot(
