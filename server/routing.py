@@ -213,13 +213,27 @@ class Router:
         return self._registry_ok and bool(self.replicas.healthy()) and self.snapshot.revision >= 0
 
     async def run(self) -> None:
+        """Health checks and registry polls, each in its own loop, so that a replica slow to answer
+        its health check (a busy engine, a dead host's connect timeout) never delays a promote."""
+        await asyncio.gather(self._health_loop(), self._registry_loop())
+
+    async def _health_loop(self) -> None:
         while True:
             try:
                 await self.sync_recovered()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep checking through engine hiccups
+                log.warning("health check round failed: %s", exc)
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _registry_loop(self) -> None:
+        while True:
+            try:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # keep routing alive through registry/engine hiccups
+            except Exception as exc:  # keep routing alive through registry hiccups
                 self._registry_ok = False
                 log.warning("routing refresh failed: %s", exc)
             await asyncio.sleep(self.poll_interval_s)
