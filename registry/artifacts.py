@@ -134,29 +134,33 @@ class ArtifactStore:
 
     def manifest(self, digest: str) -> dict[str, Any]:
         path = f"{self._dir(digest)}/{MANIFEST}"
-        if not self.fs.exists(path):
-            raise NotFoundError(f"artifact {digest} is not in the store at {self.uri}", param="digest")
-        with self.fs.open(path, "r") as fh:
-            manifest: dict[str, Any] = json.load(fh)
+        try:
+            manifest: dict[str, Any] = json.loads(self.fs.cat_file(path))  # one request on object stores
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"artifact {digest} is not in the store at {self.uri}", param="digest"
+            ) from None
         listed = {name: meta["sha256"] for name, meta in manifest["files"].items()}
         if digest_of(listed) != digest or manifest.get("digest") != digest:
             raise IntegrityError(f"artifact {digest}: manifest does not match its digest")
         return manifest
 
     def read_bytes(self, digest: str, name: str) -> bytes:
-        manifest = self.manifest(digest)
+        return self._read_verified(digest, name, self.manifest(digest))
+
+    def _read_verified(self, digest: str, name: str, manifest: dict[str, Any]) -> bytes:
         if name not in manifest["files"]:
             raise NotFoundError(f"artifact {digest} has no file {name!r}", param="name")
-        with self.fs.open(f"{self._dir(digest)}/{name}", "rb") as fh:
-            data: bytes = fh.read()
+        data: bytes = self.fs.cat_file(f"{self._dir(digest)}/{name}")
         if hashlib.sha256(data).hexdigest() != manifest["files"][name]["sha256"]:
             raise IntegrityError(f"artifact {digest}: {name} does not match its sha256")
         return data
 
     def verify(self, digest: str) -> None:
         """Re-hash every file of an artifact; raise IntegrityError on any mismatch."""
-        for name in self.manifest(digest)["files"]:
-            self.read_bytes(digest, name)
+        manifest = self.manifest(digest)
+        for name in manifest["files"]:
+            self._read_verified(digest, name, manifest)
 
     def fetch(self, digest: str, dest: Path) -> Path:
         """Materialize an artifact in ``dest`` (created atomically), verifying every byte.
@@ -170,8 +174,8 @@ class ArtifactStore:
         tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            for name in manifest["files"]:
-                (tmp / name).write_bytes(self.read_bytes(digest, name))
+            for name in manifest["files"]:  # the manifest read once, every file checked against it
+                (tmp / name).write_bytes(self._read_verified(digest, name, manifest))
             if dest.exists():
                 shutil.rmtree(dest)
             with contextlib.suppress(OSError):  # a concurrent fetch of the same digest won

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
@@ -44,6 +45,7 @@ class ArtifactResolver(LoRAResolver):
         if parsed is None:
             return None  # not a loraflow version; another resolver may know it
         ref, digest = parsed
+        started = time.perf_counter()
         try:
             path = await asyncio.to_thread(self.cache.fetch, digest)
         except LoraflowError as exc:
@@ -52,7 +54,8 @@ class ArtifactResolver(LoRAResolver):
         except Exception as exc:  # the store's backend raises its own types (botocore, aiohttp, OSError)
             log.error("cannot fetch %s from the artifact store: %s: %s", lora_name, type(exc).__name__, exc)
             return None
-        log.info("resolved %s from the artifact store (verified, cached at %s)", ref, path)
+        took = time.perf_counter() - started
+        log.info("resolved %s from the artifact store in %.3f s (verified, cached at %s)", ref, took, path)
         # vLLM overwrites lora_int_id with its own counter when it adds the adapter.
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
 
