@@ -37,13 +37,20 @@ class Recycler:
         self.drain_timeout_s = drain_timeout_s
         self.interval_s = interval_s
         self._postponed: set[str] = set()
+        # Loads right after a replica's last planned restart: its home versions, preloaded again.
+        # Only loads beyond those count, or a replica home to more than max_loads versions would
+        # be drained again as soon as it was back.
+        self._baseline: dict[str, int] = {}
+
+    def loads_since_recycle(self, replica: Replica) -> int:
+        return max(0, replica.loads - self._baseline.get(replica.url, 0))
 
     def due(self) -> tuple[Replica, EngineProcess] | None:
         """The first supervised replica past its load budget that can be drained now."""
         replicas = self.router.replicas.replicas
         for replica in replicas:
             process = self.processes.get(replica.url)
-            if process is None or replica.draining or replica.loads < self.max_loads:
+            if process is None or replica.draining or self.loads_since_recycle(replica) < self.max_loads:
                 continue
             if not any(r.healthy and not r.draining for r in replicas if r is not replica):
                 if replica.url not in self._postponed:
@@ -71,6 +78,7 @@ class Recycler:
             replica.healthy = False
             await process.restart()
             await self.router.preload_home(replica)
+            self._baseline[replica.url] = replica.loads
             replica.healthy = True
             log.info("%s restarted and preloaded %d versions", replica.url, len(replica.resident))
         finally:

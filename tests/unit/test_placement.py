@@ -209,7 +209,7 @@ def test_a_replica_past_its_load_budget_is_drained_then_restarted_and_preloaded(
 
             async def preload_home(self, replica: object) -> None:
                 preloaded.append(first.url)
-                first.loads = 0
+                first.loads = 7  # it is home to seven aliased versions, loaded again
 
         recycler = Recycler(Router(), [process], max_loads=5, drain_timeout_s=5, interval_s=0.01)  # type: ignore[arg-type, list-item]
         assert recycler.due() == (first, process)
@@ -220,7 +220,11 @@ def test_a_replica_past_its_load_budget_is_drained_then_restarted_and_preloaded(
             assert replicas.pick("x") is second  # no new request goes to the draining replica
         await task
         assert process.busy_at_restart == 0 and preloaded == [first.url]
-        assert first.healthy and not first.draining and recycler.due() is None
+        assert first.healthy and not first.draining
+        assert recycler.due() is None  # its own preloads (7 > max_loads) do not drain it again
+        first.loads = 7 + 5
+        assert recycler.due() == (first, process)  # five loads beyond them do
+        first.loads = 7
 
         second.healthy = False  # nobody else could take the traffic: the restart waits
         first.loads = 9
