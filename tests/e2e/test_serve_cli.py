@@ -80,8 +80,12 @@ class Serve:
         try:
             return self.process.wait(timeout_s)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
+            if self.process.poll() is None:  # a test that failed early: let serve stop its engine
+                self.process.terminate()
+                try:
+                    self.process.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()  # its engine is left behind only if serve itself hangs
 
 
 def _alive(pid: int) -> bool:
