@@ -110,3 +110,13 @@ def test_max_cpu_loras_must_hold_a_batch(isolated_env: Path) -> None:
 def test_no_visible_gpu_means_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert detect_device() == "cpu"
+
+
+def test_the_engine_command_fails_fast_on_a_store_it_cannot_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAFLOW_ARTIFACT_URI", "nosuchprotocol://bucket/x")
+    result = CliRunner().invoke(app, ["engine", "--base-model", "/m"])
+    assert result.exit_code == 2
+    assert "cannot read the artifact store nosuchprotocol://bucket/x" in result.output
+    monkeypatch.delenv("LORAFLOW_ARTIFACT_URI")
+    result = CliRunner().invoke(app, ["engine"])
+    assert result.exit_code == 2 and "--base-model" in result.output
