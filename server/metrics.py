@@ -120,7 +120,7 @@ class GatewayMetrics:
         self.engine_failures = Counter(
             "loraflow_engine_failures",
             "Replica failures: before_first_byte (retried once elsewhere), mid_stream (an SSE error "
-            "event), lost_adapter (the engine no longer held a version; reloaded).",
+            "event), lost_adapter (the engine no longer held a version and could not resolve it; retried).",
             ["replica", "phase"],
             registry=self.registry,
         )

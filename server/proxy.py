@@ -11,8 +11,9 @@ Failures, by when they happen:
 - before the first byte reaches the client, a replica's failure
   (:class:`EngineFailure`) is retried once on another healthy replica; if none
   is left, the client gets 503 with ``Retry-After``. A replica that answers 404
-  for a version we thought it held has lost it (it restarted): it is forgotten
-  there and the retry loads it again.
+  for a version we thought it held no longer has it and its resolver could not
+  fetch it again (an engine that merely restarted resolves it by itself): it is
+  forgotten there and the one retry loads it again, or fails as a 503.
 - after the first byte of a stream, the status line is gone, so the error is one
   more SSE event in OpenAI's error shape, followed by ``data: [DONE]``.
 - anything unexpected is a 500 in OpenAI's shape; the traceback goes to the log.
@@ -156,8 +157,8 @@ class Gateway:
                 except EngineRequestError as exc:
                     if exc.status != 404 or adapter_name is None or retried:
                         raise
-                    # The engine does not hold a version we thought it did: it restarted between
-                    # health checks. Forget it there; the one retry (there, too) loads it again.
+                    # The engine does not hold a version we thought it did, and its resolver did not
+                    # get it back. Forget it there; the one retry loads it again, or is a 503.
                     replica.forget(adapter_name)
                     self.metrics.engine_failures.labels(replica.url, "lost_adapter").inc()
                 retried = True

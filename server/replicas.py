@@ -61,7 +61,7 @@ class Replica:
         self.loads = 0
 
     def forget(self, name: str) -> None:
-        """The engine turned out not to hold ``name`` (it restarted between health checks)."""
+        """The engine turned out not to hold ``name`` any more, and could not resolve it again."""
         self.resident.pop(name, None)
 
     @property

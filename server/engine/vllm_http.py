@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,9 +19,6 @@ def _parse_error(status: int, raw: bytes) -> dict[str, Any]:
     if isinstance(data, dict):
         return data
     return {"error": {"message": raw[:500].decode(errors="replace") or f"HTTP {status}"}}
-
-
-log = logging.getLogger("loraflow.engine")
 
 
 class VLLMHttpEngine:
