@@ -66,5 +66,5 @@ def train(
         out.print(
             f"held-out ({rep['n']}): exact {a['exact_match']} vs base {b['exact_match']}; "
             f"stops by itself {a['stop_rate']} vs {b['stop_rate']}; "
-            f"JSON format {a['json_format_rate']} vs {b['json_format_rate']}"
+            f"valid JSON {a.get('json_valid')} vs {b.get('json_valid')}"
         )

@@ -172,10 +172,23 @@ def test_lora_run_learns_the_format_and_to_stop(workspace: dict[str, Any], lora_
     assert m["eval_loss"] < m["base_eval_loss"]
     assert m["train_loss"] > 0 and m["tokens_per_second"] > 0
     assert m["loss_curve"] and m["eval_curve"] and m["wall_time_s"] > 0
-    assert rep["adapter"]["json_format_rate"] >= 0.75
-    assert rep["base"]["json_format_rate"] == 0.0
+    assert rep["adapter"]["json_valid"] >= 0.75
+    assert rep["base"]["json_valid"] == 0.0
     assert rep["adapter"]["stop_rate"] >= 0.9
     assert rep["base"]["stop_rate"] < rep["adapter"]["stop_rate"]
+    assert rep["adapter"]["token_f1"] > rep["base"]["token_f1"]
+    assert rep["metrics"] == [
+        "exact_match",
+        "token_f1",
+        "rouge_l",
+        "json_valid",
+        "stop_rate",
+        "output_tokens",
+        "latency_s",
+    ]
+    diff = rep["adapter_minus_base"]["json_valid"]
+    assert diff["ci"][0] > 0  # the paired interval clears zero
+    assert len(rep["examples"]) == rep["n"] == 16
     v = lora_run.version
     assert v.ref == "orders@v1" and v.dataset == "orders@v1"
     assert v.metrics == m and v.eval_report == rep
@@ -207,7 +220,7 @@ def test_the_registered_adapter_emits_json_and_stops_by_itself(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraflow.trainer.evaluate import generate
+    from loraflow.trainer.heldout import generate
     from loraflow.trainer.prepare import load_split
 
     reg: Registry = workspace["registry"]
@@ -228,10 +241,10 @@ def test_the_registered_adapter_emits_json_and_stops_by_itself(
     results = []
     for row in held_out:
         prompt = row["messages"][:-1]
-        text, finish = generate(model, tokenizer, prompt, max_new_tokens=48)
+        answer = generate(model, tokenizer, prompt, max_new_tokens=48)
         with model.disable_adapter():
-            base_text, base_finish = generate(model, tokenizer, prompt, max_new_tokens=48)
-        results.append((text, finish, base_text, base_finish))
+            base = generate(model, tokenizer, prompt, max_new_tokens=48)
+        results.append((answer.text, answer.finish_reason, base.text, base.finish_reason))
     stops = [finish for _, finish, _, _ in results]
     assert stops.count("stop") >= 7, results
     assert sum(_is_order_json(text) for text, *_ in results) >= 6, results
@@ -271,7 +284,7 @@ def test_qlora_run(workspace: dict[str, Any]) -> None:
     m, rep = run.metrics, run.eval_report
     assert run.version.training_config is not None and run.version.training_config["qlora"] is True
     assert m["eval_loss"] < m["base_eval_loss"]
-    assert rep["adapter"]["json_format_rate"] >= 0.75 and rep["base"]["json_format_rate"] == 0.0
+    assert rep["adapter"]["json_valid"] >= 0.75 and rep["base"]["json_valid"] == 0.0
     assert rep["adapter"]["stop_rate"] >= 0.9
 
 
