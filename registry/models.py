@@ -155,3 +155,26 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+
+
+class Evaluation(SQLModel, table=True):
+    """One `loraflow eval` of an adapter version. Versions stay immutable; their evaluations accumulate.
+
+    ``production_version`` is the version production pointed at when the report was made:
+    the gate refuses a report made against another one as stale.
+    """
+
+    __tablename__ = "evaluation"
+    __table_args__ = (Index("ix_evaluation_version", "adapter_id", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapter.id")
+    version: int
+    dataset_version_id: int | None = Field(default=None, foreign_key="dataset_version.id")
+    split: str = Field(max_length=16)
+    split_digest: str = Field(max_length=64)
+    production_version: int | None = None
+    report: dict[str, Any] = _json(nullable=False)
+    revision: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_by: str = Field(max_length=256)
+    created_at: datetime = _ts()

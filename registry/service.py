@@ -9,15 +9,21 @@ artifact, never a version without its files.
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 from typing import Any
 
-from loraflow.registry import domain
+from loraflow.registry import domain, gate
 from loraflow.registry.adapter_files import ADAPTER_FILES, inspect_adapter
 from loraflow.registry.artifacts import ArtifactStore
 from loraflow.registry.basemodel import BaseModel, resolve_base_model, template_hash_of, template_matches
 from loraflow.registry.db import ensure_schema, make_engine
-from loraflow.registry.errors import InvalidAdapterError, NotFoundError
+from loraflow.registry.errors import (
+    GateRefusedError,
+    InvalidAdapterError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from loraflow.registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
 from loraflow.registry.settings import Settings
 from loraflow.registry.store import MetadataStore, NewVersion
@@ -131,10 +137,78 @@ class Registry:
         return self.store.get_version(name, version)
 
     def promote(
-        self, name: str, version: int, *, alias: str = DEFAULT_ALIAS, expect: int | None = None
+        self,
+        name: str,
+        version: int,
+        *,
+        alias: str = DEFAULT_ALIAS,
+        expect: int | None = None,
+        force: bool = False,
+        reason: str | None = None,
     ) -> domain.AliasMoveInfo:
+        """Point ``alias`` at ``version``. A gated alias (``gate.aliases``) first checks the version's
+        latest eval report; ``force`` with a ``reason`` overrides a refusal, and both are audited."""
         check_alias(alias)
-        return self.store.set_alias(name=name, alias=alias, version=version, expect=expect, actor=self.actor)
+        if force and not (reason or "").strip():
+            raise InvalidArgumentError(
+                "--force needs --reason: say why the gate is overridden", param="reason"
+            )
+        if reason is not None and not force:
+            raise InvalidArgumentError("--reason goes with --force", param="reason")
+        note: dict[str, Any] | None = {"forced": True, "reason": reason} if force else None
+        if alias in self.settings.gate.aliases:
+            decision = self.gate(name, version, alias=alias)
+            if not decision.passed and not force:
+                raise GateRefusedError(decision.message(), param="version")
+            note = (note or {}) | {"gate": decision.to_json()}
+            # The report was made against this production version: move only if it still is.
+            production = self._alias_version(name, DEFAULT_ALIAS)
+            if decision.passed and alias == DEFAULT_ALIAS and expect is None and production is not None:
+                expect = production
+        return self.store.set_alias(
+            name=name, alias=alias, version=version, expect=expect, actor=self.actor, note=note
+        )
+
+    def gate(self, name: str, version: int, *, alias: str = DEFAULT_ALIAS) -> gate.GateDecision:
+        """What the gate says about moving ``alias`` to ``version`` now (nothing is changed)."""
+        candidate = self.store.get_version(name, version)
+        evaluations = self.store.evaluations(name, version)
+        return gate.check(
+            self.settings.gate.policy_for(name),
+            evaluations[-1] if evaluations else None,
+            candidate=candidate,
+            alias=alias,
+            production=self._alias_version(name, DEFAULT_ALIAS),
+        )
+
+    def _alias_version(self, name: str, alias: str) -> int | None:
+        return self.store.get_adapter(name).aliases.get(alias)
+
+    def record_evaluation(
+        self,
+        name: str,
+        version: int,
+        *,
+        dataset: str | None,
+        split: str,
+        split_digest: str,
+        production_version: int | None,
+        report: dict[str, Any],
+    ) -> domain.EvaluationInfo:
+        """Store an eval report on a version (the version itself stays immutable)."""
+        return self.store.add_evaluation(
+            name=name,
+            version=version,
+            dataset=dataset,
+            split=split,
+            split_digest=split_digest,
+            production_version=production_version,
+            report=report,
+            actor=self.actor,
+        )
+
+    def evaluations(self, name: str, version: int | None = None) -> builtins.list[domain.EvaluationInfo]:
+        return self.store.evaluations(name, version)
 
     def rollback(self, name: str, *, alias: str = DEFAULT_ALIAS) -> domain.AliasMoveInfo:
         check_alias(alias)

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -192,6 +192,111 @@ class EngineSettings(BaseModel):
     )
 
 
+DEFAULT_RUBRIC = (
+    "Grade the ANSWER to the QUESTION against the REFERENCE answer. 5: correct and complete; "
+    "3: partly correct; 1: wrong or irrelevant. Reply with JSON only: "
+    '{"reasoning": "<one or two sentences>", "score": <1-5>}'
+)
+
+
+class JudgeSettings(BaseModel):
+    """An LLM judge: any OpenAI-compatible chat endpoint grades each answer with the rubric."""
+
+    url: str = Field(description="Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1.")
+    model: str = Field(description="The judge model's id at that endpoint.")
+    api_key: SecretStr | None = Field(None, description="Its API key, if it needs one.")
+    rubric: str = Field(DEFAULT_RUBRIC, description="The grading instructions; must ask for JSON with score.")
+    min_score: float = Field(1, description="The rubric's lowest score (mapped to 0).")
+    max_score: float = Field(5, description="The rubric's highest score (mapped to 1).")
+    max_tokens: int = Field(256, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _scale(self) -> JudgeSettings:
+        if self.max_score <= self.min_score:
+            raise ValueError("eval.judge.max_score must be greater than min_score")
+        return self
+
+
+class EvalSettings(BaseModel):
+    """``loraflow eval``: how the candidate, production and the prompted base are generated and scored."""
+
+    gateway_url: str | None = Field(
+        None,
+        description="A running loraflow gateway to generate through. Unset: eval starts an engine and "
+        "the gateway in-process, the way loraflow serve does.",
+    )
+    api_key: SecretStr | None = Field(None, description="API key for gateway_url when it has server.auth on.")
+    few_shot: int = Field(
+        3, ge=0, description="Examples from the training split shown to the prompted base (never from test)."
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="System prompt for the prompted base; default the candidate's training system prompt.",
+    )
+    max_tokens: int = Field(64, ge=1, description="Longest answer generated per example.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once (vLLM batches them).")
+    request_timeout_s: float = Field(300.0, gt=0)
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples per interval.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Interval coverage.")
+    seed: int = Field(0, description="Seed of the few-shot draw and of the bootstrap.")
+    metrics: list[str] | None = Field(
+        None, description="Metrics to compute; unset: chosen from the task (JSON, labels, schema)."
+    )
+    json_schemas: dict[str, Path] = Field(
+        default_factory=dict, description="Adapter name -> JSON schema file its answers must satisfy."
+    )
+    regression: bool = Field(True, description="Also run the built-in general-ability suite.")
+    judge: JudgeSettings | None = Field(None, description="Optional LLM-as-judge.")
+
+
+class GatePolicy(BaseModel):
+    """What a version's eval report must show before it may take a gated alias."""
+
+    model_config = {"extra": "forbid"}
+
+    primary_metric: str | None = Field(
+        None, description="Default: the report's (exact_match, or label_macro_f1 for classification)."
+    )
+    min_gain_over_production: float = Field(0.01, description="Primary metric gain over production.")
+    min_gain_over_base: float = Field(0.0, description="Primary metric gain over the prompted base.")
+    require_ci_above_zero: bool = Field(
+        True, description="Each gain's paired interval must have its lower bound above 0."
+    )
+    max_regression_drop: float | None = Field(
+        0.02, ge=0, description="Largest drop on the regression suite; unset: not checked."
+    )
+    min_json_valid: float | None = Field(
+        0.99, ge=0, le=1, description="Least JSON validity, for tasks whose answers are JSON; unset: none."
+    )
+
+
+class GateSettings(BaseModel):
+    """The promotion gate: ``adapters promote`` to these aliases checks the version's eval report."""
+
+    aliases: list[str] = Field(default_factory=lambda: ["production"], description="Gated aliases.")
+    default: GatePolicy = Field(default_factory=GatePolicy)
+    adapters: dict[str, dict[str, object]] = Field(
+        default_factory=dict,
+        description="Per adapter, fields that override the default policy, e.g. "
+        "[gate.adapters.orders] min_gain_over_production = 0.05.",
+    )
+
+    @model_validator(mode="after")
+    def _policies_valid(self) -> GateSettings:
+        for name in self.adapters:
+            try:
+                self.policy_for(name)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"gate.adapters.{name}.{field}: {first['msg']}") from None
+        return self
+
+    def policy_for(self, adapter: str) -> GatePolicy:
+        return GatePolicy.model_validate(self.default.model_dump() | self.adapters.get(adapter, {}))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORAFLOW_",
@@ -214,6 +319,8 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
 
     @classmethod
     def settings_customise_sources(

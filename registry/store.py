@@ -30,6 +30,7 @@ from loraflow.registry.models import (
     AuditEvent,
     DatasetRow,
     DatasetVersionRow,
+    Evaluation,
     RegistryState,
     utcnow,
 )
@@ -358,11 +359,19 @@ class MetadataStore:
             return self._version_info(s, adapter, row)
 
     def set_alias(
-        self, *, name: str, alias: str, version: int, expect: int | None, actor: str
+        self,
+        *,
+        name: str,
+        alias: str,
+        version: int,
+        expect: int | None,
+        actor: str,
+        note: dict[str, Any] | None = None,
     ) -> domain.AliasMoveInfo:
+        """``note`` (the gate's decision, a forced promotion's reason) goes into the audit event."""
         with self._write(actor) as tx:
             adapter = self._adapter_row(tx.session, name)
-            return self._move_alias(tx, adapter, alias, version, expect=expect, reason="promote")
+            return self._move_alias(tx, adapter, alias, version, expect=expect, reason="promote", note=note)
 
     def rollback_alias(self, *, name: str, alias: str, actor: str) -> domain.AliasMoveInfo:
         """Move an alias back to the version it pointed at before its last move."""
@@ -387,7 +396,15 @@ class MetadataStore:
             )
 
     def _move_alias(
-        self, tx: _Tx, adapter: Adapter, alias: str, version: int, *, expect: int | None, reason: str
+        self,
+        tx: _Tx,
+        adapter: Adapter,
+        alias: str,
+        version: int,
+        *,
+        expect: int | None,
+        reason: str,
+        note: dict[str, Any] | None = None,
     ) -> domain.AliasMoveInfo:
         s, name = tx.session, adapter.name
         target = self._version_row(s, adapter, version)
@@ -424,7 +441,7 @@ class MetadataStore:
             name,
             alias=alias,
             before={"version": current} if current is not None else None,
-            after={"version": version},
+            after={"version": version} | (note or {}),
         )
         s.flush()
         return _move_info(name, move)
@@ -457,6 +474,79 @@ class MetadataStore:
             )
             s.flush()
             return self._version_info(s, adapter, row)
+
+    # -- evaluations -------------------------------------------------------------
+    def add_evaluation(
+        self,
+        *,
+        name: str,
+        version: int,
+        dataset: str | None,
+        split: str,
+        split_digest: str,
+        production_version: int | None,
+        report: dict[str, Any],
+        actor: str,
+    ) -> domain.EvaluationInfo:
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            self._version_row(s, adapter, version)
+            row = Evaluation(
+                adapter_id=_pk(adapter),
+                version=version,
+                dataset_version_id=self._dataset_version_id(s, dataset) if dataset else None,
+                split=split,
+                split_digest=split_digest,
+                production_version=production_version,
+                report=report,
+                revision=tx.revision,
+                created_by=actor,
+            )
+            s.add(row)
+            s.flush()
+            tx.audit(
+                "version.evaluate",
+                "adapter",
+                name,
+                version=version,
+                after={
+                    "evaluation": row.id,
+                    "dataset": dataset,
+                    "split": split,
+                    "split_digest": split_digest,
+                    "production_version": production_version,
+                },
+            )
+            return self._evaluation_info(s, adapter, row)
+
+    def _evaluation_info(self, s: Session, adapter: Adapter, row: Evaluation) -> domain.EvaluationInfo:
+        if row.id is None:
+            raise RuntimeError("Evaluation has no primary key yet")
+        return domain.EvaluationInfo(
+            id=row.id,
+            adapter=adapter.name,
+            version=row.version,
+            dataset=self._dataset_ref(s, row.dataset_version_id),
+            split=row.split,
+            split_digest=row.split_digest,
+            production_version=row.production_version,
+            report=row.report,
+            revision=row.revision,
+            created_by=row.created_by,
+            created_at=row.created_at,
+        )
+
+    def evaluations(self, name: str, version: int | None = None) -> list[domain.EvaluationInfo]:
+        """Oldest first; of one version, or of every version of the adapter."""
+        with self._read() as s:
+            adapter = self._adapter_row(s, name)
+            query = select(Evaluation).where(Evaluation.adapter_id == adapter.id)
+            if version is not None:
+                self._version_row(s, adapter, version)
+                query = query.where(Evaluation.version == version)
+            rows = s.exec(query.order_by(col(Evaluation.revision), col(Evaluation.id))).all()
+            return [self._evaluation_info(s, adapter, r) for r in rows]
 
     # -- datasets ----------------------------------------------------------------
     @staticmethod

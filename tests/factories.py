@@ -14,6 +14,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
+# The reason tests give when they promote random adapters, which have no eval report, past the gate.
+FORCED = "test fixture: a random adapter with no eval report"
+FORCE = ("--force", "--reason", FORCED)  # the same, on the command line
+
 BASE_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",

@@ -23,7 +23,7 @@ from loraflow.server.app import create_app
 from loraflow.server.engine.cache import parse_engine_name
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from loraflow.server.routing import engine_name
-from tests.factories import make_adapter
+from tests.factories import FORCED, make_adapter
 
 BASE_ID = "tiny"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -159,8 +159,8 @@ def gateway_setup(tmp_path: Path, base_dir: Path) -> Iterator[Setup]:
     reg = Registry.open(settings)
     reg.register("support", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir))
     reg.register("billing", make_adapter(tmp_path / "a2", seed=2), base_model=str(base_dir))
-    reg.promote("support", 1)
-    reg.promote("billing", 1)
+    reg.promote("support", 1, force=True, reason=FORCED)
+    reg.promote("billing", 1, force=True, reason=FORCED)
     yield Setup(registry=reg, engines=[], base=base_dir, settings=settings)
     reg.close()
 

@@ -12,7 +12,7 @@ from loraflow.cli.adapters import app as adapters_app
 from loraflow.cli.common import EXIT_CODES
 from loraflow.cli.main import app as loraflow_app
 from loraflow.registry.errors import ErrorCode
-from tests.factories import make_adapter
+from tests.factories import FORCE, make_adapter
 
 pytestmark = pytest.mark.unit
 runner = CliRunner()
@@ -102,12 +102,12 @@ def test_bad_metrics_file_names_the_option(base_dir: Path, tmp_path: Path) -> No
 
 
 def test_promote_expect_rollback_archive(two_versions: Path) -> None:
-    assert adapters("promote", "support", "v1")[0] == 0
-    code, output = adapters("promote", "support", "v2", "--expect", "v1")
+    assert adapters("promote", "support", "v1", *FORCE)[0] == 0
+    code, output = adapters("promote", "support", "v2", "--expect", "v1", *FORCE)
     assert code == 0 and "support:production -> v2 (was v1" in output
 
     before = state_json()
-    code, output = adapters("promote", "support", "v1", "--expect", "v1")
+    code, output = adapters("promote", "support", "v1", "--expect", "v1", *FORCE)
     assert code == EXIT_CODES[ErrorCode.CONFLICT] == 4
     assert output.count("\n") == 1 and "points at v2, not v1" in output
     assert state_json() == before
@@ -131,21 +131,21 @@ def test_staging_alias(two_versions: Path) -> None:
 
 def test_default_adapter_from_loraflow_toml(two_versions: Path, isolated_env: Path) -> None:
     (isolated_env / "loraflow.toml").write_text('default_adapter = "support"\n')
-    code, output = adapters("promote", "v2")
+    code, output = adapters("promote", "v2", *FORCE)
     assert code == 0, output
     assert "support:production -> v2" in output
-    assert adapters("promote", "v1")[0] == 0
+    assert adapters("promote", "v1", *FORCE)[0] == 0
     assert "-> v2" in adapters("rollback")[1]
 
 
 def test_version_only_without_default_adapter(two_versions: Path) -> None:
-    code, output = adapters("promote", "v2")
+    code, output = adapters("promote", "v2", *FORCE)
     assert code == 2 and "default_adapter" in output
 
 
 def test_history_json_is_linear(two_versions: Path) -> None:
-    adapters("promote", "support", "v1")
-    adapters("promote", "support", "v2")
+    adapters("promote", "support", "v1", *FORCE)
+    adapters("promote", "support", "v2", *FORCE)
     adapters("rollback", "support")
     code, output = adapters("history", "support", "--json")
     assert code == 0
@@ -182,7 +182,7 @@ def test_diff(base_dir: Path, tmp_path: Path) -> None:
         (("show", "support@v9"), 3, "versions: v1, v2"),
         (("show", "support@vx"), 2, "invalid version 'vx'"),
         (("show", "bad name!"), 2, "invalid name"),
-        (("promote", "support", "v9"), 3, "versions: v1, v2"),
+        (("promote", "support", "v9", *FORCE), 3, "versions: v1, v2"),
         (("promote", "support", "three"), 2, "invalid version"),
         (("archive", "support"), 2, "archive takes NAME@vN"),
         (("rollback", "support"), 3, "no alias 'production'"),

@@ -26,6 +26,7 @@ from loraflow.server.engine.supervisor import (
     vllm_command,
 )
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
+from tests.factories import FORCED
 
 BASE_NAME = "tiny-llama"
 ENGINE_SETTINGS = ServerSettings(max_loras=4, max_cpu_loras=8, max_lora_rank=16)
@@ -203,8 +204,8 @@ def registry(tmp_path: Path, assets: Assets) -> Iterator[Registry]:
     reg.register("support", assets.adapters["a1"], base_model=str(assets.base))
     reg.register("support", assets.adapters["a2"], base_model=str(assets.base))
     reg.register("billing", assets.adapters["a3"], base_model=str(assets.base))
-    reg.promote("support", 1)
-    reg.promote("billing", 1)
+    reg.promote("support", 1, force=True, reason=FORCED)
+    reg.promote("billing", 1, force=True, reason=FORCED)
     yield reg
     reg.close()
 

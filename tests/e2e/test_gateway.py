@@ -24,6 +24,7 @@ from loraflow.registry.keys import create_key
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
 from tests.e2e.conftest import BASE_NAME, ENGINE_SETTINGS, Assets, Gateway, run_gateway, wait_for
+from tests.factories import FORCE, FORCED
 
 pytestmark = pytest.mark.e2e
 SWAP_BOUND_S = 5.0  # a promote is served by every request that starts this long after it
@@ -237,7 +238,7 @@ def _promote_in_another_process(home: Path, *args: str, database_url: str | None
     if database_url:
         env["LORAFLOW_DATABASE_URL"] = database_url
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "adapters"), "promote", *args],
+        [str(Path(sys.executable).parent / "adapters"), "promote", *args, *FORCE],
         env=env,
         capture_output=True,
         text=True,
@@ -468,8 +469,8 @@ def test_serving_from_a_postgresql_registry(
         reg.register("support", assets.adapters["a1"], base_model=str(assets.base))
         reg.register("support", assets.adapters["a2"], base_model=str(assets.base))
         reg.register("billing", assets.adapters["a3"], base_model=str(assets.base))
-        reg.promote("support", 1)
-        reg.promote("billing", 1)
+        reg.promote("support", 1, force=True, reason=FORCED)
+        reg.promote("billing", 1, force=True, reason=FORCED)
         key, _ = create_key(reg, "ops", ["support"])
         for gw in run_gateway(settings, reg, [engine_url], assets.base):
             client = gw.client(key)

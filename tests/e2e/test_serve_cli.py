@@ -21,6 +21,7 @@ import pytest
 
 from loraflow.server.embedded import wait_until_ok
 from loraflow.server.engine.supervisor import free_port
+from tests.factories import FORCE
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -45,7 +46,7 @@ def short_context(artifact_uri: str, tmp_path_factory: pytest.TempPathFactory) -
     run("loraflow", "dev", "tiny-model", str(base), "--max-position-embeddings", "512")
     adapter = random_lora_adapter(base, root / "a1", r=8, seed=1)
     run("adapters", "register", "support", str(adapter), "--base", str(base))
-    run("adapters", "promote", "support", "v1")
+    run("adapters", "promote", "support", "v1", *FORCE)
     assert json.loads((base / "config.json").read_text())["max_position_embeddings"] == 512
     yield {"root": root, "base": base, "home": root / "home"}
 

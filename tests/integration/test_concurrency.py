@@ -19,7 +19,7 @@ import pytest
 
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from tests.factories import make_adapter
+from tests.factories import FORCE, FORCED, make_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.store]
 
@@ -84,9 +84,11 @@ def test_compare_and_swap_promotes_have_one_winner(
 ) -> None:
     for i in range(WORKERS + 1):
         reg.register("racer", make_adapter(tmp_path / f"a{i}", seed=i), base_model=str(base_dir))
-    reg.promote("racer", 1)
+    reg.promote("racer", 1, force=True, reason=FORCED)
     results = race(
-        tmp_path, db_url, [["promote", "racer", f"v{v}", "--expect", "v1"] for v in range(2, WORKERS + 2)]
+        tmp_path,
+        db_url,
+        [["promote", "racer", f"v{v}", "--expect", "v1", *FORCE] for v in range(2, WORKERS + 2)],
     )
     codes = sorted(code for code, _ in results)
     assert codes == [0] + [4] * (WORKERS - 1), results
@@ -103,7 +105,7 @@ def test_concurrent_promotes_keep_alias_history_linear(
 ) -> None:
     for i in range(WORKERS):
         reg.register("racer", make_adapter(tmp_path / f"a{i}", seed=i), base_model=str(base_dir))
-    commands = [["promote", "racer", f"v{v}"] for v in range(1, WORKERS + 1)]
+    commands = [["promote", "racer", f"v{v}", *FORCE] for v in range(1, WORKERS + 1)]
     commands += [["promote", "racer", f"v{v}", "--alias", "staging"] for v in range(1, WORKERS + 1)]
     results = race(tmp_path, db_url, commands)
     assert all(code == 0 for code, _ in results), results

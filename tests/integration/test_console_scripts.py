@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import make_adapter
+from tests.factories import FORCE, make_adapter
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -32,12 +32,12 @@ def test_adapters_and_loraflow_scripts(isolated_env: Path, base_dir: Path, tmp_p
     done = run("adapters", "register", "support", str(src), "--base", str(base_dir), cwd=isolated_env)
     assert done.returncode == 0, done.stderr
     assert "registered support@v1" in done.stdout
-    done = run("loraflow", "adapters", "promote", "support", "v1", cwd=isolated_env)
+    done = run("loraflow", "adapters", "promote", "support", "v1", *FORCE, cwd=isolated_env)
     assert done.returncode == 0, done.stderr
     done = run("adapters", "show", "support", "--json", cwd=isolated_env)
     assert json.loads(done.stdout)["aliases"] == {"production": 1}
 
-    done = run("adapters", "promote", "support", "v1", "--expect", "v3", cwd=isolated_env)
+    done = run("adapters", "promote", "support", "v1", "--expect", "v3", *FORCE, cwd=isolated_env)
     assert done.returncode == 4
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
     assert done.stdout == ""

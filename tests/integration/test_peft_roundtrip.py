@@ -11,6 +11,7 @@ from loraflow.registry.errors import InvalidAdapterError
 from loraflow.registry.refs import Ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import RegistrySettings, Settings
+from tests.factories import FORCED
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,7 +42,7 @@ def test_registered_adapter_loads_with_peft_and_behaves_the_same(
     src = random_lora_adapter(tiny_base, tmp_path / "adapter", r=8, seed=3)
     v1 = reg.register("tiny", src, base_model=str(tiny_base))
     assert v1.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    reg.promote("tiny", 1)
+    reg.promote("tiny", 1, force=True, reason=FORCED)
     fetched = reg.fetch(reg.resolve(Ref("tiny")), tmp_path / "fetched")
 
     ids = torch.tensor([[1, 5, 9, 42, 7]])

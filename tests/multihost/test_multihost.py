@@ -15,6 +15,7 @@ from loraflow.registry.service import Registry
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from loraflow.server.replicas import ReplicaSet
 from loraflow.server.routing import engine_name
+from tests.factories import FORCED
 from tests.multihost.cluster import (
     BUCKET,
     Proc,
@@ -63,10 +64,10 @@ def test_a_promote_is_served_by_every_gateway(
     cluster: Cluster, engines: list[Proc], registry: Registry, tmp_path: Path
 ) -> None:
     _register(registry, cluster, "support", 1, 2)
-    registry.promote("support", 1)
+    registry.promote("support", 1, force=True, reason=FORCED)
     with gateways(cluster, tmp_path, [e.url for e in engines]) as gws, httpx.Client(timeout=60) as http:
         assert [served_by(g.url, "support", http) for g in gws] == ["support@v1", "support@v1"]
-        registry.promote("support", 2)
+        registry.promote("support", 2, force=True, reason=FORCED)
         until(
             lambda: all(served_by(g.url, "support", http) == "support@v2" for g in gws),
             "both gateways to serve support@v2",
@@ -92,7 +93,7 @@ def test_each_version_is_loaded_on_its_home_set_only(
     while min(len(v) for v in expected.values()) < 2:
         name = f"home{len(names)}"
         _register(registry, cluster, name, len(names) % len(cluster.adapters) + 1)
-        registry.promote(name, 1)
+        registry.promote(name, 1, force=True, reason=FORCED)
         version = engine_name(registry.get_version(name, 1))
         expected[placement.home(version)[0].url].add(version)
         names.append(name)
@@ -112,7 +113,7 @@ def test_a_tampered_artifact_is_refused_by_the_engine_and_answered_503(
     from loraflow.trainer.tiny import random_lora_adapter
 
     _register(registry, cluster, "tamper", 3)
-    registry.promote("tamper", 1)
+    registry.promote("tamper", 1, force=True, reason=FORCED)
     # Bytes no engine has cached yet (an engine serves its own verified copy of a digest it has).
     fresh = random_lora_adapter(cluster.base, tmp_path / "fresh", r=8, seed=99)
     v2 = registry.register("tamper", fresh, base_model=str(cluster.base))
@@ -140,7 +141,7 @@ def test_an_engine_killed_under_load_fails_no_request_and_ends_its_stream_with_a
 ) -> None:
     """Runs last in this module: it kills one of the module's engines."""
     _register(registry, cluster, "steady", 5)
-    registry.promote("steady", 1)
+    registry.promote("steady", 1, force=True, reason=FORCED)
     victim, survivor = engines
     urls = [e.url for e in engines]
     with (

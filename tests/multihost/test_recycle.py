@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from loraflow.registry.service import Registry
+from tests.factories import FORCED
 from tests.multihost.cluster import start_gateway, steady_load, until, wait_up
 from tests.multihost.conftest import Cluster
 
@@ -27,7 +28,7 @@ def test_draining_and_restarting_a_replica_under_load_fails_no_request(
 ) -> None:
     for seed in (1, 2, 3, 4):
         registry.register("churn", cluster.adapters[seed - 1], base_model=str(cluster.base))
-    registry.promote("churn", 1)
+    registry.promote("churn", 1, force=True, reason=FORCED)
     gw = start_gateway(
         cluster.base,
         tmp_path / "gateway",

@@ -16,7 +16,7 @@ from loraflow.registry.errors import ConflictError, IntegrityError, InvalidAdapt
 from loraflow.registry.refs import Ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from tests.factories import make_adapter, make_base
+from tests.factories import FORCED, make_adapter, make_base
 
 pytestmark = pytest.mark.store
 
@@ -253,8 +253,8 @@ def test_audit_subjects_are_backfilled_from_the_old_target_strings(empty_db_url:
 def test_promote_rollback_and_linear_history(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
     for seed in (1, 2, 3):
         reg.register("support", make_adapter(tmp_path / f"a{seed}", seed=seed), base_model=str(base_dir))
-    reg.promote("support", 1)
-    reg.promote("support", 2, expect=1)
+    reg.promote("support", 1, force=True, reason=FORCED)
+    reg.promote("support", 2, expect=1, force=True, reason=FORCED)
     reg.promote("support", 3, alias="staging")
     assert reg.get("support").aliases == {"production": 2, "staging": 3}
     assert reg.resolve(Ref("support")).version == 2
@@ -262,7 +262,7 @@ def test_promote_rollback_and_linear_history(reg: Registry, base_dir: Path, tmp_
     assert reg.resolve(Ref("support", version=1)).version == 1
 
     with pytest.raises(ConflictError) as info:
-        reg.promote("support", 3, expect=1)
+        reg.promote("support", 3, expect=1, force=True, reason=FORCED)
     assert info.value.param == "expect"
     assert reg.get("support").aliases["production"] == 2
 
@@ -284,7 +284,7 @@ def test_rollback_without_a_previous_version(reg: Registry, base_dir: Path, tmp_
     reg.register("support", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir))
     with pytest.raises(NotFoundError):
         reg.rollback("support")
-    reg.promote("support", 1)
+    reg.promote("support", 1, force=True, reason=FORCED)
     with pytest.raises(ConflictError, match="nothing to roll back to"):
         reg.rollback("support")
 
@@ -292,13 +292,13 @@ def test_rollback_without_a_previous_version(reg: Registry, base_dir: Path, tmp_
 def test_archive_refused_while_aliased(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
     for seed in (1, 2):
         reg.register("support", make_adapter(tmp_path / f"a{seed}", seed=seed), base_model=str(base_dir))
-    reg.promote("support", 1)
+    reg.promote("support", 1, force=True, reason=FORCED)
     with pytest.raises(ConflictError, match="pointed at by production"):
         reg.archive("support", 1)
     archived = reg.archive("support", 2)
     assert archived.status == "archived"
     with pytest.raises(ConflictError, match="archived"):
-        reg.promote("support", 2)
+        reg.promote("support", 2, force=True, reason=FORCED)
     assert reg.get("support").aliases == {"production": 1}
 
 
@@ -307,7 +307,7 @@ def test_unknown_names_list_what_exists(reg: Registry, base_dir: Path, tmp_path:
     with pytest.raises(NotFoundError, match="adapters: support"):
         reg.get("nope")
     with pytest.raises(NotFoundError, match="versions: v1"):
-        reg.promote("support", 7)
+        reg.promote("support", 7, force=True, reason=FORCED)
     with pytest.raises(NotFoundError, match="aliases: none"):
         reg.resolve(Ref("support", alias="canary"))
 

@@ -20,7 +20,7 @@ from loraflow.server.engine.cache import EngineCache, engine_name, parse_engine_
 from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
 from loraflow.server.routing import engine_name as version_engine_name
-from tests.factories import make_adapter
+from tests.factories import FORCED, make_adapter
 from tests.fake_vllm import CHAT, Setup, gateway, ready, wait
 from tests.unit.test_server_parts import FakeEngine
 
@@ -112,7 +112,7 @@ def test_the_router_preloads_each_aliased_version_on_its_home_set_only(
         reg.register(
             f"t{i}", make_adapter(tmp_path / f"t{i}", seed=10 + i), base_model=str(gateway_setup.base)
         )
-        reg.promote(f"t{i}", 1)
+        reg.promote(f"t{i}", 1, force=True, reason=FORCED)
     with gateway(gateway_setup, n_replicas=3, adapter_replicas=1) as client:
         ready(client)
         replicas = client.app.state.gateway.replicas  # type: ignore[attr-defined]
