@@ -27,6 +27,8 @@ from tests.factories import make_base
 PG_ENV = "LORAFLOW_TEST_DATABASE_URL"
 # Set by .ci/run: a tier whose real component is missing fails instead of skipping.
 REQUIRE_ENV = "LORAFLOW_TEST_REQUIRE_SERVICES"
+# Set by .ci/run: the headless Chromium the HTML report tests open pages in.
+CHROMIUM_ENV = "LORAFLOW_TEST_CHROMIUM"
 
 # Tests use only local models: no hub look-ups, no telemetry from HF or vLLM.
 for _var, _value in (
@@ -41,7 +43,7 @@ for _var, _value in (
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for key in list(os.environ):
-        if key.startswith("LORAFLOW_") and key not in (PG_ENV, REQUIRE_ENV):
+        if key.startswith("LORAFLOW_") and key not in (PG_ENV, REQUIRE_ENV, CHROMIUM_ENV):
             monkeypatch.delenv(key)
     work = tmp_path / "work"
     work.mkdir()

@@ -20,16 +20,18 @@ def _stub(path: Path, body: str) -> None:
     path.chmod(0o755)
 
 
-def _ci_checkout(tmp_path: Path, postgres: str) -> Path:
-    """.ci/run as committed, with stand-ins for what it calls: the database start, setup and pytest."""
+def _ci_checkout(tmp_path: Path, postgres: str, chromium: str = "echo /usr/bin/chromium") -> Path:
+    """.ci/run as committed, with stand-ins for what it calls: the database and browser, setup and pytest."""
     repo = tmp_path / "repo"
     (repo / ".ci").mkdir(parents=True)
     shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
     _stub(repo / ".ci" / "postgres", postgres)
+    _stub(repo / ".ci" / "chromium", chromium)
     _stub(repo / ".ci" / "setup", f'touch "{tmp_path}/setup-ran"')
     _stub(
         repo / ".venv" / "bin" / "python",
-        f'echo "$LORAFLOW_TEST_DATABASE_URL $LORAFLOW_TEST_REQUIRE_SERVICES $*" > "{tmp_path}/pytest-ran"',
+        f'echo "$LORAFLOW_TEST_DATABASE_URL $LORAFLOW_TEST_REQUIRE_SERVICES $LORAFLOW_TEST_CHROMIUM $*" '
+        f'> "{tmp_path}/pytest-ran"',
     )
     return repo
 
@@ -45,6 +47,16 @@ def test_ci_stops_when_postgresql_cannot_start(tmp_path: Path) -> None:
     assert done.returncode != 0 and "printed no URL" in done.stderr
 
 
+def test_ci_stops_when_chromium_cannot_be_installed(tmp_path: Path) -> None:
+    postgres = "echo postgresql://postgres@127.0.0.1:5/postgres"
+    repo = _ci_checkout(tmp_path, postgres, chromium='echo "E: Unable to locate package" >&2; exit 100')
+    done = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and not (tmp_path / "pytest-ran").exists()
+    repo = _ci_checkout(tmp_path / "silent", postgres, chromium="exit 0")
+    done = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "printed no path" in done.stderr
+
+
 def test_ci_runs_the_readme_command_with_the_database_and_no_skips_allowed(tmp_path: Path) -> None:
     repo = _ci_checkout(tmp_path, "echo postgresql://postgres@127.0.0.1:5/postgres")
     done = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, timeout=60)
@@ -53,6 +65,7 @@ def test_ci_runs_the_readme_command_with_the_database_and_no_skips_allowed(tmp_p
     assert (tmp_path / "pytest-ran").read_text().split() == [
         "postgresql://postgres@127.0.0.1:5/postgres",
         "1",
+        "/usr/bin/chromium",
         "-m",
         "pytest",
     ]
