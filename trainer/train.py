@@ -30,7 +30,7 @@ from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from loraflow.trainer.config import TrainConfig
 from loraflow.trainer.data import validate_records
-from loraflow.trainer.evaluate import generation_report
+from loraflow.trainer.heldout import generation_report
 from loraflow.trainer.model import chat_template_hash, load_tokenizer, locate_base_model, token_counter
 from loraflow.trainer.prepare import load_split
 
