@@ -31,7 +31,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
 
@@ -47,18 +47,7 @@ MetricName = Literal[
     "output_tokens",
     "latency_s",
 ]
-ALL_METRICS: tuple[MetricName, ...] = (
-    "exact_match",
-    "token_f1",
-    "rouge_l",
-    "json_valid",
-    "schema_valid",
-    "label_accuracy",
-    "label_macro_f1",
-    "stop_rate",
-    "output_tokens",
-    "latency_s",
-)
+ALL_METRICS: tuple[MetricName, ...] = get_args(MetricName)  # in display order
 # True: higher is better; False: lower is better; None: neither (reported, never gated on direction).
 _NEITHER: dict[str, bool | None] = {"output_tokens": None, "latency_s": False}
 HIGHER_IS_BETTER: dict[str, bool | None] = {m: _NEITHER.get(m, True) for m in ALL_METRICS}
