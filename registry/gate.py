@@ -68,7 +68,7 @@ class GateDecision:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:+.4g}"
+    return f"{x + 0.0:+.4g}"  # + 0.0: never print -0
 
 
 def _gain_rule(
@@ -93,7 +93,7 @@ def _gain_rule(
     if diff < min_gain:
         shortfalls.append(min_gain - diff)
     if need_ci and (ci is None or ci[0] <= 0):
-        shortfalls.append(-ci[0] if ci is not None else abs(diff))
+        shortfalls.append(max(0.0, -ci[0]) if ci is not None else abs(diff))
     if not shortfalls:
         return RuleResult(rule, True, f"{where}; {needs}")
     short = max(shortfalls)
