@@ -24,6 +24,7 @@ from loraflow.registry.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from loraflow.registry.gate import GateDecision
 from loraflow.registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
 from loraflow.registry.settings import Settings
 from loraflow.registry.store import MetadataStore, NewVersion
@@ -157,20 +158,23 @@ class Registry:
             raise InvalidArgumentError("--reason goes with --force", param="reason")
         note: dict[str, Any] | None = {"forced": True, "reason": reason} if force else None
         if alias in self.settings.gate.aliases:
-            decision = self.gate(name, version, alias=alias)
+            production = self._alias_version(name, DEFAULT_ALIAS)
+            decision = self._gate(name, version, alias=alias, production=production)
             if not decision.passed and not force:
                 raise GateRefusedError(decision.message(), param="version")
             note = (note or {}) | {"gate": decision.to_json()}
             # The report was made against this production version: move only if it still is.
-            production = self._alias_version(name, DEFAULT_ALIAS)
             if decision.passed and alias == DEFAULT_ALIAS and expect is None and production is not None:
                 expect = production
         return self.store.set_alias(
             name=name, alias=alias, version=version, expect=expect, actor=self.actor, note=note
         )
 
-    def gate(self, name: str, version: int, *, alias: str = DEFAULT_ALIAS) -> gate.GateDecision:
+    def gate(self, name: str, version: int, *, alias: str = DEFAULT_ALIAS) -> GateDecision:
         """What the gate says about moving ``alias`` to ``version`` now (nothing is changed)."""
+        return self._gate(name, version, alias=alias, production=self._alias_version(name, DEFAULT_ALIAS))
+
+    def _gate(self, name: str, version: int, *, alias: str, production: int | None) -> GateDecision:
         candidate = self.store.get_version(name, version)
         evaluations = self.store.evaluations(name, version)
         return gate.check(
@@ -178,7 +182,7 @@ class Registry:
             evaluations[-1] if evaluations else None,
             candidate=candidate,
             alias=alias,
-            production=self._alias_version(name, DEFAULT_ALIAS),
+            production=production,
         )
 
     def _alias_version(self, name: str, alias: str) -> int | None:

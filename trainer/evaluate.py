@@ -36,7 +36,7 @@ from loraflow.registry.settings import Settings
 from loraflow.trainer.data import Example, _BadLine, normalize
 from loraflow.trainer.generation import GatewayClient
 from loraflow.trainer.judge import Judge, JudgeItem
-from loraflow.trainer.prepare import SPLITS, load_split, normalized
+from loraflow.trainer.prepare import SPLITS, fingerprint, load_split
 from loraflow.trainer.scoring import HIGHER_IS_BETTER, Bootstrap, Generation, Reference, ScoredSystem, Task
 from loraflow.trainer.suite import SUITE_METRIC, SUITE_NAME, load_suite
 
@@ -68,10 +68,6 @@ def _examples(rows: list[dict[str, Any]], where: str) -> list[Example]:
     return out
 
 
-def _fingerprints(examples: list[Example]) -> set[str]:
-    return {hashlib.sha256(normalized(e).encode()).hexdigest() for e in examples}
-
-
 def check_sealed(
     registry: Registry,
     version: domain.VersionInfo,
@@ -90,10 +86,11 @@ def check_sealed(
             param="split",
         )
     source = registry.get_dataset(trained_on)
-    seen = _fingerprints(
-        _examples(load_split(registry, source, "train") + load_split(registry, source, "val"), trained_on)
+    trained = _examples(
+        load_split(registry, source, "train") + load_split(registry, source, "val"), trained_on
     )
-    leaked = [e.line for e in examples if hashlib.sha256(normalized(e).encode()).hexdigest() in seen]
+    seen = {fingerprint(e) for e in trained}
+    leaked = [e.line for e in examples if fingerprint(e) in seen]
     if leaked:
         raise InvalidArgumentError(
             f"{len(leaked)} of the {len(examples)} examples of {dataset.ref} {split} are in the data "

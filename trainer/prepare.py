@@ -40,7 +40,8 @@ def normalized(example: Example) -> str:
     return _WS.sub(" ", example.text().lower()).strip()
 
 
-def _fingerprint(example: Example) -> str:
+def fingerprint(example: Example) -> str:
+    """What two examples share when they are the same after normalization (split overlap, sealing)."""
     return hashlib.sha256(normalized(example).encode()).hexdigest()
 
 
@@ -60,7 +61,7 @@ def deduplicate(examples: list[Example], *, threshold: float = 0.85, num_perm: i
     exact: list[int] = []
     near: list[int] = []
     for ex in examples:
-        fp = _fingerprint(ex)
+        fp = fingerprint(ex)
         if fp in seen:
             exact.append(ex.line)
             continue
@@ -107,7 +108,7 @@ def split(
 
 def overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
     """Examples shared between each pair of splits, after normalization."""
-    prints = {name: {_fingerprint(e) for e in exs} for name, exs in splits.items()}
+    prints = {name: {fingerprint(e) for e in exs} for name, exs in splits.items()}
     return {f"{a}-{b}": len(prints[a] & prints[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]}
 
 
