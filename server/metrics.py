@@ -55,6 +55,11 @@ class RoutingCollector(Collector):
             "Aliased versions whose home set includes the replica (server.adapter_replicas).",
             labels=["replica"],
         )
+        pinned_evictions = CounterMetricFamily(
+            "loraflow_pinned_evictions",
+            "Aliased versions unloaded from a replica home to more of them than server.max_cpu_loras.",
+            labels=["replica"],
+        )
         preload_failures = CounterMetricFamily(
             "loraflow_preload_failures",
             "Preloads of an aliased version that failed (logged with the reason).",
@@ -71,10 +76,11 @@ class RoutingCollector(Collector):
             draining.add_metric([replica.url], 1.0 if replica.draining else 0.0)
             busy.add_metric([replica.url], float(replica.busy))
             home.add_metric([replica.url], float(len(self.router.pinned(replica))))
+            pinned_evictions.add_metric([replica.url], float(replica.pinned_evictions))
             for name in list(replica.resident):
                 adapter, _, version = name.partition("+")[0].partition("@")
                 resident.add_metric([replica.url, adapter, version], 1.0)
-        yield from (revision, up, loads, draining, busy, home, preload_failures, resident)
+        yield from (revision, up, loads, draining, busy, home, pinned_evictions, preload_failures, resident)
 
 
 class SupervisorCollector(Collector):

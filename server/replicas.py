@@ -2,10 +2,14 @@
 
 vLLM does not bound runtime-loaded adapters for us, and its unload does not
 free engine memory, so each replica keeps its own LRU of resident versions,
-capped at ``max_cpu_loras``. Versions a replica must keep (aliased versions it
-is home to) or that a request is using right now are never evicted. Loading is
-serialized per (replica, version) with an asyncio lock, so concurrent requests
-for the same cold version trigger exactly one load.
+capped at ``max_cpu_loras``. A version a request is using right now is never
+evicted. Versions a replica should keep (aliased versions it is home to) go only
+after every unpinned one, and only when more of them are homed on it than it can
+hold: then the least recently used idle one makes room, counted in
+``pinned_evictions`` (a sign that ``max_cpu_loras`` or ``adapter_replicas`` is too
+small), rather than a request being refused for as long as the aliases stay.
+Loading is serialized per (replica, version) with an asyncio lock, so concurrent
+requests for the same cold version trigger exactly one load.
 
 Placement: each version has a *home set* of ``server.adapter_replicas`` replicas,
 chosen by rendezvous (highest-random-weight) hashing of the version's engine name
@@ -45,6 +49,7 @@ class Replica:
         self.resident: OrderedDict[str, None] = OrderedDict()
         self.in_flight: Counter[str] = Counter()
         self.loads = 0  # adapter loads since the engine (re)started
+        self.pinned_evictions = 0  # pinned versions unloaded because more were homed here than fit
         self.draining = False  # takes no new requests (a planned restart is coming)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -76,7 +81,7 @@ class Replica:
         async with self._locks[name]:  # also held while ``name`` is being unloaded
             if name in self.resident:
                 return
-            await self._make_room({*pinned, name})
+            await self._make_room(name, pinned)
             self._loading.add(name)  # holds its slot, so concurrent loads of others make room for it
             try:
                 await self.engine.load_adapter(name)
@@ -85,9 +90,25 @@ class Replica:
             self.loads += 1
             self.resident[name] = None
 
-    async def _make_room(self, keep: set[str]) -> None:
+    def _victim(self, loading: str, pinned: Collection[str]) -> str | None:
+        """The least recently used idle version, unpinned ones first; None if every one is in use."""
+        idle = [n for n in self.resident if n != loading and not self.in_flight[n]]
+        unpinned = next((n for n in idle if n not in pinned), None)
+        if unpinned is not None or not idle:
+            return unpinned
+        self.pinned_evictions += 1
+        log.warning(
+            "%s: more aliased versions are homed here than server.max_cpu_loras (%d) holds; "
+            "unloading %s, which loads again on its next request",
+            self.url,
+            self.max_resident,
+            idle[0],
+        )
+        return idle[0]
+
+    async def _make_room(self, loading: str, pinned: Collection[str]) -> None:
         while len(self.resident) + len(self._loading) >= self.max_resident:
-            victim = next((n for n in self.resident if n not in keep and not self.in_flight[n]), None)
+            victim = self._victim(loading, pinned)
             if victim is None:
                 raise OverloadedError(
                     f"replica {self.url} has {len(self.resident) + len(self._loading)} adapters resident "

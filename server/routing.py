@@ -122,7 +122,7 @@ class Router:
 
     # -- placement ---------------------------------------------------------------
     def pinned(self, replica: Replica, snap: Snapshot | None = None) -> frozenset[str]:
-        """Aliased versions ``replica`` is home to: it never evicts them."""
+        """Aliased versions ``replica`` is home to: it evicts them last (:meth:`Replica.ensure_loaded`)."""
         snap = snap or self.snapshot
         if snap is not self.snapshot:
             return frozenset(self.replicas.homes_on(replica, snap.aliased))
@@ -152,7 +152,7 @@ class Router:
         async def preload(replica: Replica) -> None:
             # The outgoing targets stay pinned until the swap: they serve until then.
             keep = self.pinned(replica, snap) | self.pinned(replica)
-            for name in sorted(self.replicas.homes_on(replica, snap.aliased)):
+            for name in self._to_preload(replica, snap):
                 try:
                     await replica.ensure_loaded(name, pinned=keep)
                 except LoraflowError as exc:  # one refused version must not keep the others out
@@ -165,6 +165,23 @@ class Router:
                         return
 
         await asyncio.gather(*(preload(r) for r in replicas if r.healthy))
+
+    def _to_preload(self, replica: Replica, snap: Snapshot) -> list[str]:
+        """The aliased versions ``replica`` is home to, at most as many as it holds (those it holds
+        already first): preloading more would only unload the first ones again."""
+        home = sorted(
+            self.replicas.homes_on(replica, snap.aliased), key=lambda n: (n not in replica.resident, n)
+        )
+        if len(home) > replica.max_resident:
+            log.warning(
+                "%s is home to %d aliased versions but holds %d (server.max_cpu_loras); "
+                "preloading %d, the rest load on their first request",
+                replica.url,
+                len(home),
+                replica.max_resident,
+                replica.max_resident,
+            )
+        return home[: replica.max_resident]
 
     async def preload_home(self, replica: Replica) -> None:
         """After ``replica`` (re)started: learn what it holds, and load the versions it is home to."""

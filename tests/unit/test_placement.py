@@ -131,6 +131,28 @@ def test_the_router_preloads_each_aliased_version_on_its_home_set_only(
         assert [list(e.resolved) for e in gateway_setup.engines] == before
 
 
+def test_a_replica_home_to_more_aliased_versions_than_it_holds_still_serves_every_one(
+    gateway_setup: Setup, tmp_path: Path
+) -> None:
+    reg = gateway_setup.registry
+    for i in range(3):  # five aliased versions in all, on one replica that holds four
+        reg.register(
+            f"t{i}", make_adapter(tmp_path / f"t{i}", seed=20 + i), base_model=str(gateway_setup.base)
+        )
+        reg.promote(f"t{i}", 1, force=True, reason=FORCED)
+    with gateway(gateway_setup, max_cpu_loras=4) as client:
+        ready(client)
+        (engine,) = gateway_setup.engines
+        assert len(engine.loaded) == 4  # preloaded up to what fits, not loaded and unloaded in a loop
+        for _ in range(2):
+            for a in reg.list():
+                r = client.post("/v1/chat/completions", json={"model": a.name, **CHAT})
+                assert r.status_code == 200, r.text
+        metrics = client.get("/metrics").text
+        assert 'loraflow_pinned_evictions_total{replica="http://replica-0"}' in metrics
+        assert 'loraflow_pinned_evictions_total{replica="http://replica-0"} 0.0' not in metrics
+
+
 def test_a_replica_found_by_dns_joins_and_one_that_vanishes_leaves_without_a_restart(
     gateway_setup: Setup,
 ) -> None:

@@ -79,11 +79,28 @@ def test_residency_is_lru_bounded_and_spares_pinned_and_in_flight() -> None:
     assert list(replica.resident) == ["p", "a", "d"]
 
 
-def test_full_of_pinned_versions_is_overload() -> None:
+def test_more_pinned_versions_than_fit_evict_the_least_recent_idle_one_and_count_it() -> None:
+    async def run() -> tuple[FakeEngine, Replica]:
+        engine = FakeEngine()
+        replica = Replica(engine, max_resident=2)
+        pinned = {"p", "q", "r"}
+        for name in ("p", "q"):
+            await replica.ensure_loaded(name, pinned=pinned)
+        async with replica.using("p"):  # p is older, but in use: q goes
+            await replica.ensure_loaded("r", pinned=pinned)
+        return engine, replica
+
+    engine, replica = asyncio.run(run())
+    assert engine.unloads == ["q"]
+    assert list(replica.resident) == ["p", "r"] and replica.pinned_evictions == 1
+
+
+def test_every_resident_version_in_use_is_overload() -> None:
     async def run() -> None:
         replica = Replica(FakeEngine(), max_resident=1)
         await replica.ensure_loaded("p", pinned={"p"})
-        await replica.ensure_loaded("q", pinned={"p"})
+        async with replica.using("p"):
+            await replica.ensure_loaded("q", pinned=set())
 
     with pytest.raises(OverloadedError):
         asyncio.run(run())
