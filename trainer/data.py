@@ -63,7 +63,9 @@ class LineError:
         return f"line {self.line}: {self.reason}"
 
 
-class _BadLine(Exception):
+class BadLine(Exception):
+    """One record that is not a valid example; ``reason`` names the field (the caller adds the line)."""
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -74,7 +76,7 @@ class TokenCounter(Protocol):
 
 
 def read_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed record or _BadLine) for a .jsonl/.json or .parquet file."""
+    """Yield (line number, parsed record or BadLine) for a .jsonl/.json or .parquet file."""
     if not path.is_file():
         raise InvalidArgumentError(f"no such data file: {path}", param="FILE")
     if path.suffix == ".parquet":
@@ -86,47 +88,47 @@ def read_records(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open(encoding="utf-8") as fh:
         for i, raw in enumerate(fh, start=1):
             if not raw.strip():
-                yield i, _BadLine("empty line")
+                yield i, BadLine("empty line")
                 continue
             try:
                 yield i, json.loads(raw)
             except json.JSONDecodeError as exc:
-                yield i, _BadLine(f"invalid JSON ({exc.msg} at column {exc.colno})")
+                yield i, BadLine(f"invalid JSON ({exc.msg} at column {exc.colno})")
 
 
 def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
     value = record.get(key)
     if value is None:
         if required:
-            raise _BadLine(f"missing field '{key}'")
+            raise BadLine(f"missing field '{key}'")
         return ""
     if not isinstance(value, str):
-        raise _BadLine(f"field '{key}' must be a string, got {type(value).__name__}")
+        raise BadLine(f"field '{key}' must be a string, got {type(value).__name__}")
     if required and not value.strip():
-        raise _BadLine(f"field '{key}' is empty")
+        raise BadLine(f"field '{key}' is empty")
     return value
 
 
 def _check_roles(messages: list[Message]) -> None:
     turns = messages[1:] if messages and messages[0].role == "system" else messages
     if not turns:
-        raise _BadLine("messages has no user/assistant turns")
+        raise BadLine("messages has no user/assistant turns")
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if m.role != expected:
             index = i + (len(messages) - len(turns))
             prev = turns[i - 1].role if i else "the start"
-            raise _BadLine(
+            raise BadLine(
                 f"bad role order: messages[{index}].role is '{m.role}', expected '{expected}' after {prev}"
             )
     if turns[-1].role != "assistant":
-        raise _BadLine(f"the last message must be the assistant's, not '{turns[-1].role}'")
+        raise BadLine(f"the last message must be the assistant's, not '{turns[-1].role}'")
 
 
 def normalize(record: Any, line: int, *, system_prompt: str | None = None) -> Example:
-    """Turn one raw record into an Example, or raise _BadLine with the reason."""
+    """Turn one raw record into an Example, or raise BadLine with the reason."""
     if not isinstance(record, dict):
-        raise _BadLine(f"expected a JSON object, got {type(record).__name__}")
+        raise BadLine(f"expected a JSON object, got {type(record).__name__}")
     label = record.get("label", record.get("task"))
     label = str(label) if label is not None else None
     fmt: Format
@@ -134,19 +136,19 @@ def normalize(record: Any, line: int, *, system_prompt: str | None = None) -> Ex
         fmt = "messages"
         raw = record["messages"]
         if not isinstance(raw, list) or not raw:
-            raise _BadLine("field 'messages' must be a non-empty list")
+            raise BadLine("field 'messages' must be a non-empty list")
         messages = []
         for i, m in enumerate(raw):
             if not isinstance(m, dict):
-                raise _BadLine(f"messages[{i}] must be an object with 'role' and 'content'")
+                raise BadLine(f"messages[{i}] must be an object with 'role' and 'content'")
             role = m.get("role")
             if role not in ("system", "user", "assistant"):
-                raise _BadLine(f"messages[{i}].role must be system, user or assistant, got {role!r}")
+                raise BadLine(f"messages[{i}].role must be system, user or assistant, got {role!r}")
             if i > 0 and role == "system":
-                raise _BadLine(f"bad role order: messages[{i}] is a system message; only the first may be")
+                raise BadLine(f"bad role order: messages[{i}] is a system message; only the first may be")
             content = m.get("content")
             if not isinstance(content, str) or not content.strip():
-                raise _BadLine(f"messages[{i}].content is missing or empty")
+                raise BadLine(f"messages[{i}].content is missing or empty")
             messages.append(Message(role=role, content=content))
     elif "prompt" in record or "completion" in record:
         fmt = "prompt_completion"
@@ -164,7 +166,7 @@ def normalize(record: Any, line: int, *, system_prompt: str | None = None) -> Ex
         ]
     else:
         keys = ", ".join(sorted(record)) or "none"
-        raise _BadLine(
+        raise BadLine(
             f"unknown format (keys: {keys}); expected 'messages', 'prompt'+'completion' "
             "or 'instruction'+'input'+'output'"
         )
@@ -236,15 +238,15 @@ def validate_records(
     result = Validation(path=source, max_length=max_length)
     for line, record in records:
         try:
-            if isinstance(record, _BadLine):
+            if isinstance(record, BadLine):
                 raise record
             example = normalize(record, line, system_prompt=system_prompt)
             if count_tokens is not None:
                 n = count_tokens([m.model_dump() for m in example.messages])
                 if max_length is not None and n > max_length:
-                    raise _BadLine(f"too many tokens: {n} > max_length {max_length}")
+                    raise BadLine(f"too many tokens: {n} > max_length {max_length}")
                 example.tokens = n
-        except _BadLine as bad:
+        except BadLine as bad:
             result.errors.append(LineError(line, bad.reason))
             continue
         result.examples.append(example)

@@ -33,7 +33,7 @@ from loraflow.registry.errors import InvalidArgumentError
 from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from loraflow.trainer.data import Example, _BadLine, normalize
+from loraflow.trainer.data import BadLine, Example, normalize
 from loraflow.trainer.generation import GatewayClient
 from loraflow.trainer.judge import Judge, JudgeItem
 from loraflow.trainer.prepare import SPLITS, fingerprint, load_split
@@ -63,7 +63,7 @@ def _examples(rows: list[dict[str, Any]], where: str) -> list[Example]:
     for line, row in enumerate(rows, start=1):
         try:
             out.append(normalize(row, line))
-        except _BadLine as bad:
+        except BadLine as bad:
             raise InvalidArgumentError(f"{where} line {line}: {bad.reason}", param="dataset") from None
     return out
 
