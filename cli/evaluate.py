@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from loraflow.cli.common import guarded, out, print_json, state
+from loraflow.registry.gate import regression_suites
 
 
 def _cell(stat: dict[str, Any] | None, key: str = "mean") -> str:
@@ -33,12 +34,11 @@ def print_report(report: dict[str, Any]) -> None:
             *(_cell(s["metrics"].get(metric)) for s in systems.values()),
             *(_cell(c.get(metric), "diff") for c in comparisons.values()),
         )
-    regression = report.get("regression")
-    if regression:
+    for suite in regression_suites(report):
         table.add_row(
-            f"regression ({regression['metric']})",
-            *(_cell(regression["systems"].get(k)) for k in systems),
-            *(_cell(regression["comparisons"].get(k), "diff") for k in comparisons),
+            f"regression {suite['suite']} ({suite['metric']})",
+            *(_cell(suite["systems"].get(k)) for k in systems),
+            *(_cell(suite["comparisons"].get(k), "diff") for k in comparisons),
         )
     judge = report.get("judge")
     if judge:

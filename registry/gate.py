@@ -12,8 +12,9 @@ Rules, each reported with how far the version is from passing:
 - ``beats_base``: primary gain over the prompted base >= min_gain_over_base
 - ``beats_production``: primary gain over production >= min_gain_over_production
   (both with the paired interval's lower bound above 0 when require_ci_above_zero)
-- ``regression``: the general-ability suite dropped by at most max_regression_drop
-  against production (or the base when there is none)
+- ``regression``: each general-ability suite (the built-in one, and each lm-eval
+  task in ``[eval.lm_eval]``) dropped by at most max_regression_drop against
+  production (or the base when there is none)
 - ``json_valid``: at least min_json_valid, for tasks whose answers are JSON
 """
 
@@ -65,6 +66,26 @@ class GateDecision:
             "evaluation": self.evaluation,
             "rules": [r.to_json() for r in self.rules],
         }
+
+
+def regression_suites(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's general-ability suites: the built-in one, then each lm-eval task."""
+    suites = [report["regression"]] if report.get("regression") else []
+    return suites + list((report.get("lm_eval") or {}).get("tasks") or [])
+
+
+def _regression_rule(suite: dict[str, Any], against: str, max_drop: float) -> RuleResult:
+    diff = (suite.get("comparisons", {}).get(against) or {}).get("diff")
+    name = f"{suite.get('metric')} on the {suite.get('suite')} suite"
+    if diff is None:
+        return RuleResult("regression", False, f"{name} has no comparison with {against}")
+    # A drop is a loss in the metric's good direction.
+    drop = -float(diff) if suite.get("higher_is_better", True) else float(diff)
+    detail = f"{name} moved {_fmt(float(diff))} against {against}; may drop at most {max_drop:.4g}"
+    if drop > max_drop:
+        short = drop - max_drop
+        return RuleResult("regression", False, f"{detail}: short by {short:.4g}", round(short, 6))
+    return RuleResult("regression", True, detail)
 
 
 def _fmt(x: float) -> str:
@@ -169,25 +190,10 @@ def check(
                 confidence=confidence,
             )
         )
-    regression = report.get("regression")
-    if policy.max_regression_drop is not None and regression:
+    if policy.max_regression_drop is not None:
         against = "production" if production is not None else "base"
-        diff = (regression.get("comparisons", {}).get(against) or {}).get("diff")
-        if diff is None:
-            rules.append(RuleResult("regression", False, f"the suite has no comparison with {against}"))
-        else:
-            drop = -float(diff)
-            detail = (
-                f"{regression.get('metric')} on the {regression.get('suite')} suite moved "
-                f"{_fmt(float(diff))} against {against}; may drop at most {policy.max_regression_drop:.4g}"
-            )
-            if drop > policy.max_regression_drop:
-                short = drop - policy.max_regression_drop
-                rules.append(
-                    RuleResult("regression", False, f"{detail}: short by {short:.4g}", round(short, 6))
-                )
-            else:
-                rules.append(RuleResult("regression", True, detail))
+        for suite in regression_suites(report):
+            rules.append(_regression_rule(suite, against, policy.max_regression_drop))
     if policy.min_json_valid is not None and "json_valid" in report.get("metrics", []):
         value = report["systems"]["candidate"]["metrics"]["json_valid"]["mean"]
         detail = f"json_valid is {value}; needs >= {policy.min_json_valid:.4g}"

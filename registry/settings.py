@@ -218,6 +218,28 @@ class JudgeSettings(BaseModel):
         return self
 
 
+class LmEvalSettings(BaseModel):
+    """lm-evaluation-harness tasks run as part of the regression suite (``pip install 'loraflow[lm-eval]'``).
+
+    Each system answers through the gateway's chat completions, so only ``generate_until``
+    tasks can run. A task whose data is on the Hugging Face Hub needs the network; a task
+    over local files (``dataset_path: json`` with ``data_files``) in ``include_path`` does not."""
+
+    model_config = {"extra": "forbid"}
+
+    tasks: list[str] = Field(
+        min_length=1, description="lm-eval task names, e.g. gsm8k, or ones in include_path."
+    )
+    include_path: Path | None = Field(
+        None, description="A folder of task YAML files, added to lm-eval's own."
+    )
+    limit: int | None = Field(None, ge=1, description="At most this many examples per task; unset: all.")
+    metrics: dict[str, str] = Field(
+        default_factory=dict,
+        description="Task -> the metric the gate reads (METRIC or METRIC,FILTER); default the task's first.",
+    )
+
+
 class EvalSettings(BaseModel):
     """``loraflow eval``: how the candidate, production and the prompted base are generated and scored."""
 
@@ -247,6 +269,9 @@ class EvalSettings(BaseModel):
         default_factory=dict, description="Adapter name -> JSON schema file its answers must satisfy."
     )
     regression: bool = Field(True, description="Also run the built-in general-ability suite.")
+    lm_eval: LmEvalSettings | None = Field(
+        None, description="Optional lm-eval tasks, gated like the built-in suite (max_regression_drop)."
+    )
     judge: JudgeSettings | None = Field(None, description="Optional LLM-as-judge.")
 
 
@@ -264,7 +289,10 @@ class GatePolicy(BaseModel):
         True, description="Each gain's paired interval must have its lower bound above 0."
     )
     max_regression_drop: float | None = Field(
-        0.02, ge=0, description="Largest drop on the regression suite; unset: not checked."
+        0.02,
+        ge=0,
+        description="Largest drop on each regression suite (the built-in one, each lm-eval task); "
+        "unset: not checked.",
     )
     min_json_valid: float | None = Field(
         0.99, ge=0, le=1, description="Least JSON validity, for tasks whose answers are JSON; unset: none."

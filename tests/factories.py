@@ -108,3 +108,36 @@ def make_adapter(
     cfg.update(config or {})
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     return path
+
+
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Peru": "Lima"}
+
+
+def write_lm_eval_tasks(folder: Path, *, output_type: str = "generate_until") -> Path:
+    """A capitals task over a local JSONL file, as a user would write one for offline data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "capitals.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"What is the capital of {c}?", "answer": a}) + "\n"
+            for c, a in CAPITALS.items()
+        )
+    )
+    body = {
+        "task": "loraflow_capitals",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": output_type,
+        "doc_to_text": "{{question}}",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    }
+    if output_type == "multiple_choice":
+        body["doc_to_choice"] = list(CAPITALS.values())
+        body["doc_to_target"] = 0
+        body["metric_list"] = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+    # YAML is a superset of JSON.
+    (folder / "capitals.yaml").write_text(json.dumps(body))
+    return folder

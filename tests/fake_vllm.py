@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class FakeVLLM:
     requests: list[dict[str, Any]] = field(default_factory=list)  # each completion request's body
     refuse: set[str] = field(default_factory=set)  # engine names its resolver refuses (bad digest)
     resolved: list[str] = field(default_factory=list)  # every load, in order
+    answer: Callable[[dict[str, Any]], str] | None = None  # request body -> reply; default "from URL"
 
     def _resolve(self, name: str) -> bool:
         """What vLLM does for a name it does not hold: ask the resolver (here: any engine name)."""
@@ -87,7 +88,7 @@ class FakeVLLM:
             return httpx.Response(500, text="<html>Internal Server Error</html>")
         if model != self.base and not self._resolve(model):
             return httpx.Response(404, json={"error": {"message": f"The model `{model}` does not exist."}})
-        text = f"from {self.url}"
+        text = self.answer(body) if self.answer else f"from {self.url}"
         if not body.get("stream"):
             return httpx.Response(
                 200,

@@ -10,7 +10,8 @@
    if there is one, (c) the candidate. Adapters get the system prompt they were
    trained with.
 3. :mod:`loraflow.trainer.scoring` scores them; every comparison carries a paired
-   bootstrap interval. The built-in regression suite and an optional judge run too.
+   bootstrap interval. The built-in regression suite, optional lm-eval tasks
+   (:mod:`loraflow.trainer.lm_eval_suite`) and an optional judge run too.
 4. The report is stored on the version (with the dataset version, the split's
    digest, the engine and the settings) for the promotion gate to read.
 """
@@ -36,9 +37,10 @@ from loraflow.registry.settings import Settings
 from loraflow.trainer.data import BadLine, Example, normalize
 from loraflow.trainer.generation import GatewayClient
 from loraflow.trainer.judge import Judge, JudgeItem
+from loraflow.trainer.lm_eval_suite import Endpoint, LmEvalSuites
 from loraflow.trainer.prepare import SPLITS, fingerprint, load_split
 from loraflow.trainer.scoring import HIGHER_IS_BETTER, Bootstrap, Generation, Reference, ScoredSystem, Task
-from loraflow.trainer.suite import SUITE_METRIC, SUITE_NAME, load_suite
+from loraflow.trainer.suite import SUITE_METRIC, SUITE_NAME, load_suite, suite_entry
 
 REPORT_SCHEMA = 1
 DEFAULT_BASE_SYSTEM_PROMPT = "Answer exactly in the format the examples show."
@@ -237,6 +239,8 @@ def evaluate(
 
     bootstrap = Bootstrap(samples=e.bootstrap_samples, confidence=e.confidence, seed=e.seed)
     suite = load_suite() if e.regression else []
+    lm_eval = LmEvalSuites(e.lm_eval) if e.lm_eval is not None else None  # checks its tasks now
+    lm_eval_report: dict[str, Any] | None = None
     with _gateway(settings, registry, adapter.base_model, e.gateway_url) as (client, engine):
         base_id = client.base_model_id()
         systems = [
@@ -264,6 +268,9 @@ def evaluate(
             for s in systems
             if suite
         }
+        if lm_eval is not None:
+            endpoint = Endpoint(client.url, client.api_key, client.timeout_s, client.concurrency)
+            lm_eval_report = lm_eval.run(endpoint, {s.key: s.model for s in systems}, bootstrap, seed=e.seed)
     scored = {key: ScoredSystem(task, references, gens) for key, gens in generations.items()}
     candidate_scores = scored["candidate"]
     report: dict[str, Any] = {
@@ -295,6 +302,7 @@ def evaluate(
             "few_shot_lines": [s.line for s in shots],
         },
         "regression": _regression(suite, suite_generations, bootstrap) if suite else None,
+        "lm_eval": lm_eval_report,
         "judge": None,
         "examples": [
             {
@@ -341,18 +349,13 @@ def _regression(
 ) -> dict[str, Any]:
     refs = [Reference(text=item.reference) for item in suite]
     task = Task.infer(refs, metrics=["exact_match", SUITE_METRIC])
-    scored = {key: ScoredSystem(task, refs, gens) for key, gens in generations.items()}
-    values = {key: [s[SUITE_METRIC] for s in system.scores] for key, system in scored.items()}
-    return {
-        "suite": SUITE_NAME,
-        "n": len(suite),
-        "metric": SUITE_METRIC,
-        "systems": {key: bootstrap.mean(v) for key, v in values.items()},
-        "comparisons": {
-            key: bootstrap.paired(values["candidate"], v) for key, v in values.items() if key != "candidate"
-        },
-        "skills": sorted({item.skill for item in suite}),
+    values = {
+        key: [s[SUITE_METRIC] for s in ScoredSystem(task, refs, gens).scores]
+        for key, gens in generations.items()
     }
+    return suite_entry(
+        SUITE_NAME, SUITE_METRIC, values, bootstrap, skills=sorted({item.skill for item in suite})
+    )
 
 
 def _judge(judge_settings: Any, report: dict[str, Any], bootstrap: Bootstrap) -> dict[str, Any]:

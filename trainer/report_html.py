@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraflow.registry.errors import MissingDependencyError
+from loraflow.registry.gate import regression_suites
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -176,7 +177,6 @@ def _context(report: dict[str, Any], gate: dict[str, Any] | None) -> dict[str, A
     ]
     differing = _differing(report, keys, primary)
     production = report.get("production")
-    regression = report.get("regression")
     judge = report.get("judge")
     return {
         "report": report,
@@ -202,7 +202,7 @@ def _context(report: dict[str, Any], gate: dict[str, Any] | None) -> dict[str, A
         ),
         "heatmap_rows": min(len(differing), MAX_HEATMAP_ROWS),
         "differences": [_example_row(e, keys, primary) for e in differing[:MAX_DIFFERENCE_ROWS]],
-        "regression": _regression(regression, keys, hib) if regression else None,
+        "regression": [_regression(suite, keys) for suite in regression_suites(report)],
         "judge": _judge(judge, report, keys, differing) if judge else None,
         "gate": gate,
         "settings": json.dumps(report.get("settings") or {}, indent=2, sort_keys=True, default=str),
@@ -244,17 +244,18 @@ def _example_row(example: dict[str, Any], keys: list[str], primary: str) -> Exam
     )
 
 
-def _regression(regression: dict[str, Any], keys: list[str], hib: dict[str, bool | None]) -> dict[str, Any]:
-    metric = str(regression.get("metric", ""))
-    systems = regression.get("systems") or {}
-    comparisons = regression.get("comparisons") or {}
+def _regression(suite: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    metric = str(suite.get("metric", ""))
+    higher = bool(suite.get("higher_is_better", True))
+    systems = suite.get("systems") or {}
+    comparisons = suite.get("comparisons") or {}
     return {
-        "suite": regression.get("suite"),
-        "n": regression.get("n"),
+        "suite": suite.get("suite"),
+        "n": suite.get("n"),
         "metric": metric,
-        "direction": _direction(hib.get(metric, True)),
+        "direction": _direction(higher),
         "systems": [(k, _summary(metric, systems.get(k))) for k in keys if k in systems],
-        "comparisons": [(k, _comparison(metric, comparisons[k], hib.get(metric, True))) for k in comparisons],
+        "comparisons": [(k, _comparison(metric, comparisons[k], higher)) for k in comparisons],
     }
 
 

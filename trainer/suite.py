@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from loraflow.trainer.scoring import Bootstrap
 
 SUITE_FILE = Path(__file__).parent / "regression" / "general.jsonl"
 SUITE_NAME = "builtin-general"
@@ -35,3 +38,29 @@ def load_suite(path: Path = SUITE_FILE) -> list[SuiteItem]:
             )
         )
     return items
+
+
+def suite_entry(
+    suite: str,
+    metric: str,
+    values: dict[str, list[float | None]],
+    bootstrap: Bootstrap,
+    *,
+    higher_is_better: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A general-ability suite's part of the report, as the gate's ``regression`` rule reads it:
+    each system's mean with its interval, and the candidate paired against each other system.
+    ``values`` maps a system key to its per-item scores, in the same item order for every system."""
+    n = len(next(iter(values.values()), []))
+    return {
+        "suite": suite,
+        "n": n,
+        "metric": metric,
+        "higher_is_better": higher_is_better,
+        "systems": {key: bootstrap.mean(v) for key, v in values.items()},
+        "comparisons": {
+            key: bootstrap.paired(values["candidate"], v) for key, v in values.items() if key != "candidate"
+        },
+        **extra,
+    }

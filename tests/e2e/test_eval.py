@@ -23,6 +23,7 @@ import pytest
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
 from tests.e2e.conftest import Assets, run_gateway
+from tests.factories import write_lm_eval_tasks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -179,6 +180,11 @@ def test_shuffled_labels_fail_the_gate_and_promote_is_refused(
             "LORAFLOW_EVAL__JUDGE__URL": f"{gateway.url}/v1",
             "LORAFLOW_EVAL__JUDGE__MODEL": "tiny-llama",
             "LORAFLOW_EVAL__JUDGE__MAX_TOKENS": "16",
+            # An lm-eval task over a local file joins the regression suites.
+            "LORAFLOW_EVAL__LM_EVAL__TASKS": '["loraflow_capitals"]',
+            "LORAFLOW_EVAL__LM_EVAL__INCLUDE_PATH": str(write_lm_eval_tasks(tmp_path / "tasks")),
+            "LORAFLOW_EVAL__LM_EVAL__LIMIT": "4",
+            "LORAFLOW_EVAL__LM_EVAL__METRICS": '{"loraflow_capitals": "exact_match"}',
         }
         done = cli(trained, "loraflow", "eval", "orders@v2", "--dataset", "orders@v1", "--json", env=env)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -195,6 +201,12 @@ def test_shuffled_labels_fail_the_gate_and_promote_is_refused(
         assert all(s["scored"] + s["unparsed"] == report["n"] for s in judge["systems"].values())
         first = report["examples"][0]["outputs"]["candidate"]["judge"]
         assert set(first) == {"score", "reasoning"}  # every verdict keeps the judge's words
+        (task,) = report["lm_eval"]["tasks"]
+        assert task["suite"] == "lm-eval:loraflow_capitals" and task["metric"] == "exact_match,none"
+        assert task["n"] == 4 and set(task["systems"]) == set(report["systems"])
+        assert set(task["comparisons"]) == {"base", "production"}
+        gated = [r["detail"] for r in report["gate"]["rules"] if r["rule"] == "regression"]
+        assert len(gated) == 2 and "lm-eval:loraflow_capitals" in gated[1]
         assert report["gate"]["passed"] is False
 
         done = cli(trained, "adapters", "promote", "orders", "v2")

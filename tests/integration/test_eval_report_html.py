@@ -161,6 +161,19 @@ def _report(*, production: bool = True, extras: bool = True) -> dict[str, Any]:
             "systems": {key: _stats(rng, 0.6 + 0.01 * j) for j, key in enumerate(keys)},
             "comparisons": {key: _diff(rng, -0.01) for key in keys if key != "candidate"},
         }
+        report["lm_eval"] = {
+            "version": "0.4.13",
+            "tasks": [
+                {
+                    "suite": "lm-eval:capitals",
+                    "n": 5,
+                    "metric": "exact_match,none",
+                    "higher_is_better": True,
+                    "systems": {key: _stats(rng, 0.5) for key in keys},
+                    "comparisons": {key: _diff(rng, -0.2) for key in keys if key != "candidate"},
+                }
+            ],
+        }
         report["judge"] = {
             "model": "gpt-x",
             "url": "http://127.0.0.1:9000/v1",
@@ -329,6 +342,8 @@ def test_the_report_renders_in_a_browser_with_its_tables_plots_and_sections(tmp_
 
     for section in ("regression", "judge", "gate"):
         assert dom.by_id(section).tag == "section"
+    suites = [r.find_all("td")[0].text().strip() for r in _body_rows(dom.by_id("regression"))]
+    assert suites == ["builtin", "lm-eval:capitals"]
     gate = dom.by_id("gate").text()
     assert "beats_production" in gate and "✗" in gate and "✓" in gate
     assert "gpt-x" in dom.by_id("judge").text() and "status right" in dom.by_id("judge").text()

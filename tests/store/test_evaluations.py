@@ -132,6 +132,37 @@ def test_gate_passes_a_winner_and_refuses_a_loser_by_how_much(reg: Registry) -> 
     assert failed["json_valid"].shortfall == pytest.approx(0.09)
 
 
+def test_each_lm_eval_task_is_gated_like_the_builtin_suite_in_its_own_direction(reg: Registry) -> None:
+    def task(name: str, diff: float, *, higher: bool) -> dict[str, Any]:
+        return {
+            "suite": f"lm-eval:{name}",
+            "metric": "m,none",
+            "higher_is_better": higher,
+            "comparisons": {"base": {"diff": diff, "ci": None}},
+        }
+
+    rep = report(1, production=None) | {
+        "lm_eval": {
+            "tasks": [
+                task("kept", -0.01, higher=True),  # within max_regression_drop (0.02)
+                task("forgot", -0.3, higher=True),
+                task("perplexity", +0.5, higher=False),  # up is worse when lower is better
+                task("improved", -0.5, higher=False),
+            ]
+        }
+    }
+    record(reg, 1, rep)
+    decision = reg.gate("support", 1)
+    regression = [r for r in decision.rules if r.rule == "regression"]
+    assert len(regression) == 5  # the built-in suite, then each task
+    failed = [r for r in regression if not r.passed]
+    assert ["lm-eval:forgot" in failed[0].detail, "lm-eval:perplexity" in failed[1].detail] == [True, True]
+    assert [r.shortfall for r in failed] == [pytest.approx(0.28), pytest.approx(0.48)]
+    with pytest.raises(GateRefusedError) as info:
+        reg.promote("support", 1)
+    assert "lm-eval:forgot suite moved -0.3 against base" in info.value.message
+
+
 def test_a_gain_inside_the_noise_is_not_a_win(reg: Registry) -> None:
     record(reg, 1, report(1, production=None, gain_base=(0.05, -0.02, 0.12)))
     with pytest.raises(GateRefusedError) as info:

@@ -56,3 +56,25 @@ def test_unknown_key_is_refused(isolated_env: Path) -> None:
 
 def test_explicit_values_win(isolated_env: Path) -> None:
     assert Settings(home=Path("/data")).resolved_database_url == "sqlite:////data/registry.db"
+
+
+def test_nested_eval_sections_load_from_toml_and_environment(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (isolated_env / "loraflow.toml").write_text(
+        '[eval.lm_eval]\ntasks = ["gsm8k"]\nmetrics = { gsm8k = "exact_match,strict-match" }\n'
+        '[eval.judge]\nurl = "http://judge/v1"\nmodel = "m"\n'
+    )
+    s = load_settings()
+    assert s.eval.lm_eval is not None and s.eval.lm_eval.tasks == ["gsm8k"]
+    assert s.eval.lm_eval.metrics == {"gsm8k": "exact_match,strict-match"}
+    assert s.eval.judge is not None and s.eval.judge.model == "m"
+    monkeypatch.setenv("LORAFLOW_EVAL__LM_EVAL__TASKS", '["local_task"]')
+    monkeypatch.setenv("LORAFLOW_EVAL__LM_EVAL__LIMIT", "5")
+    s = load_settings()
+    assert s.eval.lm_eval is not None
+    assert (s.eval.lm_eval.tasks, s.eval.lm_eval.limit) == (["local_task"], 5)
+    monkeypatch.delenv("LORAFLOW_EVAL__LM_EVAL__TASKS")
+    (isolated_env / "loraflow.toml").write_text("[eval.lm_eval]\ntasks = []\n")
+    with pytest.raises(ValidationError, match="tasks"):
+        load_settings()
