@@ -3,11 +3,12 @@
 vLLM does not bound runtime-loaded adapters for us, and its unload does not
 free engine memory, so each replica keeps its own LRU of resident versions,
 capped at ``max_cpu_loras``. A version a request is using right now is never
-evicted. Versions a replica should keep (aliased versions it is home to) go only
-after every unpinned one, and only when more of them are homed on it than it can
-hold: then the least recently used idle one makes room, counted in
-``pinned_evictions`` (a sign that ``max_cpu_loras`` or ``adapter_replicas`` is too
-small), rather than a request being refused for as long as the aliases stay.
+evicted. Versions a replica keeps (aliased versions it is home to: *pinned*) make
+room only for another pinned version, when more are homed on it than it can hold:
+then the least recently used idle one goes, counted in ``pinned_evictions`` (a
+sign that ``max_cpu_loras`` or ``adapter_replicas`` is too small), rather than
+production requests being refused for as long as the aliases stay. A version no
+alias points at never unloads a pinned one.
 Loading is serialized per (replica, version) with an asyncio lock, so concurrent
 requests for the same cold version trigger exactly one load.
 
@@ -91,29 +92,34 @@ class Replica:
             self.resident[name] = None
 
     def _victim(self, loading: str, pinned: Collection[str]) -> str | None:
-        """The least recently used idle version, unpinned ones first; None if every one is in use."""
+        """The least recently used idle version to unload for ``loading``: an unpinned one; a pinned
+        one only for another pinned version (more are homed here than fit); else None."""
         idle = [n for n in self.resident if n != loading and not self.in_flight[n]]
         unpinned = next((n for n in idle if n not in pinned), None)
-        if unpinned is not None or not idle:
+        if unpinned is not None or loading not in pinned:
             return unpinned
-        self.pinned_evictions += 1
-        log.warning(
-            "%s: more aliased versions are homed here than server.max_cpu_loras (%d) holds; "
-            "unloading %s, which loads again on its next request",
-            self.url,
-            self.max_resident,
-            idle[0],
+        return idle[0] if idle else None
+
+    def _full(self, pinned: Collection[str]) -> OverloadedError:
+        held = len(self.resident) + len(self._loading)
+        kept = [n for n in self.resident if n in pinned and not self.in_flight[n]]
+        if not kept:
+            return OverloadedError(
+                f"replica {self.url} has {held} adapters resident or loading (server.max_cpu_loras) "
+                "and all are in use; retry shortly"
+            )
+        return OverloadedError(
+            f"replica {self.url} holds {held} adapters (server.max_cpu_loras), {len(kept)} of them aliased "
+            "versions kept for their traffic and the rest in use; a version no alias points at is served "
+            "here once server.max_cpu_loras exceeds the aliased versions homed on each replica "
+            "(server.adapter_replicas spreads them)"
         )
-        return idle[0]
 
     async def _make_room(self, loading: str, pinned: Collection[str]) -> None:
         while len(self.resident) + len(self._loading) >= self.max_resident:
             victim = self._victim(loading, pinned)
             if victim is None:
-                raise OverloadedError(
-                    f"replica {self.url} has {len(self.resident) + len(self._loading)} adapters resident "
-                    "or loading (server.max_cpu_loras) and all are in use; retry shortly"
-                )
+                raise self._full(pinned)
             # Out of `resident` before the unload is awaited, and under the victim's own lock, so a
             # request arriving meanwhile waits for the unload to finish and then loads it again,
             # rather than being sent to an engine that is dropping it.
@@ -127,6 +133,17 @@ class Replica:
                     self.resident[victim] = None
                     self.resident.move_to_end(victim, last=False)
                     raise
+            if victim in pinned:
+                self.pinned_evictions += 1
+                if self.pinned_evictions == 1:  # then counted in loraflow_pinned_evictions_total
+                    log.warning(
+                        "%s: more aliased versions are homed here than server.max_cpu_loras (%d) holds; "
+                        "unloaded %s to load %s, and will go on swapping them as their requests come",
+                        self.url,
+                        self.max_resident,
+                        victim,
+                        loading,
+                    )
 
     @asynccontextmanager
     async def using(self, name: str | None) -> AsyncIterator[None]:

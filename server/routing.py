@@ -3,9 +3,9 @@
 A background loop polls the registry revision (one indexed read). When the
 revision moves, it loads a new snapshot (aliases, versions, API keys) and
 *preloads* every aliased version on the healthy replicas of its home set
-(:meth:`ReplicaSet.home`), all replicas at once. Only then does it swap the
-snapshot in, with one assignment. A request resolves its target once, at the
-start, so in-flight requests finish on the version they began with. A new
+(:meth:`ReplicaSet.home`; at most ``max_cpu_loras`` per replica), all replicas
+at once. Only then does it swap the snapshot in, with one assignment. A request
+resolves its target once, at the start, so in-flight requests finish on the version they began with. A new
 alias target is resident on its home set before any request can resolve to
 it. A preload that fails (a replica down, an artifact refused) is logged and
 does not hold back the swap: the version is loaded on demand, or its requests
@@ -147,7 +147,7 @@ class Router:
         return Snapshot(revision=revision, adapters=adapters, versions=versions, keys=keys)
 
     async def _preload(self, snap: Snapshot, replicas: list[Replica]) -> None:
-        """Load every aliased version on the given replicas it calls home, replicas in parallel."""
+        """Load the aliased versions each replica is home to (as many as it holds), replicas in parallel."""
 
         async def preload(replica: Replica) -> None:
             # The outgoing targets stay pinned until the swap: they serve until then.

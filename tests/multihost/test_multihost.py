@@ -12,6 +12,7 @@ import pytest
 import s3fs
 
 from loraflow.registry.service import Registry
+from loraflow.server.engine.cache import engine_name as cache_engine_name
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from loraflow.server.replicas import ReplicaSet
 from loraflow.server.routing import engine_name
@@ -89,15 +90,23 @@ def test_each_version_is_loaded_on_its_home_set_only(
     placement = ReplicaSet([VLLMHttpEngine(u) for u in urls], max_resident=8, home_size=1)
     expected: dict[str, set[str]] = {u: set() for u in urls}
     names: list[str] = []
-    # Ports are random, so is the placement: add versions until each replica is home to two.
-    while min(len(v) for v in expected.values()) < 2:
-        name = f"home{len(names)}"
-        _register(registry, cluster, name, len(names) % len(cluster.adapters) + 1)
-        registry.promote(name, 1, force=True, reason=FORCED)
-        version = engine_name(registry.get_version(name, 1))
-        expected[placement.home(version)[0].url].add(version)
-        names.append(name)
-        assert len(names) < 30, "rendezvous hashing put every version on one replica"
+    # Ports are random, so is the placement. Pick names (all over the same files, so the same
+    # digest) until each replica is home to exactly two: the aliases stay for the rest of the
+    # session, and the later tests need room left under max_cpu_loras for versions no alias names.
+    digest = registry.register("home-probe", cluster.adapters[0], base_model=str(cluster.base)).digest
+    for i in range(200):
+        name = f"home{i}"
+        version = cache_engine_name(f"{name}@v1", digest)
+        home = placement.home(version)[0].url
+        if len(expected[home]) < 2:
+            _register(registry, cluster, name, 1)
+            registry.promote(name, 1, force=True, reason=FORCED)
+            assert engine_name(registry.get_version(name, 1)) == version
+            expected[home].add(version)
+            names.append(name)
+        if min(len(v) for v in expected.values()) == 2:
+            break
+    assert len(names) == 4, "rendezvous hashing put 200 names on one replica"
     with gateways(cluster, tmp_path, urls, adapter_replicas=1) as gws, httpx.Client(timeout=60) as http:
         for gw in gws:
             for name in names:

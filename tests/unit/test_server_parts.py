@@ -95,14 +95,24 @@ def test_more_pinned_versions_than_fit_evict_the_least_recent_idle_one_and_count
     assert list(replica.resident) == ["p", "r"] and replica.pinned_evictions == 1
 
 
-def test_every_resident_version_in_use_is_overload() -> None:
+def test_a_version_no_alias_points_at_never_unloads_a_pinned_one() -> None:
     async def run() -> None:
         replica = Replica(FakeEngine(), max_resident=1)
         await replica.ensure_loaded("p", pinned={"p"})
-        async with replica.using("p"):
-            await replica.ensure_loaded("q", pinned=set())
+        await replica.ensure_loaded("q", pinned={"p"})
 
-    with pytest.raises(OverloadedError):
+    with pytest.raises(OverloadedError, match="aliased versions kept for their traffic"):
+        asyncio.run(run())
+
+
+def test_every_resident_version_in_use_is_overload_for_now() -> None:
+    async def run() -> None:
+        replica = Replica(FakeEngine(), max_resident=1)
+        await replica.ensure_loaded("p", pinned={"p", "q"})
+        async with replica.using("p"):
+            await replica.ensure_loaded("q", pinned={"p", "q"})
+
+    with pytest.raises(OverloadedError, match="all are in use; retry shortly"):
         asyncio.run(run())
 
 
