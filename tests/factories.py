@@ -134,6 +134,8 @@ def write_lm_eval_tasks(folder: Path, *, output_type: str = "generate_until") ->
         "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
     }
+    if output_type == "generate_until":  # BLEU too: scored over the corpus, not per example
+        body["metric_list"].append({"metric": "bleu", "aggregation": "bleu", "higher_is_better": True})
     if output_type == "multiple_choice":
         body["doc_to_choice"] = list(CAPITALS.values())
         body["doc_to_target"] = 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
-import numbers
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -57,10 +56,12 @@ def _task_manager(settings: LmEvalSettings) -> Any:
     return TaskManager(include_path=str(settings.include_path) if settings.include_path else None)
 
 
-def check_tasks(settings: LmEvalSettings, manager: Any) -> list[str]:
-    """The leaf tasks the configured names expand to; refuses unknown, unloadable and
-    non-generative tasks, naming the task."""
-    leaves: list[str] = []
+def check_tasks(settings: LmEvalSettings, manager: Any) -> dict[str, str]:
+    """Each leaf task the configured names expand to -> the ``METRIC,FILTER`` the gate reads.
+    Refuses, naming the task: unknown or unloadable tasks, a task named twice (directly or
+    through a group), tasks that are not ``generate_until``, and metrics that are not a
+    per-example mean (those have no paired interval)."""
+    keys: dict[str, str] = {}
     for name in settings.tasks:
         if name not in manager.all_tasks:
             raise InvalidArgumentError(
@@ -75,24 +76,65 @@ def check_tasks(settings: LmEvalSettings, manager: Any) -> list[str]:
                 f"{PARAM}.tasks: cannot load {name!r}: {type(exc).__name__}: {exc}", param=f"{PARAM}.tasks"
             ) from exc
         for leaf, task in loaded.items():
+            if leaf in keys:
+                raise InvalidArgumentError(
+                    f"{PARAM}.tasks: {leaf!r} is named twice (directly or through a group)",
+                    param=f"{PARAM}.tasks",
+                )
             if task.OUTPUT_TYPE != "generate_until":
                 raise InvalidArgumentError(
                     f"{PARAM}.tasks: {leaf!r} is a {task.OUTPUT_TYPE} task; through a chat endpoint only "
                     "generate_until tasks can run",
                     param=f"{PARAM}.tasks",
                 )
-            leaves.append(leaf)
-    unknown = set(settings.metrics) - set(leaves)
+            keys[leaf] = _metric_key(leaf, task, settings.metrics.get(leaf))
+    unknown = set(settings.metrics) - set(keys)
     if unknown:
         raise InvalidArgumentError(
             f"{PARAM}.metrics names {', '.join(sorted(unknown))}, not among the tasks run "
-            f"({', '.join(leaves)})",
+            f"({', '.join(keys)})",
             param=f"{PARAM}.metrics",
         )
-    return leaves
+    return keys
 
 
-def _run(settings: LmEvalSettings, manager: Any, endpoint: Endpoint, model: str, seed: int) -> dict[str, Any]:
+def _metric_key(leaf: str, task: Any, chosen: str | None) -> str:
+    """``METRIC,FILTER`` as lm-eval keys its results: the configured one, or the task's first
+    per-example metric under its first filter."""
+    from lm_eval.api.metrics import mean
+
+    param = f"{PARAM}.metrics"
+    per_example = [m for m, how in task.aggregation().items() if how is mean]
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    if chosen is None:
+        if not per_example:
+            raise InvalidArgumentError(
+                f"{PARAM}.tasks: {leaf!r} has no per-example metric (mean aggregation) to pair", param=param
+            )
+        return f"{per_example[0]},{filters[0]}"
+    metric, _, filter_name = chosen.partition(",")
+    if metric not in task.aggregation():
+        raise InvalidArgumentError(
+            f"{param}.{leaf}: {metric!r} is not among its metrics ({', '.join(task.aggregation())})",
+            param=param,
+        )
+    if metric not in per_example:
+        raise InvalidArgumentError(
+            f"{param}.{leaf}: {metric!r} is aggregated over the whole corpus, not averaged per example, "
+            f"so it has no paired interval; choose one of {', '.join(per_example) or 'none'}",
+            param=param,
+        )
+    if filter_name and filter_name not in filters:
+        raise InvalidArgumentError(
+            f"{param}.{leaf}: filter {filter_name!r} is not among its filters ({', '.join(filters)})",
+            param=param,
+        )
+    return f"{metric},{filter_name or filters[0]}"
+
+
+def _run(
+    tasks: list[str], limit: int | None, manager: Any, endpoint: Endpoint, model: str, seed: int
+) -> dict[str, Any]:
     from lm_eval import simple_evaluate
 
     model_args: dict[str, Any] = {
@@ -102,20 +144,21 @@ def _run(settings: LmEvalSettings, manager: Any, endpoint: Endpoint, model: str,
         "timeout": endpoint.timeout_s,
         "max_retries": 2,
         "tokenized_requests": False,
+        # Our key, always: lm-eval's default header carries $OPENAI_API_KEY, which is not for us.
+        "header": {"Authorization": f"Bearer {endpoint.api_key or 'unused'}"},
     }
-    if endpoint.api_key:
-        model_args["auth_token"] = endpoint.api_key
     # lm-eval prints its tables and progress; `loraflow eval --json` keeps stdout for the report.
     with contextlib.redirect_stdout(sys.stderr):
         results = simple_evaluate(
             model="local-chat-completions",
             model_args=model_args,
-            tasks=list(settings.tasks),
+            tasks=tasks,  # the leaves: a group's own aggregate is not gated
             task_manager=manager,
-            limit=settings.limit,
+            limit=limit,
             apply_chat_template=True,
             log_samples=True,
             bootstrap_iters=0,  # intervals are ours, paired across systems
+            # lm-eval seeds the process-wide random, numpy and torch generators with these.
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -126,22 +169,6 @@ def _run(settings: LmEvalSettings, manager: Any, endpoint: Endpoint, model: str,
     return dict(results)
 
 
-def _metric_key(task: str, results: dict[str, Any], chosen: str | None) -> str:
-    """``METRIC,FILTER`` as lm-eval keys its results: the configured one, or the task's first."""
-    keys = [str(k) for k in results["results"][task] if "," in k and "_stderr," not in k]
-    if chosen is not None:
-        matches = [k for k in keys if k == chosen or k.partition(",")[0] == chosen]
-        if not matches:
-            raise InvalidArgumentError(
-                f"{PARAM}.metrics.{task}: {chosen!r} is not among its metrics ({', '.join(keys)})",
-                param=f"{PARAM}.metrics",
-            )
-        return matches[0]
-    if not keys:
-        raise InvalidArgumentError(f"{PARAM}: lm-eval reported no metric for {task!r}", param=PARAM)
-    return keys[0]
-
-
 def _per_doc(task: str, results: dict[str, Any], key: str) -> dict[int, float]:
     metric, _, filter_name = key.partition(",")
     out: dict[int, float] = {}
@@ -149,13 +176,16 @@ def _per_doc(task: str, results: dict[str, Any], key: str) -> dict[int, float]:
         if sample.get("filter", "none") != filter_name:
             continue
         value = sample.get(metric)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        try:
+            out[int(sample["doc_id"])] = float(value)  # numbers, and bools (numpy's too)
+        except (TypeError, ValueError):
             raise InvalidArgumentError(
-                f"{PARAM}.metrics.{task}: {metric} is scored over the whole corpus, not per example, so it "
-                "has no paired interval; choose a per-example metric",
+                f"{PARAM}.metrics.{task}: lm-eval logged {metric} = {value!r} for document "
+                f"{sample.get('doc_id')}, not a number",
                 param=f"{PARAM}.metrics",
-            )
-        out[int(sample["doc_id"])] = float(value)
+            ) from None
+    if not out:
+        raise InvalidArgumentError(f"{PARAM}: lm-eval logged no {key} samples for {task!r}", param=PARAM)
     return out
 
 
@@ -167,7 +197,7 @@ class LmEvalSuites:
         self.settings = settings
         self.version = importlib.metadata.version("lm_eval")
         self.manager = _task_manager(settings)
-        self.tasks = check_tasks(settings, self.manager)
+        self.keys = check_tasks(settings, self.manager)  # leaf task -> METRIC,FILTER
 
     def run(
         self, endpoint: Endpoint, models: dict[str, str], bootstrap: Bootstrap, *, seed: int
@@ -175,12 +205,12 @@ class LmEvalSuites:
         """Run the tasks for each system (``models``: system key -> the model requests name, with a
         ``candidate``) and return the report's ``lm_eval`` part: one suite entry per leaf task."""
         runs = {
-            key: _run(self.settings, self.manager, endpoint, model, seed) for key, model in models.items()
+            key: _run(list(self.keys), self.settings.limit, self.manager, endpoint, model, seed)
+            for key, model in models.items()
         }
         candidate = runs["candidate"]
         entries = []
-        for task in self.tasks:
-            key = _metric_key(task, candidate, self.settings.metrics.get(task))
+        for task, key in self.keys.items():
             per_doc = {system: _per_doc(task, run, key) for system, run in runs.items()}
             docs = sorted(set.intersection(*(set(d) for d in per_doc.values())))
             metric = key.partition(",")[0]

@@ -12,6 +12,7 @@ import pytest
 
 from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
 from loraflow.registry.gate import regression_suites
+from loraflow.registry.keys import create_key
 from loraflow.registry.settings import LmEvalSettings
 from loraflow.server.embedded import serve_in_thread
 from loraflow.server.engine.supervisor import free_port
@@ -34,19 +35,21 @@ def _answer(body: dict[str, Any]) -> str:
 
 
 def test_a_task_is_run_per_system_through_the_gateway_and_paired_per_example(
-    gateway_setup: Setup, tmp_path: Path
+    gateway_setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = LmEvalSettings(
         tasks=["loraflow_capitals"], include_path=write_lm_eval_tasks(tmp_path / "tasks")
     )
     suites = LmEvalSuites(settings)
-    assert suites.tasks == ["loraflow_capitals"]
-    client = gateway(gateway_setup)
+    assert suites.keys == {"loraflow_capitals": "exact_match,none"}  # the first per-example metric
+    key, _ = create_key(gateway_setup.registry, "eval")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-someone-elses")  # lm-eval's default; must not be sent
+    client = gateway(gateway_setup, auth=True)
     (engine,) = gateway_setup.engines
     engine.answer = _answer
     with serve_in_thread(client.app, free_port(), timeout_s=30) as url:  # type: ignore[arg-type]
         part = suites.run(
-            Endpoint(url, None, 30.0, 2),
+            Endpoint(url, key, 30.0, 2),
             {"base": BASE_ID, "candidate": "support"},
             Bootstrap(samples=200, seed=0),
             seed=0,
@@ -67,17 +70,24 @@ def test_a_task_is_run_per_system_through_the_gateway_and_paired_per_example(
 
 def test_tasks_are_checked_before_anything_is_generated(tmp_path: Path) -> None:
     tasks = write_lm_eval_tasks(tmp_path / "tasks")
-    with pytest.raises(InvalidArgumentError, match="'no_such_task' is not an lm-eval task") as exc:
-        LmEvalSuites(LmEvalSettings(tasks=["no_such_task"], include_path=tasks))
-    assert exc.value.param == "eval.lm_eval.tasks"
+
+    def refused(match: str, param: str = "eval.lm_eval.tasks", **kw: Any) -> None:
+        with pytest.raises(InvalidArgumentError, match=match) as exc:
+            LmEvalSuites(LmEvalSettings(**({"tasks": ["loraflow_capitals"], "include_path": tasks} | kw)))
+        assert exc.value.param == param
+
+    refused("'no_such_task' is not an lm-eval task", tasks=["no_such_task"])
+    refused("'loraflow_capitals' is named twice", tasks=["loraflow_capitals", "loraflow_capitals"])
     mc = write_lm_eval_tasks(tmp_path / "mc", output_type="multiple_choice")
-    with pytest.raises(InvalidArgumentError, match="'loraflow_capitals' is a multiple_choice task"):
-        LmEvalSuites(LmEvalSettings(tasks=["loraflow_capitals"], include_path=mc))
-    with pytest.raises(InvalidArgumentError, match=r"eval\.lm_eval\.metrics names other") as exc:
-        LmEvalSuites(LmEvalSettings(tasks=["loraflow_capitals"], include_path=tasks, metrics={"other": "x"}))
-    assert exc.value.param == "eval.lm_eval.metrics"
-    with pytest.raises(InvalidArgumentError, match="include_path"):
-        LmEvalSuites(LmEvalSettings(tasks=["loraflow_capitals"], include_path=tmp_path / "missing"))
+    refused("'loraflow_capitals' is a multiple_choice task", include_path=mc)
+    refused("include_path", param="eval.lm_eval.include_path", include_path=tmp_path / "missing")
+    metrics = "eval.lm_eval.metrics"
+    refused(r"eval\.lm_eval\.metrics names other", metrics, metrics={"other": "x"})
+    refused("'f1' is not among its metrics", metrics, metrics={"loraflow_capitals": "f1"})
+    refused("'bleu' is aggregated over the whole corpus", metrics, metrics={"loraflow_capitals": "bleu"})
+    refused("filter 'strict' is not among", metrics, metrics={"loraflow_capitals": "exact_match,strict"})
+    ok = LmEvalSuites(LmEvalSettings(tasks=["loraflow_capitals"], include_path=tasks, metrics={}))
+    assert ok.keys == {"loraflow_capitals": "exact_match,none"}
 
 
 def test_without_lm_eval_installed_the_error_names_the_extra(
