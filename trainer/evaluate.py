@@ -37,7 +37,7 @@ from loraflow.registry.settings import Settings
 from loraflow.trainer.data import BadLine, Example, normalize
 from loraflow.trainer.generation import GatewayClient
 from loraflow.trainer.judge import Judge, JudgeItem
-from loraflow.trainer.lm_eval_suite import Endpoint, LmEvalSuites
+from loraflow.trainer.lm_eval_suite import LmEvalSuites
 from loraflow.trainer.prepare import SPLITS, fingerprint, load_split
 from loraflow.trainer.scoring import HIGHER_IS_BETTER, Bootstrap, Generation, Reference, ScoredSystem, Task
 from loraflow.trainer.suite import SUITE_METRIC, SUITE_NAME, load_suite, suite_entry
@@ -269,8 +269,7 @@ def evaluate(
             if suite
         }
         if lm_eval is not None:
-            endpoint = Endpoint(client.url, client.api_key, client.timeout_s, client.concurrency)
-            lm_eval_report = lm_eval.run(endpoint, {s.key: s.model for s in systems}, bootstrap, seed=e.seed)
+            lm_eval_report = lm_eval.run(client, {s.key: s.model for s in systems}, bootstrap, seed=e.seed)
     scored = {key: ScoredSystem(task, references, gens) for key, gens in generations.items()}
     candidate_scores = scored["candidate"]
     report: dict[str, Any] = {

@@ -18,25 +18,17 @@ import contextlib
 import importlib.metadata
 import logging
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
 from loraflow.registry.settings import LmEvalSettings
+from loraflow.trainer.generation import GatewayClient
 from loraflow.trainer.scoring import Bootstrap
 from loraflow.trainer.suite import suite_entry
 
 log = logging.getLogger("loraflow.lm_eval")
 
 PARAM = "eval.lm_eval"
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    url: str  # the gateway's root
-    api_key: str | None
-    timeout_s: float
-    concurrency: int
 
 
 def _import() -> None:
@@ -133,19 +125,19 @@ def _metric_key(leaf: str, task: Any, chosen: str | None) -> str:
 
 
 def _run(
-    tasks: list[str], limit: int | None, manager: Any, endpoint: Endpoint, model: str, seed: int
+    tasks: list[str], limit: int | None, manager: Any, gateway: GatewayClient, model: str, seed: int
 ) -> dict[str, Any]:
     from lm_eval import simple_evaluate
 
     model_args: dict[str, Any] = {
-        "base_url": f"{endpoint.url}/v1/chat/completions",
+        "base_url": f"{gateway.url}/v1/chat/completions",
         "model": model,
-        "num_concurrent": endpoint.concurrency,
-        "timeout": endpoint.timeout_s,
+        "num_concurrent": gateway.concurrency,
+        "timeout": gateway.timeout_s,
         "max_retries": 2,
         "tokenized_requests": False,
         # Our key, always: lm-eval's default header carries $OPENAI_API_KEY, which is not for us.
-        "header": {"Authorization": f"Bearer {endpoint.api_key or 'unused'}"},
+        "header": {"Authorization": f"Bearer {gateway.api_key}"},
     }
     # lm-eval prints its tables and progress; `loraflow eval --json` keeps stdout for the report.
     with contextlib.redirect_stdout(sys.stderr):
@@ -200,12 +192,12 @@ class LmEvalSuites:
         self.keys = check_tasks(settings, self.manager)  # leaf task -> METRIC,FILTER
 
     def run(
-        self, endpoint: Endpoint, models: dict[str, str], bootstrap: Bootstrap, *, seed: int
+        self, gateway: GatewayClient, models: dict[str, str], bootstrap: Bootstrap, *, seed: int
     ) -> dict[str, Any]:
         """Run the tasks for each system (``models``: system key -> the model requests name, with a
         ``candidate``) and return the report's ``lm_eval`` part: one suite entry per leaf task."""
         runs = {
-            key: _run(list(self.keys), self.settings.limit, self.manager, endpoint, model, seed)
+            key: _run(list(self.keys), self.settings.limit, self.manager, gateway, model, seed)
             for key, model in models.items()
         }
         candidate = runs["candidate"]

@@ -16,7 +16,8 @@ from loraflow.registry.keys import create_key
 from loraflow.registry.settings import LmEvalSettings
 from loraflow.server.embedded import serve_in_thread
 from loraflow.server.engine.supervisor import free_port
-from loraflow.trainer.lm_eval_suite import Endpoint, LmEvalSuites
+from loraflow.trainer.generation import GatewayClient
+from loraflow.trainer.lm_eval_suite import LmEvalSuites
 from loraflow.trainer.scoring import Bootstrap
 from tests.factories import CAPITALS, write_lm_eval_tasks
 from tests.fake_vllm import BASE_ID, Setup, gateway, gateway_setup
@@ -49,7 +50,7 @@ def test_a_task_is_run_per_system_through_the_gateway_and_paired_per_example(
     engine.answer = _answer
     with serve_in_thread(client.app, free_port(), timeout_s=30) as url:  # type: ignore[arg-type]
         part = suites.run(
-            Endpoint(url, key, 30.0, 2),
+            GatewayClient(url, api_key=key, timeout_s=30.0, concurrency=2),
             {"base": BASE_ID, "candidate": "support"},
             Bootstrap(samples=200, seed=0),
             seed=0,
