@@ -5,7 +5,7 @@ between those processes; adapters travel only through the S3 endpoint."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import pytest
 from loraflow.registry import db
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
+from loraflow.server.engine.supervisor import log_tail
 from tests.conftest import PG_ENV, REQUIRE_ENV, _create_pg_database, _drop_pg_database
 from tests.multihost.cluster import BUCKET, Proc, s3_endpoint, start_engine, wait_up
 
@@ -99,3 +100,20 @@ def engines(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
     finally:
         for proc in procs:
             proc.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing multihost test shows what its processes logged: the engines it used and every
+    gateway started under its tmp_path. Without them a timeout on CI says nothing about why."""
+    report = yield
+    if report.failed and call.when == "call":
+        funcargs = getattr(item, "funcargs", {})
+        logs = [proc.log for proc in funcargs.get("engines", [])]
+        if "tmp_path" in funcargs:
+            logs += sorted(Path(funcargs["tmp_path"]).glob("*/gateway.log"))
+        for log in logs:
+            report.sections.append((f"log {log}", log_tail(log, lines=80)))
+    return report
