@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from loraflow.cli import adapters, data, db, demo, dev, engine, evaluate, keys, serve, train
+from loraflow.cli import adapters, data, db, demo, dev, drift, engine, evaluate, keys, serve, traffic, train
 
 app = typer.Typer(
     name="loraflow",
@@ -17,8 +17,10 @@ app.add_typer(db.app, name="db")
 app.add_typer(data.app, name="data")
 app.add_typer(dev.app, name="dev")
 app.add_typer(keys.app, name="keys")
+app.add_typer(traffic.app, name="traffic")
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
+app.command("drift")(drift.drift)
 app.command("serve")(serve.serve)
 app.command("engine")(engine.engine)
 app.command("demo")(demo.demo)

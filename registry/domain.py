@@ -37,6 +37,24 @@ class DatasetVersionInfo(_Record):
         return f"{self.name}@v{self.version}"
 
 
+class DriftReportInfo(_Record):
+    """A stored ``loraflow drift`` of one version over a window of its sampled traffic."""
+
+    id: int
+    adapter: str
+    version: int
+    window_start: datetime
+    window_end: datetime
+    report: dict[str, Any]
+    revision: int
+    created_by: str
+    created_at: datetime
+
+    @property
+    def ref(self) -> str:
+        return f"{self.adapter}@v{self.version}"
+
+
 class VersionInfo(_Record):
     adapter: str
     version: int

@@ -178,3 +178,23 @@ class Evaluation(SQLModel, table=True):
     revision: int = Field(sa_column=Column(BigInteger, nullable=False))
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
+
+
+class DriftReport(SQLModel, table=True):
+    """One `loraflow drift` of an adapter version over a window of its sampled traffic.
+
+    The gateways export the latest one per version (the embedding figures need torch, which
+    the gateway does not have)."""
+
+    __tablename__ = "drift_report"
+    __table_args__ = (Index("ix_drift_report_version", "adapter_id", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapter.id")
+    version: int
+    window_start: datetime = _ts()
+    window_end: datetime = _ts()
+    report: dict[str, Any] = _json(nullable=False)
+    revision: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_by: str = Field(max_length=256)
+    created_at: datetime = _ts()

@@ -10,6 +10,7 @@ artifact, never a version without its files.
 from __future__ import annotations
 
 import builtins
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from loraflow.registry.gate import GateDecision
 from loraflow.registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
 from loraflow.registry.settings import Settings
 from loraflow.registry.store import MetadataStore, NewVersion
+from loraflow.registry.traffic import TrafficStore
 
 
 class Registry:
@@ -35,6 +37,7 @@ class Registry:
         self.settings = settings
         self.store = store
         self.artifacts = artifacts
+        self._traffic: TrafficStore | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Registry:
@@ -57,6 +60,13 @@ class Registry:
 
     def revision(self) -> int:
         return self.store.revision()
+
+    @property
+    def traffic(self) -> TrafficStore:
+        """Sampled requests and feedback (``Settings.resolved_traffic_uri``), opened on first use."""
+        if self._traffic is None:
+            self._traffic = TrafficStore(self.settings.resolved_traffic_uri)
+        return self._traffic
 
     # -- adapters ----------------------------------------------------------------
     def register(
@@ -213,6 +223,23 @@ class Registry:
 
     def evaluations(self, name: str, version: int | None = None) -> builtins.list[domain.EvaluationInfo]:
         return self.store.evaluations(name, version)
+
+    def record_drift(
+        self, name: str, version: int, *, window_start: datetime, window_end: datetime, report: dict[str, Any]
+    ) -> domain.DriftReportInfo:
+        """Store a ``loraflow drift`` report; gateways export the latest per version."""
+        return self.store.add_drift_report(
+            name=name,
+            version=version,
+            window_start=window_start,
+            window_end=window_end,
+            report=report,
+            actor=self.actor,
+        )
+
+    def drift_reports(self) -> dict[str, domain.DriftReportInfo]:
+        """The latest drift report of each version that has one, by ``NAME@vN``."""
+        return self.store.latest_drift_reports()
 
     def rollback(self, name: str, *, alias: str = DEFAULT_ALIAS) -> domain.AliasMoveInfo:
         check_alias(alias)

@@ -192,6 +192,100 @@ class EngineSettings(BaseModel):
     )
 
 
+class TrafficSettings(BaseModel):
+    """Sampling of served requests into the traffic sink (``traffic/`` under the artifact store).
+
+    A record is redacted (PII replaced by keyed pseudonyms) before anything is written, by a
+    background thread; a request never waits for it."""
+
+    model_config = {"extra": "forbid"}
+
+    sample_rate: float = Field(
+        0.1, ge=0, le=1, description="Share of each adapter's requests recorded; 0 switches sampling off."
+    )
+    adapters: dict[str, float] = Field(
+        default_factory=dict, description="Per-adapter sampling rates, e.g. [traffic.adapters] orders = 1.0."
+    )
+    rescue_window_s: float = Field(
+        900.0,
+        ge=0,
+        description="How long an unsampled record waits in memory for feedback, which rescues it.",
+    )
+    rescue_max_records: int = Field(
+        10_000, ge=0, description="Unsampled records kept for rescue; the oldest go first beyond this."
+    )
+    queue_max_records: int = Field(
+        10_000, ge=1, description="Records waiting to be written; beyond this they are dropped (and counted)."
+    )
+    batch_max_records: int = Field(500, ge=1, description="Records per written file at most.")
+    flush_interval_s: float = Field(
+        2.0, gt=0, description="Longest a record waits before its batch is written."
+    )
+    opt_out_header: str = Field(
+        "x-loraflow-no-log",
+        description="A request carrying this header with value 1/true/yes is never recorded.",
+    )
+    retention_days: int = Field(
+        30, ge=1, description="Days of traffic kept; loraflow traffic purge --expired deletes older ones."
+    )
+    pseudonym_key: SecretStr | None = Field(
+        None,
+        description="Key of the PII pseudonyms; every gateway of a deployment needs the same one. Unset: "
+        "a random key is created once in $home/secrets/pseudonym.key.",
+    )
+    person_names: bool = Field(
+        False, description="Also redact person names; needs a spaCy NER model (traffic.spacy_model)."
+    )
+    spacy_model: str | None = Field(
+        None, description="An installed spaCy pipeline with NER, e.g. en_core_web_lg, for person names."
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _rates(cls, rates: dict[str, float]) -> dict[str, float]:
+        for name, rate in rates.items():
+            if not 0 <= rate <= 1:
+                raise ValueError(f"traffic.adapters.{name} must be between 0 and 1, not {rate}")
+        return rates
+
+    def rate_for(self, adapter: str) -> float:
+        return self.adapters.get(adapter, self.sample_rate)
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample_rate > 0 or any(rate > 0 for rate in self.adapters.values())
+
+
+class DriftSettings(BaseModel):
+    """Drift of live traffic against the training split's profile, per adapter version."""
+
+    model_config = {"extra": "forbid"}
+
+    window_s: float = Field(86_400.0, gt=0, description="The sliding window the gateway's figures cover.")
+    window_max_requests: int = Field(
+        10_000, ge=10, description="Requests per version the gateway keeps for its figures at most."
+    )
+    min_requests: int = Field(50, ge=1, description="Fewer requests than this in the window: no verdict.")
+    psi_watch: float = Field(0.1, gt=0, description="PSI from which a length distribution is watched.")
+    psi_act: float = Field(0.25, gt=0, description="PSI from which a length distribution needs action.")
+    embedding_p_value: float = Field(
+        0.01, gt=0, lt=1, description="MMD permutation test: below this, prompts have drifted."
+    )
+    embedding_watch: float = Field(
+        0.05, gt=0, description="Cosine distance between prompt centroids from which it is watched."
+    )
+    embedding_act: float = Field(
+        0.15, gt=0, description="Cosine distance between prompt centroids from which it needs action."
+    )
+    embedding_sample: int = Field(500, ge=20, description="Prompts embedded from each side at most.")
+    format_drop_watch: float = Field(0.02, ge=0, description="Drop in format validity to watch.")
+    format_drop_act: float = Field(0.05, ge=0, description="Drop in format validity to act on.")
+    refusal_watch: float = Field(0.05, ge=0, le=1, description="Refusal or empty-answer rate to watch.")
+    refusal_act: float = Field(0.15, ge=0, le=1, description="Refusal or empty-answer rate to act on.")
+    negative_feedback_watch: float = Field(0.1, ge=0, le=1, description="Negative-feedback rate to watch.")
+    negative_feedback_act: float = Field(0.25, ge=0, le=1, description="Negative-feedback rate to act on.")
+
+
 DEFAULT_RUBRIC = (
     "Grade the ANSWER to the QUESTION against the REFERENCE answer. 5: correct and complete; "
     "3: partly correct; 1: wrong or irrelevant. Reply with JSON only: "
@@ -349,6 +443,8 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    traffic: TrafficSettings = Field(default_factory=TrafficSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -377,6 +473,11 @@ class Settings(BaseSettings):
         if self.artifact_uri:
             return self.artifact_uri
         return str((self.home / "artifacts").resolve())
+
+    @property
+    def resolved_traffic_uri(self) -> str:
+        """Where sampled traffic and feedback are written: ``traffic/`` beside the artifacts."""
+        return f"{self.resolved_artifact_uri.rstrip('/')}/traffic"
 
     @property
     def resolved_engine_cache(self) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, update
@@ -30,6 +31,7 @@ from loraflow.registry.models import (
     AuditEvent,
     DatasetRow,
     DatasetVersionRow,
+    DriftReport,
     Evaluation,
     RegistryState,
     utcnow,
@@ -547,6 +549,67 @@ class MetadataStore:
                 query = query.where(Evaluation.version == version)
             rows = s.exec(query.order_by(col(Evaluation.revision), col(Evaluation.id))).all()
             return [self._evaluation_info(s, adapter, r) for r in rows]
+
+    # -- drift -------------------------------------------------------------------
+    def add_drift_report(
+        self,
+        *,
+        name: str,
+        version: int,
+        window_start: datetime,
+        window_end: datetime,
+        report: dict[str, Any],
+        actor: str,
+    ) -> domain.DriftReportInfo:
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            self._version_row(s, adapter, version)
+            row = DriftReport(
+                adapter_id=_pk(adapter),
+                version=version,
+                window_start=window_start,
+                window_end=window_end,
+                report=report,
+                revision=tx.revision,
+                created_by=actor,
+            )
+            s.add(row)
+            s.flush()
+            tx.audit("version.drift", "adapter", name, version=version, after={"drift_report": row.id})
+            return self._drift_info(adapter, row)
+
+    @staticmethod
+    def _drift_info(adapter: Adapter, row: DriftReport) -> domain.DriftReportInfo:
+        if row.id is None:
+            raise RuntimeError("DriftReport has no primary key yet")
+        return domain.DriftReportInfo(
+            id=row.id,
+            adapter=adapter.name,
+            version=row.version,
+            window_start=row.window_start,
+            window_end=row.window_end,
+            report=row.report,
+            revision=row.revision,
+            created_by=row.created_by,
+            created_at=row.created_at,
+        )
+
+    def latest_drift_reports(self) -> dict[str, domain.DriftReportInfo]:
+        """The latest drift report of every version that has one, by ``NAME@vN``."""
+        with self._read() as s:
+            latest = (
+                select(func.max(DriftReport.id))
+                .group_by(col(DriftReport.adapter_id), col(DriftReport.version))
+                .scalar_subquery()
+            )
+            rows = s.exec(
+                select(DriftReport, Adapter)
+                .join(Adapter, col(Adapter.id) == col(DriftReport.adapter_id))
+                .where(col(DriftReport.id).in_(latest))
+            ).all()
+            infos = [self._drift_info(adapter, row) for row, adapter in rows]
+            return {info.ref: info for info in infos}
 
     # -- datasets ----------------------------------------------------------------
     @staticmethod

@@ -25,6 +25,9 @@ from loraflow.server.discovery import DnsDiscovery
 from loraflow.server.engine.protocol import Engine
 from loraflow.server.engine.supervisor import EngineProcess, start_all
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
+from loraflow.server.feedback import api_router as feedback
+from loraflow.server.feedback.protocol import FeedbackRequest
+from loraflow.server.feedback.serving import FeedbackService
 from loraflow.server.health import api_router as health
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.models import api_router as models
@@ -32,6 +35,8 @@ from loraflow.server.proxy import Gateway
 from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
 from loraflow.server.routing import Router
+from loraflow.server.traffic.live import LiveDrift
+from loraflow.server.traffic.recorder import TrafficRecorder, redactor_from_settings
 
 log = logging.getLogger("loraflow.server")
 
@@ -121,7 +126,17 @@ def create_app(
         poll_interval_s=server.poll_interval_s,
         base_template_hash=template,
     )
-    gateway = Gateway(server, router, replicas, GatewayMetrics(router, supervised))
+    # Built here, not on the first request: a missing Presidio fails the start, not a request.
+    recorder = (
+        TrafficRecorder(settings.traffic, registry.traffic, redactor_from_settings(settings))
+        if settings.traffic.enabled
+        else None
+    )
+    live = LiveDrift(settings.drift)
+    metrics = GatewayMetrics(router, supervised, recorder=recorder, live=live)
+    gateway = Gateway(
+        server, router, replicas, metrics, traffic_settings=settings.traffic, recorder=recorder, live=live
+    )
     recycler = (
         Recycler(
             router,
@@ -143,6 +158,8 @@ def create_app(
             for process in supervised or []:
                 await process.stop()
             raise
+        if recorder is not None:
+            recorder.start()
         if discovery is not None:
             await discovery.refresh(replicas)  # the first members before the first health check
         loops = [router.run()]
@@ -160,6 +177,8 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if recorder is not None:
+                await asyncio.to_thread(recorder.close)  # writes what is queued: nothing is lost
             await replicas.aclose()
             for process in supervised or []:
                 await process.stop()
@@ -171,15 +190,20 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+    app.state.feedback = FeedbackService(server, router, recorder, live)
     app.state.startup_error = None
     app.state.supervised = list(supervised or [])
     app.state.recycler = recycler
     errors.install(app, retry_after_s=server.retry_after_s)
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, models, health, feedback):
         module.attach_router(app)
     openapi.install(
         app,
-        bodies={"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest},
+        bodies={
+            "ChatCompletionRequest": ChatCompletionRequest,
+            "CompletionRequest": CompletionRequest,
+            "FeedbackRequest": FeedbackRequest,
+        },
         extra_models=[ChatCompletionChunk],
     )
     return app

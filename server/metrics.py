@@ -16,6 +16,8 @@ from prometheus_client.registry import Collector
 
 from loraflow.server.engine.supervisor import EngineProcess
 from loraflow.server.routing import Router
+from loraflow.server.traffic.live import DriftCollector, LiveDrift
+from loraflow.server.traffic.recorder import TrafficRecorder
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -104,12 +106,65 @@ class SupervisorCollector(Collector):
         yield from (restarts, recycles)
 
 
+class TrafficCollector(Collector):
+    """The traffic recorder: records written and dropped, the backlog, rescues and PII found."""
+
+    def __init__(self, recorder: TrafficRecorder) -> None:
+        self.recorder = recorder
+
+    def collect(self) -> Iterator[Metric]:
+        recorder = self.recorder
+        written = CounterMetricFamily(
+            "loraflow_traffic_records_written", "Records written to the traffic sink.", labels=["kind"]
+        )
+        for kind in ("requests", "feedback"):
+            written.add_metric([kind], float(recorder.written[kind]))
+        dropped = CounterMetricFamily(
+            "loraflow_traffic_records_dropped",
+            "Records not written: queue_full (the sink is slower than traffic; the request did not "
+            "wait), write_failed (the sink refused them after retries), rescue_overflow (an unsampled "
+            "record pushed out of the rescue buffer).",
+            labels=["reason"],
+        )
+        for reason in ("queue_full", "write_failed", "rescue_overflow"):
+            dropped.add_metric([reason], float(recorder.dropped[reason]))
+        rescued = CounterMetricFamily(
+            "loraflow_traffic_records_rescued", "Unsampled requests kept because feedback arrived."
+        )
+        rescued.add_metric([], float(recorder.rescued))
+        backlog = GaugeMetricFamily("loraflow_traffic_queue_records", "Records waiting to be written.")
+        backlog.add_metric([], float(recorder.backlog))
+        parked = GaugeMetricFamily(
+            "loraflow_traffic_rescue_records", "Unsampled records waiting for feedback (in memory)."
+        )
+        parked.add_metric([], float(len(recorder.parked)))
+        pii = CounterMetricFamily(
+            "loraflow_traffic_pii_redacted", "PII spans replaced by pseudonyms, by class.", labels=["entity"]
+        )
+        for entity, count in sorted(recorder.redacted.items()):
+            pii.add_metric([entity], float(count))
+        yield from (written, dropped, rescued, backlog, parked, pii)
+
+
 class GatewayMetrics:
-    def __init__(self, router: Router, supervised: list[EngineProcess] | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        supervised: list[EngineProcess] | None = None,
+        *,
+        recorder: TrafficRecorder | None = None,
+        live: LiveDrift | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(RoutingCollector(router))
         if supervised:
             self.registry.register(SupervisorCollector(supervised))
+        if recorder is not None:
+            self.registry.register(TrafficCollector(recorder))
+        if live is not None:
+            self.registry.register(
+                DriftCollector(live, lambda: router.snapshot.profiles, lambda: router.snapshot.drift)
+            )
         labels = ["adapter", "version"]
         self.requests = Counter(
             "loraflow_requests",

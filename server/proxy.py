@@ -26,28 +26,101 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from loraflow.registry import domain
 from loraflow.registry.errors import (
     EngineUnavailableError,
     InvalidArgumentError,
     LoraflowError,
     OverloadedError,
 )
-from loraflow.registry.settings import ServerSettings
+from loraflow.registry.settings import ServerSettings, TrafficSettings
+from loraflow.registry.traffic import new_request_id
 from loraflow.server.auth import authenticate, authorize
 from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
 from loraflow.server.errors import INTERNAL_ERROR_CODE, error_response, from_exception, sse_error
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.replicas import Replica, ReplicaSet
 from loraflow.server.routing import Router, Target
+from loraflow.server.traffic.live import LiveDrift
+from loraflow.server.traffic.recorder import Exchange, TrafficRecorder
 
 MODEL_HEADER = "x-loraflow-model"
+REQUEST_ID_HEADER = "x-request-id"
+_RECORDED_FIELDS = (
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "n",
+    "seed",
+    "response_format",
+    "tools",
+    "tool_choice",
+)
 log = logging.getLogger("loraflow.gateway")
+
+
+@dataclass
+class Transcript:
+    """The answer of one request, per choice, from the engine's JSON or assembled from its stream
+    events as they are relayed (no extra pass over the engine)."""
+
+    choices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    usage: dict[str, Any] | None = None
+
+    def _choice(self, index: int) -> dict[str, Any]:
+        return self.choices.setdefault(index, {"index": index, "content": "", "finish_reason": None})
+
+    def add_response(self, data: dict[str, Any]) -> None:
+        for c in data.get("choices") or []:
+            choice = self._choice(int(c.get("index") or 0))
+            message = c.get("message")
+            choice["content"] = (message or {}).get("content") if isinstance(message, dict) else c.get("text")
+            choice["content"] = choice["content"] or ""
+            choice["finish_reason"] = c.get("finish_reason")
+        self.usage = data.get("usage") or self.usage
+
+    def add_chunk(self, data: dict[str, Any]) -> None:
+        for c in data.get("choices") or []:
+            choice = self._choice(int(c.get("index") or 0))
+            delta = c.get("delta")
+            piece = (delta or {}).get("content") if isinstance(delta, dict) else c.get("text")
+            if piece:
+                choice["content"] += piece
+            if c.get("finish_reason"):
+                choice["finish_reason"] = c["finish_reason"]
+        if data.get("usage"):
+            self.usage = data["usage"]
+
+    @property
+    def text(self) -> str:
+        first = self.choices.get(0)
+        return str(first["content"]) if first else ""
+
+
+@dataclass
+class _Call:
+    """One request, from its arrival to its last byte: what recording and drift need."""
+
+    request_id: str
+    at: datetime
+    started: float
+    endpoint: str
+    record: bool  # False: the client opted out
+    body: dict[str, Any] = field(default_factory=dict)
+    target: Target | None = None
+    key: domain.ApiKeyInfo | None = None
+    transcript: Transcript = field(default_factory=Transcript)
 
 
 @dataclass
@@ -62,12 +135,23 @@ class _Stream:
 
 class Gateway:
     def __init__(
-        self, settings: ServerSettings, router: Router, replicas: ReplicaSet, metrics: GatewayMetrics
+        self,
+        settings: ServerSettings,
+        router: Router,
+        replicas: ReplicaSet,
+        metrics: GatewayMetrics,
+        *,
+        traffic_settings: TrafficSettings | None = None,
+        recorder: TrafficRecorder | None = None,
+        live: LiveDrift | None = None,
     ):
         self.settings = settings
         self.router = router
         self.replicas = replicas
         self.metrics = metrics
+        self.traffic_settings = traffic_settings or TrafficSettings()
+        self.recorder = recorder
+        self.live = live
         self.in_flight = 0
 
     @asynccontextmanager
@@ -100,10 +184,20 @@ class Gateway:
 
     async def handle(self, request: Request, path: str) -> Response:
         started = time.perf_counter()
+        now = datetime.now(UTC)
+        opt_out = request.headers.get(self.traffic_settings.opt_out_header, "").strip().lower()
+        call = _Call(
+            request_id=new_request_id(now),
+            at=now,
+            started=started,
+            endpoint=path,
+            record=opt_out not in ("1", "true", "yes"),
+        )
         labels = ("-", "-")
+        error: str | None = None
         try:
-            body = await self._body(request)
-            key = (
+            body = call.body = await self._body(request)
+            key = call.key = (
                 authenticate(request.headers.get("authorization"), self.router.snapshot)
                 if self.settings.auth
                 else None
@@ -112,19 +206,59 @@ class Gateway:
             labels = (target.adapter or "-", f"v{target.version}" if target.version else "-")
             if key is not None:
                 authorize(key, target.adapter)
-            response = await self._serve(body, target, path, labels, started)
+            call.target = target  # authorized: from here on, the request is recorded
+            response = await self._serve(body, target, path, labels, started, call)
         except LoraflowError as exc:
             response = from_exception(exc, retry_after_s=self.settings.retry_after_s)
             self.metrics.errors.labels(*labels, exc.code.value).inc()
+            error = exc.code.value
         except Exception:
             log.exception("unexpected error serving %s", path)
             response = error_response(500, "internal error in the gateway", code=INTERNAL_ERROR_CODE)
             self.metrics.errors.labels(*labels, INTERNAL_ERROR_CODE).inc()
+            error = INTERNAL_ERROR_CODE
         self.metrics.requests.labels(*labels, path, str(response.status_code)).inc()
+        response.headers[REQUEST_ID_HEADER] = call.request_id
+        if not isinstance(response, StreamingResponse):  # a stream is finished by its relay
+            self._finish(call, response.status_code, error)
         return response
 
+    def _finish(self, call: _Call, status: int, error: str | None) -> None:
+        """The request is over: feed the drift window and offer it to the recorder (O(1), never waits)."""
+        target = call.target
+        if target is None or target.adapter is None or target.version is None:
+            return  # the base model, or never got as far as a version
+        if status == 200 and error is None and self.live is not None:
+            self.live.observe(target.adapter, target.version, call.transcript.text, call.transcript.usage)
+        if self.recorder is None or not call.record:
+            return
+        usage = call.transcript.usage
+        self.recorder.offer(
+            Exchange(
+                request_id=call.request_id,
+                at=call.at,
+                adapter=target.adapter,
+                version=target.version,
+                endpoint=call.endpoint,
+                request={k: call.body[k] for k in _RECORDED_FIELDS if k in call.body},
+                status=status,
+                latency_s=time.perf_counter() - call.started,
+                stream=bool(call.body.get("stream")),
+                response=[call.transcript.choices[i] for i in sorted(call.transcript.choices)],
+                usage={k: int(v) for k, v in usage.items() if isinstance(v, int)} if usage else None,
+                error=error,
+                key=call.key.name if call.key else None,
+            )
+        )
+
     async def _serve(
-        self, body: dict[str, Any], target: Target, path: str, labels: tuple[str, str], started: float
+        self,
+        body: dict[str, Any],
+        target: Target,
+        path: str,
+        labels: tuple[str, str],
+        started: float,
+        call: _Call,
     ) -> Response:
         stack = AsyncExitStack()  # admission, then the replica's in-flight count; a stream's relay owns it
         await stack.enter_async_context(self._admitted())
@@ -142,7 +276,9 @@ class Gateway:
             while True:
                 replica = self._pick(adapter_name, exclude, failure)
                 try:
-                    response = await self._attempt(replica, adapter_name, body, target, path, labels, started)
+                    response = await self._attempt(
+                        replica, adapter_name, body, target, path, labels, started, call.transcript
+                    )
                     break
                 except EngineFailure as exc:
                     self.metrics.engine_failures.labels(replica.url, "before_first_byte").inc()
@@ -168,7 +304,7 @@ class Gateway:
         if isinstance(response, _Stream):
             await stack.enter_async_context(response.attempt)
             return StreamingResponse(
-                self._relay(response, stack, target, labels, started, wants_usage),
+                self._relay(response, stack, target, labels, started, wants_usage, call),
                 media_type="text/event-stream",
                 headers={MODEL_HEADER: target.public},
             )
@@ -196,6 +332,7 @@ class Gateway:
         path: str,
         labels: tuple[str, str],
         started: float,
+        transcript: Transcript,
     ) -> Response | _Stream:
         """One try on one replica. Any failure here happens before a byte reaches the client."""
         attempt = AsyncExitStack()
@@ -205,6 +342,7 @@ class Gateway:
             if not body.get("stream"):
                 data = await replica.engine.post_json(path, body)
                 data["model"] = target.public
+                transcript.add_response(data)
                 self._count_usage(data.get("usage"), labels)
                 self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
                 await attempt.aclose()
@@ -227,16 +365,18 @@ class Gateway:
         labels: tuple[str, str],
         started: float,
         wants_usage: bool,
+        call: _Call,
     ) -> AsyncIterator[bytes]:
         replica, chunks = opened.replica, opened.chunks
         buffer, first_token = b"", True
+        error: str | None = None
         try:
             chunk: bytes | None = opened.first
             while chunk is not None:
                 buffer += chunk
                 while b"\n\n" in buffer:
                     event, buffer = buffer.split(b"\n\n", 1)
-                    out = self._rewrite(event, target, labels, wants_usage)
+                    out = self._rewrite(event, target, labels, wants_usage, call.transcript)
                     if out is None:
                         continue
                     if first_token:
@@ -262,13 +402,15 @@ class Gateway:
             if isinstance(exc, EngineFailure):
                 self.metrics.engine_failures.labels(replica.url, "mid_stream").inc()
             self.metrics.errors.labels(*labels, code).inc()
+            error = code
             yield sse_error(message, code=code)
             yield b"data: [DONE]\n\n"
         finally:
             await stack.aclose()
+            self._finish(call, 200, error)
 
     def _rewrite(
-        self, event: bytes, target: Target, labels: tuple[str, str], wants_usage: bool
+        self, event: bytes, target: Target, labels: tuple[str, str], wants_usage: bool, transcript: Transcript
     ) -> bytes | None:
         if not event.startswith(b"data: ") or event == b"data: [DONE]":
             return event
@@ -278,6 +420,7 @@ class Gateway:
             return event
         if isinstance(data, dict):
             data["model"] = target.public
+            transcript.add_chunk(data)
             if data.get("usage"):
                 self._count_usage(data["usage"], labels)
                 if not wants_usage:

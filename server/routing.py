@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from loraflow.registry import domain
 from loraflow.registry.basemodel import template_matches
@@ -55,6 +56,8 @@ class Snapshot:
     adapters: dict[str, domain.AdapterInfo] = field(default_factory=dict)
     versions: dict[str, domain.VersionInfo] = field(default_factory=dict)  # "NAME@vN"
     keys: dict[str, domain.ApiKeyInfo] = field(default_factory=dict)  # sha256 -> active key
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)  # "NAME@vN" -> training profile
+    drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # "NAME@vN" -> latest drift report
 
     @cached_property
     def aliased(self) -> set[str]:
@@ -89,6 +92,7 @@ class Router:
         self._registry_ok = False
         self._pins: tuple[tuple[int, int], dict[str, frozenset[str]]] = ((-2, -1), {})
         self.preload_failures = 0
+        self._profiles: dict[str, dict[str, Any] | None] = {}  # dataset "NAME@vK" -> profile (immutable)
 
     # -- resolution --------------------------------------------------------------
     def resolve(self, model: str) -> Target:
@@ -144,7 +148,23 @@ class Router:
         adapters = {a.name: a for a in self.registry.list()}
         versions = {v.ref: v for a in adapters.values() for v in a.versions}
         keys = {k.key_hash: k for k in self.registry.store.list_api_keys() if k.revoked_at is None}
-        return Snapshot(revision=revision, adapters=adapters, versions=versions, keys=keys)
+        profiles = {}
+        for ref, version in versions.items():
+            profile = self._profile(version.dataset) if version.dataset else None
+            if profile:
+                profiles[ref] = profile
+        drift = {ref: info.report for ref, info in self.registry.drift_reports().items()}
+        return Snapshot(
+            revision=revision, adapters=adapters, versions=versions, keys=keys, profiles=profiles, drift=drift
+        )
+
+    def _profile(self, dataset: str) -> dict[str, Any] | None:
+        if dataset not in self._profiles:
+            try:
+                self._profiles[dataset] = self.registry.get_dataset(dataset).profile
+            except NotFoundError:
+                self._profiles[dataset] = None
+        return self._profiles[dataset]
 
     async def _preload(self, snap: Snapshot, replicas: list[Replica]) -> None:
         """Load the aliased versions each replica is home to (as many as it holds), replicas in parallel."""

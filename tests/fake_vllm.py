@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loraflow.registry.service import Registry
-from loraflow.registry.settings import ServerSettings, Settings
+from loraflow.registry.settings import ServerSettings, Settings, TrafficSettings
 from loraflow.server.app import create_app
 from loraflow.server.engine.cache import parse_engine_name
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
@@ -174,10 +174,15 @@ def wait(predicate: Any, what: str, timeout_s: float = 10) -> None:
         time.sleep(0.02)
 
 
-def gateway(s: Setup, n_replicas: int = 1, **server: Any) -> TestClient:
+def gateway(
+    s: Setup, n_replicas: int = 1, *, traffic: dict[str, Any] | None = None, **server: Any
+) -> TestClient:
     s.engines = [FakeVLLM(f"http://replica-{i}", str(s.base)) for i in range(n_replicas)]
     validated = ServerSettings.model_validate(s.settings.server.model_dump() | server)
-    settings = s.settings.model_copy(update={"server": validated})
+    update: dict[str, Any] = {"server": validated}
+    if traffic is not None:
+        update["traffic"] = TrafficSettings.model_validate(s.settings.traffic.model_dump() | traffic)
+    settings = s.settings.model_copy(update=update)
     app = create_app(
         settings,
         registry=s.registry,

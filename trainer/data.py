@@ -40,6 +40,7 @@ class Example(BaseModel):
     format: Format
     label: str | None = None
     tokens: int | None = None  # after the chat template, when validated with a tokenizer
+    prompt_tokens: int | None = None  # of the prompt, up to the assistant's header: what the engine counts
 
     def text(self) -> str:
         return "\n".join(f"{m.role}: {m.content}" for m in self.messages)
@@ -72,7 +73,7 @@ class BadLine(Exception):
 
 
 class TokenCounter(Protocol):
-    def __call__(self, messages: list[dict[str, str]]) -> int: ...
+    def __call__(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> int: ...
 
 
 def read_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -242,10 +243,12 @@ def validate_records(
                 raise record
             example = normalize(record, line, system_prompt=system_prompt)
             if count_tokens is not None:
-                n = count_tokens([m.model_dump() for m in example.messages])
+                messages = [m.model_dump() for m in example.messages]
+                n = count_tokens(messages)
                 if max_length is not None and n > max_length:
                     raise BadLine(f"too many tokens: {n} > max_length {max_length}")
                 example.tokens = n
+                example.prompt_tokens = count_tokens(messages[:-1], add_generation_prompt=True)
         except BadLine as bad:
             result.errors.append(LineError(line, bad.reason))
             continue

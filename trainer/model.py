@@ -47,7 +47,11 @@ def chat_template_hash(tokenizer: Any) -> str:
 
 
 def token_counter(tokenizer: Any) -> Any:
-    def count(messages: list[dict[str, str]]) -> int:
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    def count(messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> int:
+        return len(
+            tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt
+            )
+        )
 
     return count

@@ -27,6 +27,7 @@ from typing import Any
 from loraflow.registry import domain
 from loraflow.registry.errors import InvalidArgumentError
 from loraflow.registry.service import Registry
+from loraflow.server.traffic.stats import Histogram, json_valid
 from loraflow.trainer.data import Example, Validation, token_stats
 from loraflow.trainer.embed import Embedder, embedding_profile
 
@@ -112,6 +113,26 @@ def overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
     return {f"{a}-{b}": len(prints[a] & prints[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]}
 
 
+def split_profile(train: list[Example], embedder: Embedder | None) -> dict[str, Any]:
+    """What drift is measured against: token lengths (totals, and quantile bins of prompt and output
+    lengths as the engine counts them), the share of answers that are JSON, and prompt embeddings."""
+    profile: dict[str, Any] = {"tokens": token_stats([e.tokens for e in train if e.tokens is not None])}
+    counted = [e for e in train if e.tokens is not None and e.prompt_tokens is not None]
+    if counted:
+        profile["lengths"] = {
+            "prompt_tokens": Histogram.from_values([e.prompt_tokens or 0 for e in counted]).to_json(),
+            # the answer, its end-of-turn token included: the engine's completion_tokens
+            "output_tokens": Histogram.from_values(
+                [(e.tokens or 0) - (e.prompt_tokens or 0) for e in counted]
+            ).to_json(),
+        }
+    answers = [e.messages[-1].content for e in train]
+    profile["format"] = {"json_share": round(sum(json_valid(a) for a in answers) / len(answers), 6)}
+    if embedder is not None:
+        profile["embedding"] = embedding_profile(embedder, [e.prompt_text() for e in train])
+    return profile
+
+
 def prepare(
     validation: Validation,
     *,
@@ -139,10 +160,7 @@ def prepare(
             "no training examples left after deduplication and splitting", param="FILE"
         )
 
-    train_lengths = [e.tokens for e in splits["train"] if e.tokens is not None]
-    profile: dict[str, Any] = {"tokens": token_stats(train_lengths)}
-    if embedder is not None:
-        profile["embedding"] = embedding_profile(embedder, [e.prompt_text() for e in splits["train"]])
+    profile = split_profile(splits["train"], embedder)
     report = {
         "source": str(validation.path),
         "input_examples": len(validation.examples),

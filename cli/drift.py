@@ -1,0 +1,71 @@
+"""`loraflow drift NAME`: a version's sampled traffic against its training split, with verdicts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from loraflow.cli.common import guarded, out, print_json, state
+from loraflow.registry.traffic import parse_duration
+
+
+@guarded
+def drift(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="NAME (its production version), NAME:ALIAS or NAME@vN.")],
+    window: Annotated[str, typer.Option(help="How far back to look: 30m, 24h, 7d…")] = "24h",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write the report as an HTML page.")
+    ] = None,
+    embeddings: Annotated[
+        bool,
+        typer.Option(help="Compute embedding drift of prompts (all-MiniLM-L6-v2; needs the train extra)."),
+    ] = True,
+    store: Annotated[
+        bool, typer.Option(help="Store the report on the version, for the gateways to export.")
+    ] = True,
+) -> None:
+    """Compare the sampled traffic of a version with its training split: PSI of prompt and output lengths,
+    prompt embeddings, format validity, refusals and negative feedback, each with a verdict."""
+    from loraflow.trainer.drift import drift_report, write_html
+
+    app = state(ctx)
+    span = parse_duration(window, param="window")
+    embedder = None
+    if embeddings:
+        from loraflow.trainer.embed import Embedder
+
+        embedder = Embedder()
+    now = datetime.now(UTC)
+    version, report = drift_report(
+        app.registry, app.get_settings().drift, model, window=span, now=now, embedder=embedder
+    )
+    if store:
+        stored = app.registry.record_drift(
+            version.adapter, version.version, window_start=now - span, window_end=now, report=report
+        )
+        report["id"] = stored.id
+    if html is not None:
+        write_html(report, html)
+    if as_json:
+        print_json(report)
+        return
+    table = Table("figure", "value", "verdict", title=f"{version.ref}: {report['verdict']}")
+    for name, value in report["figures"].items():
+        key = "embedding" if name.startswith("embedding") else name
+        table.add_row(name, "-" if value is None else f"{value:.4f}", report["verdicts"].get(key, ""))
+    out.print(table)
+    requests = report["requests"]
+    out.print(
+        f"{requests['answered']} answered requests sampled in the last {window}, "
+        f"{requests['feedback']} feedback; against {report['dataset'] or 'no dataset'}"
+    )
+    for note in report["notes"]:
+        out.print(note)
+    if html is not None:
+        out.print(f"wrote {html}")

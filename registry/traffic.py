@@ -1,0 +1,215 @@
+"""The traffic sink: sampled requests and their feedback, as partitioned JSONL files over fsspec.
+
+Layout under ``Settings.resolved_traffic_uri`` (``traffic/`` beside the artifacts: a local
+folder by default, object storage in production)::
+
+    adapter=NAME/date=YYYY-MM-DD/requests-<utc time>-<writer>-<seq>.jsonl
+    adapter=NAME/date=YYYY-MM-DD/feedback-<utc time>-<writer>-<seq>.jsonl
+
+Every line is one JSON object: a request record (``request_id``, ``at``, ``adapter``,
+``version``, the redacted ``request`` and ``response``, usage, latency, status, ...) or a
+feedback record (``request_id``, ``at``, ``rating``, the redacted ``correction`` and
+``comment``). Nothing here redacts: the gateway's writer redacts before it calls
+:meth:`TrafficStore.write`. A file appears whole or not at all (local: written aside and
+renamed; object stores: one PUT).
+
+Request ids carry the UTC date they were made on (``req-YYYYMMDD-<hex>``), so a feedback
+for a request written by another gateway is found by reading one day's partitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from loraflow.registry.errors import InvalidArgumentError
+
+Kind = Literal["requests", "feedback"]
+KINDS: tuple[Kind, ...] = ("requests", "feedback")
+_PARTITION = re.compile(r"adapter=(?P<adapter>[^/]+)/date=(?P<date>\d{4}-\d{2}-\d{2})$")
+_REQUEST_ID = re.compile(r"^req-(?P<date>\d{8})-[0-9a-f]{32}$")
+
+
+_DURATION = re.compile(r"^(?P<n>\d+)(?P<unit>[smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, *, param: str) -> timedelta:
+    """``90s``, ``30m``, ``24h``, ``7d`` or ``2w``."""
+    match = _DURATION.match(text.strip())
+    if match is None or int(match["n"]) == 0:
+        raise InvalidArgumentError(
+            f"{param} must be a positive duration such as 30m, 24h or 7d, not {text!r}", param=param
+        )
+    return timedelta(seconds=int(match["n"]) * _UNITS[match["unit"]])
+
+
+def new_request_id(now: datetime) -> str:
+    return f"req-{now:%Y%m%d}-{uuid.uuid4().hex}"
+
+
+def request_date(request_id: str) -> date | None:
+    """The UTC day a request id was made on, or None if it is not one of ours."""
+    match = _REQUEST_ID.match(request_id)
+    if match is None:
+        return None
+    try:
+        return datetime.strptime(match["date"], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def record_time(record: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(record["at"])
+
+
+@dataclass(frozen=True)
+class Purged:
+    files_deleted: int
+    records_deleted: int
+
+
+class TrafficStore:
+    def __init__(self, uri: str, *, writer: str | None = None) -> None:
+        fs, root = fsspec.core.url_to_fs(uri)
+        self.fs: Any = fs
+        self.root: str = root.rstrip("/")
+        self._local = isinstance(fs, LocalFileSystem)
+        self.writer = writer or uuid.uuid4().hex[:8]  # this process: file names never collide
+        self._seq = 0
+        if self._local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def _partition(self, adapter: str, day: date) -> str:
+        return f"{self.root}/adapter={adapter}/date={day.isoformat()}"
+
+    # -- writing -----------------------------------------------------------------
+    def write(self, kind: Kind, records: Iterable[dict[str, Any]]) -> list[str]:
+        """Write records (each with ``adapter`` and ``at``), one file per partition. Returns the paths."""
+        groups: dict[tuple[str, date], list[dict[str, Any]]] = defaultdict(list)
+        for record in records:
+            groups[(record["adapter"], record_time(record).astimezone(UTC).date())].append(record)
+        paths = []
+        for (adapter, day), group in sorted(groups.items()):
+            self._seq += 1
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            path = f"{self._partition(adapter, day)}/{kind}-{stamp}-{self.writer}-{self._seq:06d}.jsonl"
+            self._put(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in group).encode())
+            paths.append(path)
+        return paths
+
+    def _put(self, path: str, data: bytes) -> None:
+        if self._local:
+            final = Path(path)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(final)
+        else:
+            self.fs.pipe_file(path, data)
+
+    # -- reading -----------------------------------------------------------------
+    def partitions(self, adapter: str | None = None) -> list[tuple[str, date, str]]:
+        """(adapter, day, path) of every partition, oldest first."""
+        pattern = f"{self.root}/adapter={adapter or '*'}/date=*"
+        found = []
+        for path in self.fs.glob(pattern):
+            match = _PARTITION.search(str(path).rstrip("/"))
+            if match:
+                found.append((match["adapter"], date.fromisoformat(match["date"]), str(path)))
+        return sorted(found, key=lambda p: (p[1], p[0]))
+
+    def _files(self, partition: str, kind: Kind) -> list[str]:
+        return sorted(str(p) for p in self.fs.glob(f"{partition}/{kind}-*.jsonl"))
+
+    def _read(self, path: str) -> list[dict[str, Any]]:
+        with contextlib.suppress(FileNotFoundError):  # purged meanwhile
+            data: bytes = self.fs.cat_file(path)
+            return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        return []
+
+    def read(
+        self,
+        kind: Kind,
+        *,
+        adapter: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Records of ``kind`` (of one adapter, or all) made in ``[since, until)``."""
+        for _, day, partition in self.partitions(adapter):
+            if since is not None and day < since.astimezone(UTC).date():
+                continue
+            if until is not None and day > until.astimezone(UTC).date():
+                continue
+            for path in self._files(partition, kind):
+                for record in self._read(path):
+                    at = record_time(record)
+                    if (since is None or at >= since) and (until is None or at < until):
+                        yield record
+
+    def find_request(self, request_id: str) -> dict[str, Any] | None:
+        """The written request record with this id, or None. Reads only the day the id names."""
+        day = request_date(request_id)
+        if day is None:
+            return None
+        needle = json.dumps(request_id)
+        for _, pday, partition in self.partitions():
+            if pday != day:
+                continue
+            for path in self._files(partition, "requests"):
+                for record in self._read(path):
+                    if json.dumps(record.get("request_id")) == needle:
+                        return record
+        return None
+
+    # -- deleting ----------------------------------------------------------------
+    def purge(self, *, before: date | None = None, request_ids: Iterable[str] = ()) -> Purged:
+        """Delete every partition dated before ``before``, and every record (request or feedback)
+        whose ``request_id`` is in ``request_ids``; files holding them are rewritten without them."""
+        ids = set(request_ids)
+        if before is None and not ids:
+            raise InvalidArgumentError("say what to purge: a date, or request ids", param="before")
+        files = records = 0
+        for _, day, partition in self.partitions():
+            if before is not None and day < before:
+                for kind in KINDS:
+                    for path in self._files(partition, kind):
+                        records += len(self._read(path))
+                        self.fs.rm_file(path)
+                        files += 1
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    self.fs.rm(partition, recursive=True)
+                continue
+            if not ids:
+                continue
+            for kind in KINDS:
+                for path in self._files(partition, kind):
+                    rows = self._read(path)
+                    kept = [r for r in rows if r.get("request_id") not in ids]
+                    if len(kept) == len(rows):
+                        continue
+                    records += len(rows) - len(kept)
+                    if kept:
+                        self._put(
+                            path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode()
+                        )
+                    else:
+                        self.fs.rm_file(path)
+                        files += 1
+        return Purged(files_deleted=files, records_deleted=records)
+
+    def expired_before(self, retention_days: int, *, today: date | None = None) -> date:
+        """The first day still kept under a retention of ``retention_days``."""
+        return (today or datetime.now(UTC).date()) - timedelta(days=retention_days - 1)

@@ -1,0 +1,80 @@
+"""Feedback: find the rated request, check the key may use its adapter, and queue the rating.
+
+Validation, authentication and scopes are those of the completion endpoints; an unknown
+request id is a 404 in OpenAI's error shape. The rating also feeds the gateway's
+negative-feedback rate. Writing (and redacting the correction) is the recorder's thread's job.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from loraflow.registry.errors import InvalidArgumentError, NotFoundError
+from loraflow.registry.settings import ServerSettings
+from loraflow.server.auth import authenticate, authorize
+from loraflow.server.feedback.protocol import FeedbackRequest, FeedbackResponse
+from loraflow.server.routing import Router
+from loraflow.server.traffic.live import LiveDrift
+from loraflow.server.traffic.recorder import Feedback, TrafficRecorder
+
+
+def parse(raw: bytes) -> FeedbackRequest:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"the request body is not valid JSON ({exc})", param="body") from exc
+    try:
+        return FeedbackRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidArgumentError(f"{field}: {first['msg']}", param=field) from None
+
+
+class FeedbackService:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        router: Router,
+        recorder: TrafficRecorder | None,
+        live: LiveDrift | None,
+    ) -> None:
+        self.settings = settings
+        self.router = router
+        self.recorder = recorder
+        self.live = live
+
+    async def handle(self, request: Request) -> FeedbackResponse:
+        key = (
+            authenticate(request.headers.get("authorization"), self.router.snapshot)
+            if self.settings.auth
+            else None
+        )
+        body = parse(await request.body())
+        if self.recorder is None:
+            raise NotFoundError(
+                f"no recorded request {body.request_id!r}: traffic recording is off "
+                "(traffic.sample_rate and traffic.adapters are all 0)",
+                param="request_id",
+            )
+        adapter, version = await self.recorder.locate(body.request_id)
+        if key is not None:
+            authorize(key, adapter)
+        self.recorder.add_feedback(
+            Feedback(
+                request_id=body.request_id,
+                at=datetime.now(UTC),
+                rating=body.rating,
+                correction=body.correction,
+                comment=body.comment,
+                key=key.name if key else None,
+            ),
+            (adapter, version),
+        )
+        if self.live is not None:
+            self.live.observe_feedback(adapter, version, body.rating)
+        return FeedbackResponse(request_id=body.request_id, model=f"{adapter}@v{version}", rating=body.rating)

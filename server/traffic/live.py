@@ -1,0 +1,155 @@
+"""The gateway's own drift figures: a sliding window of every answered request, per adapter version.
+
+Cheap enough for the event loop: each request appends one tuple (token counts from the
+engine's usage, whether the answer parsed as JSON, whether it was a refusal or empty);
+feedback appends its rating. At scrape time :class:`DriftCollector` compares the window
+with the profile of the version's training split (``data prepare``) and exports the
+figures, plus the latest stored ``loraflow drift`` report (embedding drift, computed in a
+job because it needs torch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loraflow.registry.settings import DriftSettings
+from loraflow.server.traffic.stats import Histogram, is_refusal_or_empty, json_valid, psi
+
+VersionKey = tuple[str, int]  # (adapter, version)
+
+
+@dataclass(frozen=True)
+class Answer:
+    at: float
+    prompt_tokens: int | None
+    output_tokens: int | None
+    json_ok: bool
+    refusal: bool
+
+
+def window_figures(
+    rows: list[Answer], ratings: list[int], profile: dict[str, Any] | None
+) -> dict[str, float | None]:
+    """PSI of prompt and output lengths against the profile, format validity, refusal and
+    negative-feedback rates. Each is None where it cannot be computed."""
+    lengths = (profile or {}).get("lengths") or {}
+    figures: dict[str, float | None] = {"requests": float(len(rows))}
+    for feature in ("prompt_tokens", "output_tokens"):
+        values = [getattr(r, feature) for r in rows if getattr(r, feature) is not None]
+        ref = lengths.get(feature)
+        figures[f"psi_{feature}"] = psi(Histogram.from_json(ref), values) if ref and values else None
+    figures["format_valid_rate"] = sum(r.json_ok for r in rows) / len(rows) if rows else None
+    figures["refusal_rate"] = sum(r.refusal for r in rows) / len(rows) if rows else None
+    figures["negative_feedback_rate"] = sum(1 for r in ratings if r < 0) / len(ratings) if ratings else None
+    figures["feedback"] = float(len(ratings))
+    return figures
+
+
+def answer(text: str, usage: dict[str, Any] | None, *, at: float) -> Answer:
+    usage = usage or {}
+    return Answer(
+        at=at,
+        prompt_tokens=usage.get("prompt_tokens"),
+        output_tokens=usage.get("completion_tokens"),
+        json_ok=json_valid(text),
+        refusal=is_refusal_or_empty(text),
+    )
+
+
+class LiveDrift:
+    def __init__(self, settings: DriftSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.answers: dict[VersionKey, deque[Answer]] = {}
+        self.ratings: dict[VersionKey, deque[tuple[float, int]]] = {}
+
+    def observe(self, adapter: str, version: int, text: str, usage: dict[str, Any] | None) -> None:
+        window = self.answers.setdefault((adapter, version), deque(maxlen=self.settings.window_max_requests))
+        window.append(answer(text, usage, at=self.clock()))
+
+    def observe_feedback(self, adapter: str, version: int, rating: int) -> None:
+        window = self.ratings.setdefault((adapter, version), deque(maxlen=self.settings.window_max_requests))
+        window.append((self.clock(), rating))
+
+    def figures(self, key: VersionKey, profile: dict[str, Any] | None) -> dict[str, float | None]:
+        since = self.clock() - self.settings.window_s
+        answers = [a for a in self.answers.get(key, ()) if a.at >= since]
+        ratings = [r for t, r in self.ratings.get(key, ()) if t >= since]
+        return window_figures(answers, ratings, profile)
+
+    def versions(self) -> list[VersionKey]:
+        return sorted(set(self.answers) | set(self.ratings))
+
+
+# Figures a `loraflow drift` report stores under "figures", exported as they are.
+STORED_FIGURES = ("embedding_centroid_distance", "embedding_mmd", "embedding_mmd_p_value")
+
+
+class DriftCollector(Collector):
+    """``loraflow_drift_*{adapter,version}``: the live window's figures and the latest stored report's."""
+
+    def __init__(
+        self,
+        live: LiveDrift,
+        profiles: Callable[[], dict[str, dict[str, Any]]],
+        reports: Callable[[], dict[str, dict[str, Any]]],
+    ) -> None:
+        self.live = live
+        self.profiles = profiles  # "NAME@vN" -> its training split's profile
+        self.reports = reports  # "NAME@vN" -> latest stored drift report
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["adapter", "version"]
+        families = {
+            "requests": GaugeMetricFamily(
+                "loraflow_drift_window_requests", "Answered requests in the drift window.", labels=labels
+            ),
+            "psi_prompt_tokens": GaugeMetricFamily(
+                "loraflow_drift_psi_prompt_tokens",
+                "PSI of prompt lengths against the training split (0.1 watch, 0.25 act).",
+                labels=labels,
+            ),
+            "psi_output_tokens": GaugeMetricFamily(
+                "loraflow_drift_psi_output_tokens",
+                "PSI of output lengths against the training split (0.1 watch, 0.25 act).",
+                labels=labels,
+            ),
+            "format_valid_rate": GaugeMetricFamily(
+                "loraflow_drift_format_valid_rate", "Share of answers that parse as JSON.", labels=labels
+            ),
+            "refusal_rate": GaugeMetricFamily(
+                "loraflow_drift_refusal_rate", "Share of answers that are refusals or empty.", labels=labels
+            ),
+            "negative_feedback_rate": GaugeMetricFamily(
+                "loraflow_drift_negative_feedback_rate", "Share of feedback rated -1.", labels=labels
+            ),
+        }
+        stored = {
+            name: GaugeMetricFamily(
+                f"loraflow_drift_{name}", f"{name} from the latest loraflow drift report.", labels=labels
+            )
+            for name in STORED_FIGURES
+        }
+        profiles = self.profiles()
+        for adapter, version in self.live.versions():
+            values = [adapter, f"v{version}"]
+            figures = self.live.figures((adapter, version), profiles.get(f"{adapter}@v{version}"))
+            for name, family in families.items():
+                value = figures.get(name)
+                if value is not None:
+                    family.add_metric(values, value)
+        for ref, report in self.reports().items():
+            adapter, _, tag = ref.partition("@")
+            for name, family in stored.items():
+                figure = (report.get("figures") or {}).get(name)
+                if figure is not None:
+                    family.add_metric([adapter, tag], float(figure))
+        yield from families.values()
+        yield from stored.values()

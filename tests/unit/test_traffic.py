@@ -1,0 +1,343 @@
+"""Traffic sampling in the gateway: the decision, the rescue buffer, feedback, the sink, and that a
+slow sink never slows a request. The gateway runs over fake engines; the sink and Presidio are real."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import threading
+import time
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.settings import TrafficSettings
+from loraflow.registry.traffic import TrafficStore, new_request_id, parse_duration, request_date
+from loraflow.server.traffic.recorder import Exchange, Feedback, TrafficRecorder, sampled
+from loraflow.server.traffic.redact import Redactor
+from tests.fake_vllm import Setup, gateway, ready, wait
+from tests.fake_vllm import gateway_setup as gateway_setup
+
+EMAIL = "jane.roe@example.org"
+CHAT = [{"role": "user", "content": f"my mail is {EMAIL}, why was I charged twice?"}]
+
+
+@pytest.fixture(scope="module")
+def redactor(tmp_path_factory: pytest.TempPathFactory) -> Redactor:
+    return Redactor(key=b"test-key", cache_dir=tmp_path_factory.mktemp("redact"))
+
+
+def exchange(rid: str | None = None, *, status: int = 200, adapter: str = "support") -> Exchange:
+    now = datetime.now(UTC)
+    return Exchange(
+        request_id=rid or new_request_id(now),
+        at=now,
+        adapter=adapter,
+        version=1,
+        endpoint="/v1/chat/completions",
+        request={"messages": CHAT},
+        status=status,
+        latency_s=0.01,
+        response=[{"index": 0, "content": f"write to {EMAIL}", "finish_reason": "stop"}],
+        usage={"prompt_tokens": 3, "completion_tokens": 2},
+    )
+
+
+# -- the sampling decision ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.5, 0.9])
+def test_sampling_rate_is_statistically_right(rate: float) -> None:
+    n = 20_000
+    hits = sum(sampled(new_request_id(datetime.now(UTC)), rate) for _ in range(n))
+    sigma = math.sqrt(n * rate * (1 - rate))
+    assert abs(hits - n * rate) < 4.5 * sigma, (hits, n * rate)
+
+
+def test_sampling_is_a_function_of_the_request_id_so_replicas_agree() -> None:
+    ids = [new_request_id(datetime.now(UTC)) for _ in range(500)]
+    assert [sampled(i, 0.3) for i in ids] == [sampled(i, 0.3) for i in ids]
+    assert not any(sampled(i, 0.0) for i in ids) and all(sampled(i, 1.0) for i in ids)
+    # a request sampled at a rate is sampled at every higher rate (raising a rate only adds)
+    assert all(sampled(i, 0.5) for i in ids if sampled(i, 0.2))
+
+
+def test_per_adapter_rates_and_their_validation() -> None:
+    settings = TrafficSettings(sample_rate=0.1, adapters={"orders": 1.0, "quiet": 0.0})
+    assert (settings.rate_for("orders"), settings.rate_for("quiet"), settings.rate_for("x")) == (1.0, 0.0, 0.1)
+    assert not TrafficSettings(sample_rate=0).enabled
+    assert TrafficSettings(sample_rate=0, adapters={"a": 0.5}).enabled
+    with pytest.raises(ValueError, match=r"traffic.adapters.orders must be between 0 and 1"):
+        TrafficSettings(adapters={"orders": 1.5})
+
+
+# -- the recorder ---------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_unsampled_records_wait_for_feedback_then_expire(tmp_path: Path, redactor: Redactor) -> None:
+    clock = Clock()
+    store = TrafficStore(str(tmp_path / "traffic"))
+    recorder = TrafficRecorder(TrafficSettings(sample_rate=1e-9, rescue_window_s=60), store, redactor, clock=clock)
+    kept, expired, error = exchange(), exchange(), exchange(status=503)
+    assert not recorder.offer(kept) and not recorder.offer(expired)
+    assert recorder.offer(error)  # errors are always kept
+    assert set(recorder.parked) == {kept.request_id, expired.request_id}
+
+    async def rate(ex: Exchange, rating: int) -> None:
+        served = await recorder.locate(ex.request_id)
+        recorder.add_feedback(Feedback(ex.request_id, datetime.now(UTC), rating, "better", None, None), served)
+
+    import asyncio
+
+    clock.now += 30
+    asyncio.run(rate(kept, -1))  # within the window: rescued with its feedback
+    assert recorder.rescued == 1
+    clock.now += 31
+    from loraflow.registry.errors import NotFoundError
+
+    with pytest.raises(NotFoundError) as info:
+        asyncio.run(rate(expired, 1))
+    assert info.value.param == "request_id"
+    recorder.start()
+    recorder.close()
+    rows = list(store.read("requests"))
+    assert {r["request_id"] for r in rows} == {kept.request_id, error.request_id}
+    assert {r["request_id"]: r["sampled"] for r in rows}[kept.request_id] is False
+    (fb,) = store.read("feedback")
+    assert (fb["request_id"], fb["rating"], fb["adapter"], fb["version"]) == (kept.request_id, -1, "support", 1)
+
+
+def test_a_full_queue_drops_and_counts_and_never_waits(tmp_path: Path, redactor: Redactor) -> None:
+    settings = TrafficSettings(sample_rate=1.0, queue_max_records=5)
+    recorder = TrafficRecorder(settings, TrafficStore(str(tmp_path / "t")), redactor)  # writer not started
+    started = time.perf_counter()
+    results = [recorder.offer(exchange()) for _ in range(50)]
+    assert time.perf_counter() - started < 0.5
+    assert results.count(True) == 5 and recorder.dropped["queue_full"] == 45
+
+
+def test_nothing_unredacted_reaches_the_sink_and_close_writes_everything(
+    tmp_path: Path, redactor: Redactor
+) -> None:
+    store = TrafficStore(str(tmp_path / "traffic"))
+    settings = TrafficSettings(sample_rate=1.0, batch_max_records=7, flush_interval_s=30)
+    recorder = TrafficRecorder(settings, store, redactor)
+    recorder.start()
+    ids = []
+    for _ in range(100):
+        ex = exchange()
+        ids.append(ex.request_id)
+        recorder.offer(ex)
+    recorder.close()  # long before the 30 s flush interval: close must not wait for it, nor lose any
+    rows = list(store.read("requests"))
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "traffic").rglob("*.jsonl"))
+    assert EMAIL.encode() not in raw and b"<EMAIL_ADDRESS_" in raw
+    assert rows[0]["redacted"] == {"EMAIL_ADDRESS": 2}
+    assert recorder.redacted["EMAIL_ADDRESS"] == 200 and recorder.written["requests"] == 100
+
+
+def test_a_failing_sink_is_retried_then_counted(
+    tmp_path: Path, redactor: Redactor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = TrafficStore(str(tmp_path / "t"))
+    calls = []
+
+    def broken(kind: str, records: list[dict[str, Any]]) -> list[str]:
+        calls.append(len(records))
+        raise OSError("bucket unavailable")
+
+    monkeypatch.setattr(store, "write", broken)
+    monkeypatch.setattr("loraflow.server.traffic.recorder._WRITE_RETRIES", (0.0, 0.0))
+    recorder = TrafficRecorder(TrafficSettings(sample_rate=1.0), store, redactor)
+    recorder.start()
+    recorder.offer(exchange())
+    recorder.close()
+    assert calls == [1, 1, 1] and recorder.dropped["write_failed"] == 1
+
+
+# -- the sink -------------------------------------------------------------------------
+
+
+def test_the_sink_partitions_reads_finds_and_purges(tmp_path: Path) -> None:
+    store = TrafficStore(str(tmp_path / "traffic"))
+    old = datetime(2026, 1, 2, 23, 59, tzinfo=UTC)
+    new = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+    rows = [
+        {"request_id": new_request_id(at), "at": at.isoformat(), "adapter": a, "version": 1}
+        for at in (old, new)
+        for a in ("support", "billing")
+    ]
+    store.write("requests", rows)
+    assert sorted((a, d.isoformat()) for a, d, _ in store.partitions()) == [
+        ("billing", "2026-01-02"),
+        ("billing", "2026-01-05"),
+        ("support", "2026-01-02"),
+        ("support", "2026-01-05"),
+    ]
+    assert (tmp_path / "traffic" / "adapter=support" / "date=2026-01-05").is_dir()
+    assert len(list(store.read("requests", adapter="support", since=new - timedelta(hours=1)))) == 1
+    assert store.find_request(rows[3]["request_id"]) == rows[3]
+    assert store.find_request(new_request_id(new)) is None and store.find_request("not-ours") is None
+    assert request_date(rows[0]["request_id"]) == date(2026, 1, 2)
+    purged = store.purge(request_ids=[rows[3]["request_id"]])
+    assert purged.records_deleted == 1 and store.find_request(rows[3]["request_id"]) is None
+    purged = store.purge(before=date(2026, 1, 3))
+    assert purged.records_deleted == 2
+    assert [r["request_id"] for r in store.read("requests")] == [rows[2]["request_id"]]
+    with pytest.raises(InvalidArgumentError):
+        store.purge()
+    assert store.expired_before(30, today=date(2026, 1, 31)) == date(2026, 1, 2)
+
+
+def test_durations() -> None:
+    assert parse_duration("7d", param="since") == timedelta(days=7)
+    assert parse_duration("24h", param="window") == timedelta(hours=24)
+    for bad in ("7", "0d", "1y", "-1d", ""):
+        with pytest.raises(InvalidArgumentError) as info:
+            parse_duration(bad, param="since")
+        assert info.value.param == "since"
+
+
+# -- through the gateway --------------------------------------------------------------
+
+
+def _records(setup: Setup) -> list[dict[str, Any]]:
+    return list(setup.registry.traffic.read("requests"))
+
+
+def test_the_gateway_records_json_and_streams_returns_request_ids_and_honours_opt_out(
+    gateway_setup: Setup,
+) -> None:
+    with gateway(gateway_setup, traffic={"sample_rate": 1.0, "flush_interval_s": 0.05}) as client:
+        ready(client)
+        plain = client.post("/v1/chat/completions", json={"model": "support", "messages": CHAT})
+        streamed = client.post(
+            "/v1/chat/completions", json={"model": "support", "messages": CHAT, "stream": True}
+        )
+        assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
+        opted_out = client.post(
+            "/v1/chat/completions",
+            json={"model": "support", "messages": CHAT},
+            headers={"x-loraflow-no-log": "1"},
+        )
+        missing = client.post("/v1/chat/completions", json={"model": "support@v9", "messages": CHAT})
+        base = client.post("/v1/chat/completions", json={"model": "tiny-base", "messages": CHAT})
+        ids = [r.headers["x-request-id"] for r in (plain, streamed, opted_out, missing, base)]
+        assert len(set(ids)) == 5 and all(request_date(i) for i in ids)
+        wait(lambda: len(_records(gateway_setup)) >= 2, "two records")
+    by_id = {r["request_id"]: r for r in _records(gateway_setup)}
+    assert set(by_id) == {ids[0], ids[1]}  # not opted out, nor the unknown version, nor the base
+    json_rec, stream_rec = by_id[ids[0]], by_id[ids[1]]
+    engine = gateway_setup.engines[0].url
+    assert json_rec["response"] == [{"index": 0, "content": f"from {engine}", "finish_reason": "stop"}]
+    assert stream_rec["response"][0]["content"] == "".join(f"from {engine}".split(" "))
+    assert stream_rec["stream"] is True and stream_rec["usage"]["completion_tokens"] == 2
+    assert json_rec["version"] == 1 and json_rec["adapter"] == "support" and json_rec["status"] == 200
+    assert EMAIL not in json.dumps(json_rec) and "<EMAIL_ADDRESS_" in json.dumps(json_rec["request"])
+
+
+def test_feedback_joins_rescues_404s_and_names_bad_fields(gateway_setup: Setup) -> None:
+    traffic = {"sample_rate": 1e-9, "flush_interval_s": 0.05}
+    with gateway(gateway_setup, traffic=traffic) as client:
+        ready(client)
+        r = client.post("/v1/chat/completions", json={"model": "support", "messages": CHAT})
+        rid = r.headers["x-request-id"]
+        bad = client.post("/v1/feedback", json={"request_id": rid, "rating": 5})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
+        extra = client.post("/v1/feedback", json={"request_id": rid, "rating": 1, "score": 1})
+        assert extra.status_code == 400 and extra.json()["error"]["param"] == "score"
+        unknown = client.post("/v1/feedback", json={"request_id": new_request_id(datetime.now(UTC)), "rating": 1})
+        assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "request_id"
+        ok = client.post(
+            "/v1/feedback", json={"request_id": rid, "rating": -1, "correction": f"mail {EMAIL} back"}
+        )
+        assert ok.status_code == 200, ok.text
+        assert ok.json() == {"object": "feedback", "request_id": rid, "model": "support@v1", "rating": -1}
+        wait(lambda: len(list(gateway_setup.registry.traffic.read("feedback"))) == 1, "the feedback")
+        metrics = client.get("/metrics").text
+    assert 'loraflow_traffic_records_rescued_total 1.0' in metrics
+    assert 'loraflow_drift_negative_feedback_rate{adapter="support",version="v1"} 1.0' in metrics
+    (record,) = _records(gateway_setup)
+    assert record["request_id"] == rid and record["sampled"] is False
+    (fb,) = gateway_setup.registry.traffic.read("feedback")
+    assert EMAIL not in fb["correction"] and fb["correction"].startswith("mail <EMAIL_ADDRESS_")
+
+
+def test_feedback_needs_a_key_that_may_use_the_adapter(gateway_setup: Setup) -> None:
+    from loraflow.registry.keys import create_key
+
+    support_key, _ = create_key(gateway_setup.registry, "support-app", ["support"])
+    billing_key, _ = create_key(gateway_setup.registry, "billing-app", ["billing"])
+    with gateway(gateway_setup, auth=True, traffic={"sample_rate": 1.0}) as client:
+        ready(client)
+        wait(lambda: client.get("/ready").status_code == 200, "keys")
+        r = client.post(
+            "/v1/chat/completions",
+            json={"model": "support", "messages": CHAT},
+            headers={"authorization": f"Bearer {support_key}"},
+        )
+        rid = r.headers["x-request-id"]
+        body = {"request_id": rid, "rating": 1}
+        assert client.post("/v1/feedback", json=body).status_code == 401
+        denied = client.post("/v1/feedback", json=body, headers={"authorization": f"Bearer {billing_key}"})
+        assert denied.status_code == 403
+        ok = client.post("/v1/feedback", json=body, headers={"authorization": f"Bearer {support_key}"})
+        assert ok.status_code == 200
+    (record,) = _records(gateway_setup)
+    assert record["key"] == "support-app" and support_key not in json.dumps(record)
+
+
+class SlowStore(TrafficStore):
+    """A sink that blocks every write until released: the worst object store there is."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.release = threading.Event()
+
+    def write(self, kind: Any, records: Any) -> list[str]:
+        self.release.wait(30)
+        return super().write(kind, records)
+
+
+def _latencies(client: Any, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        assert client.post("/v1/chat/completions", json={"model": "support", "messages": CHAT}).status_code == 200
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def test_a_blocked_sink_does_not_slow_requests(gateway_setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = SlowStore(str(gateway_setup.settings.resolved_traffic_uri))
+    monkeypatch.setattr(type(gateway_setup.registry), "traffic", property(lambda self: slow))
+    n = 150
+    with gateway(gateway_setup, traffic={"sample_rate": 0}) as client:
+        ready(client)
+        _latencies(client, 10)
+        baseline = _latencies(client, n)
+    traffic = {"sample_rate": 1.0, "queue_max_records": 50, "batch_max_records": 10, "flush_interval_s": 0.01}
+    with gateway(gateway_setup, traffic=traffic) as client:
+        ready(client)
+        _latencies(client, 10)
+        blocked = _latencies(client, n)
+        recorder = client.app.state.gateway.recorder  # type: ignore[attr-defined]
+        assert recorder.dropped["queue_full"] > 0  # the sink never took a batch: the queue filled
+        slow.release.set()
+    assert statistics.median(blocked) < statistics.median(baseline) * 1.5 + 0.002, (
+        statistics.median(blocked),
+        statistics.median(baseline),
+    )
