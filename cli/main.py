@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import typer
 
-from loraflow.cli import adapters, data, db, demo, dev, drift, engine, evaluate, keys, serve, traffic, train
+from loraflow.cli import (
+    adapters,
+    data,
+    db,
+    demo,
+    dev,
+    drift,
+    engine,
+    evaluate,
+    flywheel,
+    keys,
+    serve,
+    traffic,
+    train,
+)
 
 app = typer.Typer(
     name="loraflow",
@@ -18,6 +32,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(dev.app, name="dev")
 app.add_typer(keys.app, name="keys")
 app.add_typer(traffic.app, name="traffic")
+app.add_typer(flywheel.app, name="flywheel")
 app.command("train")(train.train)
 app.command("eval")(evaluate.evaluate)
 app.command("drift")(drift.drift)

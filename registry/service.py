@@ -279,6 +279,27 @@ class Registry:
         return self.artifacts.fetch(version.digest, dest)
 
     # -- datasets ----------------------------------------------------------------
+    def register_dataset(
+        self,
+        name: str,
+        folder: Path,
+        files: tuple[str, ...],
+        *,
+        counts: dict[str, int],
+        lineage: dict[str, Any],
+        profile: dict[str, Any] | None,
+    ) -> domain.DatasetVersionInfo:
+        """Store a dataset's split files under their digest, then register its next version (files
+        before the row). The same splits twice are a :class:`ConflictError` naming the version."""
+        stored = self.artifacts.put(folder, files)
+        return self.store.register_dataset_version(
+            name=name, digest=stored.digest, counts=counts, lineage=lineage, profile=profile, actor=self.actor
+        )
+
+    def find_dataset(self, name: str, digest: str) -> domain.DatasetVersionInfo | None:
+        """The version of dataset ``name`` that holds exactly these splits, if any."""
+        return self.store.find_dataset_version(name, digest)
+
     def get_dataset(self, ref: str) -> domain.DatasetVersionInfo:
         """``NAME`` (latest) or ``NAME@vN``."""
         parsed = parse_ref(ref, param="dataset")

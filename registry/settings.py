@@ -286,6 +286,52 @@ class DriftSettings(BaseModel):
     negative_feedback_act: float = Field(0.25, ge=0, le=1, description="Negative-feedback rate to act on.")
 
 
+class FlywheelSettings(BaseModel):
+    """``loraflow flywheel``: the next dataset from sampled traffic, and the candidate trained on it."""
+
+    model_config = {"extra": "forbid"}
+
+    since: str = Field("7d", description="Traffic window read by build-dataset and run, e.g. 24h or 7d.")
+    include_unrated: bool = Field(
+        False, description="Also keep sampled answers nobody rated (default: only rated +1, or corrected)."
+    )
+    near_duplicate_threshold: float = Field(
+        0.85, gt=0, le=1, description="MinHash Jaccard above which two new examples are duplicates."
+    )
+    cluster_threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="MinHash Jaccard above which examples are one cluster (one frequent request).",
+    )
+    max_per_cluster: int = Field(3, ge=1, description="Examples kept per near-duplicate cluster at most.")
+    replay_share: float = Field(
+        0.3,
+        ge=0,
+        lt=1,
+        description="Share of the new training split drawn from the previous one, against forgetting.",
+    )
+    test_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of new examples added to the test split."
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of new examples added to the val split.")
+    min_examples: int = Field(10, ge=1, description="Fewer usable new examples than this: no dataset.")
+    seed: int = Field(0, description="Seed of the split and of the replay sample.")
+    auto_promote: list[str] = Field(
+        default_factory=list,
+        description="Adapters whose candidate goes straight to production when the gate passes "
+        "(['*']: all). Others go to staging.",
+    )
+    train: dict[str, object] = Field(
+        default_factory=dict,
+        description="Overrides of the production version's training config for the candidate, e.g. "
+        "{epochs = 2}.",
+    )
+
+    def auto_promotes(self, adapter: str) -> bool:
+        return "*" in self.auto_promote or adapter in self.auto_promote
+
+
 DEFAULT_RUBRIC = (
     "Grade the ANSWER to the QUESTION against the REFERENCE answer. 5: correct and complete; "
     "3: partly correct; 1: wrong or irrelevant. Reply with JSON only: "
@@ -445,6 +491,7 @@ class Settings(BaseSettings):
     gate: GateSettings = Field(default_factory=GateSettings)
     traffic: TrafficSettings = Field(default_factory=TrafficSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -689,6 +689,16 @@ class MetadataStore:
             created_at=row.created_at,
         )
 
+    def find_dataset_version(self, name: str, digest: str) -> domain.DatasetVersionInfo | None:
+        """The version of dataset ``name`` holding exactly the splits ``digest``, if there is one."""
+        with self._read() as s:
+            found = s.exec(
+                select(DatasetRow, DatasetVersionRow)
+                .join(DatasetVersionRow, col(DatasetVersionRow.dataset_id) == col(DatasetRow.id))
+                .where(DatasetRow.name == name, DatasetVersionRow.digest == digest)
+            ).first()
+            return self._dataset_info(*found) if found else None
+
     def get_dataset_version(self, name: str, version: int | None = None) -> domain.DatasetVersionInfo:
         with self._read() as s:
             ds = s.exec(select(DatasetRow).where(DatasetRow.name == name)).first()

@@ -216,7 +216,7 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
     for feature, hist in report["histograms"].items():
         fig = _figure(6.0, 2.6)
         ax = fig.add_subplot()
-        labels = [f"≤{e:g}" for e in hist["edges"]] + [f">{hist['edges'][-1]:g}" if hist["edges"] else "all"]
+        labels = [f"≤{e:g}" for e in hist["edges"]] + [f">{hist['edges'][-1]:g}"]
         xs = list(range(len(labels)))
         ax.bar([x - 0.2 for x in xs], hist["train"], width=0.4, label="training split", color="#7f7f7f")
         ax.bar([x + 0.2 for x in xs], hist["live"], width=0.4, label="live traffic", color="#d62728")

@@ -129,9 +129,13 @@ def _gateway(
     """A client of the configured gateway, or of one started here the way ``loraflow serve`` starts it."""
     e = settings.eval
     key = e.api_key.get_secret_value() if e.api_key else None
+    # Evaluation traffic is not production traffic: it must not become the flywheel's next dataset.
+    opt_out = {settings.traffic.opt_out_header: "1"}
     if url:
         yield (
-            GatewayClient(url, api_key=key, timeout_s=e.request_timeout_s, concurrency=e.concurrency),
+            GatewayClient(
+                url, api_key=key, timeout_s=e.request_timeout_s, concurrency=e.concurrency, headers=opt_out
+            ),
             {"gateway": url},
         )
         return
@@ -140,7 +144,9 @@ def _gateway(
     from loraflow.server.engine.supervisor import free_port
 
     app = build_app(
-        settings,
+        settings.model_copy(
+            update={"traffic": settings.traffic.model_copy(update={"sample_rate": 0.0, "adapters": {}})}
+        ),
         registry=registry,
         base_model=base_model,
         log_file=settings.home / "logs" / "eval-engine.log",
@@ -154,7 +160,10 @@ def _gateway(
                 mode="json", include={"device", "dtype", "max_model_len", "max_loras", "max_lora_rank"}
             ),
         }
-        yield GatewayClient(local, timeout_s=e.request_timeout_s, concurrency=e.concurrency), info
+        yield (
+            GatewayClient(local, timeout_s=e.request_timeout_s, concurrency=e.concurrency, headers=opt_out),
+            info,
+        )
 
 
 def _vllm_version() -> str | None:

@@ -18,18 +18,29 @@ from loraflow.trainer.scoring import Generation
 
 class GatewayClient:
     def __init__(
-        self, url: str, *, api_key: str | None = None, timeout_s: float = 300.0, concurrency: int = 8
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 300.0,
+        concurrency: int = 8,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key or "unused"
         self.timeout_s = timeout_s
         self.concurrency = concurrency
+        self.headers = dict(headers or {})  # sent with every request (e.g. the traffic opt-out)
 
     def _client(self) -> Any:
         from openai import AsyncOpenAI
 
         return AsyncOpenAI(
-            base_url=f"{self.url}/v1", api_key=self.api_key, timeout=self.timeout_s, max_retries=2
+            base_url=f"{self.url}/v1",
+            api_key=self.api_key,
+            timeout=self.timeout_s,
+            max_retries=2,
+            default_headers=self.headers,
         )
 
     def base_model_id(self) -> str:

@@ -137,7 +137,7 @@ def _run(
         "max_retries": 2,
         "tokenized_requests": False,
         # Our key, always: lm-eval's default header carries $OPENAI_API_KEY, which is not for us.
-        "header": {"Authorization": f"Bearer {gateway.api_key}"},
+        "header": {**gateway.headers, "Authorization": f"Bearer {gateway.api_key}"},
     }
     # lm-eval prints its tables and progress; `loraflow eval --json` keeps stdout for the report.
     with contextlib.redirect_stdout(sys.stderr):

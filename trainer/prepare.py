@@ -176,28 +176,34 @@ def prepare(
     source_sha = hashlib.sha256(validation.path.read_bytes()).hexdigest()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for name_, exs in splits.items():
-            with (folder / f"{name_}.jsonl").open("w") as fh:
-                for e in exs:
-                    fh.write(json.dumps(e.to_json(), ensure_ascii=False) + "\n")
-        (folder / "profile.json").write_text(json.dumps(profile, indent=2))
-        (folder / "report.json").write_text(json.dumps(report, indent=2))
-        stored = registry.artifacts.put(folder, DATA_FILES)
-    version = registry.store.register_dataset_version(
-        name=name,
-        digest=stored.digest,
-        counts={k: len(v) for k, v in splits.items()},
-        lineage={
-            "kind": "file",
-            "source": str(validation.path.resolve()),
-            "source_sha256": source_sha,
-            "seed": seed,
-            "fractions": report["fractions"],
-        },
-        profile=profile,
-        actor=registry.actor,
-    )
+        write_dataset_files(folder, {k: [e.to_json() for e in v] for k, v in splits.items()}, profile, report)
+        version = registry.register_dataset(
+            name,
+            folder,
+            DATA_FILES,
+            counts={k: len(v) for k, v in splits.items()},
+            lineage={
+                "kind": "file",
+                "source": str(validation.path.resolve()),
+                "source_sha256": source_sha,
+                "seed": seed,
+                "fractions": report["fractions"],
+            },
+            profile=profile,
+        )
     return version, report
+
+
+def write_dataset_files(
+    folder: Path, rows: dict[str, list[dict[str, Any]]], profile: dict[str, Any], report: dict[str, Any]
+) -> None:
+    """The files of a dataset version (:data:`DATA_FILES`): one JSONL per split, the profile, the report."""
+    for name in SPLITS:
+        with (folder / f"{name}.jsonl").open("w") as fh:
+            for row in rows.get(name, []):
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (folder / "profile.json").write_text(json.dumps(profile, indent=2))
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def load_split(

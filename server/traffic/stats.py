@@ -30,7 +30,9 @@ _EPS = 1e-4  # floor on a bin's share, so an empty bin on one side gives a large
 
 @dataclass(frozen=True)
 class Histogram:
-    """Bins cut at ``edges`` (a value v falls in bin ``bisect_right(edges, v)``), with each bin's share."""
+    """Bins ``(-inf, e0], (e0, e1], ..., (e_last, +inf)`` with each bin's share: a value v falls in bin
+    ``bisect_left(edges, v)``. The last edge is the reference's maximum, so values beyond anything
+    seen in training land in a bin of their own (share 0 in the reference)."""
 
     edges: list[float]
     shares: list[float]
@@ -38,13 +40,17 @@ class Histogram:
 
     @classmethod
     def from_values(cls, values: Sequence[float], bins: int = 10) -> Histogram:
-        """Cut points at the deciles of ``values`` (ties merged), so each bin holds about 1/bins of them."""
+        """Cut at the quantiles of ``values`` (ties merged: a reference with one value has the bins
+        ``<= v`` and ``> v``), so each bin holds about 1/bins of them."""
         if not values:
             raise ValueError("a histogram needs at least one value")
         ordered = sorted(values)
-        cuts = sorted({ordered[min(len(ordered) - 1, (len(ordered) * i) // bins)] for i in range(1, bins)})
-        edges = [float(c) for c in cuts if c > ordered[0]]  # no empty bin below the minimum
-        return cls(edges=edges, shares=shares(edges, ordered), n=len(ordered))
+        n = len(ordered)
+        edges = [
+            float(c)
+            for c in sorted({ordered[max(0, math.ceil(n * i / bins) - 1)] for i in range(1, bins + 1)})
+        ]
+        return cls(edges=edges, shares=shares(edges, ordered), n=n)
 
     def to_json(self) -> dict[str, Any]:
         return {"edges": self.edges, "shares": [round(s, 6) for s in self.shares], "n": self.n}
@@ -59,7 +65,7 @@ class Histogram:
 def shares(edges: Sequence[float], values: Sequence[float]) -> list[float]:
     counts = [0] * (len(edges) + 1)
     for v in values:
-        counts[bisect.bisect_right(edges, v)] += 1
+        counts[bisect.bisect_left(edges, v)] += 1
     total = len(values) or 1
     return [c / total for c in counts]
 

@@ -68,7 +68,11 @@ def test_sampling_is_a_function_of_the_request_id_so_replicas_agree() -> None:
 
 def test_per_adapter_rates_and_their_validation() -> None:
     settings = TrafficSettings(sample_rate=0.1, adapters={"orders": 1.0, "quiet": 0.0})
-    assert (settings.rate_for("orders"), settings.rate_for("quiet"), settings.rate_for("x")) == (1.0, 0.0, 0.1)
+    assert (settings.rate_for("orders"), settings.rate_for("quiet"), settings.rate_for("x")) == (
+        1.0,
+        0.0,
+        0.1,
+    )
     assert not TrafficSettings(sample_rate=0).enabled
     assert TrafficSettings(sample_rate=0, adapters={"a": 0.5}).enabled
     with pytest.raises(ValueError, match=r"traffic.adapters.orders must be between 0 and 1"):
@@ -89,7 +93,9 @@ class Clock:
 def test_unsampled_records_wait_for_feedback_then_expire(tmp_path: Path, redactor: Redactor) -> None:
     clock = Clock()
     store = TrafficStore(str(tmp_path / "traffic"))
-    recorder = TrafficRecorder(TrafficSettings(sample_rate=1e-9, rescue_window_s=60), store, redactor, clock=clock)
+    recorder = TrafficRecorder(
+        TrafficSettings(sample_rate=1e-9, rescue_window_s=60), store, redactor, clock=clock
+    )
     kept, expired, error = exchange(), exchange(), exchange(status=503)
     assert not recorder.offer(kept) and not recorder.offer(expired)
     assert recorder.offer(error)  # errors are always kept
@@ -97,7 +103,9 @@ def test_unsampled_records_wait_for_feedback_then_expire(tmp_path: Path, redacto
 
     async def rate(ex: Exchange, rating: int) -> None:
         served = await recorder.locate(ex.request_id)
-        recorder.add_feedback(Feedback(ex.request_id, datetime.now(UTC), rating, "better", None, None), served)
+        recorder.add_feedback(
+            Feedback(ex.request_id, datetime.now(UTC), rating, "better", None, None), served
+        )
 
     import asyncio
 
@@ -116,7 +124,12 @@ def test_unsampled_records_wait_for_feedback_then_expire(tmp_path: Path, redacto
     assert {r["request_id"] for r in rows} == {kept.request_id, error.request_id}
     assert {r["request_id"]: r["sampled"] for r in rows}[kept.request_id] is False
     (fb,) = store.read("feedback")
-    assert (fb["request_id"], fb["rating"], fb["adapter"], fb["version"]) == (kept.request_id, -1, "support", 1)
+    assert (fb["request_id"], fb["rating"], fb["adapter"], fb["version"]) == (
+        kept.request_id,
+        -1,
+        "support",
+        1,
+    )
 
 
 def test_a_full_queue_drops_and_counts_and_never_waits(tmp_path: Path, redactor: Redactor) -> None:
@@ -259,7 +272,9 @@ def test_feedback_joins_rescues_404s_and_names_bad_fields(gateway_setup: Setup) 
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
         extra = client.post("/v1/feedback", json={"request_id": rid, "rating": 1, "score": 1})
         assert extra.status_code == 400 and extra.json()["error"]["param"] == "score"
-        unknown = client.post("/v1/feedback", json={"request_id": new_request_id(datetime.now(UTC)), "rating": 1})
+        unknown = client.post(
+            "/v1/feedback", json={"request_id": new_request_id(datetime.now(UTC)), "rating": 1}
+        )
         assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "request_id"
         ok = client.post(
             "/v1/feedback", json={"request_id": rid, "rating": -1, "correction": f"mail {EMAIL} back"}
@@ -268,7 +283,7 @@ def test_feedback_joins_rescues_404s_and_names_bad_fields(gateway_setup: Setup) 
         assert ok.json() == {"object": "feedback", "request_id": rid, "model": "support@v1", "rating": -1}
         wait(lambda: len(list(gateway_setup.registry.traffic.read("feedback"))) == 1, "the feedback")
         metrics = client.get("/metrics").text
-    assert 'loraflow_traffic_records_rescued_total 1.0' in metrics
+    assert "loraflow_traffic_records_rescued_total 1.0" in metrics
     assert 'loraflow_drift_negative_feedback_rate{adapter="support",version="v1"} 1.0' in metrics
     (record,) = _records(gateway_setup)
     assert record["request_id"] == rid and record["sampled"] is False
@@ -316,7 +331,10 @@ def _latencies(client: Any, n: int) -> list[float]:
     out = []
     for _ in range(n):
         started = time.perf_counter()
-        assert client.post("/v1/chat/completions", json={"model": "support", "messages": CHAT}).status_code == 200
+        assert (
+            client.post("/v1/chat/completions", json={"model": "support", "messages": CHAT}).status_code
+            == 200
+        )
         out.append(time.perf_counter() - started)
     return out
 

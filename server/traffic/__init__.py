@@ -1,0 +1,1 @@
+"""Traffic sampling: records of served requests, redacted, written off the request path."""

@@ -1,0 +1,400 @@
+"""`loraflow flywheel`: served traffic becomes the next dataset, then a gated candidate.
+
+:func:`build_dataset` turns an adapter's sampled traffic over a window into the next version
+of its training dataset, recording the count after every step in the version's lineage:
+
+1. read the requests the gateways sampled in ``[until - since, until)`` and the feedback
+   given for them (the latest rating per request wins); failed requests are dropped
+2. keep answers rated +1, and corrected answers with the correction as the answer; drop
+   answers rated -1 without a correction, and unrated ones (``flywheel.include_unrated``)
+3. redact again (the gateway redacted before writing; this is defence in depth), and
+   validate every example against the base's tokenizer and chat template
+4. drop duplicates among the new examples (exact, and MinHash near duplicates) and any
+   example already in the previous dataset (any split)
+5. cap near-duplicate clusters at ``flywheel.max_per_cluster``, so one frequent request
+   cannot dominate
+6. split the new examples (seeded): a share becomes fresh test examples, a share val,
+   the rest train; the previous test split is carried over whole (still sealed), and a
+   ``flywheel.replay_share`` of the new training split is drawn from the previous one,
+   against forgetting
+7. profile the training split and register the dataset version
+
+The window's end is rounded down to the hour unless given, so a second run over the same
+traffic builds the same files, and the version is found by its digest instead of
+registered again. :func:`run` goes on: train a candidate (skipped when a version trained on
+that dataset exists), evaluate it against production and the prompted base (skipped when
+that evaluation exists), and promote it: to production when ``flywheel.auto_promote``
+allows and the gate passes (with ``expect`` = the production version it was evaluated
+against), else to staging. A failure at any step leaves production as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from loraflow.registry import domain
+from loraflow.registry.artifacts import digest_of, sha256_file
+from loraflow.registry.errors import GateRefusedError, InvalidArgumentError, NotFoundError
+from loraflow.registry.refs import DEFAULT_ALIAS
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
+from loraflow.server.traffic.recorder import redactor_from_settings
+from loraflow.trainer.data import Example, validate_records
+from loraflow.trainer.prepare import (
+    DATA_FILES,
+    SPLITS,
+    deduplicate,
+    fingerprint,
+    load_split,
+    normalized,
+    overlap,
+    split,
+    split_profile,
+    write_dataset_files,
+)
+
+STAGING = "staging"
+
+
+@dataclass
+class Built:
+    dataset: domain.DatasetVersionInfo
+    report: dict[str, Any]
+    created: bool  # False: the same splits were already registered (found by digest)
+
+
+def window_end(until: datetime | None) -> datetime:
+    return until if until is not None else datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _previous_dataset(registry: Registry, adapter: domain.AdapterInfo) -> domain.DatasetVersionInfo | None:
+    """The dataset production was trained on (else the newest version's)."""
+    production = adapter.aliases.get(DEFAULT_ALIAS)
+    versions = sorted(adapter.versions, key=lambda v: v.version, reverse=True)
+    chosen = next((v for v in versions if v.version == production), versions[0] if versions else None)
+    if chosen is None or chosen.dataset is None:
+        return None
+    return registry.get_dataset(chosen.dataset)
+
+
+def _answer(record: dict[str, Any]) -> str:
+    return str(((record.get("response") or [{}])[0]).get("content") or "")
+
+
+def _conversation(record: dict[str, Any], answer: str) -> dict[str, Any] | None:
+    request = record.get("request") or {}
+    messages = request.get("messages")
+    if isinstance(messages, list):
+        turns = [m for m in messages if isinstance(m, dict)]
+    elif isinstance(request.get("prompt"), str):
+        turns = [{"role": "user", "content": request["prompt"]}]
+    else:
+        return None
+    return {"messages": [*turns, {"role": "assistant", "content": answer}]}
+
+
+def _cap_clusters(examples: list[Example], *, threshold: float, cap: int) -> tuple[list[Example], int]:
+    """Keep at most ``cap`` examples per cluster of near duplicates (MinHash LSH, word 3-shingles)."""
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=128)
+    sizes: dict[str, int] = {}
+    kept, dropped = [], 0
+    for ex in examples:
+        words = normalized(ex).split()
+        mh = MinHash(num_perm=128, seed=1)
+        for i in range(max(1, len(words) - 2)):
+            mh.update(" ".join(words[i : i + 3]).encode())
+        hits = lsh.query(mh)
+        if hits:
+            head = min(hits)
+            if sizes[head] >= cap:
+                dropped += 1
+                continue
+            sizes[head] += 1
+        else:
+            key = str(ex.line)
+            lsh.insert(key, mh)
+            sizes[key] = 1
+        kept.append(ex)
+    return kept, dropped
+
+
+def build_dataset(
+    registry: Registry,
+    settings: Settings,
+    name: str,
+    *,
+    since: timedelta,
+    until: datetime | None = None,
+    base_model: str | None = None,
+    embedder: Any = None,
+) -> Built:
+    """The next dataset version of adapter ``name`` from its traffic in ``[until - since, until)``."""
+    fw = settings.flywheel
+    adapter = registry.get(name)
+    end = window_end(until)
+    start = end - since
+    counts: dict[str, int] = {}
+
+    requests = list(registry.traffic.read("requests", adapter=name, since=start, until=end))
+    counts["requests"] = len(requests)
+    ratings: dict[str, dict[str, Any]] = {}
+    for given in sorted(registry.traffic.read("feedback", adapter=name, since=start), key=lambda f: f["at"]):
+        ratings[given["request_id"]] = given  # the latest wins
+    served = [r for r in requests if r.get("status") == 200 and not r.get("error")]
+    counts["dropped_failed"] = len(requests) - len(served)
+
+    rows: list[dict[str, Any]] = []
+    for kind in ("corrected", "positive", "unrated", "dropped_negative", "dropped_unrated", "dropped_shape"):
+        counts[kind] = 0
+    for record in sorted(served, key=lambda r: (r["at"], r["request_id"])):
+        fb = ratings.get(record["request_id"])
+        if fb is not None and fb.get("correction"):
+            answer, kind = fb["correction"], "corrected"
+        elif fb is not None and fb["rating"] > 0:
+            answer, kind = _answer(record), "positive"
+        elif fb is not None:
+            counts["dropped_negative"] += 1
+            continue
+        elif fw.include_unrated:
+            answer, kind = _answer(record), "unrated"
+        else:
+            counts["dropped_unrated"] += 1
+            continue
+        row = _conversation(record, answer)
+        if row is None:
+            counts["dropped_shape"] += 1
+            continue
+        counts[kind] += 1
+        rows.append(row)
+
+    # 3. Defence in depth: redact again (a no-op on what the gateway already redacted).
+    redactor = redactor_from_settings(settings)
+    redacted = 0
+    for row in rows:
+        row["messages"], found = redactor.redact_value(row["messages"])
+        redacted += sum(found.values())
+    counts["pii_redacted_again"] = redacted
+
+    previous = _previous_dataset(registry, adapter)
+    base = base_model or adapter.base_model
+    from loraflow.trainer.model import load_tokenizer, locate_base_model, token_counter
+
+    checked = validate_records(
+        enumerate(rows, start=1),
+        Path(f"traffic of {name}"),
+        count_tokens=token_counter(load_tokenizer(locate_base_model(base))),
+        max_length=settings.trainer.max_length,
+    )
+    counts["dropped_invalid"] = len(checked.errors)
+
+    # 4. Duplicates among the new examples, then against everything the previous dataset holds.
+    dedup = deduplicate(checked.examples, threshold=fw.near_duplicate_threshold)
+    counts["dropped_exact_duplicates"] = len(dedup.exact_dropped)
+    counts["dropped_near_duplicates"] = len(dedup.near_dropped)
+    old: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    if previous is not None:
+        old = {s: load_split(registry, previous, s) for s in SPLITS}
+    seen = {
+        fingerprint(Example(messages=r["messages"], line=0, format="messages"))
+        for s in SPLITS
+        for r in old[s]
+    }
+    fresh = [e for e in dedup.kept if fingerprint(e) not in seen]
+    counts["dropped_seen_before"] = len(dedup.kept) - len(fresh)
+
+    # 5. One frequent request must not dominate.
+    fresh, capped = _cap_clusters(fresh, threshold=fw.cluster_threshold, cap=fw.max_per_cluster)
+    counts["dropped_cluster_cap"] = capped
+    counts["new_examples"] = len(fresh)
+    if len(fresh) < fw.min_examples:
+        raise InvalidArgumentError(
+            f"only {len(fresh)} usable new examples from {name}'s traffic between {start:%Y-%m-%d %H:%M} and "
+            f"{end:%Y-%m-%d %H:%M} UTC (flywheel.min_examples is {fw.min_examples}); counts: {counts}",
+            param="since",
+        )
+
+    # 6. Split the new examples; carry the old test split whole; replay some of the old train split.
+    new = split(fresh, val_fraction=fw.val_fraction, test_fraction=fw.test_fraction, seed=fw.seed)
+    replay_n = min(len(old["train"]), round(len(new["train"]) * fw.replay_share / (1 - fw.replay_share)))
+    replay = random.Random(fw.seed).sample(old["train"], replay_n) if replay_n else []
+    splits_rows = {
+        "train": [e.to_json() for e in new["train"]] + replay,
+        "val": old["val"] + [e.to_json() for e in new["val"]],
+        "test": old["test"] + [e.to_json() for e in new["test"]],
+    }
+    counts |= {
+        "replayed_from_previous_train": len(replay),
+        "previous_test_kept": len(old["test"]),
+        "fresh_test": len(new["test"]),
+    }
+    as_examples = {
+        s: [Example(messages=r["messages"], line=i, format="messages") for i, r in enumerate(rows_, 1)]
+        for s, rows_ in splits_rows.items()
+    }
+    shared = overlap(as_examples)
+    if any(shared.values()):  # the old splits were disjoint and the new examples are unseen
+        raise InvalidArgumentError(f"the new splits would overlap: {shared}", param="since")
+
+    # 7. Profile the training split (token lengths need the tokenizer: validate it once more).
+    train_checked = validate_records(
+        enumerate(splits_rows["train"], start=1),
+        Path("train"),
+        count_tokens=token_counter(load_tokenizer(locate_base_model(base))),
+        max_length=settings.trainer.max_length,
+    )
+    profile = split_profile(train_checked.examples, embedder)
+    filters = {
+        "include_unrated": fw.include_unrated,
+        "near_duplicate_threshold": fw.near_duplicate_threshold,
+        "cluster_threshold": fw.cluster_threshold,
+        "max_per_cluster": fw.max_per_cluster,
+        "replay_share": fw.replay_share,
+        "test_fraction": fw.test_fraction,
+        "val_fraction": fw.val_fraction,
+        "seed": fw.seed,
+    }
+    report = {"source": f"traffic of adapter {name}", "counts": counts, "filters": filters}
+    dataset_name = previous.name if previous is not None else f"{name}-traffic"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_dataset_files(folder, splits_rows, profile, report)
+        digest = digest_of({f: sha256_file(folder / f) for f in DATA_FILES})
+        existing = registry.find_dataset(dataset_name, digest)
+        if existing is not None:
+            return Built(dataset=existing, report=report, created=False)
+        lineage = {
+            "kind": "traffic",
+            "adapter": name,
+            "window": {"start": start.isoformat(), "end": end.isoformat()},
+            "previous": previous.ref if previous is not None else None,
+            "filters": filters,
+            "counts": counts,
+        }
+        version = registry.register_dataset(
+            dataset_name,
+            folder,
+            DATA_FILES,
+            counts={s: len(r) for s, r in splits_rows.items()},
+            lineage=lineage,
+            profile=profile,
+        )
+    return Built(dataset=version, report=report, created=True)
+
+
+@dataclass
+class Cycle:
+    """What one ``flywheel run`` did, step by step."""
+
+    adapter: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    candidate: domain.VersionInfo | None = None
+    promoted_to: str | None = None
+
+    def step(self, name: str, status: str, **detail: Any) -> None:
+        self.steps.append({"step": name, "status": status, **detail})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "candidate": self.candidate.ref if self.candidate else None,
+            "promoted_to": self.promoted_to,
+            "steps": self.steps,
+        }
+
+
+def _config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run(
+    registry: Registry,
+    settings: Settings,
+    name: str,
+    *,
+    since: timedelta,
+    until: datetime | None = None,
+    embedder: Any = None,
+) -> Cycle:
+    """Build the dataset, train, evaluate, register and promote a candidate of adapter ``name``."""
+    from loraflow.trainer.config import TrainConfig
+    from loraflow.trainer.evaluate import evaluate
+    from loraflow.trainer.train import train
+
+    cycle = Cycle(adapter=name)
+    adapter = registry.get(name)
+    production = adapter.aliases.get(DEFAULT_ALIAS)
+
+    built = build_dataset(registry, settings, name, since=since, until=until, embedder=embedder)
+    cycle.step(
+        "dataset",
+        "registered" if built.created else "found by digest",
+        dataset=built.dataset.ref,
+        counts=built.dataset.counts,
+        traffic=built.report["counts"],
+    )
+
+    # 2. The candidate: the version already trained on this dataset, else a new one.
+    trained = [v for v in registry.get(name).versions if v.dataset == built.dataset.ref]
+    if trained:
+        candidate = trained[-1]
+        cycle.step("train", "skipped: already trained on this dataset", version=candidate.ref)
+    else:
+        source = next((v for v in adapter.versions if v.version == production), None) or max(
+            adapter.versions, key=lambda v: v.version
+        )
+        recorded = dict(source.training_config or {})
+        if not recorded:
+            raise NotFoundError(
+                f"{source.ref} records no training config to train the candidate with", param="NAME"
+            )
+        recorded = {k: v for k, v in recorded.items() if k in TrainConfig.model_fields}
+        recorded.pop("output_dir", None)
+        config = TrainConfig.model_validate(recorded | settings.flywheel.train | {"data": built.dataset.ref})
+        result = train(config, registry=registry, settings=settings)
+        candidate = result.version
+        cycle.step(
+            "train", "trained", version=candidate.ref, config=_config_hash(config.model_dump(mode="json"))
+        )
+    cycle.candidate = candidate
+
+    # 3. Evaluate against production and the prompted base, on the new dataset's sealed test split.
+    done = [
+        e
+        for e in registry.evaluations(name, candidate.version)
+        if e.dataset == built.dataset.ref and e.production_version == production
+    ]
+    if done:
+        cycle.step("evaluate", "skipped: already evaluated against this production", evaluation=done[-1].id)
+    else:
+        evaluation = evaluate(
+            candidate.ref, registry=registry, settings=settings, dataset=built.dataset.ref, split="test"
+        )
+        cycle.step("evaluate", "evaluated", evaluation=evaluation.evaluation.id)
+
+    # 4-5. Registered already by training; promote.
+    decision = registry.gate(name, candidate.version)
+    cycle.step("gate", "passed" if decision.passed else "refused", gate=decision.to_json())
+    target = DEFAULT_ALIAS if settings.flywheel.auto_promotes(name) and decision.passed else STAGING
+    current = registry.get(name).aliases.get(target)
+    if current == candidate.version:
+        cycle.step("promote", f"skipped: {target} is already {candidate.ref}")
+    else:
+        try:
+            registry.promote(
+                name, candidate.version, alias=target, expect=production if target == DEFAULT_ALIAS else None
+            )
+        except GateRefusedError as exc:  # staging may be a gated alias too
+            cycle.step("promote", "refused", alias=target, reason=exc.message)
+            return cycle
+        cycle.step("promote", "promoted", alias=target, version=candidate.ref, previous=current)
+    cycle.promoted_to = target
+    return cycle
