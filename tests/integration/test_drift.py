@@ -179,8 +179,7 @@ def test_the_cli_stores_the_report_renders_it_and_a_gateway_exports_it(
 
     from fastapi.testclient import TestClient
 
-    from tests.fake_vllm import gateway, ready
-    from tests.fake_vllm import Setup
+    from tests.fake_vllm import Setup, gateway, ready
 
     setup = Setup(
         registry=world.registry,
