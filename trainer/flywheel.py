@@ -365,6 +365,11 @@ def run(
             "train", "trained", version=candidate.ref, config=_config_hash(config.model_dump(mode="json"))
         )
     cycle.candidate = candidate
+    if production == candidate.version:
+        cycle.step("evaluate", f"skipped: {candidate.ref} is production already")
+        cycle.step("promote", f"skipped: {candidate.ref} is production already")
+        cycle.promoted_to = DEFAULT_ALIAS
+        return cycle
 
     # 3. Evaluate against production and the prompted base, on the new dataset's sealed test split.
     done = [

@@ -23,9 +23,15 @@ def _parse_error(status: int, raw: bytes) -> dict[str, Any]:
 
 class VLLMHttpEngine:
     def __init__(
-        self, url: str, *, timeout_s: float = 120.0, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        url: str,
+        *,
+        timeout_s: float = 120.0,
+        load_timeout_s: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
         self.url = url.rstrip("/")
+        self.load_timeout_s = load_timeout_s
         self._client = httpx.AsyncClient(
             base_url=self.url,
             timeout=httpx.Timeout(timeout_s, connect=5.0),
@@ -88,7 +94,11 @@ class VLLMHttpEngine:
         at once.
         """
         try:
-            response = await self._client.post("/tokenize", json={"model": name, "prompt": "."})
+            response = await self._client.post(
+                "/tokenize",
+                json={"model": name, "prompt": "."},
+                timeout=httpx.Timeout(self.load_timeout_s, connect=5.0),
+            )
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, f"loading {name}") from exc
         if response.status_code == 200:

