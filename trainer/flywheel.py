@@ -185,6 +185,15 @@ def build_dataset(
     counts["pii_redacted_again"] = redacted
 
     previous = _previous_dataset(registry, adapter)
+    window = {"start": start.isoformat(), "end": end.isoformat()}
+    if previous is not None and previous.lineage.get("kind") == "traffic" and (
+        previous.lineage.get("adapter"),
+        previous.lineage.get("window"),
+    ) == (name, window):
+        # Production was trained on this very window's dataset (a run that already finished): build
+        # over what that one was built over, which gives the same files, found below by digest.
+        prior = previous.lineage.get("previous")
+        previous = registry.get_dataset(prior) if prior else None
     base = base_model or adapter.base_model
     from loraflow.trainer.model import load_tokenizer, locate_base_model, token_counter
 
@@ -274,7 +283,7 @@ def build_dataset(
         lineage = {
             "kind": "traffic",
             "adapter": name,
-            "window": {"start": start.isoformat(), "end": end.isoformat()},
+            "window": window,
             "previous": previous.ref if previous is not None else None,
             "filters": filters,
             "counts": counts,
