@@ -186,10 +186,15 @@ def build_dataset(
 
     previous = _previous_dataset(registry, adapter)
     window = {"start": start.isoformat(), "end": end.isoformat()}
-    if previous is not None and previous.lineage.get("kind") == "traffic" and (
-        previous.lineage.get("adapter"),
-        previous.lineage.get("window"),
-    ) == (name, window):
+    if (
+        previous is not None
+        and previous.lineage.get("kind") == "traffic"
+        and (
+            previous.lineage.get("adapter"),
+            previous.lineage.get("window"),
+        )
+        == (name, window)
+    ):
         # Production was trained on this very window's dataset (a run that already finished): build
         # over what that one was built over, which gives the same files, found below by digest.
         prior = previous.lineage.get("previous")
