@@ -33,6 +33,7 @@ EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.OVERLOADED: 10,
     ErrorCode.ENGINE_UNAVAILABLE: 10,
     ErrorCode.GATE_REFUSED: 4,  # like a conflict: the registry's state forbids the move
+    ErrorCode.UNAVAILABLE: 10,
 }
 
 out = Console(highlight=False, soft_wrap=True)

@@ -9,6 +9,7 @@ matches on error text.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -24,6 +25,7 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     ENGINE_UNAVAILABLE = "engine_unavailable"
     GATE_REFUSED = "gate_refused"
+    UNAVAILABLE = "unavailable"
 
 
 class LoraflowError(Exception):
@@ -36,6 +38,18 @@ class LoraflowError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take other constructor arguments (a URL, a name): rebuild from the state
+        # instead, so any of them crosses a process boundary (the traffic writer's) intact.
+        return (_restore, (type(self), self.args, dict(self.__dict__)))
+
+
+def _restore(cls: type[LoraflowError], args: tuple[Any, ...], state: dict[str, Any]) -> LoraflowError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidArgumentError(LoraflowError):
@@ -108,3 +122,9 @@ class GateRefusedError(LoraflowError):
     """The promotion gate refused a version: no eval report, a stale one, or a rule it fails."""
 
     code = ErrorCode.GATE_REFUSED
+
+
+class UnavailableError(LoraflowError):
+    """A part of loraflow could not start or stopped (the traffic writer process)."""
+
+    code = ErrorCode.UNAVAILABLE

@@ -240,6 +240,19 @@ class TrafficSettings(BaseModel):
         description="Key of the PII pseudonyms; every gateway of a deployment needs the same one. Unset: "
         "a random key is created once in $home/secrets/pseudonym.key.",
     )
+    writer: Literal["process", "thread"] = Field(
+        "process",
+        description="Where records are redacted and written: a child process of the gateway (its own "
+        "GIL, run at writer_nice), or a thread of the gateway (no second process, but redaction then "
+        "shares the interpreter lock with the event loop that serves requests).",
+    )
+    writer_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness of the writer process: when the CPU is short, requests go first and the "
+        "writer falls behind (records dropped and counted) instead of slowing them.",
+    )
     person_names: bool = Field(
         False, description="Also redact person names; needs a spaCy NER model (traffic.spacy_model)."
     )

@@ -36,7 +36,8 @@ from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
 from loraflow.server.routing import Router
 from loraflow.server.traffic.live import LiveDrift
-from loraflow.server.traffic.recorder import TrafficRecorder, redactor_from_settings
+from loraflow.server.traffic.recorder import TrafficRecorder
+from loraflow.server.traffic.writer import writer_from_settings
 
 log = logging.getLogger("loraflow.server")
 
@@ -130,7 +131,7 @@ def create_app(
     )
     # Built here, not on the first request: a missing Presidio fails the start, not a request.
     recorder = (
-        TrafficRecorder(settings.traffic, registry.traffic, redactor_from_settings(settings))
+        TrafficRecorder(settings.traffic, registry.traffic, writer_from_settings(settings, registry.traffic))
         if settings.traffic.enabled
         else None
     )
@@ -153,15 +154,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if recorder is not None:
+            recorder.start()  # the writer process loads Presidio while the engines start
         try:
             await start_all(supervised or [])  # returns once healthy; a no-op if `serve` started them
+            if recorder is not None:
+                await asyncio.to_thread(recorder.wait_ready)
         except LoraflowError as exc:
             app.state.startup_error = exc  # uvicorn only logs a failed startup; callers re-raise this
+            if recorder is not None:
+                await asyncio.to_thread(recorder.close)
             for process in supervised or []:
                 await process.stop()
             raise
-        if recorder is not None:
-            recorder.start()
         if discovery is not None:
             await discovery.refresh(replicas)  # the first members before the first health check
         loops = [router.run()]

@@ -30,6 +30,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.OVERLOADED: 429,
     ErrorCode.ENGINE_UNAVAILABLE: 503,
     ErrorCode.SCHEMA_OUT_OF_DATE: 503,
+    ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INTEGRITY: 500,
     ErrorCode.MISSING_DEPENDENCY: 500,
 }

@@ -117,17 +117,20 @@ class TrafficCollector(Collector):
         written = CounterMetricFamily(
             "loraflow_traffic_records_written", "Records written to the traffic sink.", labels=["kind"]
         )
+        stats = recorder.stats()
         for kind in ("requests", "feedback"):
-            written.add_metric([kind], float(recorder.written[kind]))
+            written.add_metric([kind], float(stats.written[kind]))
         dropped = CounterMetricFamily(
             "loraflow_traffic_records_dropped",
             "Records not written: queue_full (the sink is slower than traffic; the request did not "
-            "wait), write_failed (the sink refused them after retries), rescue_overflow (an unsampled "
-            "record pushed out of the rescue buffer).",
+            "wait), write_failed (redaction or the sink failed, after retries), writer_down (the "
+            "writer process had died; it is restarted), rescue_overflow (an unsampled record pushed "
+            "out of the rescue buffer).",
             labels=["reason"],
         )
-        for reason in ("queue_full", "write_failed", "rescue_overflow"):
-            dropped.add_metric([reason], float(recorder.dropped[reason]))
+        drops = recorder.dropped
+        for reason in ("queue_full", "write_failed", "writer_down", "rescue_overflow"):
+            dropped.add_metric([reason], float(drops[reason]))
         rescued = CounterMetricFamily(
             "loraflow_traffic_records_rescued", "Unsampled requests kept because feedback arrived."
         )
@@ -141,9 +144,14 @@ class TrafficCollector(Collector):
         pii = CounterMetricFamily(
             "loraflow_traffic_pii_redacted", "PII spans replaced by pseudonyms, by class.", labels=["entity"]
         )
-        for entity, count in sorted(recorder.redacted.items()):
+        for entity, count in sorted(stats.redacted.items()):
             pii.add_metric([entity], float(count))
-        yield from (written, dropped, rescued, backlog, parked, pii)
+        cpu = CounterMetricFamily(
+            "loraflow_traffic_writer_cpu_seconds",
+            "CPU time the writer spent redacting and writing records: what recording costs.",
+        )
+        cpu.add_metric([], stats.cpu_s)
+        yield from (written, dropped, rescued, backlog, parked, pii, cpu)
 
 
 class GatewayMetrics:

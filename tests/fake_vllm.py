@@ -180,8 +180,10 @@ def gateway(
     s.engines = [FakeVLLM(f"http://replica-{i}", str(s.base)) for i in range(n_replicas)]
     validated = ServerSettings.model_validate(s.settings.server.model_dump() | server)
     update: dict[str, Any] = {"server": validated}
-    if traffic is not None:
-        update["traffic"] = TrafficSettings.model_validate(s.settings.traffic.model_dump() | traffic)
+    # The thread writer unless a test asks for the process one: a writer process per gateway
+    # would cost each test seconds. The process writer has tests of its own (test_traffic_writer).
+    traffic = {"writer": "thread"} | (traffic or {})
+    update["traffic"] = TrafficSettings.model_validate(s.settings.traffic.model_dump() | traffic)
     settings = s.settings.model_copy(update=update)
     app = create_app(
         settings,

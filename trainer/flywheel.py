@@ -45,7 +45,7 @@ from loraflow.registry.errors import GateRefusedError, InvalidArgumentError, Not
 from loraflow.registry.refs import DEFAULT_ALIAS
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from loraflow.server.traffic.recorder import redactor_from_settings
+from loraflow.server.traffic.writer import redactor_from_settings
 from loraflow.trainer.data import Example, validate_records
 from loraflow.trainer.prepare import (
     DATA_FILES,

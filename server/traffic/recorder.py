@@ -1,18 +1,18 @@
-"""Recording served requests without slowing them: sample, hold, redact, write, all off the request path.
+"""Recording served requests without slowing them: sample, hold, hand to the writer.
 
 On the request path (the event loop) :meth:`TrafficRecorder.offer` does O(1) work and never
 waits: it decides by a hash of the request id whether the request is sampled (the same
-answer on every gateway replica), then either puts the raw exchange on a bounded
-``queue.Queue`` (``put_nowait``: a full queue drops it and counts the drop) or parks it in a
-bounded in-memory *rescue* buffer for ``traffic.rescue_window_s``. Errors are always
-sampled. Feedback for a parked request rescues it onto the queue.
+answer on every gateway replica), then either hands the raw exchange to the
+:mod:`~loraflow.server.traffic.writer` (``put_nowait`` on a bounded queue: a full queue drops it
+and counts the drop) or parks it in a bounded in-memory *rescue* buffer for
+``traffic.rescue_window_s``. Errors are always sampled. Feedback for a parked request rescues
+it onto the queue.
 
-One writer thread takes batches off the queue, redacts every string in them with
-:class:`~loraflow.server.traffic.redact.Redactor` (Presidio, keyed pseudonyms) and writes
-them to the :class:`~loraflow.registry.traffic.TrafficStore`. So nothing unredacted is
-ever written, and redaction never runs in the event loop. A write that fails is retried,
-then dropped and counted. :meth:`close` (the app's shutdown, after uvicorn has drained the
-requests) writes whatever is queued before it returns.
+The writer redacts every string in a record (Presidio, keyed pseudonyms) before it writes it to
+the :class:`~loraflow.registry.traffic.TrafficStore`, in a process of its own by default; so
+nothing unredacted is ever written, and redaction never runs in the event loop.
+:meth:`TrafficRecorder.close` (the app's shutdown, after uvicorn has drained the requests)
+writes whatever is queued before it returns.
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
-import queue
-import secrets
-import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -31,15 +27,13 @@ from datetime import datetime
 from typing import Any, Literal
 
 from loraflow.registry.errors import NotFoundError
-from loraflow.registry.settings import Settings, TrafficSettings
-from loraflow.registry.traffic import TrafficStore
-from loraflow.server.traffic.redact import Redactor
+from loraflow.registry.settings import TrafficSettings
+from loraflow.registry.traffic import Kind, TrafficStore
+from loraflow.server.traffic.writer import Writer, WriterStats
 
 log = logging.getLogger("loraflow.traffic")
 
-DropReason = Literal["queue_full", "write_failed", "rescue_overflow"]
-_STOP = object()
-_WRITE_RETRIES = (0.5, 1.0, 2.0)
+DropReason = Literal["queue_full", "write_failed", "writer_down", "rescue_overflow"]
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -49,35 +43,6 @@ def sampled(request_id: str, rate: float) -> bool:
     if rate >= 1:
         return True
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") / 2**64 < rate
-
-
-def pseudonym_key(settings: Settings) -> bytes:
-    """``traffic.pseudonym_key``, else a random key made once in ``$home/secrets/pseudonym.key`` (0600)."""
-    if settings.traffic.pseudonym_key is not None:
-        return settings.traffic.pseudonym_key.get_secret_value().encode()
-    path = settings.home / "secrets" / "pseudonym.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".pseudonym.key.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-        try:
-            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_text().strip().encode()
-
-
-def redactor_from_settings(settings: Settings) -> Redactor:
-    return Redactor(
-        key=pseudonym_key(settings),
-        cache_dir=settings.home / "cache",
-        person_names=settings.traffic.person_names,
-        spacy_model=settings.traffic.spacy_model,
-    )
 
 
 @dataclass
@@ -150,22 +115,18 @@ class TrafficRecorder:
         self,
         settings: TrafficSettings,
         store: TrafficStore,
-        redactor: Redactor,
+        writer: Writer,
         *,
         clock: Any = time.monotonic,
     ) -> None:
         self.settings = settings
-        self.store = store
-        self.redactor = redactor
+        self.store = store  # read only: finding a request that another gateway wrote
+        self.writer = writer
         self.clock = clock
-        self.queue: queue.Queue[object] = queue.Queue(maxsize=settings.queue_max_records)
         self.parked: OrderedDict[str, _Parked] = OrderedDict()
         self.known: OrderedDict[str, tuple[str, int]] = OrderedDict()  # queued here: id -> (adapter, version)
-        self.dropped: Counter[DropReason] = Counter()
-        self.written: Counter[str] = Counter()  # records written, by kind
-        self.redacted: Counter[str] = Counter()  # PII found, by class
+        self._refused: Counter[DropReason] = Counter()  # by the queue or the rescue buffer, here
         self.rescued = 0
-        self._thread: threading.Thread | None = None
 
     # -- the event loop's side: O(1), never waits ---------------------------------
     def offer(self, exchange: Exchange) -> bool:
@@ -181,7 +142,7 @@ class TrafficRecorder:
             self.parked[exchange.request_id] = _Parked(exchange, now + self.settings.rescue_window_s)
             while len(self.parked) > self.settings.rescue_max_records:
                 self.parked.popitem(last=False)
-                self.dropped["rescue_overflow"] += 1
+                self._refused["rescue_overflow"] += 1
         return False
 
     def _expire(self, now: float) -> None:
@@ -191,11 +152,10 @@ class TrafficRecorder:
                 break
             self.parked.popitem(last=False)
 
-    def _enqueue(self, kind: str, record: dict[str, Any], exchange: Exchange | None = None) -> bool:
-        try:
-            self.queue.put_nowait((kind, record))
-        except queue.Full:
-            self.dropped["queue_full"] += 1
+    def _enqueue(self, kind: Kind, record: dict[str, Any], exchange: Exchange | None = None) -> bool:
+        refused = self.writer.put_nowait((kind, record))
+        if refused is not None:
+            self._refused[refused] += 1
             return False
         if exchange is not None:
             self.known[exchange.request_id] = (exchange.adapter, exchange.version)
@@ -232,82 +192,41 @@ class TrafficRecorder:
             self.rescued += 1
         self._enqueue("feedback", feedback.record(*served))
 
-    # -- the writer thread --------------------------------------------------------
+    # -- the writer -----------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="loraflow-traffic-writer", daemon=True)
-        self._thread.start()
+        """Start the writer; returns at once (see :meth:`wait_ready`)."""
+        self.writer.start()
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until the writer can redact; raises what stops it (e.g. a missing spaCy model)."""
+        self.writer.wait_ready(timeout_s)
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Write everything queued, then stop the writer (blocks; call it from a thread)."""
-        if self._thread is None:
-            return
-        self.queue.put(_STOP)  # blocks if full: the writer is draining it
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            log.error("the traffic writer did not finish within %.0f s; records may be lost", timeout_s)
-        self._thread = None
+        self.writer.close(timeout_s)
 
     @property
     def backlog(self) -> int:
-        return self.queue.qsize()
+        return self.writer.backlog
 
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch: list[tuple[str, dict[str, Any]]] = []
-            deadline = time.monotonic() + self.settings.flush_interval_s
-            while len(batch) < self.settings.batch_max_records:
-                try:
-                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)  # type: ignore[arg-type]
-            if batch:
-                self._write(batch)
-        while True:  # anything put after the stop marker (a late feedback)
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP:
-                self._write([item])  # type: ignore[list-item]
+    def stats(self) -> WriterStats:
+        return self.writer.stats()
 
-    def _write(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        by_kind: dict[str, list[dict[str, Any]]] = {"requests": [], "feedback": []}
-        for kind, record in batch:
-            try:
-                by_kind[kind].append(self._redact(kind, record))
-            except Exception:  # one record Presidio chokes on must not take the batch with it
-                log.exception("could not redact a %s record; dropped", kind)
-                self.dropped["write_failed"] += 1
-        for kind, records in by_kind.items():
-            if not records:
-                continue
-            for attempt, pause in enumerate((*_WRITE_RETRIES, None)):
-                try:
-                    self.store.write(kind, records)  # type: ignore[arg-type]
-                    self.written[kind] += len(records)
-                    break
-                except Exception as exc:
-                    if pause is None:
-                        log.error(
-                            "dropping %d %s records: the traffic sink failed: %s", len(records), kind, exc
-                        )
-                        self.dropped["write_failed"] += len(records)
-                    else:
-                        log.warning("traffic sink failed (try %d): %s", attempt + 1, exc)
-                        time.sleep(pause)
+    @property
+    def written(self) -> Counter[str]:
+        """Records written, by kind."""
+        return self.writer.stats().written
 
-    def _redact(self, kind: str, record: dict[str, Any]) -> dict[str, Any]:
-        fields = ("request", "response") if kind == "requests" else ("correction", "comment")
-        out = dict(record)
-        found: Counter[str] = Counter()
-        for name in fields:
-            out[name], counts = self.redactor.redact_value(record[name])
-            found.update(counts)
-        out["redacted"] = dict(found)
-        self.redacted.update(found)
-        return out
+    @property
+    def redacted(self) -> Counter[str]:
+        """PII spans replaced, by class."""
+        return self.writer.stats().redacted
+
+    @property
+    def dropped(self) -> Counter[DropReason]:
+        """Records not written, by reason."""
+        stats = self.writer.stats()
+        dropped = Counter(self._refused)
+        dropped["write_failed"] += stats.failed
+        dropped["writer_down"] += stats.down
+        return dropped

@@ -19,6 +19,7 @@ from loraflow.registry.settings import TrafficSettings
 from loraflow.registry.traffic import TrafficStore, new_request_id, parse_duration, request_date
 from loraflow.server.traffic.recorder import Exchange, Feedback, TrafficRecorder, sampled
 from loraflow.server.traffic.redact import Redactor
+from loraflow.server.traffic.writer import ThreadWriter
 from tests.fake_vllm import Setup, gateway, ready, wait
 from tests.fake_vllm import gateway_setup as gateway_setup
 
@@ -93,9 +94,8 @@ class Clock:
 def test_unsampled_records_wait_for_feedback_then_expire(tmp_path: Path, redactor: Redactor) -> None:
     clock = Clock()
     store = TrafficStore(str(tmp_path / "traffic"))
-    recorder = TrafficRecorder(
-        TrafficSettings(sample_rate=1e-9, rescue_window_s=60), store, redactor, clock=clock
-    )
+    settings = TrafficSettings(sample_rate=1e-9, rescue_window_s=60)
+    recorder = TrafficRecorder(settings, store, ThreadWriter(settings, store, redactor), clock=clock)
     kept, expired, error = exchange(), exchange(), exchange(status=503)
     assert not recorder.offer(kept) and not recorder.offer(expired)
     assert recorder.offer(error)  # errors are always kept
@@ -134,7 +134,8 @@ def test_unsampled_records_wait_for_feedback_then_expire(tmp_path: Path, redacto
 
 def test_a_full_queue_drops_and_counts_and_never_waits(tmp_path: Path, redactor: Redactor) -> None:
     settings = TrafficSettings(sample_rate=1.0, queue_max_records=5)
-    recorder = TrafficRecorder(settings, TrafficStore(str(tmp_path / "t")), redactor)  # writer not started
+    store = TrafficStore(str(tmp_path / "t"))
+    recorder = TrafficRecorder(settings, store, ThreadWriter(settings, store, redactor))  # not started
     started = time.perf_counter()
     results = [recorder.offer(exchange()) for _ in range(50)]
     assert time.perf_counter() - started < 0.5
@@ -146,7 +147,7 @@ def test_nothing_unredacted_reaches_the_sink_and_close_writes_everything(
 ) -> None:
     store = TrafficStore(str(tmp_path / "traffic"))
     settings = TrafficSettings(sample_rate=1.0, batch_max_records=7, flush_interval_s=30)
-    recorder = TrafficRecorder(settings, store, redactor)
+    recorder = TrafficRecorder(settings, store, ThreadWriter(settings, store, redactor))
     recorder.start()
     ids = []
     for _ in range(100):
@@ -173,8 +174,9 @@ def test_a_failing_sink_is_retried_then_counted(
         raise OSError("bucket unavailable")
 
     monkeypatch.setattr(store, "write", broken)
-    monkeypatch.setattr("loraflow.server.traffic.recorder._WRITE_RETRIES", (0.0, 0.0))
-    recorder = TrafficRecorder(TrafficSettings(sample_rate=1.0), store, redactor)
+    monkeypatch.setattr("loraflow.server.traffic.writer._WRITE_RETRIES", (0.0, 0.0))
+    settings = TrafficSettings(sample_rate=1.0)
+    recorder = TrafficRecorder(settings, store, ThreadWriter(settings, store, redactor))
     recorder.start()
     recorder.offer(exchange())
     recorder.close()

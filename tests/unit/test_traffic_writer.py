@@ -1,0 +1,134 @@
+"""The traffic writer process (``traffic.writer = "process"``, what ``loraflow serve`` runs): it
+writes everything redacted, a stalled writer never slows the event loop's side, a dead one is
+restarted, and one that cannot start fails the gateway's start with its typed error.
+
+Each test starts a real writer process (about 2 s: Presidio loads in it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loraflow.registry.errors import MissingDependencyError
+from loraflow.registry.settings import Settings, TrafficSettings
+from loraflow.registry.traffic import TrafficStore
+from loraflow.server.traffic.recorder import TrafficRecorder
+from loraflow.server.traffic.writer import ProcessWriter, writer_from_settings
+from tests.fake_vllm import Setup, gateway, wait
+from tests.fake_vllm import gateway_setup as gateway_setup
+from tests.unit.test_traffic import EMAIL, exchange
+
+
+def make(tmp_path: Path, **traffic: object) -> tuple[TrafficRecorder, TrafficStore, ProcessWriter]:
+    settings = Settings(
+        home=tmp_path / "home", traffic=TrafficSettings.model_validate({"sample_rate": 1.0, **traffic})
+    )
+    store = TrafficStore(settings.resolved_traffic_uri)
+    writer = writer_from_settings(settings, store)
+    assert isinstance(writer, ProcessWriter)
+    return TrafficRecorder(settings.traffic, store, writer), store, writer
+
+
+@pytest.fixture
+def closing() -> Iterator[list[TrafficRecorder]]:
+    """Recorders to close even when a test fails, so no writer process outlives it."""
+    recorders: list[TrafficRecorder] = []
+    yield recorders
+    for recorder in recorders:
+        recorder.close(timeout_s=10)
+
+
+def running(
+    tmp_path: Path, closing: list[TrafficRecorder], **traffic: object
+) -> tuple[TrafficRecorder, TrafficStore, ProcessWriter]:
+    recorder, store, writer = make(tmp_path, **traffic)
+    closing.append(recorder)
+    recorder.start()
+    recorder.wait_ready()
+    return recorder, store, writer
+
+
+def child_pid(writer: ProcessWriter) -> int:
+    proc = writer._proc
+    assert proc is not None and proc.pid is not None
+    return proc.pid
+
+
+def test_the_writer_process_redacts_writes_and_close_loses_nothing(
+    tmp_path: Path, closing: list[TrafficRecorder]
+) -> None:
+    recorder, store, writer = running(tmp_path, closing, batch_max_records=7, flush_interval_s=30)
+    assert os.getpriority(os.PRIO_PROCESS, child_pid(writer)) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    ids = []
+    for _ in range(100):
+        ex = exchange()
+        ids.append(ex.request_id)
+        assert recorder.offer(ex)
+    recorder.close()  # long before the 30 s flush interval: close must not wait for it, nor lose any
+    assert writer._proc is not None and writer._proc.exitcode == 0
+    rows = list(store.read("requests"))
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "home").rglob("*.jsonl"))
+    assert EMAIL.encode() not in raw and b"<EMAIL_ADDRESS_" in raw
+    stats = recorder.stats()
+    assert stats.written["requests"] == 100 and stats.redacted["EMAIL_ADDRESS"] == 200
+    assert stats.cpu_s > 0 and recorder.backlog == 0
+
+
+def test_a_stalled_writer_process_never_slows_offers_and_close_writes_what_was_queued(
+    tmp_path: Path, closing: list[TrafficRecorder]
+) -> None:
+    recorder, store, writer = running(tmp_path, closing, queue_max_records=20, flush_interval_s=0.05)
+    pid = child_pid(writer)
+    os.kill(pid, signal.SIGSTOP)  # the writer gets no CPU at all: the worst sink there is
+    try:
+        started = time.perf_counter()
+        results = [recorder.offer(exchange()) for _ in range(200)]
+        assert time.perf_counter() - started < 0.5
+        assert results.count(True) == 20 and recorder.dropped["queue_full"] == 180
+        assert recorder.backlog == 20
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    recorder.close()
+    assert len(list(store.read("requests"))) == 20 and recorder.written["requests"] == 20
+
+
+def test_a_killed_writer_process_is_restarted_and_what_it_held_is_counted(
+    tmp_path: Path, closing: list[TrafficRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("loraflow.server.traffic.writer._RESTART_BACKOFF_S", (0.1,))
+    recorder, store, writer = running(tmp_path, closing, flush_interval_s=0.05)
+    assert recorder.offer(exchange())
+    wait(lambda: recorder.written["requests"] == 1, "the first record written")
+    first = child_pid(writer)
+    os.kill(first, signal.SIGSTOP)
+    assert recorder.offer(exchange())  # queued for a writer that will never take it
+    os.kill(first, signal.SIGKILL)
+    wait(lambda: writer.restarts == 1 and child_pid(writer) != first, "a new writer process", 30)
+    wait(lambda: writer._ready.is_set() and writer._up, "it is up", 30)
+    assert recorder.dropped["writer_down"] == 1
+    assert recorder.offer(exchange())
+    recorder.close()
+    assert len(list(store.read("requests"))) == 2 and recorder.written["requests"] == 2
+
+
+def test_a_writer_that_cannot_start_fails_the_gateways_start_with_its_typed_error(
+    tmp_path: Path, gateway_setup: Setup, closing: list[TrafficRecorder]
+) -> None:
+    missing = {"person_names": True, "spacy_model": "no_such_spacy_pipeline_xq"}
+    recorder, _, _ = make(tmp_path, **missing)
+    closing.append(recorder)
+    recorder.start()
+    with pytest.raises(MissingDependencyError) as info:
+        recorder.wait_ready(60)
+    assert info.value.param == "traffic.spacy_model"
+
+    client = gateway(gateway_setup, traffic={"writer": "process", "sample_rate": 1.0, **missing})
+    with pytest.raises(MissingDependencyError), client:
+        pass
+    assert isinstance(client.app.state.startup_error, MissingDependencyError)  # type: ignore[attr-defined]
