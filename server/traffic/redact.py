@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -82,6 +84,11 @@ PLACEHOLDER_HEX_DIGITS = 12
 PLACEHOLDER = re.compile(rf"<[A-Z][A-Z_]*_[0-9a-f]{{{PLACEHOLDER_HEX_DIGITS}}}>")
 
 BLANK_PIPELINE = "spacy-blank-en"
+# Texts up to this long are remembered (LRU): system prompts, roles and model names recur in
+# nearly every record, and their redaction is the same every time.
+CACHE_MAX_CHARS = 4096
+CACHE_ENTRIES = 2048
+_DIGIT = re.compile(r"\d")
 # spaCy refuses longer texts; the blank pipeline only tokenizes, so a large limit is cheap.
 BLANK_MAX_LENGTH = 10_000_000
 
@@ -133,7 +140,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Redacted:
-    """A redacted text and how many values of each class were replaced in it."""
+    """A redacted text and how many values of each class were replaced in it (do not mutate:
+    the redactor hands the same object out again for the same text)."""
 
     text: str
     found: dict[str, int]
@@ -183,6 +191,7 @@ class Redactor:
         self._analyzer = _build_analyzer(
             cache_dir=Path(cache_dir), person_names=person_names, spacy_model=spacy_model
         )
+        self._remembered = functools.lru_cache(maxsize=CACHE_ENTRIES)(self._redact)
 
     def placeholder(self, entity: str, value: str) -> str:
         """What ``value`` of class ``entity`` is replaced with, under this redactor's key."""
@@ -191,6 +200,11 @@ class Redactor:
     def redact(self, text: str) -> Redacted:
         if not text:
             return Redacted(text, {})
+        if len(text) <= CACHE_MAX_CHARS:
+            return self._remembered(text)
+        return self._redact(text)
+
+    def _redact(self, text: str) -> Redacted:
         results = self._analyzer.analyze(text=text, language="en", score_threshold=SCORE_THRESHOLD)
         # Text inside a placeholder is taken already: redacting twice changes nothing.
         taken = _Spans(m.span() for m in PLACEHOLDER.finditer(text))
@@ -359,9 +373,26 @@ def _build_analyzer(*, cache_dir: Path, person_names: bool, spacy_model: str | N
     if not person_names and pipeline is not None:
         pipeline.max_length = BLANK_MAX_LENGTH
 
+    class _DigitGatedPhoneRecognizer(PhoneRecognizer):
+        """Presidio's recognizer, skipped for text with fewer digits than the shortest valid
+        number of any region has. It is the costliest recognizer by far (``phonenumbers``
+        parses each candidate once per supported region), and most text has few digits."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._min_digits = _shortest_phone_number()
+
+        def analyze(
+            self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+        ) -> list[RecognizerResult]:
+            # \d is any Unicode digit, as phonenumbers reads them; stop counting at enough.
+            if sum(1 for _ in itertools.islice(_DIGIT.finditer(text), self._min_digits)) < self._min_digits:
+                return []
+            return super().analyze(text, entities, nlp_artifacts)  # type: ignore[arg-type]
+
     recognizers: list[EntityRecognizer] = [
         _OfflineEmailRecognizer(),
-        PhoneRecognizer(),
+        _DigitGatedPhoneRecognizer(),
         CreditCardRecognizer(),
         IbanRecognizer(),
         IpRecognizer(),
@@ -381,6 +412,18 @@ def _build_analyzer(*, cache_dir: Path, person_names: bool, spacy_model: str | N
         default_score_threshold=SCORE_THRESHOLD,
         context_aware_enhancer=_NoContextEnhancer(),
     )
+
+
+def _shortest_phone_number() -> int:
+    """The fewest digits a valid phone number has, in any region's metadata (4: a few regions)."""
+    import phonenumbers
+    from phonenumbers import PhoneMetadata
+
+    regions = [PhoneMetadata.metadata_for_region(r) for r in phonenumbers.SUPPORTED_REGIONS]
+    regions += [
+        PhoneMetadata.metadata_for_nongeo_region(c) for c in phonenumbers.COUNTRY_CODES_FOR_NON_GEO_REGIONS
+    ]
+    return min(min(d.possible_length) for m in regions if m and (d := m.general_desc) and d.possible_length)
 
 
 def _quiet_presidio() -> None:

@@ -110,6 +110,9 @@ def test_email(redactor: Redactor, value: str) -> None:
         "020 7946 0958",
         "+49 30 901820",
         "+33 1 42 68 53 00",
+        "030 1234",  # a German number with the fewest digits a valid number has (4 after the 0)
+        "+683 7012",  # Niue: a 4-digit national number
+        "\uff14\uff11\uff15 \uff15\uff15\uff15 \uff10\uff11\uff13\uff14",  # full-width digits count too
     ],
 )
 def test_phone(redactor: Redactor, value: str) -> None:
