@@ -70,6 +70,15 @@ class WriterStats:
     def copy(self) -> WriterStats:
         return replace(self, written=Counter(self.written), redacted=Counter(self.redacted))
 
+    def plus(self, other: WriterStats) -> WriterStats:
+        return WriterStats(
+            written=self.written + other.written,
+            redacted=self.redacted + other.redacted,
+            failed=self.failed + other.failed,
+            down=self.down + other.down,
+            cpu_s=self.cpu_s + other.cpu_s,
+        )
+
 
 class Writer(Protocol):
     def start(self) -> None:
@@ -308,11 +317,11 @@ class ProcessWriter:
         if self._supervisor is None or self._inbox is None:
             return
         self._closing.set()
-        with contextlib.suppress(queue.Full, ValueError):
-            self._inbox.put(_STOP, timeout=timeout_s)  # blocks if full: the child is draining it
+        if self._up:  # a dead child's supervisor sees _closing and stops instead of restarting it
+            with contextlib.suppress(queue.Full, ValueError):
+                self._inbox.put(_STOP, timeout=timeout_s)  # blocks if full: the child is draining it
         if not self._done.wait(timeout_s):
             log.error("the traffic writer did not finish within %.0f s; records may be lost", timeout_s)
-        self._closing.set()
         self._supervisor.join(timeout_s)
         self._supervisor = None
         if self._proc is not None:
@@ -329,13 +338,7 @@ class ProcessWriter:
 
     def stats(self) -> WriterStats:
         with self._lock:
-            total = self._base.copy()
-            current = self._current
-            total.written.update(current.written)
-            total.redacted.update(current.redacted)
-            total.failed += current.failed
-            total.cpu_s += current.cpu_s
-            return total
+            return self._base.plus(self._current)
 
     # -- the supervisor thread ------------------------------------------------------------
     def _spawn(self) -> None:
@@ -375,11 +378,7 @@ class ProcessWriter:
                     pause,
                 )
                 with self._lock:
-                    self._base.written.update(self._current.written)
-                    self._base.redacted.update(self._current.redacted)
-                    self._base.failed += self._current.failed
-                    self._base.cpu_s += self._current.cpu_s
-                    self._base.down += lost
+                    self._base = self._base.plus(self._current).plus(WriterStats(down=lost))
                     self._current = WriterStats()
                 if self._closing.wait(pause):
                     self._done.set()
