@@ -111,8 +111,7 @@ def shifted(world: World, n: int) -> list[dict[str, Any]]:
     return out
 
 
-def test_same_distribution_traffic_is_not_flagged(world: World) -> None:
-    world.registry.traffic.write("requests", same_distribution(world, 150))
+def _report(world: World) -> dict[str, Any]:
     _, report = drift_report(
         world.registry,
         DriftSettings(),
@@ -121,6 +120,12 @@ def test_same_distribution_traffic_is_not_flagged(world: World) -> None:
         now=NOW,
         embedder=world.embedder,
     )
+    return report
+
+
+def test_same_distribution_traffic_is_not_flagged(world: World) -> None:
+    world.registry.traffic.write("requests", same_distribution(world, 150))
+    report = _report(world)
     assert report["requests"]["answered"] == 150
     assert report["verdict"] == "ok", json.dumps(report["verdicts"]) + json.dumps(report["figures"])
     assert report["figures"]["psi_prompt_tokens"] < 0.1 and report["figures"]["psi_output_tokens"] < 0.1
@@ -129,14 +134,7 @@ def test_same_distribution_traffic_is_not_flagged(world: World) -> None:
 
 def test_shifted_traffic_is_flagged(world: World) -> None:
     world.registry.traffic.write("requests", shifted(world, 150))
-    _, report = drift_report(
-        world.registry,
-        DriftSettings(),
-        "orders",
-        window=timedelta(hours=24),
-        now=NOW,
-        embedder=world.embedder,
-    )
+    report = _report(world)
     verdicts = report["verdicts"]
     assert report["verdict"] == "act"
     assert verdicts["psi_prompt_tokens"] == "act" and verdicts["psi_output_tokens"] == "act"
