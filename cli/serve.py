@@ -61,7 +61,11 @@ def serve(
         settings, registry=app_state.registry, base_model=base, model_name=model_name, engine_urls=engine_url
     )
     config = uvicorn.Config(
-        app, host=bind_host, port=bind_port, timeout_graceful_shutdown=30, log_level="info"
+        app,
+        host=bind_host,
+        port=bind_port,
+        timeout_graceful_shutdown=server.shutdown_timeout_s,
+        log_level="info",
     )
     serving = asyncio.Event()  # set once uvicorn runs; a signal after that is a normal stop
     try:

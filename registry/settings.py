@@ -109,6 +109,12 @@ class ServerSettings(BaseModel):
     drain_timeout_s: float = Field(
         300.0, gt=0, description="Longest a draining replica waits for its in-flight requests to finish."
     )
+    shutdown_timeout_s: int = Field(
+        30,
+        ge=1,
+        description="On SIGTERM, how long the gateway lets open requests and streams finish before it "
+        "stops (on Kubernetes, less than terminationGracePeriodSeconds).",
+    )
     engine_timeout_s: float = Field(
         120.0,
         gt=0,

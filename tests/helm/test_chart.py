@@ -1,0 +1,344 @@
+"""The Helm chart: rendered by Helm's own engine, linted, validated against the Kubernetes schemas,
+and held to the invariants a production install depends on. No cluster is needed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.helm.chart import (
+    CHART,
+    REQUIRED,
+    ROOT,
+    container,
+    env_of,
+    manifests,
+    one,
+    pod_spec,
+    production,
+    render,
+)
+
+pytestmark = pytest.mark.helm
+
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schema known.
+KUBE_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}  # validated against their own CRDs, not here
+CASES = {"default": lambda: copy.deepcopy(REQUIRED), "production": production}
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def render_error(values: dict[str, Any]) -> str:
+    with pytest.raises(helm.HelmError) as info:
+        render(values)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_finds_nothing_to_warn_about(case: str) -> None:
+    report = helm.lint(str(CHART), values=CASES[case]())
+    assert report["errors"] == []
+    # Severity 1 is information (e.g. "icon is recommended"); 2 and above are warnings and errors.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_every_manifest_is_valid_kubernetes(case: str, version: str) -> None:
+    docs = manifests(CASES[case]())
+    checked = 0
+    for doc in docs:
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        # strict: a field the schema does not know (a typo, a wrong level) is an error too.
+        kubernetes_validate.validate(doc, version, strict=True)
+        checked += 1
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "StatefulSet", "Service", "NetworkPolicy", "Job", "ConfigMap"} <= kinds
+    assert checked >= 8
+
+
+def test_production_renders_every_optional_part() -> None:
+    kinds = sorted(d["kind"] for d in manifests(production()))
+    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress", "CronJob", "PrometheusRule"):
+        assert kind in kinds
+    assert kinds.count("ServiceMonitor") == 2  # gateways and engines
+    assert kinds.count("CronJob") == 2  # one per flywheel adapter
+
+
+def test_the_chart_refuses_to_render_without_what_it_cannot_default() -> None:
+    assert "baseModel is required" in render_error({k: v for k, v in REQUIRED.items() if k != "baseModel"})
+    assert "artifacts.uri is required" in render_error(
+        {k: v for k, v in REQUIRED.items() if k != "artifacts"}
+    )
+    message = render_error({k: v for k, v in REQUIRED.items() if k != "existingSecret"})
+    assert "existingSecret" in message and "registry.databaseUrl" in message
+
+
+def test_sqlite_with_more_than_one_gateway_replica_fails_with_the_message() -> None:
+    sqlite = {
+        "baseModel": "m",
+        "artifacts": {"uri": "s3://b/p"},
+        "registry": {"databaseUrl": "sqlite:////d/r.db"},
+    }
+    message = render_error(merged(sqlite, {"gateway": {"replicas": 2}}))
+    assert "registry.databaseUrl is SQLite" in message and "gateway.replicas" in message and "is 2" in message
+    # An autoscaler that may add replicas counts by its maximum.
+    scaled = {"gateway": {"replicas": 1, "autoscaling": {"enabled": True, "maxReplicas": 4}}}
+    assert "is 4" in render_error(merged(sqlite, scaled))
+    # One replica on SQLite is a trial, and renders.
+    docs = manifests(merged(sqlite, {"gateway": {"replicas": 1}}))
+    assert one(docs, "Deployment", "gateway")["spec"]["replicas"] == 1
+
+
+def test_a_postgresql_url_is_refused_in_values_because_it_carries_a_password() -> None:
+    values = {"baseModel": "m", "artifacts": {"uri": "s3://b/p"}}
+    values["registry"] = {"databaseUrl": "postgresql+psycopg://u:secret@pg/db"}
+    assert "put it in the Secret" in render_error(values)
+
+
+def test_the_values_schema_names_a_misspelt_value() -> None:
+    message = render_error(merged(REQUIRED, {"gateway": {"replica": 3}}))
+    assert "replica" in message and "/gateway" in message
+    message = render_error(merged(REQUIRED, {"engine": {"device": "tpu"}}))
+    assert "/engine/device" in message
+
+
+def test_engine_pods_request_their_gpus() -> None:
+    values = merged(production(), {"engine": {"tensorParallelSize": 2}})
+    engine = container(one(manifests(values), "StatefulSet", "engine"))
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert engine["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert env_of(engine)["LORAFLOW_SERVER__TENSOR_PARALLEL_SIZE"]["value"] == "2"
+    # On CPU nodes (small models) nothing asks for a GPU.
+    cpu = container(one(manifests(merged(REQUIRED, {"engine": {"device": "cpu"}})), "StatefulSet", "engine"))
+    assert "nvidia.com/gpu" not in json.dumps(cpu["resources"])
+
+
+def test_engine_flags_come_from_values() -> None:
+    engine = container(one(manifests(production()), "StatefulSet", "engine"))
+    env = {k: v.get("value") for k, v in env_of(engine).items()}
+    assert engine["command"] == ["loraflow", "engine"]
+    assert "--base-model=meta-llama/Llama-3.1-8B-Instruct" in engine["args"]
+    assert env["LORAFLOW_SERVER__DTYPE"] == "bfloat16"
+    assert env["LORAFLOW_SERVER__MAX_LORAS"] == "8"
+    assert env["LORAFLOW_SERVER__MAX_CPU_LORAS"] == "32"
+    assert env["LORAFLOW_SERVER__MAX_LORA_RANK"] == "64"
+    assert env["LORAFLOW_SERVER__MAX_MODEL_LEN"] == "8192"
+    assert json.loads(env["LORAFLOW_SERVER__ENGINE_ARGS"]) == ["--enable-prefix-caching"]
+    # The adapter cache is bounded twice: by the engine's own eviction, and by the volume.
+    assert env["LORAFLOW_ENGINE__CACHE_MAX_BYTES"] == str(10 * 2**30)
+    volumes = {
+        v["name"]: v for v in pod_spec(one(manifests(production()), "StatefulSet", "engine"))["volumes"]
+    }
+    assert volumes["adapters"]["emptyDir"]["sizeLimit"] == "12Gi"
+
+
+def test_secrets_are_referenced_never_inlined() -> None:
+    docs = manifests(production())
+    assert not [d for d in docs if d["kind"] == "Secret"], "the chart must not create secrets"
+    text = json.dumps(docs)
+    assert "postgresql" not in text and 'AWS_SECRET_ACCESS_KEY", "value"' not in text
+    for workload in [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job", "CronJob")]:
+        for name, entry in env_of(container(workload)).items():
+            if name in (
+                "LORAFLOW_DATABASE_URL",
+                "LORAFLOW_TRAFFIC__PSEUDONYM_KEY",
+                "LORAFLOW_SERVER__METRICS_TOKEN",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+            ):
+                assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], (workload["kind"], name)
+    gateway = env_of(container(one(docs, "Deployment", "gateway")))
+    assert gateway["LORAFLOW_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "loraflow",
+        "key": "database-url",
+    }
+    assert gateway["LORAFLOW_TRAFFIC__PSEUDONYM_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "pseudonym-key"
+    # The engines read adapters by name from object storage; they never get the database.
+    assert "LORAFLOW_DATABASE_URL" not in env_of(container(one(docs, "StatefulSet", "engine")))
+
+
+def test_probes_and_a_graceful_stop() -> None:
+    docs = manifests(production())
+    gateway = container(one(docs, "Deployment", "gateway"))
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"
+    engine = container(one(docs, "StatefulSet", "engine"))
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert engine[probe]["httpGet"]["path"] == "/health"
+    # The preStop wait plus the gateway's own drain fit in the grace period.
+    grace = pod_spec(one(docs, "Deployment", "gateway"))["terminationGracePeriodSeconds"]
+    wait = gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = int(env_of(gateway)["LORAFLOW_SERVER__SHUTDOWN_TIMEOUT_S"]["value"])
+    assert wait > 0 and drain > 0 and wait + drain < grace
+
+
+def test_the_network_policy_lets_only_gateways_and_prometheus_reach_the_engines() -> None:
+    docs = manifests(production())
+    policy = one(docs, "NetworkPolicy")
+    engine = one(docs, "StatefulSet", "engine")
+    gateway = one(docs, "Deployment", "gateway")
+    assert policy["spec"]["podSelector"]["matchLabels"] == engine["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    port = container(engine)["ports"][0]["containerPort"]
+    assert all(r["ports"] == [{"protocol": "TCP", "port": port}] for r in rules)
+    peers = [peer for r in rules for peer in r["from"]]
+    assert peers[0] == {"podSelector": {"matchLabels": gateway["spec"]["selector"]["matchLabels"]}}
+    # Prometheus, by namespace AND pod (one peer with both selectors), not anything in its namespace.
+    assert set(peers[1]) == {"namespaceSelector", "podSelector"}
+    assert len(peers) == 2
+    # Without a ServiceMonitor, only the gateways.
+    plain = one(manifests(REQUIRED), "NetworkPolicy")
+    assert [peer for r in plain["spec"]["ingress"] for peer in r["from"]] == [peers[0]]
+    # The engines' Service is headless (how gateways find every pod) and never load-balanced outward.
+    service = one(docs, "Service", "engine")
+    assert service["spec"]["clusterIP"] == "None" and "type" not in service["spec"]
+    dns = env_of(container(gateway))["LORAFLOW_SERVER__ENGINE_DNS"]["value"]
+    assert dns == f"{service['metadata']['name']}.ml.svc:{port}"
+
+
+def test_hpa_and_pdb_render_when_enabled_and_not_otherwise() -> None:
+    docs = manifests(production())
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    gateway = one(docs, "Deployment", "gateway")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": gateway["metadata"]["name"],
+    }
+    assert hpa["spec"]["minReplicas"] == 3 and hpa["spec"]["maxReplicas"] == 12
+    assert "replicas" not in gateway["spec"], "the HPA owns the replica count"
+    assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
+    rate = merged(production(), {"gateway": {"autoscaling": {"targetRequestsPerSecond": 50}}})
+    metrics = one(manifests(rate), "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert [m["type"] for m in metrics] == ["Resource", "Pods"]
+    plain = manifests(merged(REQUIRED, {"gateway": {"pdb": {"enabled": False}}}))
+    assert not [d for d in plain if d["kind"] in ("HorizontalPodAutoscaler", "PodDisruptionBudget")]
+    assert one(plain, "Deployment", "gateway")["spec"]["replicas"] == 2
+
+
+def test_every_container_runs_hardened() -> None:
+    for doc in manifests(production()):
+        if doc["kind"] not in ("Deployment", "StatefulSet", "Job", "CronJob"):
+            continue
+        pod = pod_spec(doc)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        ctx = container(doc)["securityContext"]
+        assert ctx["readOnlyRootFilesystem"] is True
+        assert ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"]["drop"] == ["ALL"]
+
+
+def test_migrations_run_as_a_hook_before_install_and_upgrade() -> None:
+    job = one(manifests(REQUIRED), "Job", "migrate")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert container(job)["command"] == ["loraflow", "db", "upgrade"]
+    # A hook runs before the release's ConfigMap and ServiceAccount exist: it must need neither.
+    assert "serviceAccountName" not in pod_spec(job)
+    assert all(v.get("configMap") is None for v in pod_spec(job)["volumes"])
+
+
+def test_flywheel_cronjobs_one_per_adapter_never_overlapping() -> None:
+    jobs = [d for d in manifests(production()) if d["kind"] == "CronJob"]
+    by_name = {container(j)["command"][-1]: j for j in jobs}
+    assert set(by_name) == {"orders", "support"}
+    orders = by_name["orders"]
+    assert container(orders)["command"] == ["loraflow", "flywheel", "run", "orders"]
+    assert container(orders)["args"] == ["--since", "7d"]
+    assert all(j["spec"]["concurrencyPolicy"] == "Forbid" for j in jobs)
+    assert container(orders)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    on_cpu = merged(production(), {"flywheel": {"gpu": False}})
+    for job in [d for d in manifests(on_cpu) if d["kind"] == "CronJob"]:
+        assert "nvidia.com/gpu" not in json.dumps(container(job)["resources"])
+
+
+def test_settings_from_values_reach_loraflow_toml() -> None:
+    config = one(manifests(production()), "ConfigMap", "config")
+    import tomllib
+
+    from loraflow.registry.settings import TrafficSettings
+
+    parsed = tomllib.loads(config["data"]["loraflow.toml"])
+    assert parsed["traffic"]["sample_rate"] == 0.1
+    assert TrafficSettings(**parsed["traffic"]).retention_days == 30
+
+
+def test_bitnami_style_names_and_labels() -> None:
+    docs = manifests(merged(REQUIRED, {"fullnameOverride": "lf", "commonLabels": {"team": "ml"}}))
+    for doc in docs:
+        assert doc["metadata"]["name"].startswith("lf"), doc["metadata"]["name"]
+        assert doc["metadata"]["labels"]["team"] == "ml"
+    docs = manifests(merged(REQUIRED, {"nameOverride": "llm"}))
+    assert one(docs, "Deployment", "gateway")["metadata"]["name"] == "rel-llm-gateway"
+
+
+def test_notes_show_the_first_request() -> None:
+    notes = render(production())["loraflow/templates/NOTES.txt"]
+    assert "kubectl -n ml port-forward svc/rel-loraflow-gateway" in notes
+    assert '"model": "orders"' in notes and "/v1/chat/completions" in notes
+
+
+def test_every_value_is_documented() -> None:
+    """Each value in values.yaml has a `# --` comment directly above it or above a parent block."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    parents: list[tuple[int, bool]] = []  # (indent, documented) of the keys enclosing this one
+    undocumented = []
+    for i, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][\w.-]*):", line)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        comments = []
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#"):
+            comments.append(lines[j].strip())
+            j -= 1
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        documented = any(c.startswith("# --") for c in comments) or any(d for _, d in parents)
+        if not documented and not line.rstrip().endswith(":"):
+            undocumented.append(line.strip())
+        parents.append((indent, documented))
+    assert undocumented == []
+
+
+def test_alerts_and_dashboard_use_metrics_the_gateway_exports() -> None:
+    """A rule on a metric nobody exports never fires: every loraflow_* series named in the
+    PrometheusRule and the dashboard is one the server code defines."""
+    source = "\n".join(p.read_text() for p in (ROOT / "server").rglob("*.py"))
+    rules = json.dumps(one(manifests(production()), "PrometheusRule")["spec"])
+    dashboard = (CHART / "dashboards" / "loraflow.json").read_text()
+    names = set(re.findall(r"loraflow_[a-z_]+", rules + dashboard))
+    assert len(names) >= 10
+    for name in sorted(names):
+        base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+        stored = base.removeprefix("loraflow_drift_")
+        assert f'"{base}"' in source or f'"{stored}"' in source, f"{name} is exported by nothing"
+
+
+def test_values_schema_is_the_chart_schema() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    # Every top-level value has a schema entry, and the schema names nothing values.yaml lacks.
+    assert set(schema["properties"]) == set(defaults)
+    assert helm.Chart.load(CHART).schema == schema
