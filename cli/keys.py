@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from loraflow.cli.common import guarded, out, print_json, state
-from loraflow.registry.keys import create_key
+from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.keys import create_key, import_keys
 
 app = typer.Typer(name="keys", help="Gateway API keys.", no_args_is_help=True, add_completion=False)
 
@@ -29,11 +31,46 @@ def create(
     typer.echo(f"created key {info.name} ({scope}); store it now, it is not shown again", err=True)
 
 
+@app.command("import")
+@guarded
+def import_(
+    ctx: typer.Context,
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR",
+            help="One file per key: its name is the key's name, its content the key (a mounted Secret).",
+        ),
+    ],
+    adapter: Annotated[
+        list[str] | None, typer.Option("--adapter", help="Limit the keys to this adapter (repeatable).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Record keys made elsewhere (e.g. a Kubernetes Secret) by their hash; run again, it changes nothing."""
+    if not directory.is_dir():
+        raise InvalidArgumentError(f"{directory} is not a folder", param="DIR")
+    # A mounted Secret also holds the kubelet's ..data links and dot-folders; keys are plain names.
+    keys = {
+        p.name: p.read_text()
+        for p in sorted(directory.iterdir())
+        if not p.name.startswith(".") and p.is_file()
+    }
+    if not keys:
+        raise InvalidArgumentError(f"{directory} holds no key files", param="DIR")
+    outcome = import_keys(state(ctx).registry, keys, adapter)
+    if as_json:
+        print_json(outcome)
+        return
+    for name, what in outcome.items():
+        out.print(f"{name}: {what}", markup=False)
+
+
 @app.command("list")
 @guarded
 def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List keys (never the keys themselves)."""
-    keys = state(ctx).registry.store.list_api_keys()
+    keys = state(ctx).registry.api_keys()
     if as_json:
         print_json([k.model_dump(mode="json", exclude={"key_hash"}) for k in keys])
         return
@@ -53,5 +90,5 @@ def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] =
 @guarded
 def revoke(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
     """Revoke a key; gateways stop accepting it within a poll interval."""
-    state(ctx).registry.store.revoke_api_key(name=name, actor=state(ctx).registry.actor)
+    state(ctx).registry.revoke_api_key(name)
     out.print(f"revoked key {name}")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import Literal
 
 from loraflow.registry import domain
+from loraflow.registry.errors import ConflictError, InvalidArgumentError
 from loraflow.registry.refs import check_name
 from loraflow.registry.service import Registry
 
 KEY_PREFIX = "lf-"
+# An imported key is a secret someone generated: shorter than this, it could be guessed.
+MIN_IMPORTED_KEY_CHARS = 24
 
 
 def hash_key(key: str) -> str:
@@ -21,14 +25,66 @@ def create_key(
 ) -> tuple[str, domain.ApiKeyInfo]:
     """Returns (the key, shown only now, and its record)."""
     check_name(name, param="name")
+    adapters = _checked_adapters(adapters)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    info = registry.add_api_key(name=name, prefix=key[:10], key_hash=hash_key(key), adapters=adapters)
+    return key, info
+
+
+ImportOutcome = Literal["created", "unchanged"]
+
+
+def import_keys(
+    registry: Registry, keys: dict[str, str], adapters: list[str] | None = None
+) -> dict[str, ImportOutcome]:
+    """Record keys made elsewhere (a Kubernetes Secret: name -> key), by their hash. Idempotent:
+    a key already recorded under its name is ``unchanged``. Everything is checked before anything
+    is written, so a bad entry changes nothing: a name taken by a different or revoked key, a key
+    recorded under another name, or a key too short to be a secret (:class:`InvalidArgumentError`
+    or :class:`ConflictError`, naming the entry). To rotate, add the new key under a new name and
+    revoke the old one."""
+    adapters = _checked_adapters(adapters)
+    existing = {k.name: k for k in registry.api_keys()}
+    by_hash = {k.key_hash: k.name for k in existing.values()}
+    plan: dict[str, ImportOutcome] = {}
+    for name, raw in sorted(keys.items()):
+        check_name(name, param=f"keys[{name}]")
+        key = raw.strip()
+        if len(key) < MIN_IMPORTED_KEY_CHARS or any(ch.isspace() for ch in key):
+            raise InvalidArgumentError(
+                f"API key {name!r} is not a usable key: at least {MIN_IMPORTED_KEY_CHARS} characters "
+                "with no spaces (e.g. `openssl rand -hex 32`)",
+                param=f"keys[{name}]",
+            )
+        digest = hash_key(key)
+        known = existing.get(name)
+        if known is not None:
+            if known.key_hash != digest:
+                raise ConflictError(
+                    f"API key {name!r} is recorded with a different key: to rotate, add the new key "
+                    f"under a new name and revoke this one (loraflow keys revoke {name})",
+                    param=f"keys[{name}]",
+                )
+            if known.revoked_at is not None:
+                raise ConflictError(
+                    f"API key {name!r} was revoked: import it under a new name", param=f"keys[{name}]"
+                )
+            plan[name] = "unchanged"
+        elif digest in by_hash:
+            raise ConflictError(
+                f"API key {name!r} is the key recorded as {by_hash[digest]!r}", param=f"keys[{name}]"
+            )
+        else:
+            by_hash[digest] = name
+            plan[name] = "created"
+    for name, outcome in plan.items():
+        if outcome == "created":
+            key = keys[name].strip()
+            registry.add_api_key(name=name, prefix=key[:10], key_hash=hash_key(key), adapters=adapters)
+    return plan
+
+
+def _checked_adapters(adapters: list[str] | None) -> list[str] | None:
     for adapter in adapters or []:
         check_name(adapter, param="adapter")
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    info = registry.store.create_api_key(
-        name=name,
-        prefix=key[:10],
-        key_hash=hash_key(key),
-        adapters=sorted(set(adapters)) if adapters else None,
-        actor=registry.actor,
-    )
-    return key, info
+    return sorted(set(adapters)) if adapters else None

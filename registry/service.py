@@ -278,6 +278,24 @@ class Registry:
         """Materialize a version's files in ``dest``, verified against its digest."""
         return self.artifacts.fetch(version.digest, dest)
 
+    # -- API keys ----------------------------------------------------------------
+    def api_keys(self) -> builtins.list[domain.ApiKeyInfo]:
+        """Every API key's record (never the key: only its hash is stored), revoked ones too."""
+        return self.store.list_api_keys()
+
+    def add_api_key(
+        self, *, name: str, prefix: str, key_hash: str, adapters: builtins.list[str] | None
+    ) -> domain.ApiKeyInfo:
+        """Record a key by its hash (``registry.keys`` makes or imports the key itself). A name
+        that exists is a :class:`ConflictError`."""
+        return self.store.create_api_key(
+            name=name, prefix=prefix, key_hash=key_hash, adapters=adapters, actor=self.actor
+        )
+
+    def revoke_api_key(self, name: str) -> domain.ApiKeyInfo:
+        """Gateways stop accepting the key within a poll interval."""
+        return self.store.revoke_api_key(name=name, actor=self.actor)
+
     # -- datasets ----------------------------------------------------------------
     def register_dataset(
         self,

@@ -147,7 +147,7 @@ class Router:
         revision = self.registry.revision()
         adapters = {a.name: a for a in self.registry.list()}
         versions = {v.ref: v for a in adapters.values() for v in a.versions}
-        keys = {k.key_hash: k for k in self.registry.store.list_api_keys() if k.revoked_at is None}
+        keys = {k.key_hash: k for k in self.registry.api_keys() if k.revoked_at is None}
         profiles = {}
         for ref, version in versions.items():
             profile = self._profile(version.dataset) if version.dataset else None

@@ -187,7 +187,7 @@ def test_api_keys(registry: Any, engine_url: str, assets: Assets, tmp_path: Path
         assert _chat(gw.client(billing_key), "billing").model == "billing@v1"
         assert _chat(gw.client(all_key), "support").model == "support@v1"
         assert [m.id for m in gw.client(billing_key).models.list()] == [BASE_NAME, "billing"]
-        registry.store.revoke_api_key(name="ops", actor="test")
+        registry.revoke_api_key("ops")
 
         def revoked(gw: Gateway = gw) -> bool:
             try:

@@ -258,6 +258,18 @@ def test_migrations_run_as_a_hook_before_install_and_upgrade() -> None:
     assert all(v.get("configMap") is None for v in pod_spec(job)["volumes"])
 
 
+def test_api_keys_from_a_secret_are_imported_after_install_and_upgrade() -> None:
+    job = one(manifests(production()), "Job", "keys")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    keys = container(job)
+    folder = keys["command"][-1]
+    assert keys["command"][:3] == ["loraflow", "keys", "import"]
+    mount = next(m for m in keys["volumeMounts"] if m["mountPath"] == folder)
+    volume = next(v for v in pod_spec(job)["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "loraflow-api-keys"
+    assert not [d for d in manifests(REQUIRED) if d["kind"] == "Job" and "keys" in d["metadata"]["name"]]
+
+
 def test_flywheel_cronjobs_one_per_adapter_never_overlapping() -> None:
     jobs = [d for d in manifests(production()) if d["kind"] == "CronJob"]
     by_name = {container(j)["command"][-1]: j for j in jobs}
