@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -13,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.conftest import REQUIRE_ENV
 from tests.helm.chart import (
     CHART,
     REQUIRED,
@@ -30,7 +35,8 @@ pytestmark = pytest.mark.helm
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schema known.
 KUBE_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
-CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}  # validated against their own CRDs, not here
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}  # validated against their own CRDs, below
+CRD_DIR = Path(__file__).parent / "crd"
 CASES = {"default": lambda: copy.deepcopy(REQUIRED), "production": production}
 
 
@@ -72,6 +78,31 @@ def test_every_manifest_is_valid_kubernetes(case: str, version: str) -> None:
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "StatefulSet", "Service", "NetworkPolicy", "Job", "ConfigMap"} <= kinds
     assert checked >= 8
+
+
+def test_custom_resources_are_valid_against_their_crds() -> None:
+    """The ServiceMonitors and the PrometheusRule against the Prometheus Operator's own CRD schemas
+    (a pinned npm package generated from them; `.ci/setup` installs it)."""
+    validator = CRD_DIR / "validate.mjs"
+    node = shutil.which("node")
+    if node is None or not (CRD_DIR / "node_modules").is_dir():
+        message = "node and `npm ci --prefix tests/helm/crd` are needed (.ci/setup runs it)"
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(message)
+        pytest.skip(message)
+    docs = [d for d in manifests(production()) if d["kind"] in CUSTOM_KINDS]
+    assert len(docs) == 3
+    done = subprocess.run(
+        [node, str(validator)], input=json.dumps(docs), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("valid: ") == 3
+    # The validator can fail: a scrape interval that is not a duration is refused.
+    docs[1]["spec"]["endpoints"][0]["interval"] = "thirty seconds"
+    bad = subprocess.run(
+        [node, str(validator)], input=json.dumps(docs), capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 1 and "invalid: ServiceMonitor" in bad.stdout
 
 
 def test_production_renders_every_optional_part() -> None:
