@@ -328,9 +328,16 @@ class ProcessWriter:
             self._proc.join(5)
             if self._proc.exitcode is None:
                 self._proc.kill()
-        with contextlib.suppress(Exception):
-            self._inbox.close()
-            self._inbox.join_thread()
+        for channel in (self._inbox, self._outbox):
+            if channel is None:
+                continue
+            with contextlib.suppress(Exception):
+                channel.close()
+                channel.join_thread()
+        # Dropped, the queues' semaphores are unlinked now. A gateway stopped by SIGTERM exits
+        # through the signal's default action (uvicorn raises it again after its shutdown), which
+        # skips the exit-time cleanup, and Python's resource tracker reports them as leaked.
+        self._inbox = self._outbox = None
 
     @property
     def backlog(self) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,3 +134,37 @@ def test_a_writer_that_cannot_start_fails_the_gateways_start_with_its_typed_erro
     with pytest.raises(MissingDependencyError), client:
         pass
     assert isinstance(client.app.state.startup_error, MissingDependencyError)  # type: ignore[attr-defined]
+
+
+EXIT_BY_SIGTERM = """
+import os, signal, sys
+from pathlib import Path
+
+def main() -> None:
+    from loraflow.registry.settings import Settings
+    from loraflow.registry.traffic import TrafficStore
+    from loraflow.server.traffic.writer import writer_from_settings
+
+    root = Path(sys.argv[1])
+    settings = Settings(home=root, artifact_uri=str(root / "a"))
+    writer = writer_from_settings(settings, TrafficStore(str(root / "t")))
+    writer.start()
+    writer.wait_ready(60)
+    writer.close()
+    os.kill(os.getpid(), signal.SIGTERM)  # as uvicorn ends a gateway: the signal's default action
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_gateway_ended_by_sigterm_leaves_no_leaked_semaphores(tmp_path: Path) -> None:
+    """SIGTERM's default action skips exit-time cleanup, so close() must free the queues itself;
+    otherwise Python's resource tracker prints a warning into every gateway's log."""
+    script = tmp_path / "gateway.py"
+    script.write_text(EXIT_BY_SIGTERM)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert "leaked semaphore" not in done.stderr, done.stderr[-2000:]
