@@ -1,0 +1,192 @@
+"""The chart's rendered gateway and engine, run as local processes: their commands, arguments,
+environment, ports and probe paths are taken from the manifests, not retyped, so this proves
+that what the chart tells Kubernetes to run is what the code accepts.
+
+What a cluster would provide is stood in for, and only that: the Secret (a dict), the volume
+mounts (folders under tmp, substituted for the mount paths in the environment), the cluster DNS
+name of the engines' headless Service (127.0.0.1, as its one engine pod), and the GPU (the engine
+runs on the CPU: engine.device=cpu). PostgreSQL and S3 (moto) are the multihost tier's real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as tokens
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from loraflow.registry.service import Registry
+from loraflow.server.engine.supervisor import free_port
+from tests.helm.chart import container, env_of, manifests, one, pod_spec
+from tests.multihost.cluster import BUCKET, Proc, _spawn, wait_up
+from tests.multihost.conftest import Cluster
+
+pytestmark = [pytest.mark.multihost, pytest.mark.helm, pytest.mark.slow]
+
+SECRET, S3_SECRET, KEYS_SECRET = "loraflow", "loraflow-s3", "loraflow-api-keys"
+
+
+def values(cluster: Cluster, gateway_port: int, engine_port: int) -> dict[str, Any]:
+    return {
+        "baseModel": str(cluster.base),
+        "existingSecret": SECRET,
+        "artifacts": {
+            "uri": cluster.env["LORAFLOW_ARTIFACT_URI"],
+            "endpointUrl": cluster.env["AWS_ENDPOINT_URL"],
+            "region": cluster.env["AWS_DEFAULT_REGION"],
+            "existingSecret": S3_SECRET,
+        },
+        "apiKeys": {"existingSecret": KEYS_SECRET},
+        "gateway": {"replicas": 1, "port": gateway_port},
+        "engine": {"device": "cpu", "port": engine_port, "maxLoraRank": 16, "maxLoras": 2, "maxCpuLoras": 4},
+        "config": {"traffic": {"sample_rate": 1.0}},
+    }
+
+
+class Pod:
+    """One rendered container, made runnable here: env resolved, mounts mapped to folders."""
+
+    def __init__(self, workload: dict[str, Any], secrets: dict[str, dict[str, str]], root: Path) -> None:
+        self.container = container(workload)
+        self.mounts: dict[str, Path] = {}
+        for mount in self.container.get("volumeMounts", []):
+            path = mount["mountPath"]
+            self.mounts[path] = Path(path) if path in ("/tmp", "/dev/shm") else root / path.strip("/")
+            self.mounts[path].mkdir(parents=True, exist_ok=True)
+        self.volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+        self.env: dict[str, str] = {}
+        for name, entry in env_of(self.container).items():
+            if "value" in entry:
+                self.env[name] = self.local(entry["value"])
+            else:
+                ref = entry["valueFrom"]["secretKeyRef"]
+                self.env[name] = secrets[ref["name"]][ref["key"]]
+
+    def local(self, value: str) -> str:
+        """``value`` with a mount path (at its start) replaced by the folder standing in for it."""
+        for path, folder in sorted(self.mounts.items(), key=lambda kv: -len(kv[0])):
+            if value == path or value.startswith(path + "/"):
+                return str(folder) + value[len(path) :]
+        return value
+
+    def mount_files(self, config_map: dict[str, Any], secrets: dict[str, dict[str, str]]) -> None:
+        """What the kubelet does for configMap and secret volumes: one file per entry."""
+        for mount in self.container["volumeMounts"]:
+            volume = self.volumes.get(mount["name"], {})  # absent: a volumeClaimTemplate (a folder)
+            if "configMap" in volume:
+                files = config_map["data"]
+            elif "secret" in volume:
+                files = secrets[volume["secret"]["secretName"]]
+            else:
+                continue
+            for key, text in files.items():
+                (self.mounts[mount["mountPath"]] / key).write_text(text)
+
+    def argv(self) -> list[str]:
+        command = list(self.container["command"]) + list(self.container.get("args", []))
+        # The image puts loraflow on PATH; here it is this virtual environment's. A path into a
+        # volume names its folder here.
+        return [str(Path(sys.executable).parent / command[0]), *(self.local(a) for a in command[1:])]
+
+    def port(self) -> int:
+        return int(self.container["ports"][0]["containerPort"])
+
+    def probe(self, kind: str) -> str:
+        return str(self.container[kind]["httpGet"]["path"])
+
+    def process_env(self) -> dict[str, str]:
+        # A container starts with its image's environment (PATH, the offline hub of this machine)
+        # plus the manifest's; nothing of this test process's LORAFLOW_* or AWS_* leaks in.
+        keep = ("PATH", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK")
+        return {**{k: os.environ[k] for k in keep if k in os.environ}, **self.env}
+
+
+def test_rendered_engine_and_gateway_come_up_and_serve(
+    cluster: Cluster, registry: Registry, tmp_path: Path
+) -> None:
+    gateway_port, engine_port = free_port(), free_port()
+    docs = manifests(values(cluster, gateway_port, engine_port))
+    secrets = {
+        SECRET: {"database-url": cluster.env["LORAFLOW_DATABASE_URL"], "pseudonym-key": "k" * 64},
+        S3_SECRET: {k: cluster.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+        KEYS_SECRET: {"web-app": tokens.token_hex(32)},
+    }
+    config = one(docs, "ConfigMap", "config")
+    assert tomllib.loads(config["data"]["loraflow.toml"])["traffic"]["sample_rate"] == 1.0
+
+    # The pre-install hook first: the migration Job's command against the registry.
+    migrate = Pod(one(docs, "Job", "migrate"), secrets, tmp_path / "migrate")
+    done = subprocess.run(
+        migrate.argv(), env=migrate.process_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "registry schema:" in done.stdout
+
+    # The post-install hook: the API keys of apiKeys.existingSecret, recorded by their hash.
+    keys = Pod(one(docs, "Job", "keys"), secrets, tmp_path / "keys")
+    keys.mount_files(config, secrets)
+    done = subprocess.run(keys.argv(), env=keys.process_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "web-app: created" in done.stdout
+    key = secrets[KEYS_SECRET]["web-app"]
+
+    # What an operator does after the install (NOTES.txt): an adapter, registered and promoted.
+    registry.register("helm-a", cluster.adapters[0], base_model=str(cluster.base))
+    registry.promote("helm-a", 1, force=True, reason="helm test: random adapter, no eval report")
+
+    engine = Pod(one(docs, "StatefulSet", "engine"), secrets, tmp_path / "engine")
+    engine.mount_files(config, secrets)
+    gateway = Pod(one(docs, "Deployment", "gateway"), secrets, tmp_path / "gateway")
+    gateway.mount_files(config, secrets)
+    # The cluster's DNS would resolve the headless Service to the engine pod; here that is loopback.
+    host, _, port = gateway.env["LORAFLOW_SERVER__ENGINE_DNS"].rpartition(":")
+    assert host.endswith(".svc") and int(port) == engine.port()
+    gateway.env["LORAFLOW_SERVER__ENGINE_DNS"] = f"127.0.0.1:{port}"
+
+    procs: list[Proc] = []
+    try:
+        procs.append(
+            _spawn(
+                engine.argv(),
+                engine.process_env(),
+                tmp_path / "engine.log",
+                f"http://127.0.0.1:{engine.port()}",
+            )
+        )
+        wait_up(procs[-1], engine.probe("startupProbe"), 300)
+        procs.append(
+            _spawn(
+                gateway.argv(),
+                gateway.process_env(),
+                tmp_path / "gateway.log",
+                f"http://127.0.0.1:{gateway.port()}",
+            )
+        )
+        wait_up(procs[-1], gateway.probe("readinessProbe"), 120)
+        url = procs[-1].url
+        assert httpx.get(url + gateway.probe("livenessProbe"), timeout=10).status_code == 200
+        assert httpx.get(procs[0].url + engine.probe("readinessProbe"), timeout=10).status_code == 200
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):  # apiKeys.enabled is on by default
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        reply = client.chat.completions.with_raw_response.create(
+            model="helm-a", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert reply.http_response.status_code == 200
+        assert reply.headers["x-loraflow-model"].startswith("helm-a@v1")
+        assert reply.parse().choices[0].message.content is not None
+        # The engine fetched the adapter itself, from the bucket, into the mounted adapter cache.
+        cache = engine.mounts["/cache/adapters"]
+        assert any(cache.rglob("adapter_model.safetensors")), "the engine's adapter cache is empty"
+        assert BUCKET in engine.env["LORAFLOW_ARTIFACT_URI"]
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
