@@ -15,6 +15,7 @@ import secrets as tokens
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ import openai
 import pytest
 
 from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
 from loraflow.server.engine.supervisor import free_port
+from tests.conftest import PG_ENV, _create_pg_database, _drop_pg_database
 from tests.helm.chart import container, env_of, manifests, one, pod_spec
 from tests.multihost.cluster import BUCKET, Proc, _spawn, wait_up
 from tests.multihost.conftest import Cluster
@@ -33,12 +36,12 @@ pytestmark = [pytest.mark.multihost, pytest.mark.helm, pytest.mark.slow]
 SECRET, S3_SECRET, KEYS_SECRET = "loraflow", "loraflow-s3", "loraflow-api-keys"
 
 
-def values(cluster: Cluster, gateway_port: int, engine_port: int) -> dict[str, Any]:
+def values(cluster: Cluster, artifact_uri: str, gateway_port: int, engine_port: int) -> dict[str, Any]:
     return {
         "baseModel": str(cluster.base),
         "existingSecret": SECRET,
         "artifacts": {
-            "uri": cluster.env["LORAFLOW_ARTIFACT_URI"],
+            "uri": artifact_uri,
             "endpointUrl": cluster.env["AWS_ENDPOINT_URL"],
             "region": cluster.env["AWS_DEFAULT_REGION"],
             "existingSecret": S3_SECRET,
@@ -108,13 +111,24 @@ class Pod:
         return {**{k: os.environ[k] for k in keep if k in os.environ}, **self.env}
 
 
+@pytest.fixture
+def release_db(cluster: Cluster) -> Iterator[str]:
+    """An empty database of this test's own: the release's migration hook creates its schema, and
+    nothing it registers reaches the tier's shared registry (whose gateways would preload it)."""
+    admin = os.environ[PG_ENV]
+    url, name = _create_pg_database(admin)
+    yield url
+    _drop_pg_database(admin, name)
+
+
 def test_rendered_engine_and_gateway_come_up_and_serve(
-    cluster: Cluster, registry: Registry, tmp_path: Path
+    cluster: Cluster, release_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gateway_port, engine_port = free_port(), free_port()
-    docs = manifests(values(cluster, gateway_port, engine_port))
+    artifact_uri = f"s3://{BUCKET}/helm-release"  # its own prefix of the tier's bucket
+    docs = manifests(values(cluster, artifact_uri, gateway_port, engine_port))
     secrets = {
-        SECRET: {"database-url": cluster.env["LORAFLOW_DATABASE_URL"], "pseudonym-key": "k" * 64},
+        SECRET: {"database-url": release_db, "pseudonym-key": "k" * 64},
         S3_SECRET: {k: cluster.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
         KEYS_SECRET: {"web-app": tokens.token_hex(32)},
     }
@@ -127,7 +141,7 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
         migrate.argv(), env=migrate.process_env(), capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "registry schema:" in done.stdout
+    assert "registry schema: empty ->" in done.stdout
 
     # The post-install hook: the API keys of apiKeys.existingSecret, recorded by their hash.
     keys = Pod(one(docs, "Job", "keys"), secrets, tmp_path / "keys")
@@ -138,8 +152,16 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
     key = secrets[KEYS_SECRET]["web-app"]
 
     # What an operator does after the install (NOTES.txt): an adapter, registered and promoted.
-    registry.register("helm-a", cluster.adapters[0], base_model=str(cluster.base))
-    registry.promote("helm-a", 1, force=True, reason="helm test: random adapter, no eval report")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, cluster.env[name])
+    registry = Registry.open(
+        Settings(home=tmp_path / "operator", database_url=release_db, artifact_uri=artifact_uri)
+    )
+    try:
+        registry.register("helm-a", cluster.adapters[0], base_model=str(cluster.base))
+        registry.promote("helm-a", 1, force=True, reason="helm test: random adapter, no eval report")
+    finally:
+        registry.close()
 
     engine = Pod(one(docs, "StatefulSet", "engine"), secrets, tmp_path / "engine")
     engine.mount_files(config, secrets)
@@ -186,7 +208,7 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
         # The engine fetched the adapter itself, from the bucket, into the mounted adapter cache.
         cache = engine.mounts["/cache/adapters"]
         assert any(cache.rglob("adapter_model.safetensors")), "the engine's adapter cache is empty"
-        assert BUCKET in engine.env["LORAFLOW_ARTIFACT_URI"]
+        assert engine.env["LORAFLOW_ARTIFACT_URI"] == artifact_uri
     finally:
         for proc in reversed(procs):
             proc.stop()

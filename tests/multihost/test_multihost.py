@@ -73,11 +73,12 @@ def test_a_promote_is_served_by_every_gateway(
             lambda: all(served_by(g.url, "support", http) == "support@v2" for g in gws),
             "both gateways to serve support@v2",
         )
-        # Each engine (both are v2's home with adapter_replicas=2) fetched v2 from S3 itself, into
-        # its own cache, verified by the digest its name carries.
+        # Each engine (both are v2's home with adapter_replicas=2) fetches v2 from S3 itself, into
+        # its own cache, verified by the digest its name carries. Serving v2 needs one of them;
+        # the other's preload may still be under way.
         v2 = registry.get_version("support", 2)
         for engine in engines:
-            assert engine_name(v2) in engine_models(engine.url)
+            until(lambda url=engine.url: engine_name(v2) in engine_models(url), f"{engine.url} to hold v2")
             assert (
                 engine.log.parent / "cache" / "engine" / v2.digest / "adapter_model.safetensors"
             ).is_file()
