@@ -11,7 +11,8 @@ Offline. Nothing here touches the network, ever:
 
 * The NLP engine is a *blank* spaCy English pipeline (a tokenizer, no model to download),
   written once to ``cache_dir/spacy-blank-en`` and loaded from there; Presidio's
-  recognizers here are regular expressions plus checksums and need no NER.
+  recognizers here are regular expressions plus checksums and need no NER, nor even the
+  tokens, so without person names the pipeline is not run at all (empty NLP artifacts).
 * Presidio's ``EmailRecognizer`` validates domains with ``tldextract.extract``, which
   downloads the public suffix list on first use; :class:`_OfflineEmailRecognizer` uses
   a ``TLDExtract`` limited to the snapshot bundled with tldextract.
