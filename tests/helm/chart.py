@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,15 @@ def production() -> dict[str, Any]:
     return values
 
 
+@functools.cache
+def _chart() -> helm.Chart:
+    """Loaded once per session: every render reads the same files (and holds one native handle)."""
+    return helm.Chart.load(CHART)
+
+
 def render(values: dict[str, Any]) -> dict[str, str]:
     """Template path -> rendered text, as `helm install` would render them (hooks included)."""
-    chart = helm.Chart.load(CHART)
-    out: dict[str, str] = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    out: dict[str, str] = _chart().render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
     return out
 
 
