@@ -7,9 +7,12 @@ revision moves, it loads a new snapshot (aliases, versions, API keys) and
 at once. Only then does it swap the snapshot in, with one assignment. A request
 resolves its target once, at the start, so in-flight requests finish on the version they began with. A new
 alias target is resident on its home set before any request can resolve to
-it. A preload that fails (a replica down, an artifact refused) is logged and
-does not hold back the swap: the version is loaded on demand, or its requests
-get 503.
+it. A preload that fails (a replica down, an artifact refused, a load that timed
+out) is logged and does not hold back the swap: the version is loaded on
+demand, or its requests get 503. A failure on a replica that is still up is
+tried again, after 1 s and then twice as long each time up to a minute, until
+the version is loaded or no longer homed there; a replica that went down is
+preloaded in full when it comes back (:meth:`Router.sync_recovered`).
 
 Engines are told names only (``NAME@vN+DIGEST``); each fetches and verifies the
 files itself (``server/engine/plugin.py``).
@@ -34,6 +37,9 @@ from loraflow.server.engine.protocol import EngineDown
 from loraflow.server.replicas import Replica, ReplicaSet
 
 log = logging.getLogger("loraflow.routing")
+
+PRELOAD_RETRY_FIRST_S = 1.0  # a failed preload is tried again after this long,
+PRELOAD_RETRY_MAX_S = 60.0  # then twice as long each time, up to this
 
 
 def engine_name(version: domain.VersionInfo) -> str:
@@ -92,6 +98,9 @@ class Router:
         self._registry_ok = False
         self._pins: tuple[tuple[int, int], dict[str, frozenset[str]]] = ((-2, -1), {})
         self.preload_failures = 0
+        # (replica URL, engine name) -> (when to try again, the wait after that) for failed preloads.
+        self._retries: dict[tuple[str, str], tuple[float, float]] = {}
+        self._incoming: Snapshot | None = None  # the snapshot being preloaded, until it is swapped in
         self._profiles: dict[str, dict[str, Any] | None] = {}  # dataset "NAME@vK" -> profile (immutable)
 
     # -- resolution --------------------------------------------------------------
@@ -166,25 +175,60 @@ class Router:
                 self._profiles[dataset] = None
         return self._profiles[dataset]
 
-    async def _preload(self, snap: Snapshot, replicas: list[Replica]) -> None:
-        """Load the aliased versions each replica is home to (as many as it holds), replicas in parallel."""
+    async def _preload(
+        self, snap: Snapshot, replicas: list[Replica], *, only: set[tuple[str, str]] | None = None
+    ) -> None:
+        """Load the aliased versions each replica is home to (as many as it holds), replicas in
+        parallel; with ``only``, just those of its (replica URL, name) pairs still homed there."""
 
         async def preload(replica: Replica) -> None:
             # The outgoing targets stay pinned until the swap: they serve until then.
             keep = self.pinned(replica, snap) | self.pinned(replica)
-            for name in self._to_preload(replica, snap):
+            if self._incoming is not None and self._incoming is not snap:
+                keep |= self.pinned(replica, self._incoming)  # a refresh is preloading it right now
+            names = self._to_preload(replica, snap)
+            if only is not None:
+                for key in [k for k in only if k[0] == replica.url and k[1] not in names]:
+                    self._retries.pop(key, None)  # no longer homed here, or no longer aliased
+                names = [n for n in names if (replica.url, n) in only]
+            for name in names:
                 try:
                     await replica.ensure_loaded(name, pinned=keep)
                 except LoraflowError as exc:  # one refused version must not keep the others out
                     self.preload_failures += 1
-                    log.warning(
-                        "preload of %s on %s failed: %s", name, replica.url, getattr(exc, "detail", exc)
-                    )
                     if isinstance(exc, EngineDown):
-                        replica.healthy = False  # until the next health check
+                        log.warning("preload of %s on %s failed: %s", name, replica.url, exc.detail)
+                        replica.healthy = False  # preloaded in full when it is back (sync_recovered)
                         return
+                    delay = self._retry_later(replica.url, name)
+                    log.warning(
+                        "preload of %s on %s failed: %s; trying again in %.0f s",
+                        name,
+                        replica.url,
+                        getattr(exc, "detail", exc),
+                        delay,
+                    )
+                else:
+                    self._retries.pop((replica.url, name), None)
 
         await asyncio.gather(*(preload(r) for r in replicas if r.healthy))
+
+    def _retry_later(self, url: str, name: str) -> float:
+        _, wait = self._retries.get((url, name), (0.0, PRELOAD_RETRY_FIRST_S))
+        self._retries[(url, name)] = (time.monotonic() + wait, min(2 * wait, PRELOAD_RETRY_MAX_S))
+        return wait
+
+    async def retry_preloads(self) -> None:
+        """Try the failed preloads that are due again, on the replicas still up and still their home."""
+        now = time.monotonic()
+        due = {key for key, (at, _) in self._retries.items() if at <= now}
+        if not due:
+            return
+        members = {r.url for r in self.replicas.replicas}
+        for key in [k for k in due if k[0] not in members]:
+            del self._retries[key]  # the replica left
+        urls = {url for url, _ in due}
+        await self._preload(self.snapshot, [r for r in self.replicas.healthy() if r.url in urls], only=due)
 
     def _to_preload(self, replica: Replica, snap: Snapshot) -> list[str]:
         """The aliased versions ``replica`` is home to, at most as many as it holds (those it holds
@@ -215,8 +259,12 @@ class Router:
         if revision == self.snapshot.revision:
             return False
         snap = await asyncio.to_thread(self._load_snapshot)
-        await self._preload(snap, self.replicas.healthy())
-        self.snapshot = snap
+        self._incoming = snap
+        try:
+            await self._preload(snap, self.replicas.healthy())
+            self.snapshot = snap
+        finally:
+            self._incoming = None
         self._warn_template_mismatches(snap)
         log.info("routing: registry revision %s, %d adapters", snap.revision, len(snap.adapters))
         return True
@@ -252,7 +300,7 @@ class Router:
     async def run(self) -> None:
         """Health checks and registry polls, each in its own loop, so that a replica slow to answer
         its health check (a busy engine, a dead host's connect timeout) never delays a promote."""
-        await asyncio.gather(self._health_loop(), self._registry_loop())
+        await asyncio.gather(self._health_loop(), self._registry_loop(), self._retry_loop())
 
     async def _health_loop(self) -> None:
         while True:
@@ -262,6 +310,16 @@ class Router:
                 raise
             except Exception as exc:  # keep checking through engine hiccups
                 log.warning("health check round failed: %s", exc)
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _retry_loop(self) -> None:
+        while True:
+            try:
+                await self.retry_preloads()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a retry's own failure is counted where it happens
+                log.warning("preload retry round failed: %s", exc)
             await asyncio.sleep(self.poll_interval_s)
 
     async def _registry_loop(self) -> None:

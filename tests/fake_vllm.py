@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class FakeVLLM:
     break_stream_after: int | None = None  # events sent before the connection drops
     requests: list[dict[str, Any]] = field(default_factory=list)  # each completion request's body
     refuse: set[str] = field(default_factory=set)  # engine names its resolver refuses (bad digest)
+    # engine name -> how many more loads of it never answer (the gateway's load timeout fires)
+    stall: Counter[str] = field(default_factory=Counter)
     resolved: list[str] = field(default_factory=list)  # every load, in order
     answer: Callable[[dict[str, Any]], str] | None = None  # request body -> reply; default "from URL"
 
@@ -68,6 +71,9 @@ class FakeVLLM:
             data = [{"id": self.base, "parent": None}] + [{"id": n, "parent": self.base} for n in self.loaded]
             return httpx.Response(200, json={"object": "list", "data": data})
         body = json.loads(request.content)
+        if path == "/tokenize" and self.stall[body["model"]] > 0:
+            self.stall[body["model"]] -= 1
+            raise httpx.ReadTimeout("timed out", request=request)
         if path == "/tokenize":
             if body["model"] == self.base or self._resolve(body["model"]):
                 return httpx.Response(200, json={"tokens": [1], "count": 1})

@@ -38,7 +38,7 @@ class Assets:
     adapters: dict[str, Path]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter
 
@@ -63,7 +63,7 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) ->
 def start_engine(
     base: Path, log: Path, settings: Settings, *, port: int | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """The engine `loraflow serve` supervises (vLLM with the loraflow resolver), shared by the session.
+    """The engine `loraflow serve` supervises (vLLM with the loraflow resolver), shared by the e2e tier.
     It fetches adapters from the artifact store ``settings`` names."""
     port = port or free_port()
     device = resolve_device(settings.server)
@@ -93,9 +93,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def artifact_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One artifact store for the session: engines fetch from it, so every registry here writes to it
+    """One artifact store for the e2e tier: engines fetch from it, so every registry here writes to it
     (it is content-addressed, so registries sharing it never see each other's rows)."""
     return str(tmp_path_factory.mktemp("artifacts"))
 
@@ -105,8 +105,10 @@ def shared_artifact_store(artifact_uri: str, isolated_env: Path, monkeypatch: py
     monkeypatch.setenv("LORAFLOW_ARTIFACT_URI", artifact_uri)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def engine_url(assets: Assets, artifact_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One engine for the e2e tier, stopped when the tier ends: an idle vLLM still takes CPU, which
+    the tiers after it (several engines and gateways on two cores) need."""
     root = tmp_path_factory.mktemp("engine")
     settings = Settings(home=root / "home", artifact_uri=artifact_uri, server=ENGINE_SETTINGS)
     proc, url = start_engine(assets.base, root / "engine.log", settings)
@@ -165,11 +167,21 @@ class Gateway:
     settings: Settings
     app: Any
     engines: list[RecordingEngine]
+    clients: list[Any] = field(default_factory=list)
 
     def client(self, api_key: str = "unused", **kw: object) -> Any:
+        """An official client, closed when the gateway stops: a pooled socket left to the
+        garbage collector raises its ResourceWarning inside whichever later test runs then."""
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kw)  # type: ignore[arg-type]
+        client = OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kw)  # type: ignore[arg-type]
+        self.clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
 
 
 def run_gateway(
@@ -194,7 +206,11 @@ def run_gateway(
         supervised=supervised,
     )
     with serve_in_thread(app, free_port(), ready_path=ready_path) as url:
-        yield Gateway(url=url, registry=registry, settings=settings, app=app, engines=engines)
+        gateway = Gateway(url=url, registry=registry, settings=settings, app=app, engines=engines)
+        try:
+            yield gateway
+        finally:
+            gateway.close_clients()
 
 
 @pytest.fixture

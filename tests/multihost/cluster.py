@@ -141,9 +141,12 @@ def until(predicate: object, what: str, timeout_s: float = 30) -> None:
 
 
 @contextmanager
-def steady_load(loops: list[tuple[str, list[str]]], statuses: list[int]) -> Iterator[None]:
+def steady_load(
+    loops: list[tuple[str, list[str]]], statuses: list[int], failures: list[str] | None = None
+) -> Iterator[None]:
     """One client thread per (gateway, models): non-streaming chat requests back to back, cycling
-    through the models, each status appended to ``statuses``, until the block ends."""
+    through the models, each status appended to ``statuses`` and each failure's time, gateway and
+    error to ``failures``, until the block ends."""
     stop = threading.Event()
 
     def run(gateway: str, models: list[str]) -> None:
@@ -159,6 +162,8 @@ def steady_load(loops: list[tuple[str, list[str]]], statuses: list[int]) -> Iter
                         },
                     )
                     statuses.append(r.status_code)
+                    if r.status_code != 200 and failures is not None:
+                        failures.append(f"{time.strftime('%H:%M:%S')} {gateway} {model}: {r.text[:300]}")
 
     threads = [threading.Thread(target=run, args=loop) for loop in loops]
     for t in threads:

