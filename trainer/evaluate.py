@@ -22,7 +22,7 @@ import hashlib
 import importlib.metadata
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -199,8 +199,10 @@ def evaluate(
     settings: Settings,
     dataset: str | None = None,
     split: str = "test",
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Evaluate ``ref`` (NAME@vN or NAME:ALIAS) and store the report on its version."""
+    """Evaluate ``ref`` (NAME@vN or NAME:ALIAS) and store the report on its version. ``progress`` is
+    told (generations done, generations in all) as the answers of every system come back."""
     e = settings.eval
     parsed = parse_ref(ref, param="NAME@vN")
     if parsed.version is None and parsed.alias is None:
@@ -271,6 +273,15 @@ def evaluate(
                         [_with_system(p, system_prompt) for p in prompts],
                     )
                 )
+        if progress is not None:
+            total, done = len(systems) * (len(prompts) + len(suite)), 0
+
+            def one_more() -> None:
+                nonlocal done
+                done += 1
+                progress(done, total)
+
+            client.on_result = one_more
         generations = {s.key: client.generate(s.model, s.prompts, max_tokens=e.max_tokens) for s in systems}
         suite_generations = {
             s.key: client.generate(s.model, [i.messages for i in suite], max_tokens=e.max_tokens)

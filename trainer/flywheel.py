@@ -34,6 +34,8 @@ import hashlib
 import json
 import random
 import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -337,8 +339,12 @@ def run(
     since: timedelta,
     until: datetime | None = None,
     embedder: Any = None,
+    bar: Callable[[str], AbstractContextManager[Callable[[int, int], None] | None]] | None = None,
 ) -> Cycle:
-    """Build the dataset, train, evaluate, register and promote a candidate of adapter ``name``."""
+    """Build the dataset, train, evaluate, register and promote a candidate of adapter ``name``.
+    ``bar(description)``, if given, opens a progress bar around training and around evaluation;
+    what it yields is told (done, total) as the step goes."""
+    bar = bar or (lambda _: nullcontext())
     from loraflow.trainer.config import TrainConfig
     from loraflow.trainer.evaluate import evaluate
     from loraflow.trainer.train import train
@@ -373,7 +379,8 @@ def run(
         recorded = {k: v for k, v in recorded.items() if k in TrainConfig.model_fields}
         recorded.pop("output_dir", None)
         config = TrainConfig.model_validate(recorded | settings.flywheel.train | {"data": built.dataset.ref})
-        result = train(config, registry=registry, settings=settings)
+        with bar(f"train on {built.dataset.ref}") as report:
+            result = train(config, registry=registry, settings=settings, progress=report)
         candidate = result.version
         cycle.step(
             "train", "trained", version=candidate.ref, config=_config_hash(config.model_dump(mode="json"))
@@ -394,9 +401,15 @@ def run(
     if done:
         cycle.step("evaluate", "skipped: already evaluated against this production", evaluation=done[-1].id)
     else:
-        evaluation = evaluate(
-            candidate.ref, registry=registry, settings=settings, dataset=built.dataset.ref, split="test"
-        )
+        with bar(f"evaluate {candidate.ref}") as report:
+            evaluation = evaluate(
+                candidate.ref,
+                registry=registry,
+                settings=settings,
+                dataset=built.dataset.ref,
+                split="test",
+                progress=report,
+            )
         cycle.step("evaluate", "evaluated", evaluation=evaluation.evaluation.id)
 
     # 4-5. Registered already by training; promote.

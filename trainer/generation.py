@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loraflow.registry.errors import EngineUnavailableError, InvalidArgumentError
@@ -31,6 +31,7 @@ class GatewayClient:
         self.timeout_s = timeout_s
         self.concurrency = concurrency
         self.headers = dict(headers or {})  # sent with every request (e.g. the traffic opt-out)
+        self.on_result: Callable[[], None] | None = None  # called as each generation comes back
 
     def _client(self) -> Any:
         from openai import AsyncOpenAI
@@ -100,6 +101,8 @@ class GatewayClient:
                 except openai.APIConnectionError as exc:
                     raise EngineUnavailableError(f"cannot reach the gateway at {self.url}: {exc}") from exc
                 latency = time.perf_counter() - started
+                if self.on_result is not None:
+                    self.on_result()
                 choice = reply.choices[0]
                 return Generation(
                     text=(choice.message.content or "").strip(),

@@ -20,6 +20,7 @@ import math
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,21 +68,27 @@ def _conversations(
     return out
 
 
-def _progress_callback() -> Any:
+def _progress_callback(report: Callable[[int, int], None] | None = None) -> Any:
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        """One bar: steps, ETA, and the latest train/eval loss."""
+        """One bar: steps, ETA, and the latest train/eval loss. With ``report``, the caller draws
+        the bar: it is told (steps done, steps in all) instead."""
 
         bar: Any = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if report is not None:
+                report(state.global_step, state.max_steps)
+                return
             self.bar = tqdm(
                 total=state.max_steps, initial=state.global_step, desc="training", unit="step", disable=None
             )  # only on a terminal
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if report is not None:
+                report(state.global_step, state.max_steps)
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
 
@@ -198,8 +205,15 @@ class _StartStep:
 
 
 def train(
-    config: TrainConfig, *, registry: Registry, settings: Settings, resume: bool = False
+    config: TrainConfig,
+    *,
+    registry: Registry,
+    settings: Settings,
+    resume: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
+    """Train, evaluate on the validation split, and register the adapter as the next version.
+    ``progress`` is told (steps done, steps in all) as training goes; unset, a terminal gets a bar."""
     try:
         import torch
         from datasets import Dataset
@@ -291,7 +305,7 @@ def train(
         peft_config=lora,
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
-            _progress_callback(),
+            _progress_callback(progress),
             start_step.callback(),
         ],
     )

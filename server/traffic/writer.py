@@ -263,6 +263,8 @@ class WriterSpec:
     uri: str
     key: bytes
     cache_dir: Path
+    # The gateway's own level for this module's logs, so a quieted gateway has a quiet child too.
+    log_level: int = logging.INFO
 
 
 class ProcessWriter:
@@ -418,7 +420,7 @@ def _child_main(spec: WriterSpec, inbox: Any, outbox: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C or SIGTERM is the gateway's to handle:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it drains requests, then stops this process
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [traffic writer] %(message)s"
+        level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s [traffic writer] %(message)s"
     )
     with contextlib.suppress(OSError):
         os.nice(spec.traffic.writer_nice)
@@ -485,5 +487,6 @@ def writer_from_settings(settings: Settings, store: TrafficStore) -> Writer:
         uri=settings.resolved_traffic_uri,
         key=pseudonym_key(settings),
         cache_dir=settings.home / "cache",
+        log_level=logging.getLogger(__package__ or "loraflow.server.traffic").getEffectiveLevel(),
     )
     return ProcessWriter(spec)

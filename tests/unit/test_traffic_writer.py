@@ -168,3 +168,19 @@ def test_a_gateway_ended_by_sigterm_leaves_no_leaked_semaphores(tmp_path: Path) 
     )
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
     assert "leaked semaphore" not in done.stderr, done.stderr[-2000:]
+
+
+def test_the_writer_process_logs_at_the_gateways_level_for_traffic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway that quiets its traffic logs (the demo does) gets a quiet writer process too."""
+    import logging
+
+    settings = Settings(home=tmp_path / "home", traffic=TrafficSettings(writer="process"))
+    logger = logging.getLogger("loraflow.server.traffic")
+    monkeypatch.setattr(logger, "level", logging.ERROR)
+    writer = writer_from_settings(settings, TrafficStore(str(tmp_path / "traffic")))
+    assert isinstance(writer, ProcessWriter) and writer.spec.log_level == logging.ERROR
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    writer = writer_from_settings(settings, TrafficStore(str(tmp_path / "traffic")))
+    assert isinstance(writer, ProcessWriter) and writer.spec.log_level == logging.INFO
