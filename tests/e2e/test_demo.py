@@ -59,7 +59,12 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
         assert adapter.aliases["production"] == 2, adapter.aliases
         moves = registry.history("demo-orders").moves
         assert [m.to_version for m in moves if m.alias == "production"] == [1, 2]
-        assert registry.gate("demo-orders", 1).passed and registry.gate("demo-orders", 2).passed
+        # The demo promotes only through the gate (never with force), so each move above passed it;
+        # what it passed on:
+        for version, rival in ((1, "base"), (2, "production")):
+            systems = registry.evaluations("demo-orders", version)[-1].report["systems"]
+            f1 = {key: s["metrics"]["token_f1"]["mean"] for key, s in systems.items()}
+            assert f1["candidate"] > f1[rival], (version, f1)
         v2 = registry.get_version("demo-orders", 2)
         dataset = registry.get_dataset(v2.dataset or "")
         assert dataset.lineage["kind"] == "traffic" and dataset.lineage["previous"] == "demo-orders@v1"
