@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -298,37 +299,30 @@ class Router:
         return self._registry_ok and bool(self.replicas.healthy()) and self.snapshot.revision >= 0
 
     async def run(self) -> None:
-        """Health checks and registry polls, each in its own loop, so that a replica slow to answer
-        its health check (a busy engine, a dead host's connect timeout) never delays a promote."""
-        await asyncio.gather(self._health_loop(), self._registry_loop(), self._retry_loop())
+        """Health checks, registry polls and preload retries, each in its own loop, so that a replica
+        slow to answer its health check (a busy engine, a dead host's connect timeout) or a slow
+        retried load never delays a promote."""
+        await asyncio.gather(
+            self._every_poll(self.sync_recovered, "health check round"),
+            self._every_poll(self.refresh, "routing refresh", on_error=self._registry_down),
+            self._every_poll(self.retry_preloads, "preload retry round"),
+        )
 
-    async def _health_loop(self) -> None:
+    def _registry_down(self) -> None:
+        self._registry_ok = False  # not ready until the registry answers again
+
+    async def _every_poll(
+        self, step: Callable[[], Awaitable[object]], what: str, *, on_error: Callable[[], None] | None = None
+    ) -> None:
+        """Run ``step`` every ``poll_interval_s``, logging what fails and going on: routing stays up
+        through engine and registry hiccups."""
         while True:
             try:
-                await self.sync_recovered()
+                await step()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # keep checking through engine hiccups
-                log.warning("health check round failed: %s", exc)
-            await asyncio.sleep(self.poll_interval_s)
-
-    async def _retry_loop(self) -> None:
-        while True:
-            try:
-                await self.retry_preloads()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a retry's own failure is counted where it happens
-                log.warning("preload retry round failed: %s", exc)
-            await asyncio.sleep(self.poll_interval_s)
-
-    async def _registry_loop(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep routing alive through registry hiccups
-                self._registry_ok = False
-                log.warning("routing refresh failed: %s", exc)
+            except Exception as exc:
+                if on_error is not None:
+                    on_error()
+                log.warning("%s failed: %s", what, exc)
             await asyncio.sleep(self.poll_interval_s)
