@@ -100,12 +100,11 @@ def demo(
     """Train, evaluate, serve, sample traffic, run the flywheel and gate promotions, on a tiny local model."""
     import openai
 
-    settings = state(ctx).get_settings()
-    registry = Registry.open(settings)
+    app = state(ctx)
+    settings = app.get_settings()
+    name = name or _free_name(app.registry)
+    registry = Registry.open(demo_settings(settings, name))  # the demo adapter's gate and sampling
     try:
-        name = name or _free_name(registry)
-        registry.close()
-        registry = Registry.open(demo_settings(settings, name))
         with quiet_libraries():
             try:
                 Demo(registry, name, (workdir or settings.home / "demo").resolve()).run()
@@ -163,7 +162,7 @@ class Demo:
             3,
             f"train {self.name} v1 (a first, quick version), evaluate it against the prompted base, gate it",
         )
-        v1 = self.train(dataset, epochs=8, label="v1")
+        v1 = self.train(dataset.ref, epochs=8, label="v1")
         app = build_app(
             self.settings,
             registry=self.registry,
@@ -214,11 +213,10 @@ class Demo:
         return dataset
 
     # -- 3 ---------------------------------------------------------------------------
-    def train(self, dataset: str | Any, *, epochs: int, label: str) -> VersionInfo:
+    def train(self, ref: str, *, epochs: int, label: str) -> VersionInfo:
         from loraflow.trainer.config import TrainConfig
         from loraflow.trainer.train import train
 
-        ref = dataset if isinstance(dataset, str) else dataset.ref
         config = TrainConfig(
             adapter=self.name,
             base=str(self.base),
@@ -408,7 +406,7 @@ class Demo:
 
         root = Path(self.settings.resolved_traffic_uri)
         files = sorted(root.rglob("requests-*.jsonl"))
-        raw = [f for f in root.rglob("*.jsonl") if EMAIL in f.read_text() or PHONE in f.read_text()]
+        raw = [f for f in root.rglob("*.jsonl") if EMAIL in (text := f.read_text()) or PHONE in text]
         for path in files:
             for line in path.read_text().splitlines():
                 content = json.loads(line)["request"]["messages"][-1]["content"]
