@@ -15,9 +15,11 @@ gated by the same ``max_regression_drop``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
@@ -39,13 +41,30 @@ def _import() -> None:
 
 
 def _task_manager(settings: LmEvalSettings) -> Any:
+    include = settings.include_path
+    if include is not None and not include.is_dir():
+        raise InvalidArgumentError(
+            f"{PARAM}.include_path: {include} is not a folder", param=f"{PARAM}.include_path"
+        )
+    return _indexed(str(include) if include else None, _fingerprint(include))
+
+
+def _fingerprint(include: Path | None) -> tuple[tuple[str, int, int], ...]:
+    """What the task folder holds: an edited or added task file invalidates the cached index."""
+    if include is None:
+        return ()
+    files = sorted(p for p in include.rglob("*") if p.is_file())
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed(include: str | None, fingerprint: tuple[tuple[str, int, int], ...]) -> Any:
+    """lm-eval's TaskManager walks its whole task tree (about 7 s here); the built-in tasks do not change
+    within a process, so one index per (include folder, its contents) is built once and reused."""
     from lm_eval.tasks import TaskManager
 
-    if settings.include_path is not None and not settings.include_path.is_dir():
-        raise InvalidArgumentError(
-            f"{PARAM}.include_path: {settings.include_path} is not a folder", param=f"{PARAM}.include_path"
-        )
-    return TaskManager(include_path=str(settings.include_path) if settings.include_path else None)
+    del fingerprint  # part of the cache key only
+    return TaskManager(include_path=include)
 
 
 def check_tasks(settings: LmEvalSettings, manager: Any) -> dict[str, str]:

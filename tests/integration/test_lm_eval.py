@@ -89,6 +89,9 @@ def test_tasks_are_checked_before_anything_is_generated(tmp_path: Path) -> None:
     refused("filter 'strict' is not among", metrics, metrics={"loraflow_capitals": "exact_match,strict"})
     ok = LmEvalSuites(LmEvalSettings(tasks=["loraflow_capitals"], include_path=tasks, metrics={}))
     assert ok.keys == {"loraflow_capitals": "exact_match,none"}
+    # The task index is cached per folder, but an edited task file is read again.
+    write_lm_eval_tasks(tasks, output_type="multiple_choice")
+    refused("'loraflow_capitals' is a multiple_choice task")
 
 
 def test_without_lm_eval_installed_the_error_names_the_extra(
