@@ -42,6 +42,11 @@ class RoutingCollector(Collector):
             "Adapter loads since the replica's engine started (vLLM's unload does not free memory).",
             labels=["replica"],
         )
+        load_seconds = GaugeMetricFamily(
+            "loraflow_replica_adapter_load_seconds",
+            "Seconds the replica's adapter loads since its engine started took (with the loads: the mean).",
+            labels=["replica"],
+        )
         draining = GaugeMetricFamily(
             "loraflow_replica_draining",
             "1 while the replica is drained for a planned restart.",
@@ -75,6 +80,7 @@ class RoutingCollector(Collector):
         for replica in self.router.replicas.replicas:
             up.add_metric([replica.url], 1.0 if replica.healthy else 0.0)
             loads.add_metric([replica.url], float(replica.loads))
+            load_seconds.add_metric([replica.url], replica.load_seconds)
             draining.add_metric([replica.url], 1.0 if replica.draining else 0.0)
             busy.add_metric([replica.url], float(replica.busy))
             home.add_metric([replica.url], float(len(self.router.pinned(replica))))
@@ -82,7 +88,7 @@ class RoutingCollector(Collector):
             for name in list(replica.resident):
                 adapter, _, version = name.partition("+")[0].partition("@")
                 resident.add_metric([replica.url, adapter, version], 1.0)
-        yield from (revision, up, loads, draining, busy, home, pinned_evictions, preload_failures, resident)
+        yield from (revision, up, loads, load_seconds, draining, busy, home, pinned_evictions, preload_failures, resident)
 
 
 class SupervisorCollector(Collector):

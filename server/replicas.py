@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
@@ -50,6 +51,7 @@ class Replica:
         self.resident: OrderedDict[str, None] = OrderedDict()
         self.in_flight: Counter[str] = Counter()
         self.loads = 0  # adapter loads since the engine (re)started
+        self.load_seconds = 0.0  # and the time they took, end to end (fetch, verify, load)
         self.pinned_evictions = 0  # pinned versions unloaded because more were homed here than fit
         self.draining = False  # takes no new requests (a planned restart is coming)
         self._idle = asyncio.Event()
@@ -64,7 +66,7 @@ class Replica:
     def reset(self, resident: list[str]) -> None:
         """After the engine (re)started: it holds exactly ``resident``."""
         self.resident = OrderedDict((name, None) for name in resident)
-        self.loads = 0
+        self.loads, self.load_seconds = 0, 0.0
 
     def forget(self, name: str) -> None:
         """The engine turned out not to hold ``name`` any more, and could not resolve it again."""
@@ -84,11 +86,13 @@ class Replica:
                 return
             await self._make_room(name, pinned)
             self._loading.add(name)  # holds its slot, so concurrent loads of others make room for it
+            started = time.perf_counter()
             try:
                 await self.engine.load_adapter(name)
             finally:
                 self._loading.discard(name)
             self.loads += 1
+            self.load_seconds += time.perf_counter() - started
             self.resident[name] = None
 
     def _victim(self, loading: str, pinned: Collection[str]) -> str | None:

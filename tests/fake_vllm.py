@@ -6,6 +6,7 @@ registry, and ``VLLMHttpEngine``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter
@@ -46,6 +47,7 @@ class FakeVLLM:
     # engine name -> how many more loads of it never answer (the gateway's load timeout fires)
     stall: Counter[str] = field(default_factory=Counter)
     resolved: list[str] = field(default_factory=list)  # every load, in order
+    load_delay_s: float = 0.0  # how long a load of a name it does not hold takes
     answer: Callable[[dict[str, Any]], str] | None = None  # request body -> reply; default "from URL"
 
     def _resolve(self, name: str) -> bool:
@@ -75,6 +77,8 @@ class FakeVLLM:
             self.stall[body["model"]] -= 1
             raise httpx.ReadTimeout("timed out", request=request)
         if path == "/tokenize":
+            if self.load_delay_s and body["model"] not in self.loaded | {self.base}:
+                await asyncio.sleep(self.load_delay_s)
             if body["model"] == self.base or self._resolve(body["model"]):
                 return httpx.Response(200, json={"tokens": [1], "count": 1})
             return httpx.Response(

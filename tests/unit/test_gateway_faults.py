@@ -175,7 +175,10 @@ def test_unexpected_errors_are_500s_in_openai_shape_without_a_traceback(gateway_
 
 
 def test_ready_is_status_only_and_the_detail_is_in_metrics(gateway_setup: Setup) -> None:
-    with gateway(gateway_setup, n_replicas=2) as client:
+    client = gateway(gateway_setup, n_replicas=2)
+    for engine in gateway_setup.engines:
+        engine.load_delay_s = 0.05  # before the lifespan starts, so the preloads take it
+    with client:
         ready(client)
         r = client.get("/ready")
         assert r.json() == {"status": "ready"}
@@ -187,6 +190,8 @@ def test_ready_is_status_only_and_the_detail_is_in_metrics(gateway_setup: Setup)
             in metrics
         )
         assert _metric(client, 'loraflow_replica_adapter_loads{replica="http://replica-0"}') == 2.0
+        load_s = _metric(client, 'loraflow_replica_adapter_load_seconds{replica="http://replica-0"}')
+        assert 0.1 <= load_s < 1.0, load_s  # two loads of 0.05 s each
         assert _metric(client, "loraflow_registry_revision") == gateway_setup.registry.revision()
         for engine in gateway_setup.engines:
             engine.up = False
