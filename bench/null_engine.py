@@ -1,7 +1,9 @@
 """A vLLM replica that answers at once: the HTTP surface the gateway uses, with no model behind it.
 
 It holds any adapter it is asked for (as the loraflow resolver would), and answers every chat
-completion with a fixed reply (but for a reference number), streamed or not.
+completion with a fixed reply (but for a reference number), streamed or not, one word a token.
+With vLLM's ``ignore_eos`` it answers exactly ``max_tokens`` tokens, the reply's words over
+again, as vLLM would.
 ``bench/traffic_logging.py`` puts a gateway in front of it to measure the gateway's *own*
 cost, which a real engine's generation time would hide.
 
@@ -26,7 +28,6 @@ REPLY = (
     "I am sorry to hear that your order arrived damaged. I have opened refund request {ref} for it, "
     "and you will receive a confirmation within two business days. Is there anything else I can do?"
 )
-USAGE = {"prompt_tokens": 48, "completion_tokens": 36, "total_tokens": 84}
 
 
 def make_app(base: str) -> Starlette:
@@ -55,7 +56,11 @@ def make_app(base: str) -> Starlette:
         model = body["model"]
         if model != base:
             loaded.add(model)
-        reply = REPLY.format(ref=f"RF-{next(served):07d}")  # every reply its own, as a model's are
+        words = REPLY.format(ref=f"RF-{next(served):07d}").split(" ")  # every reply its own
+        if body.get("ignore_eos") and body.get("max_tokens"):
+            words = [words[i % len(words)] for i in range(int(body["max_tokens"]))]
+        reply = " ".join(words)
+        usage = {"prompt_tokens": 48, "completion_tokens": len(words), "total_tokens": 48 + len(words)}
         if not body.get("stream"):
             return JSONResponse(
                 {
@@ -70,12 +75,12 @@ def make_app(base: str) -> Starlette:
                             "finish_reason": "stop",
                         }
                     ],
-                    "usage": USAGE,
+                    "usage": usage,
                 }
             )
 
         async def events() -> AsyncIterator[bytes]:
-            for i, word in enumerate(reply.split(" ")):
+            for i, word in enumerate(words):
                 delta = {"content": word if i == 0 else " " + word}
                 chunk = {
                     "id": "chatcmpl-null",
@@ -91,7 +96,7 @@ def make_app(base: str) -> Starlette:
                 "created": 1,
                 "model": model,
                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                "usage": USAGE,
+                "usage": usage,
             }
             yield b"data: " + json.dumps(last).encode() + b"\n\ndata: [DONE]\n\n"
 

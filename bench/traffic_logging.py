@@ -26,9 +26,10 @@ gateway's own extra) as a share of all the CPU a request costs at 0%. Records wr
 dropped come from the gateway's own Prometheus counters: a writer that fell behind shows as
 drops, not as throughput. The request path's own share of recording,
 ``TrafficRecorder.offer``, is timed in this process (``event_loop_us_per_request``).
-Writes bench/results/traffic_logging.json.
+Writes bench/results/traffic_logging.json and traffic_logging.png.
 
     .venv/bin/python bench/traffic_logging.py [--seconds 8] [--rounds 12] [--warmup 20] [--only null|vllm]
+    .venv/bin/python bench/traffic_logging.py --plot-only   # redraw the PNG from the last JSON
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import contextlib
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -47,6 +47,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -54,6 +55,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_common import bootstrap_ci, pct  # noqa: E402
 
 from loraflow.registry.service import Registry  # noqa: E402
 from loraflow.registry.settings import Settings  # noqa: E402
@@ -62,6 +66,7 @@ from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter  # noqa:
 from tests.multihost.cluster import Proc, _spawn, start_engine, start_gateway, wait_up  # noqa: E402
 
 TARGET_PCT = 3.0
+OUT = ROOT / "bench" / "results" / "traffic_logging.json"
 CORES = os.cpu_count() or 1
 FORCED = "bench: random adapters have no eval report"
 RATES = {"log0": 0.0, "log10": 0.1, "log100": 1.0}
@@ -173,11 +178,6 @@ def drained(url: str, timeout_s: float = 120) -> float:
     return time.monotonic() - start
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def profiled(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
     """py-spy sampling the gateway (all its threads) for ``seconds``: collapsed stacks in ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,13 +212,6 @@ class Cpu:
             "engine": self._spent([self._engine, *self._engine.children(recursive=True)]),
             "client": self._spent([self._client]),
         }
-
-
-def bootstrap_ci(values: list[float], *, n: int = 5000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of ``values`` (resampling rounds)."""
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(n))
-    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
 def verdict(ci: tuple[float, float], target: float = TARGET_PCT) -> str:
@@ -375,7 +368,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, default=None, help="Folder for py-spy profiles of the gateway (round 0)."
     )
+    parser.add_argument("--plot-only", action="store_true", help="Redraw the plot from the last result.")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(OUT.read_text()), OUT.with_suffix(".png"))
+        return
 
     results: dict[str, object] = {}
     offer_us = {f"{rate:.0%}": round(offer_cost_us(rate), 2) for rate in RATES.values()}
@@ -473,9 +470,44 @@ def main() -> None:
         "does for recording; redaction and writing run in the writer process (writer_cpu_ms_per_record)",
         **results,
     }
-    out = ROOT / "bench" / "results" / "traffic_logging.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, OUT.with_suffix(".png"))
     print(json.dumps(result, indent=2))
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    """Per engine: the throughput loss at each rate (mean over rounds, 95% interval), the loss the
+    CPU spent on recording implies, and the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = [e for e in ("null", "vllm") if e in result]
+    fig, axes = plt.subplots(1, len(engines), figsize=(5.5 * len(engines), 3.8), squeeze=False)
+    for ax, engine in zip(axes[0], engines, strict=True):
+        rates = ["10%", "100%"]
+        cells = [result[engine][r] for r in rates]
+        means = [c["loss_vs_0pct_mean_pct"] for c in cells]
+        low = [m - c["loss_vs_0pct_ci95_pct"][0] for m, c in zip(means, cells, strict=True)]
+        high = [c["loss_vs_0pct_ci95_pct"][1] - m for m, c in zip(means, cells, strict=True)]
+        x = range(len(rates))
+        ax.bar([i - 0.2 for i in x], means, width=0.4, yerr=[low, high], capsize=4, label="throughput loss")
+        ax.bar(
+            [i + 0.2 for i in x],
+            [c["cpu_attributable_loss_pct"] for c in cells],
+            width=0.4,
+            label="CPU recording adds (share)",
+        )
+        ax.axhline(TARGET_PCT, color="red", linestyle="--", linewidth=0.8, label=f"target {TARGET_PCT:g}%")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(list(x), [f"{r} sampled" for r in rates])
+        ax.set_ylabel("% vs 0% sampled")
+        ax.set_title(f"{engine} engine", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"traffic logging cost ({result['machine']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Processes for a many-host deployment on one machine: an S3 endpoint (moto in server mode),
 `loraflow engine` replicas and `loraflow serve` gateways, each its own process with its own
 home folder. They share nothing but what their environment names: the PostgreSQL registry
-and the S3 bucket. Used by the multihost tests and by ``bench/hotswap_multihost.py``.
+and the S3 bucket. Used by the multihost tests and by ``bench/hot_swap.py``.
 """
 
 from __future__ import annotations
