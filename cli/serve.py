@@ -69,7 +69,9 @@ def serve(
     )
     serving = asyncio.Event()  # set once uvicorn runs; a signal after that is a normal stop
     try:
-        stopped_by = asyncio.run(_run(uvicorn.Server(config), app.state.supervised, serving))
+        # The loop uvicorn itself would run: uvloop when installed (see bench/gateway_overhead.py).
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            stopped_by = runner.run(_run(uvicorn.Server(config), app.state.supervised, serving))
     except KeyboardInterrupt:
         if serving.is_set():
             return  # Ctrl-C while serving: uvicorn drained and stopped, as `uvicorn.run` would
@@ -87,7 +89,7 @@ async def _run(
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
-    assert main is not None  # we are inside asyncio.run
+    assert main is not None  # we are inside Runner.run
     terminated = asyncio.Event()
 
     def on_sigterm() -> None:
@@ -101,7 +103,7 @@ async def _run(
         await start_all(supervised)
     except asyncio.CancelledError:
         if not terminated.is_set():
-            raise  # Ctrl-C: asyncio.run turns this into KeyboardInterrupt
+            raise  # Ctrl-C: Runner.run turns this into KeyboardInterrupt
         return signal.SIGTERM
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
