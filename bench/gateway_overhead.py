@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,6 +71,7 @@ class Phase:
     ttfts: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    cpu_s: float = 0.0  # CPU the target's process (gateway, or the engine when direct) spent in the phase
 
     @property
     def throughput(self) -> float:
@@ -163,6 +165,9 @@ def summarize(phases: dict[str, list[Phase]]) -> dict[str, Any]:
             "tokens_per_request": round(statistics.fmean(x for p in ps for x in p.tokens), 1)
             if lat
             else None,
+            "process_cpu_us_per_request": round(
+                1e6 * sum(p.cpu_s for p in ps) / max(1, sum(p.ok for p in ps)), 1
+            ),
         }
     direct = out["direct"]
     for target in phases:
@@ -185,9 +190,15 @@ def summarize(phases: dict[str, list[Phase]]) -> dict[str, Any]:
     return out
 
 
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 async def run_cells(
     urls: dict[str, str],
     models: dict[str, str],
+    pids: dict[str, int],
     cells: list[tuple[int, bool, int]],
     *,
     seconds: float,
@@ -217,6 +228,8 @@ async def run_cells(
             phases: dict[str, list[Phase]] = {t: [] for t in order}
             for r in range(rounds):
                 for target in order[r % len(order) :] + order[: r % len(order)]:
+                    process = psutil.Process(pids[target])
+                    cpu_before = _cpu(process)
                     phase = await _phase(
                         clients[target],
                         target,
@@ -226,11 +239,13 @@ async def run_cells(
                         max_tokens=max_tokens,
                         seconds=seconds,
                     )
+                    phase.cpu_s = _cpu(process) - cpu_before
                     phases[target].append(phase)
             key = f"c{concurrency}_{'stream' if stream else 'json'}_{max_tokens}tok"
             results[key] = summarize(phases)
             line = ", ".join(
-                f"{t} {v['throughput_rps']:.1f} req/s p50 {v['latency_ms']['p50']} ms"
+                f"{t} {v['throughput_rps']:.1f} req/s p50 {v['latency_ms']['p50']} ms "
+                f"cpu {v['process_cpu_us_per_request']} us/req"
                 for t, v in results[key].items()
             )
             print(f"{key}: {line}", flush=True)
@@ -310,6 +325,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, default=None, help="Folder for a py-spy profile (null engine)."
     )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway_overhead.json")
     args = parser.parse_args()
 
@@ -332,18 +348,19 @@ def main() -> None:
                     wait_up(gw, "/ready", 120)
                 urls = {"direct": engine.url, **{t: g.url for t, g in gateways.items()}}
                 names = {t: (models["bench"] if t == "direct" else "bench") for t in urls}
-                cells = [(c, s, max_tokens) for c in CONCURRENCY for s in (False, True)]
+                cells = [(c, s, max_tokens) for c in args.concurrency for s in (False, True)]
                 if kind == "null":
                     cells.append((1, True, 256))  # with c1_stream_16tok: the per-token slope
                 spy = None
                 if args.profile and kind == "null":
                     spy = profile(
-                        gateways["gateway_no_sampling"].popen.pid, args.profile / "gateway.json", 10
+                        gateways["gateway_no_sampling"].popen.pid, args.profile / "gateway.json", 30
                     )
                 print(f"== {kind} engine", flush=True)
+                pids = {"direct": engine.popen.pid, **{t: g.popen.pid for t, g in gateways.items()}}
                 figures = asyncio.run(
                     run_cells(
-                        urls, names, cells, seconds=args.seconds, rounds=args.rounds, warmup=args.warmup
+                        urls, names, pids, cells, seconds=args.seconds, rounds=args.rounds, warmup=args.warmup
                     )
                 )
                 if spy is not None:

@@ -6,8 +6,11 @@ fresh process, so peak memory is that run's alone:
 
 - ``loraflow_lora``, ``loraflow_qlora``: `loraflow.trainer.train` with TrainConfig's defaults
   (3 epochs, r 16, batch 8, evaluation every 20 steps on the validation split).
+- ``loraflow_lora_eval_off``: the same LoRA run with no evaluation (so no checkpoint) during
+  training: what the training steps alone cost, against what the defaults' evaluations add.
 - ``trl_default``: ``SFTTrainer(model=PATH, args=SFTConfig(output_dir=...), train_dataset=...)``,
-  nothing else set: full fine-tuning, 3 epochs, batch 8.
+  nothing else set but ``use_cpu`` where there is no GPU (TRL refuses to start without it):
+  full fine-tuning, 3 epochs, batch 8.
 - ``trl_default_lora``: the same, plus ``peft_config=LoraConfig(task_type="CAUSAL_LM")``
   (PEFT's defaults: r 8 on q_proj and v_proj), TRL's documented LoRA recipe.
 
@@ -37,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SYSTEMS = ("loraflow_lora", "loraflow_qlora", "trl_default", "trl_default_lora")
+SYSTEMS = ("loraflow_lora", "loraflow_qlora", "loraflow_lora_eval_off", "trl_default", "trl_default_lora")
 ROWS = 500
 
 
@@ -90,6 +93,8 @@ def worker(system: str, root: Path) -> dict[str, Any]:
                 data="orders@v1",
                 qlora=system == "loraflow_qlora",
                 output_dir=root / system,
+                # eval_off: no validation pass (nor checkpoint) during training: the steps alone.
+                **({"eval_steps": 10**6} if system.endswith("eval_off") else {}),
             )
             _peak_reset()
             run = train(config, registry=registry, settings=settings)
@@ -106,6 +111,7 @@ def worker(system: str, root: Path) -> dict[str, Any]:
 
 
 def _trl(system: str, root: Path, registry: Any, settings: Any) -> dict[str, Any]:
+    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -127,7 +133,8 @@ def _trl(system: str, root: Path, registry: Any, settings: Any) -> dict[str, Any
     _peak_reset()
     trainer = SFTTrainer(
         model=str(root / "base"),
-        args=SFTConfig(output_dir=str(root / system)),
+        # TRL's defaults, but for the one setting it refuses to start without on a machine with no GPU.
+        args=SFTConfig(output_dir=str(root / system), use_cpu=not torch.cuda.is_available()),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=LoraConfig(task_type="CAUSAL_LM") if system == "trl_default_lora" else None,
