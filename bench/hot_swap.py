@@ -143,7 +143,11 @@ def main() -> None:
                 with httpx.Client(timeout=60) as client:
                     while not stop.is_set():
                         sent = time.monotonic()
-                        r = client.post(f"{url}/v1/chat/completions", json=body)
+                        try:
+                            r = client.post(f"{url}/v1/chat/completions", json=body)
+                        except httpx.HTTPError as exc:
+                            failures.append(f"{url} {exc!r}")
+                            continue
                         if r.status_code != 200:
                             failures.append(f"{url} {r.status_code} {r.text[:200]}")
                         else:
@@ -178,7 +182,7 @@ def main() -> None:
             per_gateway: list[list[float]] = []
             for i in range(PROMOTES):
                 target = f"bench@v{2 if i % 2 == 0 else 1}"
-                reg.promote("bench", int(target[-1]))
+                reg.promote("bench", int(target[-1]), force=True, reason=FORCED)  # no eval report
                 committed = time.monotonic()
                 print(f"promote {i}: {target} committed at {time.time():.3f}", flush=True)
                 answered, routed = [], []

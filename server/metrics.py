@@ -88,7 +88,18 @@ class RoutingCollector(Collector):
             for name in list(replica.resident):
                 adapter, _, version = name.partition("+")[0].partition("@")
                 resident.add_metric([replica.url, adapter, version], 1.0)
-        yield from (revision, up, loads, load_seconds, draining, busy, home, pinned_evictions, preload_failures, resident)
+        yield from (
+            revision,
+            up,
+            loads,
+            load_seconds,
+            draining,
+            busy,
+            home,
+            pinned_evictions,
+            preload_failures,
+            resident,
+        )
 
 
 class SupervisorCollector(Collector):
