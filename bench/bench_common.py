@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,6 +73,13 @@ def engine_proc(kind: str, base: Path, root: Path, env: dict[str, str], **server
     return wait_up(
         _spawn(cmd, env, root / f"null-{port}" / "engine.log", f"http://127.0.0.1:{port}"), "/health", 60
     )
+
+
+def save(result: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """``out`` (JSON) and its plot beside it (``.png``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
 
 
 def pct(values: list[float], q: float) -> float:

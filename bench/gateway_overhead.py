@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_common import bootstrap_ci, engine_proc, pct, tiny_registry  # noqa: E402
+from bench_common import bootstrap_ci, engine_proc, pct, save, tiny_registry  # noqa: E402
 
 from tests.multihost.cluster import Proc, start_gateway, wait_up  # noqa: E402
 
@@ -412,9 +412,7 @@ def main() -> None:
         "verdicts": verdicts,
         "engines": engines,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    save(result, args.out, plot)
     print(json.dumps(verdicts, indent=2))
 
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_common import pct, tiny_registry  # noqa: E402
+from bench_common import pct, save, tiny_registry  # noqa: E402
 
 from tests.multihost.cluster import start_gateway, wait_up  # noqa: E402
 
@@ -210,9 +210,7 @@ def main() -> None:
         "met": {k: r >= TARGET for k, r in ratios.items()},
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    save(result, args.out, plot)
     print(json.dumps({k: result[k] for k in ("ratio_64_to_1", "met")}, indent=2))
 
 

@@ -57,18 +57,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_common import bootstrap_ci, pct  # noqa: E402
+from bench_common import bootstrap_ci, engine_proc, pct, save, tiny_registry  # noqa: E402
 
-from loraflow.registry.service import Registry  # noqa: E402
-from loraflow.registry.settings import Settings  # noqa: E402
-from loraflow.server.engine.supervisor import free_port  # noqa: E402
-from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter  # noqa: E402
-from tests.multihost.cluster import Proc, _spawn, start_engine, start_gateway, wait_up  # noqa: E402
+from tests.multihost.cluster import Proc, start_gateway, wait_up  # noqa: E402
 
 TARGET_PCT = 3.0
 OUT = ROOT / "bench" / "results" / "traffic_logging.json"
 CORES = os.cpu_count() or 1
-FORCED = "bench: random adapters have no eval report"
 RATES = {"log0": 0.0, "log10": 0.1, "log100": 1.0}
 NAMES = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald"]
 SYSTEM = (
@@ -378,24 +373,7 @@ def main() -> None:
     offer_us = {f"{rate:.0%}": round(offer_cost_us(rate), 2) for rate in RATES.values()}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = build_tiny_model(root / "base")
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("LORAFLOW_")},
-            "LORAFLOW_DATABASE_URL": f"sqlite:///{root / 'registry.db'}",
-            "LORAFLOW_ARTIFACT_URI": str(root / "artifacts"),
-            "LORAFLOW_SERVER__MAX_LORA_RANK": "16",
-        }
-        reg = Registry.open(
-            Settings(
-                home=root / "client",
-                database_url=env["LORAFLOW_DATABASE_URL"],
-                artifact_uri=str(root / "artifacts"),
-            )
-        )
-        for seed, adapter in enumerate(RATES, start=1):
-            reg.register(adapter, random_lora_adapter(base, root / adapter, seed=seed), base_model=str(base))
-            reg.promote(adapter, 1, force=True, reason=FORCED)
-        reg.close()
+        base, env, _ = tiny_registry(root, list(RATES))
         gateway_env = {
             **env,
             "LORAFLOW_TRAFFIC__ADAPTERS": json.dumps(RATES),
@@ -406,25 +384,7 @@ def main() -> None:
         for kind, loops, max_tokens in engines:
             if args.only and kind != args.only:
                 continue
-            port = free_port()
-            if kind == "vllm":
-                engine = start_engine(base, root / "engine", env, port=port)
-                wait_up(engine, "/health", 400)
-            else:
-                engine = _spawn(
-                    [
-                        sys.executable,
-                        str(ROOT / "bench" / "null_engine.py"),
-                        "--port",
-                        str(port),
-                        "--base-model",
-                        str(base),
-                    ],
-                    env,
-                    root / "null" / "engine.log",
-                    f"http://127.0.0.1:{port}",
-                )
-                wait_up(engine, "/health", 60)
+            engine = engine_proc(kind, base, root, env)
             gateway = start_gateway(base, root / f"gateway-{kind}", gateway_env, engine_urls=[engine.url])
             try:
                 wait_up(gateway, "/ready", 120)
@@ -470,8 +430,7 @@ def main() -> None:
         "does for recording; redaction and writing run in the writer process (writer_cpu_ms_per_record)",
         **results,
     }
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, OUT.with_suffix(".png"))
+    save(result, OUT, plot)
     print(json.dumps(result, indent=2))
 
 

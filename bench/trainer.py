@@ -39,6 +39,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_common import save  # noqa: E402
 
 SYSTEMS = ("loraflow_lora", "loraflow_qlora", "loraflow_lora_eval_off", "trl_default", "trl_default_lora")
 ROWS = 500
@@ -221,9 +224,7 @@ def main() -> None:
         "verdicts": verdicts,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
+    save(result, args.out, plot)
     print(json.dumps(verdicts, indent=2))
 
 
