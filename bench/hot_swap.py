@@ -21,6 +21,7 @@ every process's log there.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -39,6 +40,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_common import FORCED  # noqa: E402
 
 from loraflow.registry import db  # noqa: E402
 from loraflow.registry.service import Registry  # noqa: E402
@@ -46,8 +50,6 @@ from loraflow.registry.settings import Settings  # noqa: E402
 from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter  # noqa: E402
 from tests.conftest import _create_pg_database, _drop_pg_database  # noqa: E402
 from tests.multihost.cluster import BUCKET, s3_endpoint, start_engine, start_gateway, wait_up  # noqa: E402
-
-FORCED = "bench: random adapters have no eval report"
 
 PROMOTES = 20
 LOOPS_PER_GATEWAY = 2
@@ -79,6 +81,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter).parse_args()
     admin = _admin_url()
     db_url, db_name = _create_pg_database(admin)
     engine = db.make_engine(db_url)
