@@ -277,7 +277,13 @@ def profile(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
         "--duration",
         str(seconds),
     ]
-    cmd += ["--format", "speedscope", "--output", str(out), "--nonblocking"]
+    cmd += [
+        "--format",
+        "speedscope",
+        "--output",
+        str(out),
+        "--native",
+    ]  # native frames need the process paused
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -323,7 +329,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="Warm-up seconds per target and mode.")
     parser.add_argument("--only", choices=["null", "vllm"], default=None)
     parser.add_argument(
-        "--profile", type=Path, default=None, help="Folder for a py-spy profile (null engine)."
+        "--profile",
+        type=Path,
+        default=None,
+        help="Folder for a py-spy profile, native frames included, of gateway_no_sampling (null engine); "
+        "py-spy pauses it for each sample, so that run's figures for it are not comparable.",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway_overhead.json")
