@@ -257,14 +257,13 @@ async def run_cells(
 
 def per_token_us(cells: dict[str, dict[str, Any]], short: str, long: str, target: str) -> float | None:
     """Added time per streamed token: the slope of (gateway - direct) p50 between two stream lengths."""
-    added = {}
-    for key in (short, long):
+
+    def added_ms(key: str) -> float:
         cell = cells[key]
-        added[key] = cell[target]["latency_ms"]["p50"] - cell["direct"]["latency_ms"]["p50"]
-        tokens = cell[target]["tokens_per_request"]
-        added[key + "_tokens"] = tokens
-    span = added[long + "_tokens"] - added[short + "_tokens"]
-    return round(1000 * (added[long] - added[short]) / span, 2) if span else None
+        return float(cell[target]["latency_ms"]["p50"] - cell["direct"]["latency_ms"]["p50"])
+
+    span = cells[long][target]["tokens_per_request"] - cells[short][target]["tokens_per_request"]
+    return round(1000 * (added_ms(long) - added_ms(short)) / span, 2) if span else None
 
 
 def profile(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:

@@ -53,8 +53,8 @@ def _fingerprint(include: Path | None) -> tuple[tuple[str, int, int], ...]:
     """What the task folder holds: an edited or added task file invalidates the cached index."""
     if include is None:
         return ()
-    files = sorted(p for p in include.rglob("*") if p.is_file())
-    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    stats = ((p, p.stat()) for p in sorted(include.rglob("*")) if p.is_file())
+    return tuple((str(p), st.st_mtime_ns, st.st_size) for p, st in stats)
 
 
 @functools.lru_cache(maxsize=4)
