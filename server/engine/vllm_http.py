@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
+from loraflow.server.engine.http1 import (
+    ConnectFailed,
+    ConnectionLost,
+    Http1Pool,
+    HttpError,
+    ProtocolError,
+    ReadTimeout,
+)
 from loraflow.server.engine.protocol import AdapterLoadFailure, EngineDown, EngineFailure, EngineRequestError
 
 
@@ -21,10 +29,83 @@ def _parse_error(status: int, raw: bytes) -> dict[str, Any]:
     return {"error": {"message": raw[:500].decode(errors="replace") or f"HTTP {status}"}}
 
 
+class _Answer(Protocol):
+    status: int
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Poster(Protocol):
+    """What completion calls go through: :class:`Http1Pool`, or httpx over an injected transport."""
+
+    async def post(self, path: str, body: bytes) -> _Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _HttpxAnswer:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise _from_httpx(exc) from exc
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.aread()  # MockTransport answers may hold their body already
+        except httpx.HTTPError as exc:
+            raise _from_httpx(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class _HttpxPoster:
+    """Completion calls over an httpx transport: the unit tier's ``httpx.MockTransport``."""
+
+    def __init__(self, url: str, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
+        self._url = url
+        self._transport = transport
+        self._timeout = timeout.as_dict()
+
+    async def post(self, path: str, body: bytes) -> _Answer:
+        request = httpx.Request(
+            "POST", self._url + path, content=body, headers=_JSON, extensions={"timeout": self._timeout}
+        )
+        try:
+            return _HttpxAnswer(await self._transport.handle_async_request(request))
+        except httpx.HTTPError as exc:
+            raise _from_httpx(exc) from exc
+
+    async def aclose(self) -> None:
+        pass  # the transport is the caller's, closed with the engine's admin client
+
+
+def _from_httpx(exc: httpx.HTTPError) -> HttpError:
+    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
+        return ConnectFailed(str(exc))
+    if isinstance(exc, httpx.TimeoutException):
+        return ReadTimeout(str(exc))
+    return ConnectionLost(f"{type(exc).__name__}: {exc}")
+
+
 _JSON = {"content-type": "application/json"}
 
 
 class VLLMHttpEngine:
+    """A vLLM replica over HTTP. Completion calls go through :class:`Http1Pool` (the hot path;
+    see its module for why), admin calls through an httpx client. With ``transport`` (tests),
+    both go through that httpx transport."""
+
     def __init__(
         self,
         url: str,
@@ -35,19 +116,24 @@ class VLLMHttpEngine:
     ):
         self.url = url.rstrip("/")
         self.load_timeout_s = load_timeout_s
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        self._transport = transport or httpx.AsyncHTTPTransport(limits=limits)
         timeout = httpx.Timeout(timeout_s, connect=5.0)
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=self._transport)
-        self._request_timeout = timeout.as_dict()
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
+        self._completions: _Poster = (
+            _HttpxPoster(self.url, transport, timeout)
+            if transport is not None
+            else Http1Pool(self.url, connect_timeout_s=5.0, read_timeout_s=timeout_s)
+        )
 
     def __repr__(self) -> str:
         return f"VLLMHttpEngine({self.url})"
 
-    def _transport_error(self, exc: httpx.HTTPError, doing: str) -> EngineFailure:
-        what = f"{type(exc).__name__} while {doing}"
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-            return EngineFailure(self.url, what)  # slow, not necessarily gone
+    def _transport_error(self, exc: httpx.HTTPError | HttpError, doing: str) -> EngineFailure:
+        what = f"{type(exc).__name__} while {doing}: {exc}"
+        slow = isinstance(exc, ReadTimeout | ProtocolError) or (
+            isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout)
+        )
+        if slow:
+            return EngineFailure(self.url, what)  # slow or garbled, not necessarily gone
         return EngineDown(self.url, what)
 
     def _status_error(self, status: int, raw: bytes) -> EngineRequestError | EngineFailure:
@@ -62,31 +148,20 @@ class VLLMHttpEngine:
         except httpx.HTTPError:
             return False
 
-    async def _send(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        """A completion request straight to the transport, its body not yet read. The client's own
-        layers (auth, redirects, cookies, URL merging, event hooks) do nothing for a call to our own
-        engine; skipping them halved the gateway's CPU per proxied request on the null engine, from
-        2.4 to 1.2 ms on a 2-core VM (bench/gateway_overhead.py, ``process_cpu_us_per_request``)."""
-        request = httpx.Request(
-            "POST",
-            self.url + path,
-            content=json.dumps(body, separators=(",", ":")).encode(),
-            headers=_JSON,
-            extensions={"timeout": self._request_timeout},
-        )
-        return await self._transport.handle_async_request(request)
+    async def _post(self, path: str, body: dict[str, Any]) -> _Answer:
+        return await self._completions.post(path, json.dumps(body, separators=(",", ":")).encode())
 
     async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = await self._send(path, body)
+            answer = await self._post(path, body)
             try:
-                raw = await response.aread()
+                raw = await answer.read()
             finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
+                await answer.aclose()
+        except HttpError as exc:
             raise self._transport_error(exc, f"calling {path}") from exc
-        if response.status_code != 200:
-            raise self._status_error(response.status_code, raw)
+        if answer.status != 200:
+            raise self._status_error(answer.status, raw)
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -97,15 +172,15 @@ class VLLMHttpEngine:
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         try:
-            response = await self._send(path, body)
+            answer = await self._post(path, body)
             try:
-                if response.status_code != 200:
-                    raise self._status_error(response.status_code, await response.aread())
-                async for chunk in response.aiter_raw():
+                if answer.status != 200:
+                    raise self._status_error(answer.status, await answer.read())
+                async for chunk in answer.chunks():
                     yield chunk
             finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
+                await answer.aclose()
+        except HttpError as exc:
             raise self._transport_error(exc, f"streaming {path}") from exc
 
     async def load_adapter(self, name: str) -> None:
@@ -155,4 +230,5 @@ class VLLMHttpEngine:
             raise EngineFailure(self.url, "/v1/models did not answer with a model list") from exc
 
     async def aclose(self) -> None:
+        await self._completions.aclose()
         await self._client.aclose()

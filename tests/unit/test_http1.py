@@ -1,0 +1,293 @@
+"""The gateway's lean HTTP/1.1 client against a real local server (asyncio streams, loopback).
+
+Each test's server answers by path, and counts the connections it accepted, so reuse is seen
+from the server's side rather than taken from the client's word. Every test runs on asyncio's
+own loop and on uvloop, the loop `loraflow serve` runs (their transports differ).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from loraflow.server.engine.http1 import ConnectFailed, ConnectionLost, Http1Pool, ReadTimeout
+from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
+from loraflow.server.engine.vllm_http import VLLMHttpEngine
+
+Handler = Callable[[bytes, asyncio.StreamWriter, int], Awaitable[bool]]
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """``asyncio.run`` on the loop the test is parametrized with."""
+    factory = uvloop.new_event_loop if request.param == "uvloop" else None
+
+    def run_on_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
+
+    return run_on_loop
+
+
+class Server:
+    """Reads one request at a time per connection and passes it to ``handle(body, writer,
+    request_number_on_this_connection)``, which answers and returns whether to keep reading."""
+
+    def __init__(self, handle: Handler) -> None:
+        self.handle = handle
+        self.connections = 0
+        self.paths: list[str] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.connections += 1
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                self.paths.append(lines[0].split(" ")[1])
+                length = next(
+                    int(v) for k, _, v in (x.partition(": ") for x in lines) if k.lower() == "content-length"
+                )
+                body = await reader.readexactly(length)
+                n += 1
+                if not await self.handle(body, writer, n):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def answer(status: int, payload: Any) -> bytes:
+    body = json.dumps(payload).encode()
+    return b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        status,
+        len(body),
+        body,
+    )
+
+
+async def echo(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+    writer.write(answer(200, {"got": json.loads(body), "n": n}))
+    return True
+
+
+def test_keeps_the_connection_alive_and_prefixes_the_url_path(run: Run) -> None:
+    async def main() -> list[Any]:
+        server = Server(echo)
+        async with server as url:
+            pool = Http1Pool(url + "/engine/")
+            got = []
+            for i in range(3):
+                response = await pool.post("/v1/chat/completions", json.dumps({"i": i}).encode())
+                got.append((response.status, json.loads(await response.read())))
+                await response.aclose()
+            await pool.aclose()
+        assert server.connections == 1
+        assert server.paths == ["/engine/v1/chat/completions"] * 3
+        return got
+
+    assert run(main()) == [(200, {"got": {"i": i}, "n": i + 1}) for i in range(3)]
+
+
+def test_streams_chunks_as_the_server_sends_them(run: Run) -> None:
+    sent_last = asyncio.Event()
+
+    async def chunked(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for piece in (b"data: 1\n\n", b"data: 2\n\n", b"data: end\n"):
+            if piece == b"data: end\n":
+                sent_last.set()
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    async def main() -> tuple[list[bytes], bool, int]:
+        server = Server(chunked)
+        async with server as url:
+            pool = Http1Pool(url)
+            response = await pool.post("/s", b"{}")
+            chunks, last_was_pending = [], False
+            async for chunk in response.chunks():
+                if not chunks:
+                    last_was_pending = not sent_last.is_set()
+                chunks.append(chunk)
+            await response.aclose()
+            second = await pool.post("/s", b"{}")  # the finished stream's connection is reused
+            await second.read()
+            await second.aclose()
+            await pool.aclose()
+        return chunks, last_was_pending, server.connections
+
+    chunks, first_came_early, connections = run(main())
+    assert b"".join(chunks) == b"data: 1\n\ndata: 2\n\ndata: end\n"
+    assert first_came_early  # the first event was handed over before the server wrote the last
+    assert connections == 1
+
+
+def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a_new_one(run: Run) -> None:
+    async def drop_second(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        if n == 2:
+            return False  # closes without a byte of answer, as a server timing out keep-alive does
+        writer.write(answer(200, {"n": n}))
+        return True
+
+    async def main() -> tuple[list[Any], int]:
+        server = Server(drop_second)
+        async with server as url:
+            pool = Http1Pool(url)
+            got = []
+            for _ in range(2):
+                response = await pool.post("/x", b"{}")
+                got.append(json.loads(await response.read()))
+                await response.aclose()
+            await pool.aclose()
+        return got, server.connections
+
+    got, connections = run(main())
+    assert got == [{"n": 1}, {"n": 1}]  # the second request was answered on a second connection
+    assert connections == 2
+
+
+def test_a_new_connection_closed_without_an_answer_is_connection_lost_not_retried(run: Run) -> None:
+    async def drop(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        return False
+
+    async def main() -> int:
+        server = Server(drop)
+        async with server as url:
+            pool = Http1Pool(url)
+            with pytest.raises(ConnectionLost):
+                await pool.post("/x", b"{}")
+            await pool.aclose()
+        return server.connections
+
+    assert run(main()) == 1
+
+
+def test_a_connection_broken_mid_body_is_connection_lost(run: Run) -> None:
+    async def half(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial":')
+        await writer.drain()
+        return False
+
+    async def main() -> None:
+        async with Server(half) as url:
+            pool = Http1Pool(url)
+            response = await pool.post("/x", b"{}")
+            with pytest.raises(ConnectionLost):
+                await response.read()
+            await response.aclose()
+            await pool.aclose()
+
+    run(main())
+
+
+def test_silence_past_the_read_timeout_is_a_read_timeout(run: Run) -> None:
+    async def silent(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        await asyncio.sleep(5)
+        return False
+
+    async def main() -> None:
+        async with Server(silent) as url:
+            pool = Http1Pool(url, read_timeout_s=0.2)
+            with pytest.raises(ReadTimeout):
+                await pool.post("/x", b"{}")
+            await pool.aclose()
+
+    run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_refused_connection_is_connect_failed(run: Run) -> None:
+    async def main() -> None:
+        pool = Http1Pool(f"http://127.0.0.1:{free_port()}")
+        with pytest.raises(ConnectFailed):
+            await pool.post("/x", b"{}")
+
+    run(main())
+
+
+def test_an_unread_answer_closes_its_connection_and_idle_ones_expire(run: Run) -> None:
+    async def main() -> int:
+        server = Server(echo)
+        async with server as url:
+            pool = Http1Pool(url, idle_s=0.1)
+            response = await pool.post("/x", b"{}")
+            await response.aclose()  # not read: may not be reused
+            response = await pool.post("/x", b"{}")
+            await response.read()
+            await response.aclose()  # read: pooled, until it has been idle 0.1 s
+            await asyncio.sleep(0.2)
+            response = await pool.post("/x", b"{}")
+            await response.read()
+            await response.aclose()
+            await pool.aclose()
+        return server.connections
+
+    assert run(main()) == 3
+
+
+def test_the_engine_maps_transport_failures_to_whose_fault_they_are(run: Run) -> None:
+    async def by_path(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        request = json.loads(body)
+        if request["case"] == "bad":
+            writer.write(answer(400, {"error": {"message": "bad temperature", "param": "body.temperature"}}))
+        elif request["case"] == "crash":
+            writer.write(answer(500, {"error": {"message": "CUDA out of memory"}}))
+        elif request["case"] == "slow":
+            await asyncio.sleep(5)
+        return request["case"] != "slow"
+
+    async def main() -> None:
+        async with Server(by_path) as url:
+            engine = VLLMHttpEngine(url, timeout_s=0.2)
+            with pytest.raises(EngineRequestError) as bad:
+                await engine.post_json("/v1/completions", {"case": "bad"})
+            assert (bad.value.status, bad.value.param) == (400, "temperature")
+            with pytest.raises(EngineFailure) as crash:
+                await engine.post_json("/v1/completions", {"case": "crash"})
+            assert not isinstance(crash.value, EngineDown)
+            with pytest.raises(EngineFailure) as slow:
+                await engine.post_json("/v1/completions", {"case": "slow"})
+            assert not isinstance(slow.value, EngineDown)  # slow is not gone: stays in the routing
+            await engine.aclose()
+        down = VLLMHttpEngine(f"http://127.0.0.1:{free_port()}")
+        with pytest.raises(EngineDown):
+            await down.post_json("/v1/completions", {"case": "any"})
+        with pytest.raises(EngineDown):
+            async for _ in down.stream("/v1/completions", {"case": "any"}):
+                pass
+        await down.aclose()
+
+    run(main())
