@@ -190,9 +190,17 @@ def summarize(phases: dict[str, list[Phase]]) -> dict[str, Any]:
     return out
 
 
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
+def _cpu(process: psutil.Process, tree: bool = False) -> float:
+    """CPU seconds of ``process``, with ``tree`` its live descendants' too (a multi-worker gateway's
+    workers, each gateway's traffic writer)."""
+    total = 0.0
+    for p in [process, *(process.children(recursive=True) if tree else [])]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 async def run_cells(
@@ -204,6 +212,7 @@ async def run_cells(
     seconds: float,
     rounds: int,
     warmup: float,
+    cpu_tree: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Every cell (concurrency, stream, max_tokens), ``rounds`` times, targets in rotated order."""
     clients = {
@@ -229,7 +238,7 @@ async def run_cells(
             for r in range(rounds):
                 for target in order[r % len(order) :] + order[: r % len(order)]:
                     process = psutil.Process(pids[target])
-                    cpu_before = _cpu(process)
+                    cpu_before = _cpu(process, cpu_tree)
                     phase = await _phase(
                         clients[target],
                         target,
@@ -239,7 +248,7 @@ async def run_cells(
                         max_tokens=max_tokens,
                         seconds=seconds,
                     )
-                    phase.cpu_s = _cpu(process) - cpu_before
+                    phase.cpu_s = _cpu(process, cpu_tree) - cpu_before
                     phases[target].append(phase)
             key = f"c{concurrency}_{'stream' if stream else 'json'}_{max_tokens}tok"
             results[key] = summarize(phases)
@@ -253,6 +262,43 @@ async def run_cells(
     finally:
         for client in clients.values():
             await client.close()
+
+
+def scale_workers(
+    args: argparse.Namespace,
+    base: Path,
+    root: Path,
+    env: dict[str, str],
+    engine: Proc,
+    direct_name: str,
+    one: Proc,
+) -> dict[str, Any]:
+    """One gateway process against ``serve --workers N`` (shipped defaults otherwise), JSON requests
+    at concurrency 8 and 32; CPU counted over each gateway's whole process tree."""
+    gateways = {
+        f"workers_{n}": start_gateway(base, root / f"null-w{n}", env, engine_urls=[engine.url], workers=n)
+        for n in args.workers
+    }
+    try:
+        for gw in gateways.values():
+            wait_up(gw, "/ready", 120)
+        targets = {"direct": engine, "workers_1": one, **gateways}
+        print("== null engine, gateway workers", flush=True)
+        return asyncio.run(
+            run_cells(
+                {t: p.url for t, p in targets.items()},
+                {t: (direct_name if t == "direct" else "bench") for t in targets},
+                {t: p.popen.pid for t, p in targets.items()},
+                [(8, False, 16), (32, False, 16)],
+                seconds=args.seconds,
+                rounds=args.rounds,
+                warmup=args.warmup,
+                cpu_tree=True,
+            )
+        )
+    finally:
+        for gw in gateways.values():
+            gw.stop()
 
 
 def per_token_us(cells: dict[str, dict[str, Any]], short: str, long: str, target: str) -> float | None:
@@ -335,6 +381,13 @@ def main() -> None:
         "py-spy pauses it for each sample, so that run's figures for it are not comparable.",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        default=[2, 4],
+        help="`serve --workers` counts compared with one process on the null engine (none: skip).",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway_overhead.json")
     args = parser.parse_args()
 
@@ -381,6 +434,10 @@ def main() -> None:
                         for t in TARGETS
                         if t != "direct"
                     }
+                    if args.workers:
+                        engines[kind]["workers"] = scale_workers(
+                            args, base, root, env, engine, models["bench"], gateways["gateway"]
+                        )
             finally:
                 for gw in gateways.values():
                     gw.stop()

@@ -36,12 +36,17 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=1, help="Gateway processes sharing the port (server.workers)."),
+    ] = None,
 ) -> None:
     """Serve /v1/chat/completions and /v1/completions with per-request adapters and hot-swap.
 
     With --base-model alone, serve starts one vLLM engine and waits until it is healthy
     (flags from the [server] settings). If the engine exits before that, serve exits
-    non-zero with the last lines of the engine's log.
+    non-zero with the last lines of the engine's log. With --workers N (running replicas
+    only), N gateway processes share the port; /metrics answers for all of them.
     """
     import uvicorn
 
@@ -54,7 +59,28 @@ def serve(
     if not base:
         raise InvalidArgumentError("pass --base-model (or set server.base_model)", param="base_model")
     bind_host, bind_port = host or server.host, port or server.port
+    n_workers = workers or server.workers
+    urls = engine_url or server.engine_urls
+    if n_workers > 1 and not (urls or server.engine_dns):
+        raise InvalidArgumentError(
+            "--workers above 1 needs running replicas (--engine-url, server.engine_urls or "
+            "server.engine_dns): a supervised engine belongs to one gateway process",
+            param="workers",
+        )
     _check_port_free(bind_host, bind_port)
+    if n_workers > 1:
+        from loraflow.server.workers import run_workers
+
+        run_workers(
+            settings,
+            workers=n_workers,
+            base_model=base,
+            model_name=model_name,
+            engine_urls=list(urls),
+            host=bind_host,
+            port=bind_port,
+        )
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
     app = build_app(

@@ -77,7 +77,13 @@ class ServerSettings(BaseModel):
         None, description="Model id clients use for the base; default its path."
     )
     auth: bool = Field(False, description="Require API keys (loraflow keys create).")
-    max_concurrency: int = Field(64, ge=1, description="In-flight requests before 429.")
+    max_concurrency: int = Field(64, ge=1, description="In-flight requests before 429 (per worker).")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Gateway processes sharing the port, each a whole gateway (as pods behind a Service "
+        "are); more than 1 needs running replicas (engine_urls or engine_dns), not a supervised engine.",
+    )
     poll_interval_s: float = Field(0.2, gt=0, description="How often the registry revision is checked.")
     engine_dns: str | None = Field(
         None,

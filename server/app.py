@@ -38,6 +38,7 @@ from loraflow.server.routing import Router
 from loraflow.server.traffic.live import LiveDrift
 from loraflow.server.traffic.recorder import TrafficRecorder
 from loraflow.server.traffic.writer import writer_from_settings
+from loraflow.server.workers import SharedMetrics
 
 log = logging.getLogger("loraflow.server")
 
@@ -50,6 +51,7 @@ def build_app(
     model_name: str | None = None,
     engine_urls: list[str] | None = None,
     log_file: Path | None = None,
+    shared_metrics: SharedMetrics | None = None,
 ) -> FastAPI:
     """The gateway as ``loraflow serve`` runs it, from settings: the one place engines are wired.
 
@@ -57,7 +59,8 @@ def build_app(
     ``server.engine_dns``, resolved again and again; or, with neither,
     ``server.supervised_engines`` engines on this machine, started in the lifespan and
     stopped with the gateway (``app.state.supervised``). ``base_model`` is the path or
-    hub id engines serve; ``model_name`` is the id clients use for it.
+    hub id engines serve; ``model_name`` is the id clients use for it. ``shared_metrics`` is
+    given to each worker of ``serve --workers`` (:mod:`loraflow.server.workers`).
     """
     server = settings.server
 
@@ -93,6 +96,7 @@ def build_app(
         base_model_id=model_name or server.served_model_name or base_model,
         supervised=supervised,
         discovery=discovery,
+        shared_metrics=shared_metrics,
     )
 
 
@@ -105,6 +109,7 @@ def create_app(
     base_model_id: str | None = None,
     supervised: list[EngineProcess] | None = None,
     discovery: DnsDiscovery | None = None,
+    shared_metrics: SharedMetrics | None = None,
 ) -> FastAPI:
     """Build the services once and store them on ``app.state``, over the given engine replicas.
 
@@ -136,7 +141,7 @@ def create_app(
         else None
     )
     live = LiveDrift(settings.drift)
-    metrics = GatewayMetrics(router, supervised, recorder=recorder, live=live)
+    metrics = GatewayMetrics(router, supervised, recorder=recorder, live=live, shared=shared_metrics)
     gateway = Gateway(
         server, router, replicas, metrics, traffic_settings=settings.traffic, recorder=recorder, live=live
     )
@@ -174,6 +179,8 @@ def create_app(
             loops.append(discovery.run(replicas))
         if recycler is not None:
             loops.append(recycler.run())
+        if shared_metrics is not None:
+            loops.append(shared_metrics.publish_every(metrics.state))
         tasks = [asyncio.create_task(loop) for loop in loops]
         try:
             yield
@@ -189,6 +196,8 @@ def create_app(
             await replicas.aclose()
             for process in supervised or []:
                 await process.stop()
+            if shared_metrics is not None:
+                shared_metrics.close()
 
     app = FastAPI(
         title="loraflow gateway",

@@ -1,16 +1,22 @@
 """Prometheus metrics of the gateway, labelled per adapter and version ("-" for the base model).
 
 Request metrics are counted as requests go. What the replicas hold is read at
-scrape time by :class:`ReplicaCollector`: that is the operator's view of the
+scrape time by :class:`RoutingCollector`: that is the operator's view of the
 engines (their private URLs, health, residency), which the public ``/ready``
 probe does not show.
+
+Under ``loraflow serve --workers N`` every worker process counts its own requests in
+prometheus_client's multiprocess files, summed at scrape time, and publishes what its
+scrape-time collectors see (:class:`loraflow.server.workers.SharedMetrics`), labelled
+``worker``: whichever worker answers a scrape answers for all of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -18,6 +24,9 @@ from loraflow.server.engine.supervisor import EngineProcess
 from loraflow.server.routing import Router
 from loraflow.server.traffic.live import DriftCollector, LiveDrift
 from loraflow.server.traffic.recorder import TrafficRecorder
+
+if TYPE_CHECKING:
+    from loraflow.server.workers import SharedMetrics
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -179,17 +188,23 @@ class GatewayMetrics:
         *,
         recorder: TrafficRecorder | None = None,
         live: LiveDrift | None = None,
+        shared: SharedMetrics | None = None,
     ) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(RoutingCollector(router))
+        self.registry = CollectorRegistry()  # everything, as one process exports it
+        self.state = CollectorRegistry()  # the scrape-time collectors alone
+        self.shared = shared
+        collectors: list[Collector] = [RoutingCollector(router)]
         if supervised:
-            self.registry.register(SupervisorCollector(supervised))
+            collectors.append(SupervisorCollector(supervised))
         if recorder is not None:
-            self.registry.register(TrafficCollector(recorder))
+            collectors.append(TrafficCollector(recorder))
         if live is not None:
-            self.registry.register(
+            collectors.append(
                 DriftCollector(live, lambda: router.snapshot.profiles, lambda: router.snapshot.drift)
             )
+        for collector in collectors:
+            self.registry.register(collector)
+            self.state.register(collector)
         labels = ["adapter", "version"]
         self.requests = Counter(
             "loraflow_requests",
@@ -231,5 +246,14 @@ class GatewayMetrics:
             "loraflow_completion_tokens", "Completion tokens.", labels, registry=self.registry
         )
         self.in_flight = Gauge(
-            "loraflow_in_flight_requests", "Requests being served.", registry=self.registry
+            "loraflow_in_flight_requests",
+            "Requests being served.",
+            registry=self.registry,
+            multiprocess_mode="livesum",  # with --workers: the live workers' sum
         )
+
+    def exposition(self) -> bytes:
+        """The ``/metrics`` body: this process's figures, or with ``--workers`` every worker's."""
+        if self.shared is None:
+            return generate_latest(self.registry)
+        return self.shared.exposition(self.state)

@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraflow.registry.errors import UnauthenticatedError
 
@@ -38,9 +38,7 @@ async def metrics(request: Request) -> Response:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
             raise UnauthenticatedError("/metrics needs the metrics token (server.metrics_token)")
-    return Response(
-        generate_latest(request.app.state.gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    return Response(request.app.state.gateway.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def attach_router(app: FastAPI) -> None:

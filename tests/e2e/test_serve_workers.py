@@ -1,0 +1,112 @@
+"""`loraflow serve --workers 2` as a user runs it, over the session's running vLLM engine.
+
+Two gateway processes share the port; whichever answers ``/metrics`` answers for both: the
+request counters are summed, and each worker's replica view is there under its ``worker``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loraflow.server.embedded import wait_until_ok
+from loraflow.server.engine.supervisor import free_port
+from tests.e2e.conftest import Assets
+from tests.factories import FORCE
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+REQUESTS = 12
+
+
+def requests_counted(text: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('loraflow_requests_total{adapter="support"')
+    )
+
+
+def test_two_workers_share_the_port_and_answer_metrics_for_both(
+    assets: Assets, artifact_uri: str, engine_url: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "LORAFLOW_HOME": str(tmp_path / "home"), "LORAFLOW_ARTIFACT_URI": artifact_uri}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / args[0]), *args[1:]],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    assert (
+        cli(
+            "adapters", "register", "support", str(assets.adapters["a1"]), "--base", str(assets.base)
+        ).returncode
+        == 0
+    )
+    assert cli("adapters", "promote", "support", "v1", *FORCE).returncode == 0
+    serve = ["loraflow", "serve", "--base-model", str(assets.base), "--model-name", "tiny"]
+
+    refused = cli(*serve, "--workers", "2", "--port", str(free_port()))  # no running replica named
+    assert refused.returncode == 2 and "--workers" in refused.stderr, refused.stderr
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [
+                str(BIN / serve[0]),
+                *serve[1:],
+                "--engine-url",
+                engine_url,
+                "--workers",
+                "2",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        assert wait_until_ok(f"{url}/ready", 180, alive=lambda: process.poll() is None), log.read_text()[
+            -3000:
+        ]
+        for i in range(REQUESTS):  # a connection each: the kernel hands them to either worker
+            r = httpx.post(
+                f"{url}/v1/completions",
+                json={"model": "support", "prompt": f"hi {i}", "max_tokens": 2},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            assert r.headers["x-loraflow-model"] == "support@v1"
+        workers = set(re.findall(r"Started server process \[(\d+)\]", log.read_text()))
+        assert len(workers) == 2, log.read_text()[-3000:]
+        up_pattern = re.compile(r'^loraflow_replica_up\{replica="[^"]+",worker="(\d+)"\} 1\.0$', re.M)
+        deadline = time.monotonic() + 10  # each worker publishes its replica view every second
+        while set(up_pattern.findall(httpx.get(f"{url}/metrics", timeout=10).text)) != workers:
+            assert time.monotonic() < deadline, httpx.get(f"{url}/metrics", timeout=10).text
+            time.sleep(0.2)
+        for _ in range(6):  # several scrapes, so both workers answer some (a new connection each)
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            assert requests_counted(text) == REQUESTS, text
+            assert set(up_pattern.findall(text)) == workers, text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    assert code == 0, log.read_text()[-3000:]
+    assert log.read_text().count("Application shutdown complete") == 2

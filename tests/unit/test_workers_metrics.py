@@ -1,0 +1,67 @@
+"""The shared metrics of `serve --workers`: each worker's scrape-time figures, merged, and the
+files of a worker that died without stopping cleanly forgotten."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loraflow.server.workers import SharedMetrics
+
+
+class Fixed(Collector):
+    def __init__(self, up: float, written: float) -> None:
+        self.up, self.written = up, written
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("loraflow_replica_up", "up", labels=["replica"])
+        up.add_metric(["http://e1"], self.up)
+        written = CounterMetricFamily("loraflow_traffic_written", "written", labels=["kind"])
+        written.add_metric(["requests"], self.written)
+        yield from (up, written)
+
+
+def state(up: float, written: float) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(Fixed(up, written))
+    return registry
+
+
+def lines(text: bytes, prefix: str) -> set[str]:
+    return {line for line in text.decode().splitlines() if line.startswith(prefix)}
+
+
+def test_every_workers_figures_are_exported_under_its_pid_and_a_dead_workers_are_dropped(
+    tmp_path: Path,
+) -> None:
+    other = subprocess.Popen(["sleep", "60"])  # stands for a second worker: a live pid
+    try:
+        SharedMetrics(tmp_path, pid=other.pid).publish(state(up=0.0, written=7))
+        me = SharedMetrics(tmp_path)
+        text = me.exposition(state(up=1.0, written=3))
+        assert lines(text, "loraflow_replica_up") == {
+            f'loraflow_replica_up{{replica="http://e1",worker="{os.getpid()}"}} 1.0',
+            f'loraflow_replica_up{{replica="http://e1",worker="{other.pid}"}} 0.0',
+        }
+        assert lines(text, "loraflow_traffic_written_total") == {
+            f'loraflow_traffic_written_total{{kind="requests",worker="{os.getpid()}"}} 3.0',
+            f'loraflow_traffic_written_total{{kind="requests",worker="{other.pid}"}} 7.0',
+        }
+        assert text.decode().count("# TYPE loraflow_replica_up gauge") == 1  # one family, two workers
+    finally:
+        other.kill()
+        other.wait()
+    text = me.exposition(state(up=1.0, written=3))  # killed, so it never closed: its file is dropped
+    assert lines(text, "loraflow_replica_up") == {
+        f'loraflow_replica_up{{replica="http://e1",worker="{os.getpid()}"}} 1.0'
+    }
+    assert not (tmp_path / f"state-{other.pid}.json").exists()
+    me.publish(state(up=1.0, written=3))
+    me.close()  # a clean stop removes its own
+    assert list(tmp_path.glob("state-*.json")) == []
