@@ -241,15 +241,23 @@ class Demo:
         )
         return run.version
 
+    def _through_our_gateway(self) -> Settings:
+        """The settings, with evaluations sent through the gateway the demo runs (rather than a
+        gateway and engine of their own, another vLLM start)."""
+        return self.settings.model_copy(
+            update={"eval": self.settings.eval.model_copy(update={"gateway_url": self.url})}
+        )
+
     def evaluate(self, version: VersionInfo, dataset: str) -> dict[str, Any]:
         from loraflow.trainer.evaluate import evaluate
 
-        settings = self.settings.model_copy(
-            update={"eval": self.settings.eval.model_copy(update={"gateway_url": self.url})}
-        )
         with self.bars.step(f"evaluate {version.ref}") as report:
             result = evaluate(
-                version.ref, registry=self.registry, settings=settings, dataset=dataset, progress=report
+                version.ref,
+                registry=self.registry,
+                settings=self._through_our_gateway(),
+                dataset=dataset,
+                progress=report,
             )
         self._show_report(result.report)
         return result.report
@@ -459,7 +467,7 @@ class Demo:
         header(7, "flywheel: the corrected traffic becomes a dataset; v2 is trained and evaluated against v1")
         cycle = flywheel.run(
             self.registry,
-            self.settings,
+            self._through_our_gateway(),
             self.name,
             since=timedelta(hours=1),
             until=datetime.now(UTC) + timedelta(seconds=1),

