@@ -130,7 +130,7 @@ class _Stream:
     replica: Replica
     first: bytes
     chunks: AsyncIterator[bytes]
-    attempt: AsyncExitStack  # the replica's in-flight count for the version
+    attempt: AsyncExitStack  # the replica's in-flight count for the version; closes ``chunks``
 
 
 class Gateway:
@@ -347,7 +347,8 @@ class Gateway:
                 self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
                 await attempt.aclose()
                 return JSONResponse(data, headers={MODEL_HEADER: target.public})
-            chunks = replica.engine.stream(path, body).__aiter__()
+            chunks = replica.engine.stream(path, body)
+            attempt.push_async_callback(chunks.aclose)  # a client gone mid-stream closes the engine's
             first = await chunks.__anext__()
         except StopAsyncIteration:
             await attempt.aclose()

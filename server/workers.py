@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 PUBLISH_INTERVAL_S = 1.0  # how stale another worker's scrape-time figures may be
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+log = logging.getLogger("loraflow.workers")
 
 
 class SharedMetrics:
@@ -52,13 +53,17 @@ class SharedMetrics:
 
     def __init__(self, folder: Path, *, pid: int | None = None) -> None:
         self.folder = folder
-        self.pid = pid or os.getpid()
+        self.pid = os.getpid() if pid is None else pid
 
     def _snapshot_path(self, pid: int) -> Path:
         return self.folder / f"state-{pid}.json"
 
     def publish(self, state: CollectorRegistry) -> None:
         """Write what this worker's scrape-time collectors see now (atomically: write, then rename)."""
+        self._write(self._snapshot(state))
+
+    def _snapshot(self, state: CollectorRegistry) -> str:
+        """On the event loop, like a scrape: the collectors read state the loop changes."""
         families = [
             {
                 "name": family.name,
@@ -69,14 +74,22 @@ class SharedMetrics:
             }
             for family in state.collect()
         ]
+        return json.dumps(families)
+
+    def _write(self, text: str) -> None:
         path = self._snapshot_path(self.pid)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(families))
+        tmp.write_text(text)
         tmp.replace(path)
 
     async def publish_every(self, state: CollectorRegistry, interval_s: float = PUBLISH_INTERVAL_S) -> None:
+        """Until cancelled; a failed publish is logged and the next one tried (the figures other
+        workers export for this one are then up to a period older)."""
         while True:
-            await asyncio.to_thread(self.publish, state)
+            try:
+                await asyncio.to_thread(self._write, self._snapshot(state))
+            except Exception:
+                log.exception("publishing this worker's metrics to %s failed", self.folder)
             await asyncio.sleep(interval_s)
 
     def close(self) -> None:
@@ -92,16 +105,22 @@ class SharedMetrics:
         return generate_latest(registry)
 
     def _forget_dead_workers(self) -> None:
-        """A worker killed without ``close`` (uvicorn restarts it under a new pid) leaves files."""
-        for path in self.folder.glob("state-*.json"):
-            pid = int(path.stem.removeprefix("state-"))
+        """A worker killed without ``close`` (uvicorn restarts it under a new pid) leaves files.
+        Two workers answering scrapes at once may both remove them: a file already gone is fine."""
+        for pid, path in self._snapshot_files():
             if pid != self.pid and not _alive(pid):
                 path.unlink(missing_ok=True)
-                mark_process_dead(pid, str(self.folder))  # type: ignore[no-untyped-call]
+                with contextlib.suppress(FileNotFoundError):
+                    mark_process_dead(pid, str(self.folder))  # type: ignore[no-untyped-call]
+
+    def _snapshot_files(self) -> Iterator[tuple[int, Path]]:
+        for path in sorted(self.folder.glob("state-*.json")):
+            pid = path.stem.removeprefix("state-")
+            if pid.isdigit():
+                yield int(pid), path
 
     def snapshots(self) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-        for path in sorted(self.folder.glob("state-*.json")):
-            pid = int(path.stem.removeprefix("state-"))
+        for pid, path in self._snapshot_files():
             if pid != self.pid:
                 with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                     yield pid, json.loads(path.read_text())
@@ -152,20 +171,31 @@ class _WorkersState(Collector):
 def worker_app(
     settings: Settings, base_model: str, model_name: str | None, engine_urls: list[str]
 ) -> FastAPI:
-    """What each worker process runs (uvicorn calls it after the process starts)."""
+    """What each worker process runs (uvicorn calls it after the process starts). A gateway that
+    cannot be built exits with uvicorn's start-up failure code, which stops every worker; any
+    other exit would have uvicorn restart the worker, to fail the same way, forever."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    from loraflow.registry.errors import LoraflowError
     from loraflow.registry.service import Registry
     from loraflow.server.app import build_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return build_app(
-        settings,
-        registry=Registry.open(settings),
-        base_model=base_model,
-        model_name=model_name,
-        engine_urls=engine_urls,
-        shared_metrics=SharedMetrics(Path(os.environ[ENV])),
-    )
+    try:
+        return build_app(
+            settings,
+            registry=Registry.open(settings),
+            base_model=base_model,
+            model_name=model_name,
+            engine_urls=engine_urls,
+            shared_metrics=SharedMetrics(Path(os.environ[ENV])),
+        )
+    except LoraflowError as exc:
+        log.error("this worker cannot start: %s (%s)", exc.message, exc.code.value)
+    except Exception:
+        log.exception("this worker cannot start")
+    raise SystemExit(STARTUP_FAILURE)
 
 
 def run_workers(
@@ -178,9 +208,13 @@ def run_workers(
     host: str,
     port: int,
 ) -> None:
-    """Serve with ``workers`` processes until SIGINT or SIGTERM; each drains as ``serve`` does."""
+    """Serve with ``workers`` processes until SIGINT or SIGTERM; each drains as ``serve`` does.
+    A worker that fails its start stops them all, and this raises (its log says why)."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
+
+    from loraflow.registry.errors import UnavailableError
 
     folder = Path(tempfile.mkdtemp(prefix="loraflow-metrics-"))
     os.environ[ENV] = str(folder)  # read by prometheus_client as each (spawned) worker imports it
@@ -195,6 +229,9 @@ def run_workers(
             log_level="info",
         )
         sockets = [config.bind_socket()]
-        Multiprocess(config, sockets=sockets).run()
+        supervisor = Multiprocess(config, sockets=sockets)
+        supervisor.run()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        raise UnavailableError("a gateway worker failed to start; the lines above say why")

@@ -14,9 +14,12 @@ connections sit on a stack, most recent on top. What it keeps from httpx's behav
 - a read timeout between two pieces of the response, and a connect timeout;
 - an idle connection is dropped after ``idle_s``, below the 5 s after which uvicorn (vLLM's
   server) closes it, so a request rarely lands on a connection the server is closing; when one
-  does (the connection ends before any byte of the answer), the request is sent again, once,
-  on a new connection;
-- a response not read to its end closes its connection rather than returning it to the pool.
+  does (the connection ends within ``_STALE_RACE_S`` of the request, before any byte of the
+  answer), the request is sent again, once, on a new connection;
+- a response not read to its end closes its connection rather than returning it to the pool;
+- at most ``max_connections`` requests at once (httpx's limit was the same 256); more wait;
+- 1xx answers are skipped, a body without Content-Length or chunking ends with the connection,
+  and bytes on an idle connection close it.
 
 Admin calls (adapter loads, health, model lists) stay on httpx: they are rare, and its
 features cost nothing there.
@@ -35,6 +38,9 @@ from urllib.parse import urlsplit
 import httptools
 
 _HIGH_WATER = 256 * 1024  # buffered response bytes past which the socket stops being read
+# A reused connection that ends this soon after the request went out, with no byte of answer, is
+# one the server closed while idle (the request crossed its FIN): the request is sent again.
+_STALE_RACE_S = 0.25
 
 
 class HttpError(Exception):
@@ -68,9 +74,13 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self.active = False  # a request is out and its answer not yet handed back
+        self.sent_at = 0.0
         self.status = 0
         self.headers_done = False
         self.keep_alive = False
+        self.framed = False  # Content-Length or chunked: else the body ends when the connection does
+        self.informational = False  # inside a 1xx answer, which a final answer follows
         self.complete = False
         self.answered = False  # any byte of the response arrived
         self.error: HttpError | None = None
@@ -81,6 +91,10 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
+        if not self.active or self.complete:  # nobody asked: they would be taken for the next answer
+            self._fail(ProtocolError("the server sent bytes nobody asked for"))
+            self.close()
+            return
         self.answered = True
         try:
             self._parser.feed_data(data)
@@ -89,7 +103,10 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.complete:
+        if self.active and self.headers_done and not self.complete and not self.framed and exc is None:
+            self.complete, self.keep_alive = True, False  # a body delimited by the end of the connection
+            self._wake()
+        elif not self.complete:
             self._fail(
                 ConnectionLost(f"connection closed: {exc}" if exc else "connection closed by the server")
             )
@@ -97,8 +114,16 @@ class _Connection(asyncio.Protocol):
         self._transport = None
 
     # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self.informational = True  # 100 Continue and the like: the answer is still to come
+            return
+        self.status = status
         self.keep_alive = self._parser.should_keep_alive()  # the parser forgets it once the body ends
         self.headers_done = True
         self._wake()
@@ -112,6 +137,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational, self.framed = False, False
+            return
         self.complete = True
         self._wake()
 
@@ -121,8 +149,10 @@ class _Connection(asyncio.Protocol):
         return self._transport is not None and not self._transport.is_closing() and self.error is None
 
     def send(self, data: bytes) -> None:
-        assert self._transport is not None
+        assert self._transport is not None and not self.active and not self._chunks
+        self.active, self.sent_at = True, time.monotonic()
         self.status, self.headers_done, self.complete, self.answered = 0, False, False, False
+        self.framed, self.informational = False, False
         self._transport.write(data)
 
     async def wait(self) -> None:
@@ -204,6 +234,7 @@ class Response:
             self._pool._release(self._conn)
         else:
             self._conn.close()  # unread or broken: its remaining bytes would belong to no request
+        self._pool._slots.release()
 
 
 class Http1Pool:
@@ -217,6 +248,7 @@ class Http1Pool:
         read_timeout_s: float = 120.0,
         idle_s: float = 4.0,
         max_idle: int = 64,
+        max_connections: int = 256,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -231,6 +263,7 @@ class Http1Pool:
         self.idle_s = idle_s
         self.max_idle = max_idle
         self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(max_connections)  # requests in flight, each on its own connection
         self._closed = False
 
     async def post(self, path: str, body: bytes, content_type: bytes = b"application/json") -> Response:
@@ -249,22 +282,28 @@ class Http1Pool:
                 body,
             )
         )
-        conn, reused = await self._acquire()
-        while True:
-            conn.send(data)
-            try:
-                while not conn.headers_done:
-                    await conn.wait()
-            except ConnectionLost:
-                if not reused or conn.answered:
+        await self._slots.acquire()
+        try:
+            conn, reused = await self._acquire()
+            while True:
+                conn.send(data)
+                try:
+                    while not conn.headers_done:
+                        await conn.wait()
+                except ConnectionLost:
+                    if not reused or conn.answered or time.monotonic() - conn.sent_at > _STALE_RACE_S:
+                        raise
+                    # A kept-alive connection the server closed as the request went out; later
+                    # than that, the server may have acted on the request, which is not resent.
+                    conn, reused = await self._connect(), False
+                    continue
+                except BaseException:
+                    conn.close()
                     raise
-                # A kept-alive connection the server had closed as the request went out.
-                conn, reused = await self._connect(), False
-                continue
-            except BaseException:
-                conn.close()
-                raise
-            return Response(conn, self)
+                return Response(conn, self)
+        except BaseException:
+            self._slots.release()
+            raise
 
     async def aclose(self) -> None:
         self._closed = True
@@ -295,6 +334,7 @@ class Http1Pool:
         return conn
 
     def _release(self, conn: _Connection) -> None:
+        conn.active = False
         if self._closed or len(self._idle) >= self.max_idle:
             conn.close()
             return

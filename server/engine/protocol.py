@@ -4,18 +4,18 @@ Errors say whose fault a failure is, because the gateway acts on that:
 
 - :class:`EngineRequestError`: the engine refused *this request* (a 4xx such as a bad
   sampling field). The client gets the engine's answer as it is.
-- :class:`EngineFailure`: the replica failed (a 5xx, a dropped connection, a timeout,
-  a malformed answer). Before the first byte reached the client, the gateway retries
-  once on another healthy replica, and otherwise answers 503 with ``Retry-After``.
-- :class:`EngineDown`: the replica could not be reached at all. As above, and it is
-  marked unhealthy until its next health check.
+- :class:`EngineFailure`: the replica failed (a 5xx, a timeout, a malformed answer).
+  Before the first byte reached the client, the gateway retries once on another healthy
+  replica, and otherwise answers 503 with ``Retry-After``.
+- :class:`EngineDown`: the replica could not be reached, or dropped the connection. As
+  above, and it is marked unhealthy until its next health check.
 - :class:`AdapterLoadFailure`: the replica could not fetch, verify or load a version.
   As :class:`EngineFailure`; the replica stays in the routing.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from loraflow.registry.errors import EngineUnavailableError, LoraflowError
@@ -72,8 +72,9 @@ class Engine(Protocol):
         """A non-streaming OpenAI call: the engine's JSON object. Raises the errors above."""
         ...
 
-    def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        """A streaming OpenAI call: the raw SSE bytes, chunk by chunk. Raises the errors above."""
+    def stream(self, path: str, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+        """A streaming OpenAI call: the raw SSE bytes, chunk by chunk. Raises the errors above.
+        The caller ``aclose()``s it when it stops early, which closes the engine connection."""
         ...
 
     async def load_adapter(self, name: str) -> None:

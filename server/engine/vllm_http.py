@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 import httpx
@@ -95,6 +95,8 @@ def _from_httpx(exc: httpx.HTTPError) -> HttpError:
         return ConnectFailed(str(exc))
     if isinstance(exc, httpx.TimeoutException):
         return ReadTimeout(str(exc))
+    if isinstance(exc, httpx.DecodingError):
+        return ProtocolError(str(exc))
     return ConnectionLost(f"{type(exc).__name__}: {exc}")
 
 
@@ -170,7 +172,7 @@ class VLLMHttpEngine:
             raise EngineFailure(self.url, f"{path} answered 200 with JSON that is not an object")
         return data
 
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
         try:
             answer = await self._post(path, body)
             try:

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +140,7 @@ class RecordingEngine:
         self.timeline.append(("request", body["model"], time.monotonic()))
         return await self.inner.post_json(path, body)
 
-    def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    def stream(self, path: str, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
         self.timeline.append(("request", body["model"], time.monotonic()))
         return self.inner.stream(path, body)
 

@@ -61,6 +61,12 @@ def test_two_workers_share_the_port_and_answer_metrics_for_both(
 
     refused = cli(*serve, "--workers", "2", "--port", str(free_port()))  # no running replica named
     assert refused.returncode == 2 and "--workers" in refused.stderr, refused.stderr
+    # A worker that cannot build its gateway stops them all, once, rather than being restarted.
+    broken = [*serve[:3], str(tmp_path / "no-such-base"), *serve[4:]]
+    started = time.monotonic()
+    failed = cli(*broken, "--engine-url", engine_url, "--workers", "2", "--port", str(free_port()))
+    assert failed.returncode == 10 and "a gateway worker failed to start" in failed.stderr, failed.stderr
+    assert failed.stderr.count("this worker cannot start") <= 2 and time.monotonic() - started < 120
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

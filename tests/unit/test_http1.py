@@ -291,3 +291,117 @@ def test_the_engine_maps_transport_failures_to_whose_fault_they_are(run: Run) ->
         await down.aclose()
 
     run(main())
+
+
+def test_informational_answers_are_skipped_and_connection_close_is_honoured(run: Run) -> None:
+    async def continue_then_close(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        return True  # the client must not reuse it anyway
+
+    async def main() -> tuple[list[tuple[int, bytes]], int]:
+        server = Server(continue_then_close)
+        async with server as url:
+            pool = Http1Pool(url)
+            got = []
+            for _ in range(2):
+                response = await pool.post("/x", b"{}")
+                got.append((response.status, await response.read()))
+                await response.aclose()
+            await pool.aclose()
+        return got, server.connections
+
+    assert run(main()) == ([(200, b"ok"), (200, b"ok")], 2)
+
+
+def test_a_body_without_length_ends_with_the_connection(run: Run) -> None:
+    async def unframed(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end")
+        return False
+
+    async def main() -> bytes:
+        async with Server(unframed) as url:
+            pool = Http1Pool(url)
+            response = await pool.post("/x", b"{}")
+            body = await response.read()
+            await response.aclose()
+            await pool.aclose()
+        return body
+
+    assert run(main()) == b"until the end"
+
+
+def test_a_request_the_server_may_have_acted_on_is_not_sent_again(run: Run) -> None:
+    async def slow_drop(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        if n == 2:
+            await asyncio.sleep(0.5)  # working on it, then the connection drops
+            return False
+        writer.write(answer(200, {"n": n}))
+        return True
+
+    async def main() -> int:
+        server = Server(slow_drop)
+        async with server as url:
+            pool = Http1Pool(url)
+            response = await pool.post("/x", b"{}")
+            await response.read()
+            await response.aclose()
+            with pytest.raises(ConnectionLost):
+                await pool.post("/x", b"{}")  # on the kept-alive connection
+            await pool.aclose()
+        return len(server.paths)
+
+    assert run(main()) == 2  # received once each, never resent
+
+
+def test_bytes_nobody_asked_for_close_the_connection(run: Run) -> None:
+    async def chatty(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        writer.write(answer(200, {"n": n}))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(answer(200, {"unasked": True}))  # after the answer, on a now idle connection
+        return True
+
+    async def main() -> tuple[list[Any], int]:
+        server = Server(chatty)
+        async with server as url:
+            pool = Http1Pool(url)
+            got = []
+            for _ in range(2):
+                response = await pool.post("/x", b"{}")
+                got.append(json.loads(await response.read()))
+                await response.aclose()
+                await asyncio.sleep(0.1)
+            await pool.aclose()
+        return got, server.connections
+
+    assert run(main()) == ([{"n": 1}, {"n": 1}], 2)  # the second answer came on a new connection
+
+
+def test_requests_past_max_connections_wait_for_a_slot(run: Run) -> None:
+    in_flight, most = 0, 0
+
+    async def slow(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        writer.write(answer(200, {}))
+        return True
+
+    async def main() -> None:
+        async with Server(slow) as url:
+            pool = Http1Pool(url, max_connections=2)
+
+            async def one() -> int:
+                response = await pool.post("/x", b"{}")
+                await response.read()
+                await response.aclose()
+                return response.status
+
+            assert await asyncio.gather(*(one() for _ in range(6))) == [200] * 6
+            await pool.aclose()
+
+    run(main())
+    assert most == 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +35,7 @@ class FakeEngine:
     async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return {}
 
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
         yield b""
 
     async def load_adapter(self, name: str) -> None:

@@ -3,11 +3,14 @@ files of a worker that died without stopping cleanly forgotten."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -65,3 +68,37 @@ def test_every_workers_figures_are_exported_under_its_pid_and_a_dead_workers_are
     me.publish(state(up=1.0, written=3))
     me.close()  # a clean stop removes its own
     assert list(tmp_path.glob("state-*.json")) == []
+
+
+class Flaky(Collector):
+    """Fails its first collection, as a collector may while the loop changes what it reads."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("deque mutated during iteration")
+        up = GaugeMetricFamily("loraflow_replica_up", "up", labels=["replica"])
+        up.add_metric(["http://e1"], 1.0)
+        yield up
+
+
+def test_a_failed_publish_is_logged_and_the_next_one_made(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = CollectorRegistry()
+    registry.register(Flaky())
+    shared = SharedMetrics(tmp_path)
+
+    async def main() -> None:
+        task = asyncio.create_task(shared.publish_every(registry, interval_s=0.01))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert "publishing this worker's metrics" in caplog.text
+    assert "loraflow_replica_up" in (tmp_path / f"state-{os.getpid()}.json").read_text()
