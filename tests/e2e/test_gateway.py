@@ -203,17 +203,23 @@ def test_overload_is_429_with_retry_after(
     registry: Any, engine_url: str, assets: Assets, tmp_path: Path
 ) -> None:
     settings = Settings(home=tmp_path / "home", server=ServerSettings(max_concurrency=1, poll_interval_s=0.1))
-    body = {"model": "support", "prompt": "x", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    body = {"model": "support", "prompt": "x", "max_tokens": 4, "temperature": 0}
+    held = {**body, "max_tokens": 300, "ignore_eos": True, "stream": True}
     for gw in run_gateway(settings, registry, [engine_url], assets.base):
         url = f"{gw.url}/v1/completions"
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(lambda _, u=url: httpx.post(u, json=body, timeout=60), range(6)))
-        statuses = sorted(r.status_code for r in responses)
-        assert 200 in statuses and 429 in statuses, statuses
-        for r in responses:
-            if r.status_code == 429:
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", url, json=held) as stream:  # holds the one slot while it is read
+                assert stream.status_code == 200
+                lines = stream.iter_lines()
+                assert next(lines).startswith("data: ")
+                r = http.post(url, json=body)  # a second connection, while the stream is in flight
+                assert r.status_code == 429, r.text
                 assert r.headers["retry-after"] == "5" and _error(r)["type"] == "rate_limit_error"
-        assert httpx.post(f"{gw.url}/v1/completions", json=body, timeout=60).status_code == 200
+                assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+            # The slot is free again once the stream's relay has ended (a moment after its last byte).
+            wait_for(
+                lambda u=url: http.post(u, json=body).status_code == 200, "a request after the stream", 10
+            )
 
 
 def test_engine_down_is_503_with_retry_after(registry: Any, assets: Assets, tmp_path: Path) -> None:

@@ -92,6 +92,10 @@ def test_two_workers_share_the_port_and_answer_metrics_for_both(
         assert wait_until_ok(f"{url}/ready", 180, alive=lambda: process.poll() is None), log.read_text()[
             -3000:
         ]
+        deadline = time.monotonic() + 120  # /ready answered by one; the other may still be starting
+        while log.read_text().count("Application startup complete") < 2:
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
         for i in range(REQUESTS):  # a connection each: the kernel hands them to either worker
             r = httpx.post(
                 f"{url}/v1/completions",
