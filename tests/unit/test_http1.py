@@ -90,6 +90,17 @@ def answer(status: int, payload: Any) -> bytes:
     )
 
 
+async def ask(pool: Http1Pool, times: int, pause_s: float = 0.0) -> list[tuple[int, bytes]]:
+    """``times`` requests in turn, each answer read whole and its connection handed back."""
+    got = []
+    for _ in range(times):
+        response = await pool.post("/x", b"{}")
+        got.append((response.status, await response.read()))
+        await response.aclose()
+        await asyncio.sleep(pause_s)
+    return got
+
+
 async def echo(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
     writer.write(answer(200, {"got": json.loads(body), "n": n}))
     return True
@@ -161,11 +172,7 @@ def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a_new_o
         server = Server(drop_second)
         async with server as url:
             pool = Http1Pool(url)
-            got = []
-            for _ in range(2):
-                response = await pool.post("/x", b"{}")
-                got.append(json.loads(await response.read()))
-                await response.aclose()
+            got = [json.loads(body) for _, body in await ask(pool, 2)]
             await pool.aclose()
         return got, server.connections
 
@@ -303,11 +310,7 @@ def test_informational_answers_are_skipped_and_connection_close_is_honoured(run:
         server = Server(continue_then_close)
         async with server as url:
             pool = Http1Pool(url)
-            got = []
-            for _ in range(2):
-                response = await pool.post("/x", b"{}")
-                got.append((response.status, await response.read()))
-                await response.aclose()
+            got = await ask(pool, 2)
             await pool.aclose()
         return got, server.connections
 
@@ -366,12 +369,7 @@ def test_bytes_nobody_asked_for_close_the_connection(run: Run) -> None:
         server = Server(chatty)
         async with server as url:
             pool = Http1Pool(url)
-            got = []
-            for _ in range(2):
-                response = await pool.post("/x", b"{}")
-                got.append(json.loads(await response.read()))
-                await response.aclose()
-                await asyncio.sleep(0.1)
+            got = [json.loads(body) for _, body in await ask(pool, 2, pause_s=0.1)]
             await pool.aclose()
         return got, server.connections
 
