@@ -42,9 +42,13 @@ def _hub_snapshot(model_id: str) -> Path | None:
     """The local snapshot of a hub model, if it is in the Hugging Face cache. Never downloads."""
     try:
         from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
     except ImportError:
         return None
-    found = try_to_load_from_cache(model_id, "config.json")
+    try:
+        found = try_to_load_from_cache(model_id, "config.json")
+    except HFValidationError:
+        return None  # not a hub id at all, e.g. a local path that does not exist
     return Path(found).parent if isinstance(found, str) else None
 
 

@@ -200,6 +200,14 @@ def test_errors_are_one_line_and_change_nothing(
     assert state_json() == before
 
 
+def test_a_base_path_that_does_not_exist_is_named(two_versions: Path, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "a")
+    before = state_json()
+    code, output = adapters("register", "support", str(src), "--base", str(tmp_path / "no-such-base"))
+    assert code == 3 and "neither a local directory nor in the Hugging Face cache" in output, output
+    assert output.startswith("error: ") and state_json() == before
+
+
 def test_refused_adapter_exit_code(base_dir: Path, tmp_path: Path) -> None:
     src = make_adapter(tmp_path / "a", config={"use_dora": True})
     code, output = adapters("register", "x", str(src), "--base", str(base_dir))
