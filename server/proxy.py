@@ -197,10 +197,9 @@ class Gateway:
         error: str | None = None
         try:
             body = call.body = await self._body(request)
+            snapshot = self.router.loaded()
             key = call.key = (
-                authenticate(request.headers.get("authorization"), self.router.snapshot)
-                if self.settings.auth
-                else None
+                authenticate(request.headers.get("authorization"), snapshot) if self.settings.auth else None
             )
             target = self.router.resolve(body["model"])
             labels = (target.adapter or "-", f"v{target.version}" if target.version else "-")

@@ -30,7 +30,7 @@ from typing import Any
 
 from loraflow.registry import domain
 from loraflow.registry.basemodel import template_matches
-from loraflow.registry.errors import LoraflowError, NotFoundError
+from loraflow.registry.errors import LoraflowError, NotFoundError, UnavailableError
 from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref
 from loraflow.registry.service import Registry
 from loraflow.server.engine import cache
@@ -293,6 +293,16 @@ class Router:
             except LoraflowError as exc:
                 replica.healthy = False
                 log.warning("replica %s not ready: %s", replica.url, exc)
+
+    def loaded(self) -> Snapshot:
+        """The routing snapshot; before the first one is loaded, a 503 rather than a 404 or 401
+        for models and keys that exist (a worker may take connections before its first poll)."""
+        snap = self.snapshot
+        if snap.revision < 0:
+            raise UnavailableError(
+                "the gateway is starting: its routing table is not loaded yet; retry shortly"
+            )
+        return snap
 
     @property
     def ready(self) -> bool:

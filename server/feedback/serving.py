@@ -50,7 +50,7 @@ class FeedbackService:
 
     async def handle(self, request: Request) -> FeedbackResponse:
         key = (
-            authenticate(request.headers.get("authorization"), self.router.snapshot)
+            authenticate(request.headers.get("authorization"), self.router.loaded())
             if self.settings.auth
             else None
         )

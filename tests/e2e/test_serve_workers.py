@@ -112,11 +112,16 @@ def test_two_workers_share_the_port_and_answer_metrics_for_both(
             assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         for i in range(REQUESTS):  # a connection each: the kernel hands them to either worker
-            r = httpx.post(
-                f"{url}/v1/completions",
-                json={"model": "support", "prompt": f"hi {i}", "max_tokens": 2},
-                timeout=60,
-            )
+            for _ in range(50):  # a worker answers 503 until its first routing snapshot is in
+                r = httpx.post(
+                    f"{url}/v1/completions",
+                    json={"model": "support", "prompt": f"hi {i}", "max_tokens": 2},
+                    timeout=60,
+                )
+                if r.status_code != 503:
+                    break
+                assert r.json()["error"]["code"] == "unavailable" and r.headers["retry-after"], r.text
+                time.sleep(0.1)
             assert r.status_code == 200, r.text
             assert r.headers["x-loraflow-model"] == "support@v1"
         workers = set(re.findall(r"Started server process \[(\d+)\]", log.read_text()))

@@ -278,3 +278,21 @@ def test_a_load_the_engine_already_finished_counts_as_loaded(gateway_setup: Setu
         replica.forget(name)  # the gateway lost track; the engine did not
         r = client.post("/v1/chat/completions", json={"model": "support", **CHAT})
         assert r.status_code == 200 and name in replica.resident
+
+
+def test_before_its_first_routing_snapshot_a_gateway_answers_503_not_404(
+    gateway_setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraflow.server.routing import Snapshot
+
+    client = gateway(gateway_setup)
+    with client:
+        ready(client)
+        router = client.app.state.gateway.router  # type: ignore[attr-defined]
+        monkeypatch.setattr(router.registry, "revision", lambda: -1)  # its polls find nothing new
+        loaded, router.snapshot = router.snapshot, Snapshot()  # as a worker that has not polled yet
+        r = client.post("/v1/chat/completions", json={"model": "support", **CHAT})
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert r.json()["error"]["code"] == "unavailable"
+        router.snapshot = loaded
+        assert client.post("/v1/chat/completions", json={"model": "support", **CHAT}).status_code == 200
