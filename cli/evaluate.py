@@ -19,6 +19,25 @@ def _cell(stat: dict[str, Any] | None, key: str = "mean") -> str:
     return f"{stat[key]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{stat[key]:.3f}"
 
 
+def headline(report: dict[str, Any]) -> str:
+    """One line: the primary metric of each system (prompted base, production, candidate) with its
+    interval, and the candidate's differences; what `adapters show NAME@vN` prints of a report."""
+    primary = report.get("primary_metric")
+    systems = report.get("systems") or {}
+    if not primary or not systems:
+        return "no primary metric in this report"
+    parts = [
+        f"{s.get('label', key)} {_cell((s.get('metrics') or {}).get(primary))}" for key, s in systems.items()
+    ]
+    diffs = [
+        f"Δ vs {key} {_cell(c.get(primary), 'diff')}" for key, c in (report.get("comparisons") or {}).items()
+    ]
+    where = (
+        f" on {report.get('dataset')} {report.get('split')} (n={report.get('n')})" if report.get("n") else ""
+    )
+    return f"{primary}{where}: " + ", ".join(parts) + ("; " + ", ".join(diffs) if diffs else "")
+
+
 def print_report(report: dict[str, Any]) -> None:
     systems, comparisons = report["systems"], report["comparisons"]
     out.print(

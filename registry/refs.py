@@ -56,6 +56,24 @@ def parse_version(text: str, *, param: str = "version") -> int:
     return int(match.group(1))
 
 
+def parse_target(text: str, *, default_name: str | None, param: str, version_first: bool = False) -> Ref:
+    """A reference as commands take it: ``NAME``, ``NAME@vN`` or ``NAME:ALIAS``; with a default
+    adapter also ``@vN`` and ``:ALIAS``, and where a version is expected (``version_first``) a bare
+    ``vN``. ``default_name`` is None when no default adapter is set."""
+    short = text.startswith(("@", ":")) or (version_first and VERSION_RE.match(text.strip()) is not None)
+    if not short:
+        return parse_ref(text, param=param)
+    if not default_name:
+        raise InvalidArgumentError(
+            f"{text!r} names no adapter, and no default_adapter is set in loraflow.toml: "
+            f"write NAME{text if text[0] in '@:' else '@' + text}",
+            param=param,
+        )
+    if text[0] in "@:":
+        return parse_ref(default_name + text, param=param)
+    return Ref(check_name(default_name, param=param), version=parse_version(text, param=param))
+
+
 def parse_ref(text: str, *, param: str = "model") -> Ref:
     """Parse ``NAME``, ``NAME@vN`` or ``NAME:ALIAS``."""
     if "@" in text:

@@ -18,8 +18,9 @@ from loraflow.registry import domain, gate
 from loraflow.registry.adapter_files import ADAPTER_FILES, inspect_adapter
 from loraflow.registry.artifacts import ArtifactStore
 from loraflow.registry.basemodel import BaseModel, resolve_base_model, template_hash_of, template_matches
-from loraflow.registry.db import ensure_schema, make_engine
+from loraflow.registry.db import open_engine
 from loraflow.registry.errors import (
+    ConflictError,
     GateRefusedError,
     InvalidAdapterError,
     InvalidArgumentError,
@@ -40,16 +41,17 @@ class Registry:
         self._traffic: TrafficStore | None = None
 
     @classmethod
-    def open(cls, settings: Settings) -> Registry:
-        engine = make_engine(settings.resolved_database_url)
+    def open(cls, settings: Settings, *, create: bool = True) -> Registry:
+        """The registry ``settings`` name, its schema at head. ``create=False`` (for commands that only
+        read) refuses to create a SQLite database that is not there: NotFoundError naming the path.
+        A database server that cannot be reached is UnavailableError; a bad URL InvalidArgumentError."""
+        engine = open_engine(settings.resolved_database_url, create=create)
         try:
-            ensure_schema(engine)
+            artifacts = ArtifactStore(settings.resolved_artifact_uri)
         except BaseException:
             engine.dispose()
             raise
-        return cls(
-            settings, store=MetadataStore(engine), artifacts=ArtifactStore(settings.resolved_artifact_uri)
-        )
+        return cls(settings, store=MetadataStore(engine), artifacts=artifacts)
 
     def close(self) -> None:
         self.store.engine.dispose()
@@ -167,17 +169,19 @@ class Registry:
         if reason is not None and not force:
             raise InvalidArgumentError("--reason goes with --force", param="reason")
         note: dict[str, Any] | None = {"forced": True, "reason": reason} if force else None
+        condition: domain.AliasExpect = domain.AliasState.ANY if expect is None else expect
         if alias in self.settings.gate.aliases:
             production = self._alias_version(name, DEFAULT_ALIAS)
             decision = self._gate(name, version, alias=alias, production=production)
             if not decision.passed and not force:
                 raise GateRefusedError(decision.message(), param="version")
             note = (note or {}) | {"gate": decision.to_json()}
-            # The report was made against this production version: move only if it still is.
-            if decision.passed and alias == DEFAULT_ALIAS and expect is None and production is not None:
-                expect = production
+            # The report was made against this production version (or against none): move only if
+            # that is still so. Without this, two gated first promotions racing would both succeed.
+            if decision.passed and alias == DEFAULT_ALIAS and expect is None:
+                condition = domain.AliasState.UNSET if production is None else production
         return self.store.set_alias(
-            name=name, alias=alias, version=version, expect=expect, actor=self.actor, note=note
+            name=name, alias=alias, version=version, expect=condition, actor=self.actor, note=note
         )
 
     def gate(self, name: str, version: int, *, alias: str = DEFAULT_ALIAS) -> GateDecision:
@@ -244,6 +248,19 @@ class Registry:
     def rollback(self, name: str, *, alias: str = DEFAULT_ALIAS) -> domain.AliasMoveInfo:
         check_alias(alias)
         return self.store.rollback_alias(name=name, alias=alias, actor=self.actor)
+
+    def delete_alias(self, name: str, alias: str, *, force: bool = False) -> int:
+        """Remove ``alias`` (audited); returns the version it pointed at. A gated alias
+        (``gate.aliases``) and ``production`` (what a bare ``NAME`` is served by) need ``force``.
+        Its moves stay in the history; a later promote creates it afresh."""
+        check_alias(alias)
+        if (alias == DEFAULT_ALIAS or alias in self.settings.gate.aliases) and not force:
+            raise ConflictError(
+                f"{name}:{alias} is a gated or serving alias (requests for {name} use production); "
+                "deleting it needs --force",
+                param="force",
+            )
+        return self.store.delete_alias(name=name, alias=alias, actor=self.actor)
 
     def archive(self, name: str, version: int) -> domain.VersionInfo:
         return self.store.archive(name=name, version=version, actor=self.actor)

@@ -366,36 +366,70 @@ class MetadataStore:
         name: str,
         alias: str,
         version: int,
-        expect: int | None,
+        expect: domain.AliasExpect,
         actor: str,
         note: dict[str, Any] | None = None,
     ) -> domain.AliasMoveInfo:
-        """``note`` (the gate's decision, a forced promotion's reason) goes into the audit event."""
+        """Move ``alias`` to ``version`` if it still satisfies ``expect`` (a version, ``AliasState.UNSET``
+        for a first promotion, or ``AliasState.ANY``). ``note`` (the gate's decision, a forced
+        promotion's reason) goes into the audit event."""
         with self._write(actor) as tx:
             adapter = self._adapter_row(tx.session, name)
             return self._move_alias(tx, adapter, alias, version, expect=expect, reason="promote", note=note)
 
     def rollback_alias(self, *, name: str, alias: str, actor: str) -> domain.AliasMoveInfo:
-        """Move an alias back to the version it pointed at before its last move."""
+        """Move an alias to the version it pointed at before its last move *forward*.
+
+        Each rollback undoes one forward move (a ``promote``) that no earlier rollback undid, so
+        repeated rollbacks walk back through history: v1 -> v2 -> v3, rollback -> v2, rollback
+        -> v1, rollback -> nothing to roll back to. The walk stops where the alias was created.
+        """
         with self._write(actor) as tx:
             s = tx.session
             adapter = self._adapter_row(s, name)
-            last = s.exec(
+            row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
+            if row is None:
+                raise NotFoundError(f"{name} has no alias {alias!r}", param="alias")
+            moves = s.exec(
                 select(AliasMove)
                 .where(AliasMove.adapter_id == adapter.id, AliasMove.alias == alias)
-                .order_by(col(AliasMove.revision).desc())
-            ).first()
-            if last is None:
-                raise NotFoundError(f"{name} has no alias {alias!r}", param="alias")
-            if last.from_version is None:
+                .order_by(col(AliasMove.revision).desc(), col(AliasMove.id).desc())
+            ).all()
+            undone = 0  # forward moves already undone by the rollbacks seen so far (newest first)
+            target: int | None = None
+            for move in moves:
+                if move.reason == "rollback":
+                    undone += 1
+                elif undone:
+                    undone -= 1
+                else:
+                    target = move.from_version
+                    break
+            if target is None:
                 raise ConflictError(
-                    f"{name}:{alias} has only ever pointed at v{last.to_version}; "
-                    "there is nothing to roll back to",
+                    f"{name}:{alias} points at v{row.version} and every earlier move forward has been "
+                    "rolled back; there is nothing to roll back to",
                     param="alias",
                 )
-            return self._move_alias(
-                tx, adapter, alias, last.from_version, expect=last.to_version, reason="rollback"
-            )
+            return self._move_alias(tx, adapter, alias, target, expect=row.version, reason="rollback")
+
+    def delete_alias(self, *, name: str, alias: str, actor: str) -> int:
+        """Remove an alias (its moves stay in the history); the version it pointed at."""
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
+            if row is None:
+                have = s.exec(select(Alias.name).where(Alias.adapter_id == adapter.id)).all()
+                raise NotFoundError(
+                    f"{name} has no alias {alias!r}; aliases: {', '.join(sorted(have)) or 'none'}",
+                    param="alias",
+                )
+            version = row.version
+            s.delete(row)
+            tx.audit("alias.delete", "adapter", name, alias=alias, before={"version": version}, after=None)
+            s.flush()
+            return version
 
     def _move_alias(
         self,
@@ -404,7 +438,7 @@ class MetadataStore:
         alias: str,
         version: int,
         *,
-        expect: int | None,
+        expect: domain.AliasExpect,
         reason: str,
         note: dict[str, Any] | None = None,
     ) -> domain.AliasMoveInfo:
@@ -414,10 +448,13 @@ class MetadataStore:
             raise ConflictError(f"{name}@v{version} is archived; it cannot be served", param="version")
         row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
         current = row.version if row else None
-        if expect is not None and current != expect:
+        if expect is not domain.AliasState.ANY and current != (
+            None if expect is domain.AliasState.UNSET else expect
+        ):
             now = f"v{current}" if current is not None else "nothing"
+            wanted = "nothing" if expect is domain.AliasState.UNSET else f"v{expect}"
             raise ConflictError(
-                f"{name}:{alias} points at {now}, not v{expect}; someone moved it first. Nothing was changed",
+                f"{name}:{alias} points at {now}, not {wanted}; someone moved it first. Nothing was changed",
                 param="expect",
             )
         if current == version:

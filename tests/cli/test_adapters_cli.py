@@ -184,7 +184,13 @@ def test_diff(base_dir: Path, tmp_path: Path) -> None:
         (("show", "bad name!"), 2, "invalid name"),
         (("promote", "support", "v9", *FORCE), 3, "versions: v1, v2"),
         (("promote", "support", "three"), 2, "invalid version"),
-        (("archive", "support"), 2, "archive takes NAME@vN"),
+        (("archive", "support"), 2, "'support' names no version: write support@vN"),
+        (("archive", "@v1"), 2, "no default_adapter is set"),
+        (("promote", "support:nope"), 3, "has no alias 'nope'"),
+        (("diff", "support@v1", "other@v2"), 2, "two versions of one adapter"),
+        (("alias", "delete", "support"), 2, "alias delete takes NAME:ALIAS"),
+        (("alias", "delete", "support:staging"), 3, "has no alias 'staging'; aliases: none"),
+        (("alias", "delete", "support:production"), 4, "deleting it needs --force"),
         (("rollback", "support"), 3, "no alias 'production'"),
         (("diff", "support", "v1", "v7"), 3, "has no version v7"),
     ],
@@ -254,7 +260,7 @@ def test_show_says_whether_each_version_matches_its_base_chat_template(
     rows = [line.split("│") for line in output.splitlines() if line.startswith("│ v")]
     assert code == 0 and "template" in output
     assert [row[7].strip() for row in rows] == ["yes", "NO", "unknown"]
-    assert "template_matches: yes" in adapters("show", "support@v1")[1]
+    assert "chat template matches: yes" in adapters("show", "support@v1")[1]
 
 
 def test_history_holds_only_the_adapters_own_events(base_dir: Path, tmp_path: Path) -> None:
@@ -279,3 +285,124 @@ def test_history_holds_only_the_adapters_own_events(base_dir: Path, tmp_path: Pa
         assert {(e["subject_kind"], e["subject"]) for e in events} == {("adapter", name)}
     code, output = adapters("history", "support")
     assert "support@v1" in output and "dataset.register" not in output
+
+
+def test_every_command_takes_name_at_version_and_name_colon_alias(two_versions: Path) -> None:
+    code, output = adapters("promote", "support@v1", *FORCE, "--json")
+    assert code == 0, output
+    move = json.loads(output)
+    assert (move["alias"], move["from_version"], move["to_version"], move["reason"]) == (
+        "production",
+        None,
+        1,
+        "promote",
+    )
+    assert move["created_alias"] is True and move["forced"] is True
+    assert adapters("promote", "support@v2", "--alias", "staging")[0] == 0
+    # staging's version goes to production: NAME:ALIAS resolves to what the alias points at now
+    code, output = adapters("promote", "support:staging", "--expect", "v1", *FORCE)
+    assert code == 0 and "support:production -> v2 (was v1" in output
+    assert json.loads(adapters("show", "support:production", "--json")[1])["version"] == 2
+    assert json.loads(adapters("show", "support@v1", "--json")[1])["version"] == 1
+    code, output = adapters("diff", "support@v1", "support:production", "--json")
+    assert code == 0 and json.loads(output) == json.loads(
+        adapters("diff", "support", "v1", "v2", "--json")[1]
+    )
+    assert adapters("promote", "support", "v1", *FORCE)[0] == 0  # the older two-word form
+    code, output = adapters("rollback", "support:production", "--json")
+    assert code == 0 and json.loads(output)["to_version"] == 2
+    code, output = adapters("archive", "support@v1", "--json")
+    assert code == 0 and json.loads(output)["status"] == "archived"
+
+
+def test_default_adapter_applies_to_every_command(two_versions: Path, isolated_env: Path) -> None:
+    (isolated_env / "loraflow.toml").write_text('default_adapter = "support"\n')
+    assert adapters("promote", "@v1", *FORCE)[0] == 0
+    assert adapters("promote", ":production", "--alias", "staging")[0] == 0
+    assert json.loads(adapters("show", "--json")[1])["aliases"] == {"production": 1, "staging": 1}
+    assert json.loads(adapters("show", "@v2", "--json")[1])["version"] == 2
+    assert json.loads(adapters("show", ":staging", "--json")[1])["version"] == 1
+    assert "alias.promote" in adapters("history")[1]
+    assert "weights" in json.loads(adapters("diff", "@v1", "v2", "--json")[1])
+    code, output = adapters("alias", "delete", ":staging")
+    assert code == 0 and "deleted support:staging (pointed at v1)" in output
+    assert adapters("archive", "v2")[0] == 0
+
+
+def test_a_new_alias_name_is_warned_about_and_can_be_deleted(two_versions: Path) -> None:
+    result = runner.invoke(adapters_app, ["promote", "support@v1", *FORCE])
+    assert result.exit_code == 0 and "warning" not in result.output  # the first production is expected
+    result = runner.invoke(adapters_app, ["promote", "support@v2", "--alias", "prod"])
+    assert result.exit_code == 0
+    assert "warning: creating new alias 'prod' on support (existing: production)" in result.stderr
+    assert "pointed at by prod" in adapters("archive", "support@v2")[1]
+    before = json.loads(adapters("history", "support", "--json")[1])
+    code, output = adapters("alias", "delete", "support:prod", "--json")
+    assert code == 0 and json.loads(output) == {
+        "adapter": "support",
+        "alias": "prod",
+        "version": 2,
+        "deleted": True,
+    }
+    after = json.loads(adapters("history", "support", "--json")[1])
+    event = after["events"][-1]
+    assert (event["action"], event["alias"], event["before"]) == ("alias.delete", "prod", {"version": 2})
+    assert event["revision"] > before["events"][-1]["revision"]
+    assert "alias.delete" in adapters("history", "support")[1]
+    assert adapters("archive", "support@v2")[0] == 0
+    # production needs --force
+    code, output = adapters("alias", "delete", "support:production")
+    assert code == 4 and "--force" in output
+    assert adapters("alias", "delete", "support:production", "--force")[0] == 0
+    assert json.loads(adapters("show", "support", "--json")[1])["aliases"] == {}
+
+
+def test_repeated_rollbacks_walk_back(two_versions: Path, base_dir: Path, tmp_path: Path) -> None:
+    adapters("register", "support", str(make_adapter(tmp_path / "a3", seed=3)), "--base-model", str(base_dir))
+    for v in ("v1", "v2", "v3"):
+        assert adapters("promote", f"support@{v}", "--alias", "staging")[0] == 0
+    assert "-> v2" in adapters("rollback", "support:staging")[1]
+    assert "-> v1" in adapters("rollback", "support", "--alias", "staging")[1]
+    before = state_json()
+    code, output = adapters("rollback", "support:staging")
+    assert code == 4 and "nothing to roll back to" in output
+    assert state_json() == before
+
+
+def test_show_version_is_a_summary_with_the_latest_eval(two_versions: Path) -> None:
+    from loraflow.registry.service import Registry
+    from loraflow.registry.settings import load_settings
+
+    reg = Registry.open(load_settings())
+    report = {
+        "primary_metric": "exact_match",
+        "dataset": "tickets@v1",
+        "split": "test",
+        "n": 40,
+        "systems": {
+            "base": {"label": "prompted base", "metrics": {"exact_match": {"mean": 0.1, "ci": [0.05, 0.2]}}},
+            "candidate": {"label": "support@v2", "metrics": {"exact_match": {"mean": 0.6, "ci": [0.5, 0.7]}}},
+        },
+        "comparisons": {"base": {"exact_match": {"diff": 0.5, "ci": [0.4, 0.6]}}},
+    }
+    for n in (1, 2):
+        reg.record_evaluation(
+            "support",
+            2,
+            dataset=None,
+            split="test",
+            split_digest=f"{n}" * 64,
+            production_version=None,
+            report=report | {"n": 40 + n},
+        )
+    reg.close()
+    code, output = adapters("show", "support@v2")
+    assert code == 0, output
+    assert "prompted base 0.100 [0.050, 0.200]" in output and "support@v2 0.600 [0.500, 0.700]" in output
+    assert "Δ vs base 0.500 [0.400, 0.600]" in output and "(n=42)" in output
+    assert "gate:" in output and "--json" in output
+    assert "None" not in output and "{" not in output
+    data = json.loads(adapters("show", "support@v2", "--json")[1])
+    assert [e["report"]["n"] for e in data["evaluations"]] == [42, 41]  # newest first
+    assert data["gate"]["alias"] == "production" and "message" in data["gate"]
+    assert "latest eval: none yet" in adapters("show", "support@v1")[1]

@@ -289,6 +289,66 @@ def test_rollback_without_a_previous_version(reg: Registry, base_dir: Path, tmp_
         reg.rollback("support")
 
 
+def test_repeated_rollbacks_walk_back_through_history(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
+    for seed in (1, 2, 3, 4):
+        reg.register("walk", make_adapter(tmp_path / f"a{seed}", seed=seed), base_model=str(base_dir))
+    for version in (1, 2, 3):
+        reg.promote("walk", version, alias="staging")
+    assert reg.rollback("walk", alias="staging").to_version == 2
+    assert reg.rollback("walk", alias="staging").to_version == 1
+    start = reg.revision()
+    with pytest.raises(ConflictError, match="nothing to roll back to") as info:
+        reg.rollback("walk", alias="staging")
+    assert info.value.param == "alias" and reg.revision() == start
+    assert reg.get("walk").aliases["staging"] == 1
+    # A move forward after rollbacks is undone first; then the walk resumes where it was.
+    reg.promote("walk", 4, alias="staging")
+    assert reg.rollback("walk", alias="staging").to_version == 1
+    with pytest.raises(ConflictError, match="nothing to roll back to"):
+        reg.rollback("walk", alias="staging")
+    reg.promote("walk", 3, alias="staging")
+    reg.promote("walk", 4, alias="staging")
+    assert [reg.rollback("walk", alias="staging").to_version for _ in range(2)] == [3, 1]
+    moves = [(m.from_version, m.to_version, m.reason) for m in reg.history("walk").moves]
+    assert moves[-2:] == [(4, 3, "rollback"), (3, 1, "rollback")]
+
+
+def test_delete_alias_is_audited_and_lets_archive_work(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
+    for seed in (1, 2):
+        reg.register("typo", make_adapter(tmp_path / f"a{seed}", seed=seed), base_model=str(base_dir))
+    reg.promote("typo", 1, force=True, reason=FORCED)
+    reg.promote("typo", 2, alias="prod")
+    with pytest.raises(ConflictError, match="pointed at by prod"):
+        reg.archive("typo", 2)
+    start = reg.revision()
+    assert reg.delete_alias("typo", "prod") == 2
+    assert reg.revision() == start + 1
+    assert reg.get("typo").aliases == {"production": 1}
+    assert reg.archive("typo", 2).status == "archived"
+    event = [e for e in reg.history("typo").events if e.action == "alias.delete"][-1]
+    assert (event.alias, event.before, event.after) == ("prod", {"version": 2}, None)
+    with pytest.raises(NotFoundError, match="aliases: production") as missing:
+        reg.delete_alias("typo", "prod")
+    assert missing.value.param == "alias"
+    with pytest.raises(NotFoundError):
+        reg.rollback("typo", alias="prod")
+
+
+def test_delete_production_needs_force(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
+    reg.register("guarded", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir))
+    reg.promote("guarded", 1, force=True, reason=FORCED)
+    start = reg.revision()
+    with pytest.raises(ConflictError, match="needs --force") as info:
+        reg.delete_alias("guarded", "production")
+    assert info.value.param == "force" and reg.revision() == start
+    assert reg.delete_alias("guarded", "production", force=True) == 1
+    assert reg.get("guarded").aliases == {}
+    # Re-created afresh: there is nothing before it to roll back to.
+    reg.promote("guarded", 1, force=True, reason=FORCED)
+    with pytest.raises(ConflictError, match="nothing to roll back to"):
+        reg.rollback("guarded")
+
+
 def test_archive_refused_while_aliased(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
     for seed in (1, 2):
         reg.register("support", make_adapter(tmp_path / f"a{seed}", seed=seed), base_model=str(base_dir))
