@@ -9,7 +9,6 @@ import typer
 
 from loraflow.cli.common import guarded, out, print_json, state
 from loraflow.registry.errors import InvalidArgumentError
-from loraflow.registry.traffic import parse_duration
 
 app = typer.Typer(
     name="flywheel",
@@ -21,19 +20,28 @@ app = typer.Typer(
 SinceOpt = Annotated[str | None, typer.Option(help="Traffic window, e.g. 24h or 7d; default flywheel.since.")]
 UntilOpt = Annotated[
     str | None,
-    typer.Option(help="End of the window (ISO 8601, UTC if no zone); default the start of this hour."),
+    typer.Option(
+        help="End of the window: ISO 8601 (UTC if no zone) or 'now'. Default: the top of the current hour, "
+        "so scheduled runs within one hour build the same dataset; traffic after it waits for the next run.",
+        show_default=False,
+    ),
 ]
 
 
 def _window(since: str | None, until: str | None, default: str) -> tuple[timedelta, datetime | None]:
+    from loraflow.registry.traffic import parse_duration  # fsspec: only in the commands that use it
+
     span = parse_duration(since or default, param="since")
     if until is None:
         return span, None
+    if until.strip().lower() == "now":
+        return span, datetime.now(UTC)
     try:
         end = datetime.fromisoformat(until)
     except ValueError:
         raise InvalidArgumentError(
-            f"--until must be an ISO 8601 time, not {until!r}", param="until"
+            f"--until must be an ISO 8601 time such as 2026-11-30T18:00 or 'now', not {until!r}",
+            param="until",
         ) from None
     return span, end if end.tzinfo else end.replace(tzinfo=UTC)
 
@@ -45,9 +53,18 @@ def build_dataset(
     name: Annotated[str, typer.Argument(help="The adapter whose traffic becomes its next dataset.")],
     since: SinceOpt = None,
     until: UntilOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the dataset and the counts as JSON.")
+    ] = False,
 ) -> None:
-    """Build (or find, by digest) the next dataset version from NAME's rated and corrected traffic."""
+    """Build (or find, by digest) the next dataset version from NAME's rated and corrected traffic.
+
+    The window is [until - since, until), and until defaults to the top of the current hour.
+
+    Traffic after that is left for the next run: pass --until now to include it.
+
+    Example: loraflow flywheel build-dataset orders --since 7d --until now
+    """
     from loraflow.trainer.flywheel import build_dataset as build
 
     app_state = state(ctx)

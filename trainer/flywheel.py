@@ -39,7 +39,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from loraflow.registry import domain
 from loraflow.registry.artifacts import digest_of, sha256_file
@@ -73,7 +73,23 @@ class Built:
 
 
 def window_end(until: datetime | None) -> datetime:
+    """``until``, else the top of the current UTC hour: two scheduled runs within one hour read the
+    same traffic and build the same files (found by digest); later traffic waits for the next run."""
     return until if until is not None else datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _window_text(start: datetime, end: datetime, *, defaulted: bool) -> str:
+    text = f"between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC"
+    if defaulted:
+        text += (
+            f" (the window ends at the top of the hour: traffic after {end:%H:%M} is left for the next run; "
+            "pass --until now to include it)"
+        )
+    return text
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{step.replace('_', ' ')} {n}" for step, n in counts.items() if n) or "none"
 
 
 def _previous_dataset(registry: Registry, adapter: domain.AdapterInfo) -> domain.DatasetVersionInfo | None:
@@ -129,6 +145,15 @@ def _cap_clusters(examples: list[Example], *, threshold: float, cap: int) -> tup
     return kept, dropped
 
 
+def _too_few(name: str, usable: int, needed: int, counts: dict[str, int], window: str) -> NoReturn:
+    raise InvalidArgumentError(
+        f"only {usable} usable new examples from {name}'s traffic {window}; flywheel.min_examples is "
+        f"{needed}. Counts: {_counts_text(counts)}. Rate or correct more answers (unrated ones count only "
+        "with flywheel.include_unrated), or widen --since",
+        param="since",
+    )
+
+
 def build_dataset(
     registry: Registry,
     settings: Settings,
@@ -148,6 +173,13 @@ def build_dataset(
 
     requests = list(registry.traffic.read("requests", adapter=name, since=start, until=end))
     counts["requests"] = len(requests)
+    if not requests:
+        raise NotFoundError(
+            f"no sampled traffic of {name} {_window_text(start, end, defaulted=until is None)}. "
+            f"Check that the gateways serving {name} sample it ([traffic] sample_rate, [traffic.adapters]) "
+            f"and write where this command reads ({settings.resolved_traffic_uri}), or widen --since",
+            param="since",
+        )
     ratings: dict[str, dict[str, Any]] = {}
     for given in sorted(registry.traffic.read("feedback", adapter=name, since=start), key=lambda f: f["at"]):
         ratings[given["request_id"]] = given  # the latest wins
@@ -177,6 +209,8 @@ def build_dataset(
             continue
         counts[kind] += 1
         rows.append(row)
+    if len(rows) < fw.min_examples:  # the steps below only drop: say so before loading the tokenizer
+        _too_few(name, len(rows), fw.min_examples, counts, _window_text(start, end, defaulted=until is None))
 
     # 3. Defence in depth: redact again (a no-op on what the gateway already redacted).
     redactor = redactor_from_settings(settings)
@@ -232,11 +266,7 @@ def build_dataset(
     counts["dropped_cluster_cap"] = capped
     counts["new_examples"] = len(fresh)
     if len(fresh) < fw.min_examples:
-        raise InvalidArgumentError(
-            f"only {len(fresh)} usable new examples from {name}'s traffic between {start:%Y-%m-%d %H:%M} and "
-            f"{end:%Y-%m-%d %H:%M} UTC (flywheel.min_examples is {fw.min_examples}); counts: {counts}",
-            param="since",
-        )
+        _too_few(name, len(fresh), fw.min_examples, counts, _window_text(start, end, defaulted=until is None))
 
     # 6. Split the new examples; carry the old test split whole; replay some of the old train split.
     new = split(fresh, val_fraction=fw.val_fraction, test_fraction=fw.test_fraction, seed=fw.seed)
