@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from loraflow.cli.common import guarded, out, print_json, state
-from loraflow.registry.traffic import parse_duration
+from loraflow.registry.refs import parse_ref
 
 
 @guarded
@@ -35,7 +35,11 @@ def drift(
     from loraflow.trainer.drift import drift_report, write_html
 
     app = state(ctx)
+    from loraflow.registry.traffic import parse_duration  # fsspec: only in the commands that use it
+
     span = parse_duration(window, param="window")
+    # The name (and version) first: loading the embedding model takes seconds.
+    app.registry.resolve(parse_ref(model, param="model"))
     embedder = None
     if embeddings:
         from loraflow.trainer.embed import Embedder
