@@ -36,8 +36,12 @@ def purge(
         list[str] | None,
         typer.Option("--request-id", help="Delete this request and its feedback (repeatable)."),
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was deleted as JSON.")] = False,
 ) -> None:
-    """Delete traffic by date, by age (--expired) or by request id (e.g. a data-subject request)."""
+    """Delete traffic by date, by age (--expired) or by request id (e.g. a data-subject request).
+
+    Example: loraflow traffic purge --request-id req-20261130-… --json
+    """
     registry = state(ctx).registry
     if before is not None and expired:
         raise InvalidArgumentError("give --before or --expired, not both", param="before")
@@ -49,6 +53,16 @@ def purge(
             "say what to purge: --before DATE, --expired or --request-id", param="before"
         )
     purged = registry.traffic.purge(before=day, request_ids=request_id or [])
+    if as_json:
+        print_json(
+            {
+                "records_deleted": purged.records_deleted,
+                "files_deleted": purged.files_deleted,
+                "before": day.isoformat() if day else None,
+                "request_ids": request_id or [],
+            }
+        )
+        return
     what = f"before {day.isoformat()}" if day else ""
     if request_id:
         what += (" and " if what else "") + f"{len(request_id)} request id(s)"
