@@ -29,6 +29,10 @@ PG_ENV = "LORAFLOW_TEST_DATABASE_URL"
 REQUIRE_ENV = "LORAFLOW_TEST_REQUIRE_SERVICES"
 # Set by .ci/run: the headless Chromium the HTML report tests open pages in.
 CHROMIUM_ENV = "LORAFLOW_TEST_CHROMIUM"
+# The tiers (pyproject's markers): every test carries exactly one. `slow` is an extra, not a tier.
+TIERS = ("unit", "store", "integration", "e2e", "helm", "multihost", "lint")
+# Session-wide services (S3, the tiny base, the shared engine) and the tier order.
+pytest_plugins = ["tests.services"]
 
 # Tests use only local models: no hub look-ups, no telemetry from HF or vLLM.
 for _var, _value in (
@@ -119,15 +123,39 @@ def base_dir(tmp_path: Path) -> Path:
     return make_base(tmp_path / "base")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test carries exactly one tier marker, or the run stops before any test runs: a test
+    without one would silently drop out of every `-m <tier>` run. Runs before `-m` deselects."""
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(tiers) or 'no tier marker'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"{len(wrong)} tests need exactly one tier marker (one of {', '.join(TIERS)}; "
+            "`slow` is not a tier), as pytestmark or a decorator:\n" + "\n".join(wrong)
+        )
+
+
+# What LORAFLOW_TEST_REQUIRE_SERVICES refuses: a test that did not run, or did not run as written.
+NOT_A_PASS = ("skipped", "xfailed", "xpassed")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Under CI (LORAFLOW_TEST_REQUIRE_SERVICES), any skipped test fails the run."""
+    """Under CI (LORAFLOW_TEST_REQUIRE_SERVICES), a skipped, xfailed or xpassed test fails the run."""
     if not os.environ.get(REQUIRE_ENV):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
-    if skipped:
+    if reporter is None:
+        return
+    counts = {kind: len(reporter.stats.get(kind, [])) for kind in NOT_A_PASS}
+    if any(counts.values()):
+        found = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
         reporter.write_line(
-            f"{REQUIRE_ENV} is set and {len(skipped)} tests were skipped: a skipped tier is not a pass",
+            f"{REQUIRE_ENV} is set and tests did not run as written ({found}): a skipped tier is not a pass",
             red=True,
         )
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -31,7 +31,8 @@ from tests.helm.chart import container, env_of, manifests, one, pod_spec
 from tests.multihost.cluster import BUCKET, Proc, _spawn, wait_up
 from tests.multihost.conftest import Cluster
 
-pytestmark = [pytest.mark.multihost, pytest.mark.helm, pytest.mark.slow]
+# One tier: the rendered pods run as processes, like the rest of multihost (`-m helm` renders only).
+pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 
 SECRET, S3_SECRET, KEYS_SECRET = "loraflow", "loraflow-s3", "loraflow-api-keys"
 

@@ -20,6 +20,8 @@ from loraflow.server.engine.http1 import ConnectFailed, ConnectionLost, Http1Poo
 from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 
+pytestmark = pytest.mark.unit
+
 Handler = Callable[[bytes, asyncio.StreamWriter, int], Awaitable[bool]]
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 

@@ -23,6 +23,8 @@ from loraflow.server.traffic.writer import ThreadWriter
 from tests.fake_vllm import Setup, gateway, ready, wait
 from tests.fake_vllm import gateway_setup as gateway_setup
 
+pytestmark = pytest.mark.unit
+
 EMAIL = "jane.roe@example.org"
 CHAT = [{"role": "user", "content": f"my mail is {EMAIL}, why was I charged twice?"}]
 

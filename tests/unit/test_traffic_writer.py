@@ -25,6 +25,9 @@ from tests.fake_vllm import Setup, gateway, wait
 from tests.fake_vllm import gateway_setup as gateway_setup
 from tests.unit.test_traffic import EMAIL, exchange
 
+# Each test runs a real writer process (Presidio loads in it): a real subprocess.
+pytestmark = pytest.mark.integration
+
 
 def make(tmp_path: Path, **traffic: object) -> tuple[TrafficRecorder, TrafficStore, ProcessWriter]:
     settings = Settings(

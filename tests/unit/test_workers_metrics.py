@@ -17,6 +17,8 @@ from prometheus_client.registry import Collector
 
 from loraflow.server.workers import SharedMetrics
 
+pytestmark = pytest.mark.unit
+
 
 class Fixed(Collector):
     def __init__(self, up: float, written: float) -> None:
