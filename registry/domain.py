@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -10,6 +11,17 @@ from pydantic import BaseModel, field_validator
 from loraflow.registry.refs import Ref
 
 VersionStatus = Literal["registered", "archived"]
+
+
+class AliasState(enum.Enum):
+    """A compare-and-swap condition on an alias other than "it points at vN"."""
+
+    ANY = "any"  # no condition: the move happens whatever the alias points at
+    UNSET = "unset"  # the alias must not exist yet (a first promotion)
+
+
+# What a move of an alias requires: a version it must still point at, or an AliasState.
+AliasExpect = int | AliasState
 
 
 class _Record(BaseModel):

@@ -143,3 +143,35 @@ def write_lm_eval_tasks(folder: Path, *, output_type: str = "generate_until") ->
     # YAML is a superset of JSON.
     (folder / "capitals.yaml").write_text(json.dumps(body))
     return folder
+
+
+def gate_report(
+    version: int,
+    *,
+    production: int | None,
+    gain_base: tuple[float, float, float] = (0.8, 0.7, 0.9),
+    gain_prod: tuple[float, float, float] | None = None,
+    regression_diff: float = 0.0,
+    json_valid: float = 1.0,
+) -> dict[str, Any]:
+    """The parts of a `loraflow eval` report the gate reads."""
+
+    def cmp(g: tuple[float, float, float]) -> dict[str, Any]:
+        return {"exact_match": {"diff": g[0], "ci": [g[1], g[2]]}}
+
+    comparisons = {"base": cmp(gain_base)} | ({"production": cmp(gain_prod)} if gain_prod else {})
+    return {
+        "schema": 1,
+        "candidate": f"support@v{version}",
+        "primary_metric": "exact_match",
+        "confidence": 0.95,
+        "metrics": ["exact_match", "json_valid"],
+        "systems": {"candidate": {"metrics": {"json_valid": {"mean": json_valid, "ci": None}}}},
+        "comparisons": comparisons,
+        "regression": {
+            "suite": "builtin-general",
+            "metric": "token_f1",
+            "comparisons": {k: {"diff": regression_diff, "ci": None} for k in comparisons},
+        },
+        "production": {"version": production} if production else None,
+    }

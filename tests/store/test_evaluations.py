@@ -14,41 +14,10 @@ from loraflow.cli.main import app as loraflow_app
 from loraflow.registry.errors import ConflictError, GateRefusedError, InvalidArgumentError
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import GateSettings, Settings
+from tests.factories import gate_report as report
 from tests.factories import make_adapter
 
 pytestmark = pytest.mark.store
-
-
-def report(
-    version: int,
-    *,
-    production: int | None,
-    gain_base: tuple[float, float, float] = (0.8, 0.7, 0.9),
-    gain_prod: tuple[float, float, float] | None = None,
-    regression_diff: float = 0.0,
-    json_valid: float = 1.0,
-) -> dict[str, Any]:
-    """The parts of a `loraflow eval` report the gate reads."""
-
-    def cmp(g: tuple[float, float, float]) -> dict[str, Any]:
-        return {"exact_match": {"diff": g[0], "ci": [g[1], g[2]]}}
-
-    comparisons = {"base": cmp(gain_base)} | ({"production": cmp(gain_prod)} if gain_prod else {})
-    return {
-        "schema": 1,
-        "candidate": f"support@v{version}",
-        "primary_metric": "exact_match",
-        "confidence": 0.95,
-        "metrics": ["exact_match", "json_valid"],
-        "systems": {"candidate": {"metrics": {"json_valid": {"mean": json_valid, "ci": None}}}},
-        "comparisons": comparisons,
-        "regression": {
-            "suite": "builtin-general",
-            "metric": "token_f1",
-            "comparisons": {k: {"diff": regression_diff, "ci": None} for k in comparisons},
-        },
-        "production": {"version": production} if production else None,
-    }
 
 
 @pytest.fixture
@@ -221,3 +190,30 @@ def test_cli_promote_exit_code_4_names_the_rule(reg: Registry, isolated_env: Pat
     )
     assert done.exit_code == 0, done.output
     assert "forced past the gate: demo" in done.output
+
+
+def test_a_gated_first_promotion_is_a_compare_and_swap_on_no_production(
+    reg: Registry, db_url: str, tmp_path: Path
+) -> None:
+    """Two gated promotes racing to be the first production: each report was judged against no
+    production, so the one that moves second must be refused, not replace the first."""
+    record(reg, 1, report(1, production=None))
+    record(reg, 2, report(2, production=None))
+    other = Registry.open(Settings(home=tmp_path / "home", database_url=db_url))
+    try:
+        set_alias = reg.store.set_alias
+
+        def after_the_other_moved_first(**kw: Any) -> Any:
+            # The interleaving a race produces: this promote judged the gate with no production,
+            # and the other promote commits before this one reaches the store.
+            other.promote("support", 2)
+            return set_alias(**kw)
+
+        reg.store.set_alias = after_the_other_moved_first  # type: ignore[method-assign]
+        with pytest.raises(ConflictError) as info:
+            reg.promote("support", 1)
+    finally:
+        other.close()
+    assert info.value.param == "expect" and "points at v2, not nothing" in info.value.message
+    assert reg.get("support").aliases == {"production": 2}
+    assert [(m.from_version, m.to_version) for m in reg.history("support").moves] == [(None, 2)]
