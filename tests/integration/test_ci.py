@@ -20,13 +20,22 @@ def _stub(path: Path, body: str) -> None:
     path.chmod(0o755)
 
 
-def _ci_checkout(tmp_path: Path, postgres: str, chromium: str = "echo /usr/bin/chromium") -> Path:
-    """.ci/run as committed, with stand-ins for what it calls: the database and browser, setup and pytest."""
+def _ci_checkout(
+    tmp_path: Path,
+    postgres: str,
+    chromium: str = "echo /usr/bin/chromium",
+    node: str = "echo /usr/bin/node",
+    moto: str = 'touch "$(dirname "$0")/moto-checked"',
+) -> Path:
+    """.ci/run as committed, with stand-ins for what it calls: the database, browser, node, the moto
+    check, setup and pytest."""
     repo = tmp_path / "repo"
     (repo / ".ci").mkdir(parents=True)
     shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
     _stub(repo / ".ci" / "postgres", postgres)
     _stub(repo / ".ci" / "chromium", chromium)
+    _stub(repo / ".ci" / "node", node)
+    _stub(repo / ".ci" / "moto", moto)
     _stub(repo / ".ci" / "setup", f'touch "{tmp_path}/setup-ran"')
     _stub(
         repo / ".venv" / "bin" / "python",
@@ -57,11 +66,38 @@ def test_ci_stops_when_chromium_cannot_be_installed(tmp_path: Path) -> None:
     assert done.returncode != 0 and "printed no path" in done.stderr
 
 
+def test_ci_stops_when_node_or_moto_cannot_start(tmp_path: Path) -> None:
+    postgres = "echo postgresql://postgres@127.0.0.1:5/postgres"
+    repo = _ci_checkout(tmp_path, postgres, node='echo "E: Unable to locate package npm" >&2; exit 100')
+    done = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and not (tmp_path / "pytest-ran").exists()
+    assert not (tmp_path / "setup-ran").exists()
+    repo = _ci_checkout(tmp_path / "silent", postgres, node="exit 0")
+    done = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "printed no path" in done.stderr
+    repo = _ci_checkout(tmp_path / "moto", postgres, moto='echo "moto did not start" >&2; exit 1')
+    done = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "moto did not start" in done.stderr
+    assert not (tmp_path / "moto" / "pytest-ran").exists()
+
+
+def test_the_moto_check_starts_a_real_server_and_fails_without_one(tmp_path: Path) -> None:
+    check = ROOT / ".ci" / "moto"
+    done = subprocess.run(["bash", str(check), sys.executable], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # An interpreter that cannot run moto (it exits at once): the check fails and says so.
+    broken = tmp_path / "python"
+    _stub(broken, f'if [ "$1" = -m ]; then exit 1; fi; exec "{sys.executable}" "$@"')
+    done = subprocess.run(["bash", str(check), str(broken)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "did not start" in done.stderr
+
+
 def test_ci_runs_the_readme_command_with_the_database_and_no_skips_allowed(tmp_path: Path) -> None:
     repo = _ci_checkout(tmp_path, "echo postgresql://postgres@127.0.0.1:5/postgres")
     done = subprocess.run(["bash", str(repo / ".ci" / "run")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "setup-ran").exists()
+    assert (repo / ".ci" / "moto-checked").exists()
     assert (tmp_path / "pytest-ran").read_text().split() == [
         "postgresql://postgres@127.0.0.1:5/postgres",
         "1",
