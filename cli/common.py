@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import typer
-from pydantic import ValidationError
+import typer.exceptions
 from rich.console import Console
 
 from loraflow.registry.errors import ErrorCode, LoraflowError
-from loraflow.registry.service import Registry
-from loraflow.registry.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # settings (pydantic) and the registry (SQLAlchemy) load in the commands that use them
+    from loraflow.registry.service import Registry
+    from loraflow.registry.settings import Settings
 
 EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 2,  # the same code Click uses for usage errors
@@ -33,8 +36,11 @@ EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.OVERLOADED: 10,
     ErrorCode.ENGINE_UNAVAILABLE: 10,
     ErrorCode.GATE_REFUSED: 4,  # like a conflict: the registry's state forbids the move
-    ErrorCode.UNAVAILABLE: 10,
+    ErrorCode.UNAVAILABLE: 10,  # also: the registry database cannot be reached
 }
+# Anything else that escapes a command: one line, and the traceback only with this set.
+UNEXPECTED_EXIT_CODE = 1
+DEBUG_ENV = "LORAFLOW_DEBUG"
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -52,21 +58,53 @@ class AppState:
 
     def get_settings(self) -> Settings:
         if self.settings is None:
+            from pydantic import ValidationError
+
+            from loraflow.registry.settings import load_settings, setting_source, unknown_env_vars
+
+            unknown = unknown_env_vars(os.environ)
+            if unknown:
+                err.print(
+                    f"warning: ignoring {', '.join(unknown)}: not a loraflow setting (the settings "
+                    "are listed under Configuration in README.md)",
+                    markup=False,
+                )
             try:
                 self.settings = load_settings()
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
                 raise LoraflowError(
-                    f"invalid setting {where}: {first['msg']} (loraflow.toml or LORAFLOW_*)", param=where
+                    f"invalid setting {where}: {first['msg'].removeprefix('Value error, ')} "
+                    f"(set in {setting_source(where)})",
+                    param=where,
                 ) from exc
         return self.settings
 
     @property
     def registry(self) -> Registry:
+        """The registry, created if it is not there yet: for commands that write."""
         if self._registry is None:
+            from loraflow.registry.service import Registry
+
             self._registry = Registry.open(self.get_settings())
         return self._registry
+
+    @property
+    def existing_registry(self) -> Registry:
+        """The registry for commands that only read: a SQLite database that is not there is an error
+        naming the path it looked for (a mistyped LORAFLOW_HOME would otherwise read as empty)."""
+        if self._registry is None:
+            from loraflow.registry.service import Registry
+
+            self._registry = Registry.open(self.get_settings(), create=False)
+        return self._registry
+
+    def database(self) -> str:
+        """The registry database, fit to print (password hidden): say which one a command read."""
+        from loraflow.registry.db import describe_url
+
+        return describe_url(self.get_settings().resolved_database_url)
 
     def close(self) -> None:
         if self._registry is not None:
@@ -82,15 +120,30 @@ def state(ctx: typer.Context) -> AppState:
 
 
 def guarded(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn a LoraflowError into one line on stderr and its exit code."""
+    """Turn a LoraflowError into one line on stderr and its exit code. With ``--json`` (a parameter
+    named ``as_json``) the error is ``{"error": {"message", "code", "param"}}`` on stdout instead,
+    so a script reads one JSON document from stdout either way; the exit code is the same."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except LoraflowError as exc:
-            err.print(f"error: {exc.message}", markup=False)
-            raise typer.Exit(EXIT_CODES.get(exc.code, 1)) from exc
+            if kwargs.get("as_json"):  # --json: the error as JSON on stdout, same exit code
+                print_json({"error": {"message": exc.message, "code": str(exc.code), "param": exc.param}})
+            else:
+                err.print(f"error: {exc.message}", markup=False)
+            raise typer.Exit(EXIT_CODES.get(exc.code, UNEXPECTED_EXIT_CODE)) from exc
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
+            raise  # typer.Exit and usage errors: Click prints and exits
+        except Exception as exc:  # the last resort: no traceback unless asked for
+            if os.environ.get(DEBUG_ENV):
+                raise
+            err.print(
+                f"error: unexpected {type(exc).__name__}: {exc} ({DEBUG_ENV}=1 shows the traceback)",
+                markup=False,
+            )
+            raise typer.Exit(UNEXPECTED_EXIT_CODE) from exc
 
     return wrapper
 

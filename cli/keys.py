@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from loraflow.cli.common import guarded, out, print_json, state
+from loraflow.cli.common import err, guarded, out, print_json, state
 from loraflow.registry.errors import InvalidArgumentError
-from loraflow.registry.keys import create_key, import_keys
 
 app = typer.Typer(name="keys", help="Gateway API keys.", no_args_is_help=True, add_completion=False)
 
@@ -23,9 +23,28 @@ def create(
     adapter: Annotated[
         list[str] | None, typer.Option("--adapter", help="Limit the key to this adapter (repeatable).")
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the key and its record as JSON.")] = False,
 ) -> None:
-    """Create a key. It is printed once; only its hash is stored."""
-    key, info = create_key(state(ctx).registry, name, adapter)
+    """Create a key. It is printed once; only its hash is stored.
+
+    Example: loraflow keys create ci-bot --adapter support --json
+
+    An --adapter not registered yet is accepted with a warning (a tenant's key may come first)."""
+    from loraflow.registry.keys import create_key
+
+    registry = state(ctx).registry
+    registered = {a.name for a in registry.list()}
+    unknown = [a for a in adapter or [] if a not in registered]
+    key, info = create_key(registry, name, adapter)
+    if unknown:
+        err.print(
+            f"warning: no adapter named {', '.join(unknown)} is registered yet; the key will be accepted "
+            "for it once one is",
+            markup=False,
+        )
+    if as_json:
+        print_json({"key": key} | info.model_dump(mode="json", exclude={"key_hash"}))
+        return
     out.print(key, markup=False)
     scope = ", ".join(info.adapters) if info.adapters else "all adapters"
     typer.echo(f"created key {info.name} ({scope}); store it now, it is not shown again", err=True)
@@ -58,6 +77,8 @@ def import_(
     }
     if not keys:
         raise InvalidArgumentError(f"{directory} holds no key files", param="DIR")
+    from loraflow.registry.keys import import_keys
+
     outcome = import_keys(state(ctx).registry, keys, adapter)
     if as_json:
         print_json(outcome)
@@ -70,16 +91,16 @@ def import_(
 @guarded
 def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List keys (never the keys themselves)."""
-    keys = state(ctx).registry.api_keys()
+    keys = state(ctx).existing_registry.api_keys()
     if as_json:
         print_json([k.model_dump(mode="json", exclude={"key_hash"}) for k in keys])
         return
     table = Table("name", "prefix", "adapters", "created", "revoked")
     for k in keys:
         table.add_row(
-            k.name,
-            k.prefix + "…",
-            ", ".join(k.adapters) if k.adapters else "all",
+            escape(k.name),
+            escape(k.prefix) + "…",
+            escape(", ".join(k.adapters)) if k.adapters else "all",
             f"{k.created_at:%Y-%m-%d}",
             f"{k.revoked_at:%Y-%m-%d}" if k.revoked_at else "-",
         )
@@ -88,7 +109,17 @@ def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] =
 
 @app.command()
 @guarded
-def revoke(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
-    """Revoke a key; gateways stop accepting it within a poll interval."""
-    state(ctx).registry.revoke_api_key(name)
-    out.print(f"revoked key {name}")
+def revoke(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument()],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the revoked key's record as JSON.")] = False,
+) -> None:
+    """Revoke a key; gateways stop accepting it within a poll interval.
+
+    Example: loraflow keys revoke ci-bot
+    """
+    info = state(ctx).registry.revoke_api_key(name)
+    if as_json:
+        print_json(info.model_dump(mode="json", exclude={"key_hash"}))
+        return
+    out.print(f"revoked key {name}", markup=False)

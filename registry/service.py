@@ -335,6 +335,10 @@ class Registry:
         """The version of dataset ``name`` that holds exactly these splits, if any."""
         return self.store.find_dataset_version(name, digest)
 
+    def datasets(self, name: str | None = None) -> builtins.list[domain.DatasetVersionInfo]:
+        """Every registered dataset version (of ``name``, if given), by name then version."""
+        return self.store.list_dataset_versions(name)
+
     def get_dataset(self, ref: str) -> domain.DatasetVersionInfo:
         """``NAME`` (latest) or ``NAME@vN``."""
         parsed = parse_ref(ref, param="dataset")

@@ -736,6 +736,22 @@ class MetadataStore:
             ).first()
             return self._dataset_info(*found) if found else None
 
+    def list_dataset_versions(self, name: str | None = None) -> list[domain.DatasetVersionInfo]:
+        """Every dataset version (or every version of ``name``), by name then version."""
+        with self._read() as s:
+            query = select(DatasetRow, DatasetVersionRow).join(
+                DatasetVersionRow, col(DatasetVersionRow.dataset_id) == col(DatasetRow.id)
+            )
+            if name is not None:
+                if s.exec(select(DatasetRow.id).where(DatasetRow.name == name)).first() is None:
+                    have = s.exec(select(DatasetRow.name).order_by(col(DatasetRow.name))).all()
+                    raise NotFoundError(
+                        f"no dataset named {name!r}; datasets: {', '.join(have) or 'none'}", param="dataset"
+                    )
+                query = query.where(DatasetRow.name == name)
+            rows = s.exec(query.order_by(col(DatasetRow.name), col(DatasetVersionRow.version))).all()
+            return [self._dataset_info(ds, row) for ds, row in rows]
+
     def get_dataset_version(self, name: str, version: int | None = None) -> domain.DatasetVersionInfo:
         with self._read() as s:
             ds = s.exec(select(DatasetRow).where(DatasetRow.name == name)).first()
