@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from itertools import pairwise
 from pathlib import Path
 
@@ -19,36 +20,52 @@ import pytest
 
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from tests.factories import FORCE, FORCED, make_adapter
+from tests.factories import FORCE, FORCED, gate_report, make_adapter
 
-pytestmark = [pytest.mark.integration, pytest.mark.store]
+# One tier: real processes racing. The `db_url` fixture runs them on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.integration
 
 WORKERS = 6
+# The CLI module imports its heavy parts inside each command: import them here, before the start
+# line, so that start-up time cannot serialize the race.
 HARNESS = """
 import os, sys, time
+import loraflow.registry.service
 from loraflow.cli.adapters import app
-go = sys.argv[1]
+ready, go = sys.argv[1], sys.argv[2]
+open(ready, "x").close()
 while not os.path.exists(go):
     time.sleep(0.002)
-sys.argv = ["adapters", *sys.argv[2:]]
+sys.argv = ["adapters", *sys.argv[3:]]
 app()
 """
 
 
 def race(tmp_path: Path, db_url: str, commands: list[list[str]]) -> list[tuple[int, str]]:
     env = {**os.environ, "LORAFLOW_HOME": str(tmp_path / "home"), "LORAFLOW_DATABASE_URL": db_url}
-    go = tmp_path / f"go-{time.monotonic_ns()}"
+    barrier = tmp_path / f"race-{uuid.uuid4().hex[:8]}"
+    barrier.mkdir()
+    go, ready = barrier / "go", [barrier / f"ready-{i}" for i in range(len(commands))]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", HARNESS, str(go), *cmd],
+            [sys.executable, "-c", HARNESS, str(ready[i]), str(go), *cmd],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for cmd in commands
+        for i, cmd in enumerate(commands)
     ]
-    time.sleep(3.0)  # let every worker finish importing
+    # Every worker has imported everything and waits on the start line, then all start at once.
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready):
+        died = [p for p in procs if p.poll() is not None]
+        if died or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            output = died[0].communicate()[0] if died else ""
+            pytest.fail(f"a worker never reached the start line: {output[-2000:]}")
+        time.sleep(0.01)
     go.touch()
     results = []
     for proc in procs:
@@ -119,3 +136,27 @@ def test_concurrent_promotes_keep_alias_history_linear(
             assert later.revision > earlier.revision
         assert reg.get("racer").aliases[alias] == moves[-1].to_version
     assert len({m.revision for m in history.moves}) == 2 * WORKERS  # one revision per move
+
+
+def test_gated_first_promotions_have_one_winner(
+    reg: Registry, db_url: str, base_dir: Path, tmp_path: Path
+) -> None:
+    """Gated promotes (no --force) racing to be an adapter's first production: every report was
+    judged against no production, so exactly one may move the alias."""
+    for v in range(1, WORKERS + 1):
+        reg.register("racer", make_adapter(tmp_path / f"a{v}", seed=v), base_model=str(base_dir))
+        reg.record_evaluation(
+            "racer",
+            v,
+            dataset=None,
+            split="test",
+            split_digest="d" * 64,
+            production_version=None,
+            report=gate_report(v, production=None),
+        )
+    results = race(tmp_path, db_url, [["promote", "racer", f"v{v}"] for v in range(1, WORKERS + 1)])
+    codes = sorted(code for code, _ in results)
+    assert codes == [0] + [4] * (WORKERS - 1), results
+    moves = reg.history("racer").moves
+    assert len(moves) == 1 and moves[0].from_version is None, moves
+    assert reg.get("racer").aliases == {"production": moves[0].to_version}
