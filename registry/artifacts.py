@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
-from loraflow.registry.errors import IntegrityError, NotFoundError
+from loraflow.registry.errors import (
+    IntegrityError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    NotFoundError,
+)
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
@@ -63,12 +65,21 @@ class Stored:
 class ArtifactStore:
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        fs, root = fsspec.core.url_to_fs(uri)
+        from fsspec.implementations.local import LocalFileSystem  # fsspec: only once a store is opened
+
+        fs, root = _filesystem(uri)
         self.fs: Any = fs
         self.root: str = root.rstrip("/")
         self._local = isinstance(fs, LocalFileSystem)
         if self._local:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot create the artifact store {self.root} ({exc.strerror or exc}); set "
+                    "LORAFLOW_HOME (or artifact_uri) to a folder you can write",
+                    param="artifact_uri",
+                ) from None
 
     # -- paths -----------------------------------------------------------------
     def _dir(self, digest: str) -> str:
@@ -185,6 +196,23 @@ class ArtifactStore:
         if not _local_copy_ok(dest, manifest):
             raise IntegrityError(f"artifact {digest}: local copy at {dest} failed verification")
         return dest
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """fsspec's filesystem for ``uri``; an unknown scheme or a missing backend is named."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(uri)
+    except ImportError as exc:  # a known scheme whose package is not installed, e.g. s3 without s3fs
+        hint = " (pip install 'loraflow[s3]')" if uri.startswith(("s3://", "s3a://")) else ""
+        raise MissingDependencyError(f"artifact_uri {uri!r}: {exc}{hint}", param="artifact_uri") from None
+    except ValueError as exc:  # "Protocol not known: foo"
+        raise InvalidArgumentError(
+            f"artifact_uri {uri!r} is not a storage URI fsspec knows ({exc}); use a local folder or "
+            "e.g. s3://bucket/prefix",
+            param="artifact_uri",
+        ) from None
 
 
 def _local_copy_ok(path: Path, manifest: dict[str, Any]) -> bool:

@@ -30,9 +30,6 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
 from loraflow.registry.errors import InvalidArgumentError
 
 Kind = Literal["requests", "feedback"]
@@ -82,6 +79,9 @@ class Purged:
 
 class TrafficStore:
     def __init__(self, uri: str, *, writer: str | None = None) -> None:
+        import fsspec  # only once a traffic store is opened
+        from fsspec.implementations.local import LocalFileSystem
+
         fs, root = fsspec.core.url_to_fs(uri)
         self.fs: Any = fs
         self.root: str = root.rstrip("/")
