@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from loraflow.cli.common import err, guarded, out, print_json, state
-from loraflow.registry import domain
 from loraflow.registry.errors import InvalidArgumentError
 from loraflow.registry.refs import (
     DEFAULT_ALIAS,
@@ -21,6 +20,9 @@ from loraflow.registry.refs import (
     parse_target,
     parse_version,
 )
+
+if TYPE_CHECKING:  # pydantic models, for annotations only: start-up stays light
+    from loraflow.registry import domain
 
 app = typer.Typer(
     name="adapters",
@@ -172,7 +174,7 @@ def list_(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
     Example: loraflow adapters list --json
     """
-    reg = state(ctx).registry
+    reg = state(ctx).existing_registry  # reads: a missing SQLite file is named, not created
     adapters = reg.list()
     if as_json:
         print_json([_adapter_json(a, reg.template_matches(a)) for a in adapters])
@@ -182,7 +184,10 @@ def list_(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         latest = f"v{a.latest.version}" if a.latest else "-"
         aliases = ", ".join(f"{k}=v{v}" for k, v in a.aliases.items()) or "-"
         table.add_row(a.name, escape(a.base_model), latest, aliases, str(len(a.versions)))
-    out.print(table if adapters else "no adapters registered")
+    if not adapters:
+        out.print(f"no adapters registered in {state(ctx).database()}", markup=False)
+        return
+    out.print(table)
 
 
 @app.command()
@@ -208,7 +213,7 @@ def show(
     Example: loraflow adapters show support@v3   (or support:production)
     """
     parsed = adapter_ref(ctx, ref, param="NAME[@vN]")
-    reg = state(ctx).registry
+    reg = state(ctx).existing_registry
     adapter = reg.get(parsed.name)
     matches = reg.template_matches(adapter)
     if parsed.version is None and parsed.alias is None:
@@ -347,7 +352,7 @@ def history(
 
     Example: loraflow adapters history support --json
     """
-    h = state(ctx).registry.history(adapter_ref(ctx, name, param="name").name)
+    h = state(ctx).existing_registry.history(adapter_ref(ctx, name, param="name").name)
     if as_json:
         print_json(h.model_dump(mode="json"))
         return
@@ -388,6 +393,7 @@ def diff(
 
     Example: loraflow adapters diff support@v1 support@v2   (also: support v1 v2, support:production @v3)
     """
+    reg = state(ctx).existing_registry  # opened first: the versions below are resolved in it
     if c is not None:
         name = parse_ref(a, param="name").name
         va, vb = parse_version(b, param="vA"), parse_version(c, param="vB")
@@ -398,7 +404,7 @@ def diff(
             raise InvalidArgumentError(
                 f"diff compares two versions of one adapter, not {name} and {other}", param="B"
             )
-    changes = state(ctx).registry.diff(name, va, vb)
+    changes = reg.diff(name, va, vb)
     if as_json:
         print_json(
             {

@@ -28,18 +28,21 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from loraflow.cli.common import guarded, out, state
 from loraflow.cli.progress import Bars, quiet_libraries
-from loraflow.registry.domain import VersionInfo
 from loraflow.registry.errors import EngineUnavailableError, GateRefusedError, InvalidArgumentError
 from loraflow.registry.refs import parse_ref
-from loraflow.registry.service import Registry
-from loraflow.registry.settings import Settings
+
+if TYPE_CHECKING:  # the registry (SQLAlchemy) and pydantic models load when the demo runs
+    from loraflow.registry.domain import VersionInfo
+    from loraflow.registry.service import Registry
+    from loraflow.registry.settings import Settings
 
 DEFAULT_NAME = "demo-orders"
 STEPS = 9
@@ -73,13 +76,13 @@ class Summary:
     def table(self) -> Table:
         table = Table("step", "outcome", "time", title="loraflow demo")
         for step, outcome, seconds in self.rows:
-            table.add_row(step, outcome, f"{seconds:.0f} s")
+            table.add_row(escape(step), escape(outcome), f"{seconds:.0f} s")
         table.add_row("total", "", f"{time.monotonic() - self.started:.0f} s")
         return table
 
 
 def header(n: int, text: str) -> None:
-    out.print(f"[bold][{n}/{STEPS}][/] {text}")
+    out.print(f"[bold][{n}/{STEPS}][/] {escape(text)}")
 
 
 def say(text: str) -> None:
@@ -99,6 +102,8 @@ def demo(
 ) -> None:
     """Train, evaluate, serve, sample traffic, run the flywheel and gate promotions, on a tiny local model."""
     import openai
+
+    from loraflow.registry.service import Registry
 
     app = state(ctx)
     settings = app.get_settings()
@@ -191,7 +196,7 @@ class Demo:
         header(1, f"tiny Llama base model in {self.base}")
         if not (self.base / "config.json").is_file():
             with self.bars.step("build the tiny Llama"):
-                build_tiny_model(self.base)
+                build_tiny_model(self.base, overwrite=True)  # a run cut short left files
         self.summary.done("base model", "tiny Llama, built locally")
 
     def prepare_dataset(self) -> Any:

@@ -16,9 +16,7 @@ from typing import Annotated
 import typer
 
 from loraflow.cli.common import err, guarded, state
-from loraflow.registry.artifacts import ArtifactStore
 from loraflow.registry.errors import InvalidArgumentError
-from loraflow.server.engine.supervisor import engine_env, resolve_device, vllm_command
 
 
 @guarded
@@ -26,7 +24,7 @@ def engine(
     ctx: typer.Context,
     base_model: Annotated[
         str | None,
-        typer.Option("--base-model", help="Base model path or hub id (default server.base_model)."),
+        typer.Option("--base-model", "--base", help="Base model path or hub id (default server.base_model)."),
     ] = None,
     port: Annotated[int, typer.Option(help="Port of the engine's OpenAI server.")] = 8001,
     host: Annotated[
@@ -37,7 +35,15 @@ def engine(
         ),
     ] = "127.0.0.1",
 ) -> None:
-    """Start one engine replica for gateways on other hosts (`serve --engine-url` or `server.engine_dns`)."""
+    """Start one engine replica for gateways on other hosts (`serve --engine-url` or `server.engine_dns`).
+
+    vLLM's flags come from the \\[server] settings; adapters are fetched from the artifact store.
+
+    Example: loraflow engine --base-model Qwen/Qwen2.5-0.5B-Instruct --host 0.0.0.0 --port 8001
+    """
+    from loraflow.registry.artifacts import ArtifactStore
+    from loraflow.server.engine.supervisor import engine_env, resolve_device, vllm_command
+
     settings = state(ctx).get_settings()
     base = base_model or settings.server.base_model
     if not base:

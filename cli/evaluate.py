@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from loraflow.cli.common import guarded, out, print_json, state
-from loraflow.registry.gate import regression_suites
 
 
 def _cell(stat: dict[str, Any] | None, key: str = "mean") -> str:
@@ -39,23 +39,27 @@ def headline(report: dict[str, Any]) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
+    from loraflow.registry.gate import regression_suites  # settings and pydantic: not at start-up
+
     systems, comparisons = report["systems"], report["comparisons"]
     out.print(
         f"{report['candidate']} on {report['dataset']} {report['split']} (n={report['n']}, "
         f"split {report['split_digest'][:12]}), {report['confidence']:.0%} paired bootstrap intervals",
         markup=False,
     )
-    table = Table("metric", *(s["label"] for s in systems.values()), *(f"Δ vs {k}" for k in comparisons))
+    table = Table(
+        "metric", *(escape(s["label"]) for s in systems.values()), *(f"Δ vs {escape(k)}" for k in comparisons)
+    )
     for metric in report["metrics"]:
         name = f"{metric} *" if metric == report["primary_metric"] else metric
         table.add_row(
-            name,
+            escape(name),
             *(_cell(s["metrics"].get(metric)) for s in systems.values()),
             *(_cell(c.get(metric), "diff") for c in comparisons.values()),
         )
     for suite in regression_suites(report):
         table.add_row(
-            f"regression {suite['suite']} ({suite['metric']})",
+            escape(f"regression {suite['suite']} ({suite['metric']})"),
             *(_cell(suite["systems"].get(k)) for k in systems),
             *(_cell(suite["comparisons"].get(k), "diff") for k in comparisons),
         )
