@@ -90,6 +90,8 @@ def evaluate(
 
     Uses eval.gateway_url when set; otherwise starts an engine and the gateway here, as
     `loraflow serve` does. The report is what `adapters promote` checks.
+
+    Example: loraflow eval support@v3 --html report.html
     """
     from loraflow.trainer.evaluate import evaluate as run_eval
 

@@ -66,7 +66,10 @@ def import_(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Record keys made elsewhere (e.g. a Kubernetes Secret) by their hash; run again, it changes nothing."""
+    """Record keys made elsewhere (e.g. a Kubernetes Secret) by their hash; run again, it changes nothing.
+
+    Example: loraflow keys import /etc/loraflow/keys --adapter support
+    """
     if not directory.is_dir():
         raise InvalidArgumentError(f"{directory} is not a folder", param="DIR")
     # A mounted Secret also holds the kubelet's ..data links and dot-folders; keys are plain names.
@@ -90,7 +93,10 @@ def import_(
 @app.command("list")
 @guarded
 def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List keys (never the keys themselves)."""
+    """List keys (never the keys themselves).
+
+    Example: loraflow keys list --json
+    """
     keys = state(ctx).existing_registry.api_keys()
     if as_json:
         print_json([k.model_dump(mode="json", exclude={"key_hash"}) for k in keys])

@@ -26,16 +26,28 @@ log = logging.getLogger("loraflow.serve")
 def serve(
     ctx: typer.Context,
     base_model: Annotated[
-        str | None, typer.Option("--base-model", help="Base model path or id (starts a supervised engine).")
+        str | None,
+        typer.Option(
+            "--base-model",
+            "--base",
+            help="Base model path or id (starts a supervised engine). Default: server.base_model.",
+        ),
     ] = None,
     engine_url: Annotated[
         list[str] | None, typer.Option("--engine-url", help="A running vLLM replica (repeatable).")
     ] = None,
     model_name: Annotated[
-        str | None, typer.Option("--model-name", help="The id clients use for the base model.")
+        str | None,
+        typer.Option(
+            "--model-name",
+            help="The id clients use for the base model. Default: server.served_model_name, else the base "
+            "model.",
+        ),
     ] = None,
-    host: Annotated[str | None, typer.Option()] = None,
-    port: Annotated[int | None, typer.Option()] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on. Default: server.host (127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on. Default: server.port (8000).")] = None,
     workers: Annotated[
         int | None,
         typer.Option("--workers", min=1, help="Gateway processes sharing the port (server.workers)."),
@@ -44,9 +56,11 @@ def serve(
     """Serve /v1/chat/completions and /v1/completions with per-request adapters and hot-swap.
 
     With --base-model alone, serve starts one vLLM engine and waits until it is healthy
-    (flags from the [server] settings). If the engine exits before that, serve exits
+    (flags from the \\[server] settings). If the engine exits before that, serve exits
     non-zero with the last lines of the engine's log. With --workers N (running replicas
     only), N gateway processes share the port; /metrics answers for all of them.
+
+    Example: loraflow serve --base-model Qwen/Qwen2.5-0.5B-Instruct --port 8000
     """
     import uvicorn
 
