@@ -12,13 +12,11 @@ from __future__ import annotations
 import builtins
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraflow.registry import domain, gate
 from loraflow.registry.adapter_files import ADAPTER_FILES, inspect_adapter
-from loraflow.registry.artifacts import ArtifactStore
 from loraflow.registry.basemodel import BaseModel, resolve_base_model, template_hash_of, template_matches
-from loraflow.registry.db import open_engine
 from loraflow.registry.errors import (
     ConflictError,
     GateRefusedError,
@@ -29,15 +27,20 @@ from loraflow.registry.errors import (
 from loraflow.registry.gate import GateDecision
 from loraflow.registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
 from loraflow.registry.settings import Settings
-from loraflow.registry.store import MetadataStore, NewVersion
-from loraflow.registry.traffic import TrafficStore
+
+if TYPE_CHECKING:  # SQLAlchemy, SQLModel, Alembic and fsspec load when a store is opened, not on import
+    from loraflow.registry.artifacts import ArtifactStore
+    from loraflow.registry.store import MetadataStore
+    from loraflow.registry.traffic import TrafficStore
 
 
 class Registry:
-    def __init__(self, settings: Settings, *, store: MetadataStore, artifacts: ArtifactStore) -> None:
+    def __init__(
+        self, settings: Settings, *, store: MetadataStore, artifacts: ArtifactStore | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.artifacts = artifacts
+        self._artifacts = artifacts
         self._traffic: TrafficStore | None = None
 
     @classmethod
@@ -45,16 +48,25 @@ class Registry:
         """The registry ``settings`` name, its schema at head. ``create=False`` (for commands that only
         read) refuses to create a SQLite database that is not there: NotFoundError naming the path.
         A database server that cannot be reached is UnavailableError; a bad URL InvalidArgumentError."""
+        from loraflow.registry.db import open_engine
+        from loraflow.registry.store import MetadataStore
+
         engine = open_engine(settings.resolved_database_url, create=create)
-        try:
-            artifacts = ArtifactStore(settings.resolved_artifact_uri)
-        except BaseException:
-            engine.dispose()
-            raise
-        return cls(settings, store=MetadataStore(engine), artifacts=artifacts)
+        return cls(settings, store=MetadataStore(engine))
 
     def close(self) -> None:
         self.store.engine.dispose()
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """The artifact store (``Settings.resolved_artifact_uri``), opened on first use: a command
+        that reads only metadata (``adapters list``) never loads fsspec. A bad ``artifact_uri`` is an
+        InvalidArgumentError or MissingDependencyError naming it, raised here."""
+        if self._artifacts is None:
+            from loraflow.registry.artifacts import ArtifactStore
+
+            self._artifacts = ArtifactStore(self.settings.resolved_artifact_uri)
+        return self._artifacts
 
     @property
     def actor(self) -> str:
@@ -67,6 +79,8 @@ class Registry:
     def traffic(self) -> TrafficStore:
         """Sampled requests and feedback (``Settings.resolved_traffic_uri``), opened on first use."""
         if self._traffic is None:
+            from loraflow.registry.traffic import TrafficStore
+
             self._traffic = TrafficStore(self.settings.resolved_traffic_uri)
         return self._traffic
 
@@ -85,6 +99,8 @@ class Registry:
         chat_template_hash: str | None = None,
     ) -> domain.VersionInfo:
         """Import a PEFT LoRA adapter folder as the next version of ``name``."""
+        from loraflow.registry.store import NewVersion
+
         check_name(name)
         base = resolve_base_model(base_model)
         facts = inspect_adapter(src, settings=self.settings.registry, base_config=base.config)
