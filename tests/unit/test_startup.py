@@ -71,11 +71,7 @@ def _imported_by(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]
 
 
 def test_importing_the_cli_loads_no_heavy_module() -> None:
-    code = (
-        "import json, sys\n"
-        "import loraflow.cli.main\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
-    )
+    code = "import json, sys\nimport loraflow.cli.main\nprint(json.dumps(sorted(sys.modules)))\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     modules = set(json.loads(done.stdout))
