@@ -120,3 +120,11 @@ def test_config_show_names_each_source(isolated_env: Path, monkeypatch: pytest.M
     assert "server.host" in output and "(env LORAFLOW_SERVER__HOST)" in output and "server.port" in output
     assert all("(default)" not in line for line in lines) and "server.workers" not in output
     assert "hunter2" not in output
+
+
+def test_every_train_config_key_is_documented() -> None:
+    from loraflow.trainer.config import TrainConfig
+
+    doc = (Path(__file__).parents[2] / "docs" / "train-config.md").read_text()
+    documented = set(re.findall(r"^\| `(\w+)` \|", doc, re.MULTILINE))
+    assert documented == set(TrainConfig.model_fields)
