@@ -36,6 +36,7 @@ HEAVY = (
     "fastapi",
     "httpx",
     "openai",
+    "pydantic",  # settings and registry models: loaded by the commands that read them
     "pydantic_settings",
     "loraflow.registry.service",
     "loraflow.registry.store",
