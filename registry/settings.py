@@ -12,20 +12,36 @@ and pass it in. Nothing in loraflow builds settings at import time.
 from __future__ import annotations
 
 import getpass
+import json
 import os
+import re
+import shlex
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
+from loraflow.registry.errors import InvalidArgumentError
+
 CONFIG_FILE_ENV = "LORAFLOW_CONFIG"
 DEFAULT_CONFIG_FILE = "loraflow.toml"
+ENV_PREFIX = "LORAFLOW_"
+# LORAFLOW_* variables that are not settings: the config file's name, the CLI's traceback switch.
+# LORAFLOW_TEST_* and LORAFLOW_BENCH_* belong to the test suite and bench/.
+OTHER_ENV = frozenset({CONFIG_FILE_ENV, "LORAFLOW_DEBUG"})
+TOOL_ENV_PREFIXES = ("LORAFLOW_TEST_", "LORAFLOW_BENCH_")
+_DATABASE_URL = re.compile(r"^(sqlite|postgresql)(\+[A-Za-z0-9_]+)?://")
 
 # Linear layers vLLM can attach LoRA to on Llama-family models. Anything else
 # (embeddings, lm_head, norms) is refused at register time, not on a request.
@@ -530,6 +546,34 @@ class Settings(BaseSettings):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
 
+    @field_validator("database_url")
+    @classmethod
+    def _a_database_url(cls, url: str | None) -> str | None:
+        if url is not None and not _DATABASE_URL.match(url):
+            raise ValueError(
+                f"must be a SQLite or PostgreSQL URL, e.g. sqlite:////data/registry.db or "
+                f"postgresql://user@host:5432/loraflow, not {url!r}"
+            )
+        return url
+
+    @field_validator("artifact_uri")
+    @classmethod
+    def _a_storage_uri(cls, uri: str | None) -> str | None:
+        """A scheme fsspec does not know is refused here, for every command (the store itself opens
+        on first use). fsspec is imported only for a URI with a scheme: a local folder needs none."""
+        if uri is None or "://" not in uri:
+            return uri
+        from fsspec.registry import known_implementations, registry
+
+        schemes = uri.split("://", 1)[0].split("::")  # chained: simplecache::s3://…
+        unknown = [s for s in schemes if s not in known_implementations and s not in registry]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not a storage scheme fsspec knows; use a local folder or a URI such "
+                f"as s3://bucket/prefix (pip install 'loraflow[s3]'), not {uri!r}"
+            )
+        return uri
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -539,12 +583,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = Path(os.environ.get(CONFIG_FILE_ENV, DEFAULT_CONFIG_FILE))
-        return (
-            init_settings,
-            env_settings,
-            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
-        )
+        return (init_settings, env_settings, _toml_source(settings_cls))
 
     @property
     def resolved_database_url(self) -> str:
@@ -577,6 +616,118 @@ class Settings(BaseSettings):
             return "unknown"
 
 
+def config_file() -> Path:
+    """The config file settings are read from: ``$LORAFLOW_CONFIG``, else ``./loraflow.toml``."""
+    return Path(os.environ.get(CONFIG_FILE_ENV, DEFAULT_CONFIG_FILE))
+
+
+def _toml_source(settings_cls: type[BaseSettings]) -> TomlConfigSettingsSource:
+    """The config file as a settings source. A file named by LORAFLOW_CONFIG must exist (a typo there
+    is not silently ignored), and one that does not parse is named with its line."""
+    path = config_file()
+    if CONFIG_FILE_ENV in os.environ and not path.is_file():
+        raise InvalidArgumentError(
+            f"{CONFIG_FILE_ENV}={os.environ[CONFIG_FILE_ENV]}: no such file; name an existing TOML file "
+            f"or unset {CONFIG_FILE_ENV} to read ./{DEFAULT_CONFIG_FILE}",
+            param=CONFIG_FILE_ENV,
+        )
+    try:
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line N, column M)"
+        raise InvalidArgumentError(f"{path} is not valid TOML: {exc}", param="config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"cannot read the config file {path}: {exc}", param="config") from None
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from the config file and environment; keyword overrides win."""
-    return Settings(**overrides)  # type: ignore[arg-type]
+    """Build settings from the config file and environment; keyword overrides win.
+
+    A config file or an environment variable that cannot be read raises InvalidArgumentError naming
+    it; values that do not validate raise pydantic's ValidationError (see :func:`setting_source`)."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except SettingsError as exc:  # a list/dict/section variable whose value is not JSON
+        raise _not_json(os.environ) or InvalidArgumentError(str(exc), param="environment") from None
+
+
+# -- the environment variables settings read ---------------------------------------------------------
+def _unwrap(annotation: Any) -> list[Any]:
+    """The types an annotation allows, Optional and unions flattened."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg) if t is not type(None)]
+    return [annotation]
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    for t in _unwrap(annotation):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def _json_kind(annotation: Any) -> str | None:
+    """'list', 'object' or None: what a variable for this field must hold as JSON."""
+    for t in _unwrap(annotation):
+        origin = typing.get_origin(t) or t
+        if origin in (list, tuple, set, frozenset):
+            return "list"
+        if origin is dict or (isinstance(origin, type) and issubclass(origin, BaseModel)):
+            return "object"
+    return None
+
+
+def _setting_vars(
+    model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX, path: str = ""
+) -> Iterator[tuple[str, str, Any]]:
+    """(variable, dotted setting, annotation) for every setting, nested sections included."""
+    for name, info in model.model_fields.items():
+        var, dotted = f"{prefix}{name.upper()}", f"{path}{name}"
+        yield var, dotted, info.annotation
+        section = _section(info.annotation)
+        if section is not None:
+            yield from _setting_vars(section, f"{var}__", f"{dotted}.")
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """LORAFLOW_* variables that name no setting (a typo is otherwise silently ignored)."""
+    known: set[str] = set()
+    open_prefixes: list[str] = []  # a dict setting takes any key: LORAFLOW_TRAFFIC__ADAPTERS__orders
+    for var, _, annotation in _setting_vars():
+        known.add(var)
+        if _json_kind(annotation) == "object" and _section(annotation) is None:
+            open_prefixes.append(f"{var}__")
+    unknown = []
+    for var in environ:
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in OTHER_ENV:
+            continue
+        if upper.startswith(TOOL_ENV_PREFIXES) or upper.startswith(tuple(open_prefixes)):
+            continue
+        unknown.append(var)
+    return sorted(unknown)
+
+
+def _not_json(environ: Mapping[str, str]) -> InvalidArgumentError | None:
+    """The first variable for a list, dict or section setting whose value does not parse as JSON."""
+    kinds = {var: (dotted, _json_kind(annotation)) for var, dotted, annotation in _setting_vars()}
+    for var, value in environ.items():
+        dotted, kind = kinds.get(var.upper(), ("", None))
+        if kind is None:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            example = json.dumps(shlex.split(value)) if kind == "list" else '{"key": "value"}'
+            return InvalidArgumentError(
+                f"{var} must be a JSON {kind} (setting {dotted}), e.g. {var}='{example}'", param=dotted
+            )
+    return None
+
+
+def setting_source(dotted: str) -> str:
+    """Where a setting's value came from, to name in an error: its variable, else the config file."""
+    var = ENV_PREFIX + dotted.upper().replace(".", "__")
+    for prefix in [var] + [var.rsplit("__", n)[0] for n in range(1, var.count("__") + 1)]:
+        if any(key.upper() == prefix for key in os.environ):
+            return prefix
+    return str(config_file())

@@ -116,7 +116,9 @@ def test_the_engine_command_fails_fast_on_a_store_it_cannot_read(monkeypatch: py
     monkeypatch.setenv("LORAFLOW_ARTIFACT_URI", "nosuchprotocol://bucket/x")
     result = CliRunner().invoke(app, ["engine", "--base-model", "/m"])
     assert result.exit_code == 2
-    assert "cannot read the artifact store nosuchprotocol://bucket/x" in result.output
+    # an unknown scheme is refused with the settings, naming the variable (before any store opens)
+    assert "'nosuchprotocol' is not a storage scheme" in result.output
+    assert "LORAFLOW_ARTIFACT_URI" in result.output
     monkeypatch.delenv("LORAFLOW_ARTIFACT_URI")
     result = CliRunner().invoke(app, ["engine"])
     assert result.exit_code == 2 and "--base-model" in result.output
