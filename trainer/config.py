@@ -58,14 +58,25 @@ class TrainConfig(BaseModel):
 def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidArgumentError(f"no such config file: {path}", param="config")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"cannot read config file {path}: {exc}", param="config") from None
     try:
         if path.suffix == ".toml":
             data: Any = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(exc, "problem", None) or type(exc).__name__
+                raise InvalidArgumentError(
+                    f"config file {path} is not valid YAML{where}: {problem}", param="config"
+                ) from None
         elif path.suffix == ".json":
             data = json.loads(text)
         else:

@@ -76,18 +76,46 @@ class TokenCounter(Protocol):
     def __call__(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> int: ...
 
 
+ACCEPTED_FORMATS = (
+    "JSONL (one JSON object per line: 'messages', 'prompt'+'completion' or "
+    "'instruction'+'input'+'output') or Parquet with those columns"
+)
+# Files that are not text: their first bytes say what they are, and what to do instead.
+_MAGIC = {
+    b"\x1f\x8b": "gzip-compressed: decompress it first (gunzip)",
+    b"PK\x03\x04": "a zip archive: extract the file first",
+    b"BZh": "bzip2-compressed: decompress it first (bunzip2)",
+    b"\xfd7zXZ\x00": "xz-compressed: decompress it first (unxz)",
+    b"(\xb5/\xfd": "zstd-compressed: decompress it first (unzstd)",
+    b"PAR1": "a Parquet file: name it *.parquet",
+}
+_BOM = b"\xef\xbb\xbf"
+
+
 def read_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed record or BadLine) for a .jsonl/.json or .parquet file."""
+    """Yield (line number, parsed record or BadLine) for a .jsonl/.json or .parquet file.
+
+    A file that is not readable as one of those at all (compressed, binary, CSV, a broken Parquet
+    file) raises InvalidArgumentError saying what it looks like, before any line is read. A UTF-8
+    byte-order mark is accepted (like Python's utf-8-sig); a line that is not UTF-8 is a bad line."""
     if not path.is_file():
         raise InvalidArgumentError(f"no such data file: {path}", param="FILE")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
+        yield from _parquet_records(path)
         return
-    with path.open(encoding="utf-8") as fh:
-        for i, raw in enumerate(fh, start=1):
+    _sniff(path)
+    with path.open("rb") as fh:
+        for i, raw_bytes in enumerate(fh, start=1):
+            if i == 1 and raw_bytes.startswith(_BOM):
+                raw_bytes = raw_bytes[len(_BOM) :]
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield (
+                    i,
+                    BadLine(f"not UTF-8 text (byte 0x{raw_bytes[exc.start]:02x} at column {exc.start + 1})"),
+                )
+                continue
             if not raw.strip():
                 yield i, BadLine("empty line")
                 continue
@@ -95,6 +123,52 @@ def read_records(path: Path) -> Iterator[tuple[int, Any]]:
                 yield i, json.loads(raw)
             except json.JSONDecodeError as exc:
                 yield i, BadLine(f"invalid JSON ({exc.msg} at column {exc.colno})")
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidArgumentError(
+            f"{path} is not a readable Parquet file ({exc}); loraflow reads {ACCEPTED_FORMATS}", param="FILE"
+        ) from None
+    yield from enumerate(rows, start=1)
+
+
+def _sniff(path: Path) -> None:
+    """Refuse a file that is plainly not JSONL: compressed or binary, or CSV/TSV (whose every line
+    would otherwise be 'invalid JSON' with no hint why)."""
+    with path.open("rb") as fh:
+        head = fh.read(65536)
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            raise InvalidArgumentError(f"{path} is {what}; loraflow reads {ACCEPTED_FORMATS}", param="FILE")
+    if b"\x00" in head:
+        raise InvalidArgumentError(
+            f"{path} is a binary file, not text; loraflow reads {ACCEPTED_FORMATS}", param="FILE"
+        )
+    lines = [line.strip() for line in head.removeprefix(_BOM).decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line][:2]
+    if lines and all(_looks_delimited(line) for line in lines):
+        raise InvalidArgumentError(
+            f"{path} looks like CSV or TSV (line 1: {lines[0][:60]!r}); loraflow reads {ACCEPTED_FORMATS}. "
+            "Convert it, e.g. with pandas: read_csv(...).to_json(OUT, orient='records', lines=True)",
+            param="FILE",
+        )
+
+
+def _looks_delimited(line: str) -> bool:
+    """A line that is not JSON but has a CSV/TSV delimiter."""
+    if line.startswith(("{", "[")):
+        return False
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return any(d in line for d in (",", "\t", ";"))
+    return False
 
 
 def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
@@ -183,6 +257,8 @@ class Validation:
     examples: list[Example] = field(default_factory=list)
     errors: list[LineError] = field(default_factory=list)
     max_length: int | None = None
+    base_model: str | None = None  # whose tokenizer counted the tokens (validate_for_base)
+    base_fingerprint: str | None = None
 
     @property
     def token_lengths(self) -> list[int]:
@@ -279,7 +355,10 @@ def validate_for_base(
     """Validate with the base model's tokenizer and chat template, as training will render it."""
     from loraflow.trainer.model import load_tokenizer, locate_base_model, token_counter
 
-    tokenizer = load_tokenizer(locate_base_model(base))
-    return validate_file(
+    located = locate_base_model(base)
+    tokenizer = load_tokenizer(located)
+    result = validate_file(
         path, count_tokens=token_counter(tokenizer), max_length=max_length, system_prompt=system_prompt
     )
+    result.base_model, result.base_fingerprint = located.id, located.fingerprint
+    return result

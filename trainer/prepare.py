@@ -80,15 +80,20 @@ def deduplicate(examples: list[Example], *, threshold: float = 0.85, num_perm: i
     return Dedup(kept=kept, exact_dropped=exact, near_dropped=near)
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise InvalidArgumentError(
+            f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must each be in [0, 1) "
+            "and sum to less than 1",
+            param="test_fraction",
+        )
+
+
 def split(
     examples: list[Example], *, val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[Example]]:
     """Seeded split, stratified by label when any example has one."""
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise InvalidArgumentError(
-            "val_fraction and test_fraction must each be in [0, 1) and sum to less than 1",
-            param="test_fraction",
-        )
+    check_fractions(val_fraction, test_fraction)
     strata: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
         strata[ex.label or ""].append(ex)
@@ -188,7 +193,12 @@ def prepare(
                 "source_sha256": source_sha,
                 "seed": seed,
                 "fractions": report["fractions"],
-            },
+            }
+            | (  # the tokenizer the token profile was counted with: train checks its base against it
+                {"base_model": validation.base_model, "base_model_fingerprint": validation.base_fingerprint}
+                if validation.base_fingerprint
+                else {}
+            ),
             profile=profile,
         )
     return version, report

@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from loraflow.registry.errors import MissingDependencyError
+from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
 
 IM_START, IM_END, PAD, BOS = "<|im_start|>", "<|im_end|>", "<|pad|>", "<|begin_of_text|>"
 
@@ -63,9 +63,18 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
 
 
 def build_tiny_model(
-    out_dir: Path, *, seed: int = 0, vocab_size: int = 1024, max_position_embeddings: int = 1024
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    vocab_size: int = 1024,
+    max_position_embeddings: int = 1024,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a tiny Llama model folder (config, safetensors weights, tokenizer, chat template)."""
+    """Write a tiny Llama model folder (config, safetensors weights, tokenizer, chat template).
+
+    ``out_dir`` must be a new or empty folder, unless ``overwrite``: a model's files are never
+    mixed into a folder that holds others."""
+    check_out_dir(out_dir, overwrite=overwrite)
     try:
         import torch
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -111,6 +120,17 @@ def build_tiny_model(
     model.generation_config.pad_token_id = fast.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def check_out_dir(out_dir: Path, *, overwrite: bool = False) -> None:
+    """A folder to write a model into: not a file, and empty unless ``overwrite``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidArgumentError(f"{out_dir} is a file; name a new folder for the model", param="OUT_DIR")
+    if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
+        raise InvalidArgumentError(
+            f"{out_dir} is not empty; name a new or empty folder, or pass --force to write into it",
+            param="OUT_DIR",
+        )
 
 
 def random_lora_adapter(

@@ -4,8 +4,11 @@
   serving uses, as TRL prompt/completion conversations. So the loss covers
   only the final assistant turn *including* the template's end-of-turn token.
   Without that token an adapter never learns to stop (trl#5988, vllm#4180).
-- The data are re-validated against the tokenizer (max_length) before any
-  weights are loaded. A bad dataset never reaches the model.
+- Everything the registry would refuse after training is checked before any
+  weights are loaded (:func:`preflight`): the adapter name, the rank against
+  ``registry.max_lora_rank``, the target modules, the base against the
+  adapter's registered one and the dataset's. The data are re-validated against
+  the tokenizer (max_length) then too. A bad dataset never reaches the model.
 - The base model's validation loss is measured before training (LoRA starts as
   the identity). Then training evaluates every ``eval_steps``, stops early on
   validation loss, and keeps the best checkpoint.
@@ -26,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.registry import domain
-from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
+from loraflow.registry.basemodel import BaseModel
+from loraflow.registry.errors import (
+    InvalidAdapterError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    NotFoundError,
+)
+from loraflow.registry.refs import check_name
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from loraflow.trainer.config import TrainConfig
@@ -204,6 +214,51 @@ class _StartStep:
         return StartStep()
 
 
+def preflight(
+    config: TrainConfig, *, registry: Registry, settings: Settings
+) -> tuple[BaseModel, domain.DatasetVersionInfo]:
+    """Refuse, before any weights are loaded, a run whose adapter the registry would refuse at the end.
+    Returns the located base model and the dataset version."""
+    check_name(config.adapter, param="adapter")
+    limits = settings.registry
+    if config.r > limits.max_lora_rank:
+        raise InvalidArgumentError(
+            f"LoRA rank r={config.r} is above registry.max_lora_rank ({limits.max_lora_rank}), so the "
+            "adapter could not be registered: lower r, or raise registry.max_lora_rank (at most the "
+            "engine's server.max_lora_rank)",
+            param="r",
+        )
+    if isinstance(config.target_modules, list):
+        unsupported = sorted(set(config.target_modules) - set(limits.supported_target_modules))
+        if unsupported:
+            raise InvalidArgumentError(
+                f"target_modules {unsupported} cannot be served (registry.supported_target_modules: "
+                f"{', '.join(limits.supported_target_modules)})",
+                param="target_modules",
+            )
+    base = locate_base_model(config.base)
+    dataset = registry.get_dataset(config.data)
+    prepared_on = dataset.lineage.get("base_model_fingerprint")
+    if prepared_on and prepared_on != base.fingerprint:
+        raise InvalidArgumentError(
+            f"dataset {dataset.ref} was prepared with base {dataset.lineage.get('base_model')} (its token "
+            f"lengths and drift profile count that tokenizer), not {base.id}: prepare it again with "
+            f"--base {config.base}, or train on its base",
+            param="base",
+        )
+    try:
+        adapter = registry.get(config.adapter)
+    except NotFoundError:
+        return base, dataset
+    if adapter.base_model_fingerprint != base.fingerprint:
+        raise InvalidAdapterError(
+            f"{adapter.name} is registered on base model {adapter.base_model}, not {base.id}: "
+            "train it on that base, or choose a new adapter name",
+            param="base",
+        )
+    return base, dataset
+
+
 def train(
     config: TrainConfig,
     *,
@@ -214,6 +269,7 @@ def train(
 ) -> TrainResult:
     """Train, evaluate on the validation split, and register the adapter as the next version.
     ``progress`` is told (steps done, steps in all) as training goes; unset, a terminal gets a bar."""
+    base, dataset = preflight(config, registry=registry, settings=settings)
     try:
         import torch
         from datasets import Dataset
@@ -231,9 +287,7 @@ def train(
         config.system_prompt if config.system_prompt is not None else settings.trainer.system_prompt
     )
 
-    # 1. Everything that can be checked without weights.
-    base = locate_base_model(config.base)
-    dataset = registry.get_dataset(config.data)
+    # 1. Everything that can be checked without weights (preflight above, and the data).
     tokenizer = load_tokenizer(base)
     count = token_counter(tokenizer)
     splits = {}
