@@ -77,7 +77,9 @@ def validate(
 ) -> None:
     """Report every bad line (1-based) with its reason; for a good file, counts and token lengths.
 
-    Without a base model (--base or trainer.base_model) it checks structure only.
+    Without a base model (--base-model or trainer.base_model) it checks structure only.
+
+    Example: loraflow data validate tickets.jsonl --base-model ./models/tiny-llama
     """
     result = _validate(ctx, file, base, max_length, need_base=False)
     summary = result.summary()

@@ -100,7 +100,10 @@ def demo(
         typer.Option(help=f"Adapter name; default {DEFAULT_NAME}, or the first free {DEFAULT_NAME}-N."),
     ] = None,
 ) -> None:
-    """Train, evaluate, serve, sample traffic, run the flywheel and gate promotions, on a tiny local model."""
+    """Train, evaluate, serve, sample traffic, run the flywheel and gate promotions, on a tiny local model.
+
+    Example: loraflow demo
+    """
     import openai
 
     from loraflow.registry.service import Registry

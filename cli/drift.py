@@ -31,7 +31,10 @@ def drift(
     ] = True,
 ) -> None:
     """Compare the sampled traffic of a version with its training split: PSI of prompt and output lengths,
-    prompt embeddings, format validity, refusals and negative feedback, each with a verdict."""
+    prompt embeddings, format validity, refusals and negative feedback, each with a verdict.
+
+    Example: loraflow drift support --window 24h --html drift.html
+    """
     from loraflow.trainer.drift import drift_report, write_html
 
     app = state(ctx)
@@ -70,6 +73,6 @@ def drift(
         f"{requests['feedback']} feedback; against {report['dataset'] or 'no dataset'}"
     )
     for note in report["notes"]:
-        out.print(note)
+        out.print(note, markup=False)
     if html is not None:
-        out.print(f"wrote {html}")
+        out.print(f"wrote {html}", markup=False)
