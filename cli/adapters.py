@@ -29,6 +29,7 @@ app = typer.Typer(
     help="Register, inspect, promote and roll back versioned LoRA adapters.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # also as the `adapters` console script
 )
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

@@ -43,7 +43,7 @@ def print_report(report: dict[str, Any]) -> None:
 
     systems, comparisons = report["systems"], report["comparisons"]
     out.print(
-        f"{report['candidate']} on {report['dataset']} {report['split']} (n={report['n']}, "
+        f"{report['candidate']} on {report['dataset'] or '-'} {report['split']} (n={report['n']}, "
         f"split {report['split_digest'][:12]}), {report['confidence']:.0%} paired bootstrap intervals",
         markup=False,
     )
@@ -93,8 +93,10 @@ def evaluate(
 
     Example: loraflow eval support@v3 --html report.html
     """
+    from loraflow.cli.adapters import adapter_ref
     from loraflow.trainer.evaluate import evaluate as run_eval
 
+    ref = str(adapter_ref(ctx, ref, param="NAME@vN", version_first=True))  # @vN, :ALIAS: default_adapter
     app = state(ctx)
     settings = app.get_settings()
     result = run_eval(ref, registry=app.registry, settings=settings, dataset=dataset, split=split)

@@ -92,7 +92,10 @@ def run(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Build the dataset, train a candidate, evaluate it, and promote it (staging, or production when
-    flywheel.auto_promote allows and the gate passes). Each step is skipped when already done."""
+    flywheel.auto_promote allows and the gate passes). Each step is skipped when already done.
+
+    Example: loraflow flywheel run support --since 7d
+    """
     from loraflow.trainer.flywheel import run as run_cycle
 
     app_state = state(ctx)

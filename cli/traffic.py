@@ -75,8 +75,11 @@ def show(
     ctx: typer.Context,
     request_id: Annotated[str, typer.Argument(help="The x-request-id of a response.")],
 ) -> None:
-    """Print a recorded request (as written: redacted) and its feedback, as JSON."""
-    registry = state(ctx).registry
+    """Print a recorded request (as written: redacted) and its feedback, as JSON.
+
+    Example: loraflow traffic show req-20260101-0123abcd
+    """
+    registry = state(ctx).existing_registry
     record = registry.traffic.find_request(request_id)
     if record is None:
         raise NotFoundError(f"no recorded request {request_id!r}", param="request_id")

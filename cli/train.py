@@ -100,6 +100,10 @@ def train(
         a, b = rep["adapter"], rep["base"]
         out.print(
             f"held-out ({rep['n']}): exact {a['exact_match']} vs base {b['exact_match']}; "
-            f"stops by itself {a['stop_rate']} vs {b['stop_rate']}; "
-            f"valid JSON {a.get('json_valid')} vs {b.get('json_valid')}"
+            f"stops by itself {a['stop_rate']} vs {b['stop_rate']}"
+            + (
+                f"; valid JSON {a['json_valid']} vs {b.get('json_valid')}"
+                if a.get("json_valid") is not None
+                else ""
+            )
         )
