@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -384,4 +385,19 @@ def test_values_schema_is_the_chart_schema() -> None:
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     # Every top-level value has a schema entry, and the schema names nothing values.yaml lacks.
     assert set(schema["properties"]) == set(defaults)
-    assert helm.Chart.load(CHART).schema == schema
+    # The chart's own values and the production file are valid under it...
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert [e.message for e in validator.iter_errors(defaults)] == []
+    assert [e.message for e in validator.iter_errors(production())] == []
+    # ...and it refuses a misspelt key at every level, not only where a test happens to look.
+    assert open_objects(schema) == []
+
+
+def open_objects(schema: dict[str, Any], path: str = "") -> list[str]:
+    """The objects in ``schema`` that name their keys but accept any other key too."""
+    found = []
+    if "properties" in schema and schema.get("additionalProperties") is not False:
+        found.append(path or "/")
+    for key, sub in schema.get("properties", {}).items():
+        found.extend(open_objects(sub, f"{path}/{key}"))
+    return found

@@ -175,8 +175,6 @@ def test_the_cli_stores_the_report_renders_it_and_a_gateway_exports_it(
     stored = world.registry.drift_reports()["orders@v1"]
     assert stored.report["figures"]["embedding_mmd_p_value"] == report["figures"]["embedding_mmd_p_value"]
 
-    from fastapi.testclient import TestClient
-
     from tests.fake_vllm import Setup, gateway, ready
 
     setup = Setup(
@@ -188,5 +186,7 @@ def test_the_cli_stores_the_report_renders_it_and_a_gateway_exports_it(
     with gateway(setup, traffic={"sample_rate": 0}) as client:
         ready(client)
         metrics = client.get("/metrics").text
-    assert 'loraflow_drift_embedding_mmd_p_value{adapter="orders",version="v1"}' in metrics
-    assert isinstance(client, TestClient)
+    # The gauge carries the stored report's figure, not merely its name.
+    series = 'loraflow_drift_embedding_mmd_p_value{adapter="orders",version="v1"} '
+    (line,) = [m for m in metrics.splitlines() if m.startswith(series)]
+    assert float(line.removeprefix(series)) == pytest.approx(report["figures"]["embedding_mmd_p_value"])

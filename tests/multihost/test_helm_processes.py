@@ -208,7 +208,10 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
             )
         assert reply.http_response.status_code == 200
         assert reply.headers["x-loraflow-model"].startswith("helm-a@v1")
-        assert reply.parse().choices[0].message.content is not None
+        # The engine generated the answer, under the version the gateway routed to, within max_tokens.
+        completion = reply.parse()
+        assert completion.model == reply.headers["x-loraflow-model"]
+        assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 4
         # The engine fetched the adapter itself, from the bucket, into the mounted adapter cache.
         cache = engine.mounts["/cache/adapters"]
         assert any(cache.rglob("adapter_model.safetensors")), "the engine's adapter cache is empty"
