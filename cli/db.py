@@ -41,7 +41,9 @@ def current(
     """
     from loraflow.registry import db  # SQLAlchemy and Alembic: only in these commands
 
-    engine = db.make_engine(state(ctx).get_settings().resolved_database_url)
+    url = state(ctx).get_settings().resolved_database_url
+    db.check_exists(url)  # it only reads: a missing SQLite file is named, not created
+    engine = db.make_engine(url)
     try:
         now, head = db.current_revision(engine), db.head_revision()
         if as_json:

@@ -79,7 +79,7 @@ def show(
 
     Example: loraflow traffic show req-20260101-0123abcd
     """
-    registry = state(ctx).existing_registry
+    registry = state(ctx).registry
     record = registry.traffic.find_request(request_id)
     if record is None:
         raise NotFoundError(f"no recorded request {request_id!r}", param="request_id")

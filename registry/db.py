@@ -66,14 +66,8 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
     naming the path, instead of a new empty registry that would answer "nothing registered".
     A server that cannot be reached is UnavailableError naming it (no driver traceback)."""
     parsed = _parse(url)
-    if not create and parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:" and not Path(database).is_file():
-            raise NotFoundError(
-                f"no registry database at {database}: check LORAFLOW_HOME or database_url (a command "
-                "that only reads does not create one)",
-                param="database_url",
-            )
+    if not create:
+        check_exists(url)
     engine = make_engine(url)
     try:
         ensure_schema(engine)
@@ -84,6 +78,21 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
         engine.dispose()
         raise
     return engine
+
+
+def check_exists(url: str) -> None:
+    """For a command that only reads: a SQLite database that is not there is NotFoundError naming the
+    path (opening it would create a new, empty one). A server database is checked by connecting."""
+    parsed = _parse(url)
+    database = parsed.database
+    if not database or database == ":memory:" or parsed.get_backend_name() != "sqlite":
+        return
+    if not Path(database).is_file():
+        raise NotFoundError(
+            f"no registry database at {database}: check LORAFLOW_HOME or database_url (a command "
+            "that only reads does not create one)",
+            param="database_url",
+        )
 
 
 def _unreachable(url: URL, exc: OperationalError) -> InvalidArgumentError | UnavailableError:
