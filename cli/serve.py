@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import signal
@@ -15,6 +14,8 @@ from loraflow.cli.common import err, guarded, state
 from loraflow.registry.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
+    import asyncio
+
     import uvicorn
 
     from loraflow.server.engine.supervisor import EngineProcess
@@ -62,6 +63,8 @@ def serve(
 
     Example: loraflow serve --base-model Qwen/Qwen2.5-0.5B-Instruct --port 8000
     """
+    import asyncio  # ~30 ms: only for the command that runs a loop
+
     import uvicorn
 
     from loraflow.server.app import build_app
@@ -125,6 +128,8 @@ async def _run(
     server: uvicorn.Server, supervised: list[EngineProcess], serving: asyncio.Event
 ) -> signal.Signals | None:
     """Start the supervised engines (interruptible), then serve. The signal if stopped before serving."""
+    import asyncio
+
     from loraflow.server.engine.supervisor import start_all
 
     loop = asyncio.get_running_loop()
