@@ -1,0 +1,138 @@
+"""Identical training runs happen once per test run.
+
+Training is seeded, so a run is a function of its recipe: the training config (less the adapter's
+name, the dataset's name, the task and the output folder), the settings it falls back on, the
+exact rows of the dataset's splits and the base model's files. ``training_cache`` (a session
+fixture, registered in ``tests/conftest.py`` through ``pytest_plugins``) keeps the adapter files
+and the recorded metrics and eval report of each run by the sha256 of that recipe. A second run of
+the same recipe, in any registry, registers the kept files with the same records (the version's
+own config names this run's adapter and output folder) instead of training again.
+
+``reuse=False`` always trains (a test that inspects the trainer or the run itself); its result
+is still kept for later runs of the same recipe. The cache lives for one test run only: a trainer
+change is always trained on at least once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from loraflow.registry.service import Registry
+    from loraflow.registry.settings import Settings
+    from loraflow.trainer.config import TrainConfig
+    from loraflow.trainer.train import TrainResult
+
+# What a config names that does not change the weights a run produces.
+NOT_IN_RECIPE = ("adapter", "data", "task", "output_dir")
+
+
+@dataclass(frozen=True)
+class _Run:
+    files: Path
+    metrics: dict[str, Any]
+    eval_report: dict[str, Any]
+    chat_template_hash: str | None
+
+
+def _resolved(config: TrainConfig, settings: Settings) -> dict[str, Any]:
+    """What a run takes from the settings when its config leaves it unset (train() records these)."""
+    return {
+        "max_length": config.max_length or settings.trainer.max_length,
+        "system_prompt": config.system_prompt
+        if config.system_prompt is not None
+        else settings.trainer.system_prompt,
+    }
+
+
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class TrainingCache:
+    root: Path
+    runs: dict[str, _Run] = field(default_factory=dict)
+    trained: int = 0
+    reused: int = 0
+
+    def recipe(self, config: TrainConfig, *, registry: Registry, settings: Settings) -> str:
+        """The sha256 of everything a seeded run's result depends on."""
+        from loraflow.registry.artifacts import sha256_file
+        from loraflow.registry.basemodel import resolve_base_model
+        from loraflow.trainer.prepare import SPLITS, load_split
+
+        dataset = registry.get_dataset(config.data)
+        base = resolve_base_model(config.base)
+        values = {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_IN_RECIPE}
+        return _sha256(
+            {
+                "config": values,
+                "settings": _resolved(config, settings),
+                "splits": {s: _sha256(load_split(registry, dataset, s)) for s in SPLITS},
+                "base": base.fingerprint,
+                "weights": {p.name: sha256_file(p) for p in sorted(base.path.glob("*.safetensors"))},
+            }
+        )
+
+    def train(
+        self,
+        config: TrainConfig,
+        *,
+        registry: Registry,
+        settings: Settings,
+        reuse: bool = True,
+        run: Callable[..., TrainResult] | None = None,
+    ) -> TrainResult:
+        """``loraflow.trainer.train.train(config, registry=…, settings=…)``, or its earlier result."""
+        from loraflow.trainer.train import TrainResult
+        from loraflow.trainer.train import train as real_train
+
+        key = self.recipe(config, registry=registry, settings=settings)
+        kept = self.runs.get(key)
+        if kept is None or not reuse:
+            result = (run or real_train)(config, registry=registry, settings=settings)
+            self.trained += 1
+            self._keep(key, result, registry)
+            return result
+        self.reused += 1
+        dataset = registry.get_dataset(config.data)
+        training_config = config.model_dump(mode="json") | _resolved(config, settings)  # as train() records
+        version = registry.register(
+            config.adapter,
+            kept.files,
+            base_model=config.base,
+            task=config.task,
+            dataset=dataset.ref,
+            training_config=training_config,
+            metrics=copy.deepcopy(kept.metrics),
+            eval_report=copy.deepcopy(kept.eval_report),
+            chat_template_hash=kept.chat_template_hash,
+        )
+        return TrainResult(
+            version=version, metrics=copy.deepcopy(kept.metrics), eval_report=copy.deepcopy(kept.eval_report)
+        )
+
+    def _keep(self, key: str, result: TrainResult, registry: Registry) -> None:
+        if key in self.runs:
+            return
+        files = registry.fetch(result.version, self.root / key)
+        self.runs[key] = _Run(
+            files=files,
+            metrics=copy.deepcopy(result.metrics),
+            eval_report=copy.deepcopy(result.eval_report),
+            chat_template_hash=result.version.chat_template_hash,
+        )
+
+
+@pytest.fixture(scope="session")
+def training_cache(tmp_path_factory: pytest.TempPathFactory) -> TrainingCache:
+    return TrainingCache(root=tmp_path_factory.mktemp("training-cache"))
