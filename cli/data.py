@@ -47,13 +47,13 @@ def _validate(
     if not base:
         if need_base:
             raise InvalidArgumentError(
-                "a base model is needed to count tokens: pass --base or set trainer.base_model "
+                "a base model is needed to count tokens: pass --base-model or set trainer.base_model "
                 "in loraflow.toml",
                 param="base",
             )
         if max_length is not None:
             raise InvalidArgumentError(
-                "--max-length is counted in the base model's tokens: pass --base too (or set "
+                "--max-length is counted in the base model's tokens: pass --base-model too (or set "
                 "trainer.base_model in loraflow.toml)",
                 param="max_length",
             )
@@ -102,7 +102,7 @@ def validate(
             markup=False,
         )
         if result.max_length is None:
-            out.print("token lengths not checked: pass --base (or set trainer.base_model) to count them")
+            out.print("token lengths not checked: pass --base-model (or set trainer.base_model) to count")
         elif tokens.get("total"):
             out.print(
                 f"tokens per example: min {tokens['min']} p50 {tokens['p50']} p90 {tokens['p90']} "

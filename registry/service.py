@@ -130,17 +130,17 @@ class Registry:
 
     @staticmethod
     def _check_declared_base(declared: str | None, base: BaseModel) -> None:
-        """If the adapter names a base we can find, it must be the same model as ``--base``."""
+        """If the adapter names a base we can find, it must be the same model as ``--base-model``."""
         if not declared or declared == base.id:
             return
         try:
             named = resolve_base_model(declared)
         except NotFoundError:
-            return  # not resolvable here; the tensor shape check against --base still applies
+            return  # not resolvable here; the tensor shape check against --base-model still applies
         if named.fingerprint != base.fingerprint:
             raise InvalidAdapterError(
                 f"the adapter was trained on {declared} (adapter_config.json base_model_name_or_path), "
-                f"which is a different model from --base {base.id}",
+                f"which is a different model from --base-model {base.id}",
                 param="base",
             )
 

@@ -243,7 +243,7 @@ def preflight(
         raise InvalidArgumentError(
             f"dataset {dataset.ref} was prepared with base {dataset.lineage.get('base_model')} (its token "
             f"lengths and drift profile count that tokenizer), not {base.id}: prepare it again with "
-            f"--base {config.base}, or train on its base",
+            f"--base-model {config.base}, or train on its base",
             param="base",
         )
     try:

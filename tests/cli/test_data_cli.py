@@ -47,4 +47,4 @@ def test_validate_without_a_base_checks_structure(tmp_path: Path) -> None:
 def test_prepare_still_needs_a_base(tmp_path: Path) -> None:
     good = _write(tmp_path / "good.jsonl", [json.dumps({"prompt": "hi", "completion": "there"})])
     result = runner.invoke(app, ["data", "prepare", str(good), "--name", "d"])
-    assert result.exit_code == 2 and "pass --base or set trainer.base_model" in result.output
+    assert result.exit_code == 2 and "pass --base-model or set trainer.base_model" in result.output
