@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
+from loraflow.registry.errors import InvalidArgumentError
 from loraflow.trainer.data import validate_file
 
 pytestmark = pytest.mark.unit
@@ -109,3 +111,46 @@ def test_parquet_input(tmp_path: Path) -> None:
     v = validate_file(path)
     assert len(v.examples) == 1
     assert [(e.line, e.reason) for e in v.errors] == [(2, "field 'prompt' is empty")]
+
+
+def test_a_utf8_bom_is_accepted_and_a_line_that_is_not_utf8_is_a_bad_line(tmp_path: Path) -> None:
+    good = json.dumps({"prompt": "p", "completion": "c"}).encode()
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(
+        b"\xef\xbb\xbf" + good + b"\n" + b'{"prompt": "caf\xe9", "completion": "c"}\n' + good + b"\n"
+    )
+    v = validate_file(f)
+    assert [e.line for e in v.examples] == [1, 3]
+    assert [(e.line, e.reason) for e in v.errors] == [(2, "not UTF-8 text (byte 0xe9 at column 16)")]
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (gzip.compress(b'{"prompt": "p", "completion": "c"}\n'), "gzip-compressed: decompress it first"),
+        (b"PK\x03\x04rest of a zip", "a zip archive"),
+        (b"PAR1 parquet bytes", "a Parquet file: name it *.parquet"),
+        (b'{"prompt": "p"\x00\x00}', "a binary file"),
+        (b"prompt,completion\nhi,there\n", "looks like CSV or TSV (line 1: 'prompt,completion')"),
+        (b"\xef\xbb\xbfprompt\tcompletion\nhi\tthere\n", "looks like CSV or TSV"),
+    ],
+)
+def test_a_file_that_is_not_jsonl_says_what_it_looks_like(tmp_path: Path, content: bytes, says: str) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(InvalidArgumentError, match="loraflow reads JSONL") as caught:
+        validate_file(f)
+    assert says in caught.value.message and caught.value.param == "FILE"
+
+
+def test_one_bad_first_line_is_not_taken_for_csv(tmp_path: Path) -> None:
+    f = _write(tmp_path / "d.jsonl", ["oops, a note", {"prompt": "p", "completion": "c"}])
+    v = validate_file(f)
+    assert [e.line for e in v.errors] == [1] and len(v.examples) == 1
+
+
+def test_a_broken_parquet_file_is_named(tmp_path: Path) -> None:
+    f = tmp_path / "fake.parquet"
+    f.write_text("not parquet\n")
+    with pytest.raises(InvalidArgumentError, match=r"fake\.parquet is not a readable Parquet file"):
+        validate_file(f)

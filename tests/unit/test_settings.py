@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from loraflow.registry.settings import Settings, load_settings
+from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.settings import Settings, load_settings, setting_source, unknown_env_vars
 
 pytestmark = pytest.mark.unit
 
@@ -78,3 +79,83 @@ def test_nested_eval_sections_load_from_toml_and_environment(
     (isolated_env / "loraflow.toml").write_text("[eval.lm_eval]\ntasks = []\n")
     with pytest.raises(ValidationError, match="tasks"):
         load_settings()
+
+
+def test_a_config_file_named_in_the_environment_must_exist(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAFLOW_CONFIG", "/nope.toml")
+    with pytest.raises(InvalidArgumentError, match=r"LORAFLOW_CONFIG=/nope\.toml: no such file") as caught:
+        load_settings()
+    assert caught.value.param == "LORAFLOW_CONFIG"
+
+
+def test_a_config_file_that_does_not_parse_is_named_with_its_line(isolated_env: Path) -> None:
+    (isolated_env / "loraflow.toml").write_text('default_adapter = "x"\n[server\nport = 1\n')
+    with pytest.raises(InvalidArgumentError, match=r"loraflow\.toml is not valid TOML: .*at line 2"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        (
+            "LORAFLOW_SERVER__ENGINE_ARGS",
+            "--enforce-eager --swap-space 8",
+            "(setting server.engine_args), e.g. "
+            """LORAFLOW_SERVER__ENGINE_ARGS='["--enforce-eager", "--swap-space", "8"]'""",
+        ),
+        ("LORAFLOW_TRAFFIC__ADAPTERS", "orders=1", "LORAFLOW_TRAFFIC__ADAPTERS must be a JSON object"),
+    ],
+)
+def test_a_variable_for_a_list_or_dict_must_be_json(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(InvalidArgumentError) as caught:
+        load_settings()
+    assert says in caught.value.message
+
+
+def test_unknown_variables_are_found_and_known_ones_are_not() -> None:
+    environ = {
+        "LORAFLOW_HOEM": "typo",
+        "LORAFLOW_SERVER__PORTT": "1",
+        "LORAFLOW_HOME": "ok",
+        "LORAFLOW_SERVER__PORT": "1",
+        "LORAFLOW_EVAL__JUDGE__URL": "nested section",
+        "LORAFLOW_TRAFFIC__ADAPTERS__orders": "a dict's key",
+        "LORAFLOW_GATE__ADAPTERS__orders": "{}",
+        "LORAFLOW_CONFIG": "the config file",
+        "LORAFLOW_DEBUG": "1",
+        "LORAFLOW_TEST_DATABASE_URL": "the suite's",
+        "PATH": "not ours",
+    }
+    assert unknown_env_vars(environ) == ["LORAFLOW_HOEM", "LORAFLOW_SERVER__PORTT"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("database_url", "notaurl", "must be a SQLite or PostgreSQL URL"),
+        ("database_url", "mysql://db/x", "must be a SQLite or PostgreSQL URL"),
+        ("artifact_uri", "foo://bar", "'foo' is not a storage scheme fsspec knows"),
+    ],
+)
+def test_urls_are_checked_with_the_settings(setting: str, value: str, says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        Settings(**{setting: value})  # type: ignore[arg-type]
+
+
+def test_good_urls_pass() -> None:
+    s = Settings(database_url="postgresql+psycopg://u@h:5432/db", artifact_uri="s3://bucket/prefix")
+    assert s.resolved_artifact_uri == "s3://bucket/prefix"
+    assert Settings(artifact_uri="relative/folder").artifact_uri == "relative/folder"
+
+
+def test_a_bad_value_names_where_it_came_from(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert setting_source("server.port") == "loraflow.toml"
+    monkeypatch.setenv("LORAFLOW_SERVER__PORT", "x")
+    assert setting_source("server.port") == "LORAFLOW_SERVER__PORT"
+    monkeypatch.setenv("LORAFLOW_EVAL", "{}")
+    assert setting_source("eval.judge.url") == "LORAFLOW_EVAL"
