@@ -202,12 +202,16 @@ def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] =
 
     Example: loraflow data list --json
     """
-    versions = state(ctx).registry.datasets()
+    versions = state(ctx).existing_registry.datasets()  # reads: a missing database is named, not made
     if as_json:
         print_json([{"ref": v.ref} | v.model_dump(mode="json") for v in versions])
         return
     if not versions:
-        out.print("no datasets registered: `loraflow data prepare FILE --name NAME` registers one")
+        out.print(
+            f"no datasets registered in {state(ctx).database()}: `loraflow data prepare FILE --name NAME` "
+            "registers one",
+            markup=False,
+        )
         return
     from rich.table import Table
 
@@ -252,7 +256,7 @@ def show(
     parsed = parse_ref(ref, param="NAME[@vN]")
     if parsed.alias is not None:
         raise InvalidArgumentError(f"datasets have no aliases: write {parsed.name}@vN", param="NAME[@vN]")
-    reg = state(ctx).registry
+    reg = state(ctx).existing_registry
     versions = reg.datasets(parsed.name)
     v = reg.get_dataset(ref)
     if as_json:

@@ -85,8 +85,15 @@ def _register_dataset(name: str, digest: str) -> None:
 
 
 def test_data_list_and_show() -> None:
+    code, _, stderr = invoke("data", "list")  # it only reads: an empty home is not made a registry
+    assert code == 3 and "no registry database at" in stderr
+    from loraflow.registry.service import Registry
+    from loraflow.registry.settings import load_settings
+
+    settings = load_settings()
+    Registry.open(settings).close()
     code, stdout, _ = invoke("data", "list")
-    assert code == 0 and "no datasets registered" in stdout
+    assert code == 0 and f"no datasets registered in sqlite:///{settings.home.resolve()}" in stdout
     _register_dataset("tickets", "a" * 64)
     _register_dataset("tickets", "b" * 64)
     _register_dataset("faq", "c" * 64)
