@@ -203,7 +203,7 @@ def _filesystem(uri: str) -> tuple[Any, str]:
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(uri)
+        fs, root = fsspec.core.url_to_fs(uri)
     except ImportError as exc:  # a known scheme whose package is not installed, e.g. s3 without s3fs
         hint = " (pip install 'loraflow[s3]')" if uri.startswith(("s3://", "s3a://")) else ""
         raise MissingDependencyError(f"artifact_uri {uri!r}: {exc}{hint}", param="artifact_uri") from None
@@ -213,6 +213,7 @@ def _filesystem(uri: str) -> tuple[Any, str]:
             "e.g. s3://bucket/prefix",
             param="artifact_uri",
         ) from None
+    return fs, str(root)
 
 
 def _local_copy_ok(path: Path, manifest: dict[str, Any]) -> bool:
