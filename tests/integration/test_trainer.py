@@ -21,21 +21,22 @@ from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from loraflow.trainer.config import TrainConfig
 from loraflow.trainer.synthetic import make_rows, write_jsonl
+from tests.services import Tiny
+from tests.training_cache import TrainingCache
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A tiny base, a registry, and the synthetic dataset prepared as orders@v1."""
+def workspace(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The session's tiny base, a registry, and the synthetic dataset prepared as orders@v1."""
     from loraflow.trainer.data import validate_for_base
     from loraflow.trainer.embed import Embedder
     from loraflow.trainer.prepare import prepare
-    from loraflow.trainer.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("trainer")
-    base = build_tiny_model(root / "base")
+    base = tiny.base
     settings = Settings(home=root / "home")
     reg = Registry.open(settings)
     data = write_jsonl(root / "orders.jsonl", make_rows(500, seed=0))
@@ -93,11 +94,12 @@ def recording_trainers() -> Iterator[list[Any]]:
 
 
 @pytest.fixture(scope="module")
-def lora_run(workspace: dict[str, Any]) -> Any:
-    from loraflow.trainer.train import train
-
+def lora_run(workspace: dict[str, Any], training_cache: TrainingCache) -> Any:
+    # Always trained (the test inspects the trainer); kept for e2e's orders@v1, the same recipe.
     with recording_trainers() as trainers:
-        run = train(_config(workspace), registry=workspace["registry"], settings=workspace["settings"])
+        run = training_cache.train(
+            _config(workspace), registry=workspace["registry"], settings=workspace["settings"], reuse=False
+        )
     (trainer,) = trainers
     workspace["lora_model"] = trainer.model  # the PeftModel as training left it
     return run
@@ -524,17 +526,34 @@ def test_cli_train_and_tiny_model(workspace: dict[str, Any], tmp_path: Path) -> 
     env = {"LORAFLOW_HOME": str(workspace["settings"].home)}
     result = runner.invoke(
         loraflow_app,
-        ["train", "--config", str(cfg), "--max-steps", "4", "--eval-steps", "2", "--r", "4", "--alpha", "8"],
+        [
+            *("train", "--config", str(cfg), "--max-steps", "4", "--eval-steps", "2"),
+            "--r",
+            "4",
+            "--alpha",
+            "8",
+            "--json",
+        ],
         env=env,
     )
     assert result.exit_code == 0, result.output
-    assert "registered cli-run@v1" in result.output
+    printed = json.loads(result.stdout)
+    assert printed["ref"] == "cli-run@v1" and printed["metrics"]["steps"] == 4 and printed["rank"] == 4
     v = workspace["registry"].get_version("cli-run", 1)
     assert v.rank == 4 and v.metrics is not None and v.metrics["steps"] == 4
     assert v.training_config is not None and v.training_config["epochs"] == 9.0
 
     result = runner.invoke(loraflow_app, ["train", "--config", str(cfg), "--r", "0"], env=env)
     assert result.exit_code == 2 and "training config: r:" in result.output
+    result = runner.invoke(loraflow_app, ["train", "--config", str(cfg), "--r", "0", "--json"], env=env)
+    assert result.exit_code == 2 and json.loads(result.stdout)["error"]["code"] == "invalid_argument"
+
+    args = ["data", "prepare", str(workspace["data"]), "--name", "cli-prep", "--no-embeddings", "--json"]
+    result = runner.invoke(loraflow_app, [*args, "--base-model", str(workspace["base"])], env=env)
+    assert result.exit_code == 0, result.output
+    prepared = json.loads(result.stdout)
+    assert prepared["ref"] == "cli-prep@v1" and sum(prepared["counts"].values()) > 0
+    assert "exact_duplicates_dropped" in prepared["report"]
 
 
 def test_recorded_template_hash_matches_the_base_folder(workspace: dict[str, Any], lora_run: Any) -> None:
