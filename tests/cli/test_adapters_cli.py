@@ -348,7 +348,9 @@ def test_a_new_alias_name_is_warned_about_and_can_be_deleted(two_versions: Path)
     event = after["events"][-1]
     assert (event["action"], event["alias"], event["before"]) == ("alias.delete", "prod", {"version": 2})
     assert event["revision"] > before["events"][-1]["revision"]
-    assert "alias.delete" in adapters("history", "support")[1]
+    text = adapters("history", "support")[1]
+    assert "alias.delete" in text and "gate=refused forced=True" not in text
+    assert "forced=True" in text and "gate=refused" in text and "{" not in text
     assert adapters("archive", "support@v2")[0] == 0
     # production needs --force
     code, output = adapters("alias", "delete", "support:production")
@@ -406,3 +408,34 @@ def test_show_version_is_a_summary_with_the_latest_eval(two_versions: Path) -> N
     assert [e["report"]["n"] for e in data["evaluations"]] == [42, 41]  # newest first
     assert data["gate"]["alias"] == "production" and "message" in data["gate"]
     assert "latest eval: none yet" in adapters("show", "support@v1")[1]
+
+
+def test_show_version_summarizes_metrics_and_loss(base_dir: Path, tmp_path: Path) -> None:
+    metrics = tmp_path / "m.json"
+    metrics.write_text(
+        json.dumps(
+            {
+                "eval_loss": 0.52,
+                "base_eval_loss": 1.9,
+                "steps": 30,
+                "loss_curve": [[5, 2.31], [10, 1.5], [30, 0.61]],
+                "eval_curve": [[20, 0.7], [30, 0.52]],
+            }
+        )
+    )
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"learning_rate": 0.0002, "lora": {"r": 8}}))
+    src = make_adapter(tmp_path / "a")
+    args = ("register", "sum", str(src), "--base-model", str(base_dir), "--task", "extract [red]fields")
+    assert adapters(*args, "--metrics", str(metrics), "--config", str(config))[0] == 0
+    code, output = adapters("show", "sum@v1")
+    assert code == 0, output
+    assert "metrics: eval_loss 0.52, base_eval_loss 1.9, steps 30" in output
+    assert "training loss: 2.31 (step 5) -> 0.61 (step 30), 3 points" in output
+    assert "eval loss: 0.7 (step 20) -> 0.52 (step 30)" in output
+    assert "dataset: - (not recorded)" in output and "learning_rate" not in output  # config: --json only
+    assert "[[" not in output and "None" not in output
+    code, output = adapters("show", "sum")
+    assert code == 0 and "extract [red]fields" in output
+    code, output = adapters("history", "sum")
+    assert code == 0 and "None" not in output and "dataset=-" in output
