@@ -127,3 +127,36 @@ def test_every_train_config_key_is_documented() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "train-config.md").read_text()
     documented = set(re.findall(r"^\| `(\w+)` \|", doc, re.MULTILINE))
     assert documented == set(TrainConfig.model_fields)
+
+
+def test_every_json_flag_gets_json_errors() -> None:
+    """`guarded` prints errors as JSON when the command's `as_json` parameter is set: every --json
+    flag must be that parameter, and every command with one must be guarded."""
+    import typer.main
+
+    from loraflow.cli.common import guarded
+
+    def commands(cmd: object, path: str) -> list[tuple[str, object]]:
+        sub = getattr(cmd, "commands", None)
+        if sub:
+            return [c for name, child in sub.items() for c in commands(child, f"{path} {name}")]
+        return [(path.strip(), cmd)]
+
+    found = []
+    for path, cmd in commands(typer.main.get_command(app), ""):
+        for param in getattr(cmd, "params", []):
+            if "--json" in getattr(param, "opts", []):
+                found.append(path)
+                assert param.name == "as_json", path
+                # Typer wraps the command function once; `guarded` is the wrapper one level inside.
+                inner = getattr(getattr(cmd, "callback", None), "__wrapped__", None)
+                assert getattr(inner, "__wrapped__", None) is not None, f"{path} is not guarded"
+    unguarded = typer.Typer()
+    unguarded.command("plain")(lambda as_json=False: None)
+    plain = typer.main.get_command(unguarded)
+    plain_inner = getattr(getattr(plain, "callback", None), "__wrapped__", None)
+    assert plain_inner is not None and getattr(plain_inner, "__wrapped__", None) is None  # it can fail
+    assert getattr(guarded(lambda: None), "__wrapped__", None) is not None
+    scripted = {"adapters promote", "adapters rollback", "adapters archive", "train", "data prepare"}
+    scripted |= {"db current", "keys create", "keys revoke", "traffic purge"}
+    assert scripted <= set(found)
