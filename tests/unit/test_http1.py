@@ -8,6 +8,7 @@ own loop and on uvloop, the loop `loraflow serve` runs (their transports differ)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from loraflow.server.engine import http1
 from loraflow.server.engine.http1 import ConnectFailed, ConnectionLost, Http1Pool, ReadTimeout
 from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
@@ -45,6 +47,7 @@ class Server:
     def __init__(self, handle: Handler) -> None:
         self.handle = handle
         self.connections = 0
+        self.closed = 0  # connections that ended, whichever side ended them
         self.paths: list[str] = []
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -80,6 +83,7 @@ class Server:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.closed += 1
             writer.close()
 
 
@@ -92,15 +96,38 @@ def answer(status: int, payload: Any) -> bytes:
     )
 
 
-async def ask(pool: Http1Pool, times: int, pause_s: float = 0.0) -> list[tuple[int, bytes]]:
+async def ask(pool: Http1Pool, times: int) -> list[tuple[int, bytes]]:
     """``times`` requests in turn, each answer read whole and its connection handed back."""
     got = []
     for _ in range(times):
         response = await pool.post("/x", b"{}")
         got.append((response.status, await response.read()))
         await response.aclose()
-        await asyncio.sleep(pause_s)
     return got
+
+
+async def until(done: Callable[[], bool], what: str, deadline_s: float = 30.0) -> None:
+    """Poll ``done`` against a deadline (the deadline catches a hang; it measures nothing)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while not done():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def never() -> None:
+    """A server that has gone quiet: it answers nothing until the test ends (and cancels it)."""
+    await asyncio.Event().wait()
+
+
+class Clock:
+    """The pool's clock (``http1.time``), moved by the test; the event loop keeps its own."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
 
 
 async def echo(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
@@ -128,15 +155,20 @@ def test_keeps_the_connection_alive_and_prefixes_the_url_path(run: Run) -> None:
 
 def test_streams_chunks_as_the_server_sends_them(run: Run) -> None:
     sent_last = asyncio.Event()
+    client_has_one = asyncio.Event()
 
     async def chunked(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         for piece in (b"data: 1\n\n", b"data: 2\n\n", b"data: end\n"):
             if piece == b"data: end\n":
+                # The last piece waits for the client to hold the first (on the first stream); a
+                # client that held chunks back until the end never would, and after the deadline
+                # the server sends the rest anyway and the test fails on what the client saw.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(client_has_one.wait(), 30)
                 sent_last.set()
             writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             await writer.drain()
-            await asyncio.sleep(0.05)
         writer.write(b"0\r\n\r\n")
         return True
 
@@ -149,6 +181,7 @@ def test_streams_chunks_as_the_server_sends_them(run: Run) -> None:
             async for chunk in response.chunks():
                 if not chunks:
                     last_was_pending = not sent_last.is_set()
+                    client_has_one.set()
                 chunks.append(chunk)
             await response.aclose()
             second = await pool.post("/s", b"{}")  # the finished stream's connection is reused
@@ -163,7 +196,13 @@ def test_streams_chunks_as_the_server_sends_them(run: Run) -> None:
     assert connections == 1
 
 
-def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a_new_one(run: Run) -> None:
+def test_a_kept_alive_connection_closed_by_the_server_is_retried_once_on_a_new_one(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The close comes within the window in which it counts as crossing the request (whatever the
+    # machine's load: the window is widened here; the test below is the other side of it).
+    monkeypatch.setattr(http1, "_STALE_RACE_S", 3600.0)
+
     async def drop_second(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
         if n == 2:
             return False  # closes without a byte of answer, as a server timing out keep-alive does
@@ -219,7 +258,7 @@ def test_a_connection_broken_mid_body_is_connection_lost(run: Run) -> None:
 
 def test_silence_past_the_read_timeout_is_a_read_timeout(run: Run) -> None:
     async def silent(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
-        await asyncio.sleep(5)
+        await never()
         return False
 
     async def main() -> None:
@@ -247,24 +286,31 @@ def test_a_refused_connection_is_connect_failed(run: Run) -> None:
     run(main())
 
 
-def test_an_unread_answer_closes_its_connection_and_idle_ones_expire(run: Run) -> None:
-    async def main() -> int:
+def test_an_unread_answer_closes_its_connection_and_idle_ones_expire(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(http1, "time", clock)
+
+    async def main() -> list[int]:
         server = Server(echo)
+        seen = []
         async with server as url:
-            pool = Http1Pool(url, idle_s=0.1)
+            pool = Http1Pool(url, idle_s=4.0)
             response = await pool.post("/x", b"{}")
             await response.aclose()  # not read: may not be reused
-            response = await pool.post("/x", b"{}")
-            await response.read()
-            await response.aclose()  # read: pooled, until it has been idle 0.1 s
-            await asyncio.sleep(0.2)
-            response = await pool.post("/x", b"{}")
-            await response.read()
-            await response.aclose()
+            await ask(pool, 1)  # read: pooled, until it has been idle 4 s
+            seen.append(server.connections)
+            clock.now += 3.9
+            await ask(pool, 1)  # idle 3.9 s: reused
+            seen.append(server.connections)
+            clock.now += 4.0
+            await ask(pool, 1)  # idle 4 s: dropped, and a new connection made
+            seen.append(server.connections)
             await pool.aclose()
-        return server.connections
+        return seen
 
-    assert run(main()) == 3
+    assert run(main()) == [2, 2, 3]
 
 
 def test_the_engine_maps_transport_failures_to_whose_fault_they_are(run: Run) -> None:
@@ -275,7 +321,7 @@ def test_the_engine_maps_transport_failures_to_whose_fault_they_are(run: Run) ->
         elif request["case"] == "crash":
             writer.write(answer(500, {"error": {"message": "CUDA out of memory"}}))
         elif request["case"] == "slow":
-            await asyncio.sleep(5)
+            await never()
         return request["case"] != "slow"
 
     async def main() -> None:
@@ -336,11 +382,16 @@ def test_a_body_without_length_ends_with_the_connection(run: Run) -> None:
     assert run(main()) == b"until the end"
 
 
-def test_a_request_the_server_may_have_acted_on_is_not_sent_again(run: Run) -> None:
+def test_a_request_the_server_may_have_acted_on_is_not_sent_again(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The close comes after the window in which it could only have crossed the request (narrowed
+    # to nothing here, so no sleep has to outlast it): the server may have acted on the request.
+    monkeypatch.setattr(http1, "_STALE_RACE_S", 0.0)
+
     async def slow_drop(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
         if n == 2:
-            await asyncio.sleep(0.5)  # working on it, then the connection drops
-            return False
+            return False  # it read the request, then the connection dropped
         writer.write(answer(200, {"n": n}))
         return True
 
@@ -360,38 +411,46 @@ def test_a_request_the_server_may_have_acted_on_is_not_sent_again(run: Run) -> N
 
 
 def test_bytes_nobody_asked_for_close_the_connection(run: Run) -> None:
+    handed_back = asyncio.Event()
+
     async def chatty(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
         writer.write(answer(200, {"n": n}))
         await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(answer(200, {"unasked": True}))  # after the answer, on a now idle connection
+        if not handed_back.is_set():  # the first connection only
+            await handed_back.wait()
+            writer.write(answer(200, {"unasked": True}))  # after the answer, on a now idle connection
         return True
 
     async def main() -> tuple[list[Any], int]:
         server = Server(chatty)
         async with server as url:
             pool = Http1Pool(url)
-            got = [json.loads(body) for _, body in await ask(pool, 2, pause_s=0.1)]
+            (first,) = await ask(pool, 1)
+            handed_back.set()  # the connection is idle in the pool: now the unasked bytes come
+            await until(lambda: server.closed == 1, "the client to close the connection")
+            (second,) = await ask(pool, 1)
             await pool.aclose()
-        return got, server.connections
+        return [json.loads(first[1]), json.loads(second[1])], server.connections
 
     assert run(main()) == ([{"n": 1}, {"n": 1}], 2)  # the second answer came on a new connection
 
 
 def test_requests_past_max_connections_wait_for_a_slot(run: Run) -> None:
     in_flight, most = 0, 0
+    gate = asyncio.Event()
 
-    async def slow(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+    async def held(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
-        await asyncio.sleep(0.05)
+        await gate.wait()  # every request is held until the test has seen who got through
         in_flight -= 1
         writer.write(answer(200, {}))
         return True
 
     async def main() -> None:
-        async with Server(slow) as url:
+        server = Server(held)
+        async with server as url:
             pool = Http1Pool(url, max_connections=2)
 
             async def one() -> int:
@@ -400,7 +459,13 @@ def test_requests_past_max_connections_wait_for_a_slot(run: Run) -> None:
                 await response.aclose()
                 return response.status
 
-            assert await asyncio.gather(*(one() for _ in range(6))) == [200] * 6
+            requests = asyncio.gather(*(one() for _ in range(6)))
+            await until(lambda: in_flight == 2, "two requests at the server")
+            for _ in range(200):  # every other request gets its turns of the loop to connect
+                await asyncio.sleep(0)
+            assert (in_flight, server.connections) == (2, 2)  # the other four wait for a slot
+            gate.set()
+            assert await requests == [200] * 6
             await pool.aclose()
 
     run(main())
