@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,7 @@ def test_ready_is_status_only_and_the_detail_is_in_metrics(gateway_setup: Setup)
     client = gateway(gateway_setup, n_replicas=2)
     for engine in gateway_setup.engines:
         engine.load_delay_s = 0.05  # before the lifespan starts, so the preloads take it
+    window_started = time.perf_counter()
     with client:
         ready(client)
         r = client.get("/ready")
@@ -191,7 +193,10 @@ def test_ready_is_status_only_and_the_detail_is_in_metrics(gateway_setup: Setup)
         )
         assert _metric(client, 'loraflow_replica_adapter_loads{replica="http://replica-0"}') == 2.0
         load_s = _metric(client, 'loraflow_replica_adapter_load_seconds{replica="http://replica-0"}')
-        assert 0.1 <= load_s < 1.0, load_s  # two loads of 0.05 s each
+        window_s = time.perf_counter() - window_started
+        # Two loads of at least 0.05 s each, in seconds: both ran inside the window seen here, so
+        # their sum is at most twice it, however loaded the machine (no speed is claimed).
+        assert 0.1 <= load_s <= 2 * window_s, (load_s, window_s)
         assert _metric(client, "loraflow_registry_revision") == gateway_setup.registry.revision()
         for engine in gateway_setup.engines:
             engine.up = False
