@@ -94,13 +94,22 @@ def test_a_failed_publish_is_logged_and_the_next_one_made(
     registry.register(Flaky())
     shared = SharedMetrics(tmp_path)
 
+    state = tmp_path / f"state-{os.getpid()}.json"
+
+    def published() -> bool:
+        return state.is_file() and "loraflow_replica_up" in state.read_text()
+
     async def main() -> None:
         task = asyncio.create_task(shared.publish_every(registry, interval_s=0.01))
-        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not published():  # the first publish failed; a later one must be made
+            assert loop.time() < deadline, "no publish after the failed one"
+            await asyncio.sleep(0.01)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
     asyncio.run(main())
     assert "publishing this worker's metrics" in caplog.text
-    assert "loraflow_replica_up" in (tmp_path / f"state-{os.getpid()}.json").read_text()
+    assert published()
