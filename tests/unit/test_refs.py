@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from loraflow.registry.errors import InvalidArgumentError
-from loraflow.registry.refs import Ref, parse_ref, parse_version
+from loraflow.registry.refs import Ref, parse_ref, parse_target, parse_version
 
 pytestmark = pytest.mark.unit
 
@@ -33,3 +33,25 @@ def test_version() -> None:
     assert parse_version("v12") == 12
     with pytest.raises(InvalidArgumentError):
         parse_version("v-1")
+
+
+@pytest.mark.parametrize(
+    ("text", "version_first", "ref"),
+    [
+        ("other@v2", False, Ref("other", version=2)),
+        ("@v2", False, Ref("support", version=2)),
+        (":staging", False, Ref("support", alias="staging")),
+        ("v2", True, Ref("support", version=2)),
+        ("v2", False, Ref("v2")),  # a bare vN is a name where a name is expected
+        ("support", True, Ref("support")),
+    ],
+)
+def test_parse_target_with_a_default_adapter(text: str, version_first: bool, ref: Ref) -> None:
+    assert parse_target(text, default_name="support", param="ref", version_first=version_first) == ref
+
+
+@pytest.mark.parametrize("text", ["@v2", ":staging"])
+def test_parse_target_without_a_default_adapter(text: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="no default_adapter is set") as info:
+        parse_target(text, default_name=None, param="ref")
+    assert info.value.param == "ref"
