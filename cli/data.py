@@ -235,6 +235,8 @@ def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] =
 def _source(lineage: dict[str, Any]) -> str:
     if lineage.get("kind") == "file":
         return str(lineage.get("source", "file"))
+    if lineage.get("kind") == "traffic":
+        return f"traffic of {lineage.get('adapter')}"
     return str(lineage.get("kind") or "-")
 
 
