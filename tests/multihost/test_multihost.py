@@ -149,7 +149,7 @@ def test_a_tampered_artifact_is_refused_by_the_engine_and_answered_503(
 def test_an_engine_killed_under_load_fails_no_request_and_ends_its_stream_with_an_error(
     cluster: Cluster, engines: list[Proc], registry: Registry, tmp_path: Path
 ) -> None:
-    """Runs last in this module: it kills one of the module's engines."""
+    """It kills the module's own engine (the first of ``engines``); a later test gets a new one."""
     _register(registry, cluster, "steady", 5)
     registry.promote("steady", 1, force=True, reason=FORCED)
     victim, survivor = engines
