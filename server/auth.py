@@ -9,11 +9,17 @@ from loraflow.server.routing import Snapshot
 
 
 def authenticate(header: str | None, snapshot: Snapshot) -> domain.ApiKeyInfo:
-    if not header or not header.lower().startswith("bearer "):
+    """The key a ``Bearer`` header names; otherwise 401. The header is never echoed: it may be a secret."""
+    if not header or not header.strip():
         raise UnauthenticatedError(
             "missing API key: send 'Authorization: Bearer <key>'", param="authorization"
         )
-    key = snapshot.keys.get(hash_key(header[7:].strip()))
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise UnauthenticatedError(
+            "malformed Authorization header: send 'Authorization: Bearer <key>'", param="authorization"
+        )
+    key = snapshot.keys.get(hash_key(token.strip()))
     if key is None:
         raise UnauthenticatedError("invalid or revoked API key", param="authorization")
     return key

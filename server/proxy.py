@@ -43,6 +43,7 @@ from loraflow.registry.errors import (
 from loraflow.registry.settings import ServerSettings, TrafficSettings
 from loraflow.registry.traffic import new_request_id
 from loraflow.server.auth import authenticate, authorize
+from loraflow.server.body import json_object
 from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
 from loraflow.server.errors import INTERNAL_ERROR_CODE, error_response, from_exception, sse_error
 from loraflow.server.metrics import GatewayMetrics
@@ -171,15 +172,16 @@ class Gateway:
 
     @staticmethod
     async def _body(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgumentError(f"the request body is not valid JSON ({exc})", param="body") from exc
-        if not isinstance(body, dict):
-            raise InvalidArgumentError("the request body must be a JSON object", param="body")
+        """The body, checked where the gateway reads it (``model``, ``stream``, ``stream_options``);
+        the engine validates the rest."""
+        body = json_object(await request.body())
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidArgumentError("'model' is required and must be a string", param="model")
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):
+            raise InvalidArgumentError("'stream' must be true or false", param="stream")
+        if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+            raise InvalidArgumentError("'stream_options' must be an object", param="stream_options")
         return body
 
     async def handle(self, request: Request, path: str) -> Response:
@@ -196,11 +198,11 @@ class Gateway:
         labels = ("-", "-")
         error: str | None = None
         try:
-            body = call.body = await self._body(request)
             snapshot = self.router.loaded()
             key = call.key = (
                 authenticate(request.headers.get("authorization"), snapshot) if self.settings.auth else None
             )
+            body = call.body = await self._body(request)  # after the key: no key, 401, whatever the body
             target = self.router.resolve(body["model"])
             labels = (target.adapter or "-", f"v{target.version}" if target.version else "-")
             if key is not None:

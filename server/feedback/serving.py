@@ -7,7 +7,6 @@ negative-feedback rate. Writing (and redacting the correction) is the recorder's
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
 from fastapi import Request
@@ -16,6 +15,7 @@ from pydantic import ValidationError
 from loraflow.registry.errors import InvalidArgumentError, NotFoundError
 from loraflow.registry.settings import ServerSettings
 from loraflow.server.auth import authenticate, authorize
+from loraflow.server.body import json_object
 from loraflow.server.feedback.protocol import FeedbackRequest, FeedbackResponse
 from loraflow.server.routing import Router
 from loraflow.server.traffic.live import LiveDrift
@@ -23,10 +23,7 @@ from loraflow.server.traffic.recorder import Feedback, TrafficRecorder
 
 
 def parse(raw: bytes) -> FeedbackRequest:
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgumentError(f"the request body is not valid JSON ({exc})", param="body") from exc
+    data = json_object(raw)
     try:
         return FeedbackRequest.model_validate(data)
     except ValidationError as exc:

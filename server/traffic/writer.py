@@ -24,6 +24,7 @@ A write that fails is retried (``_WRITE_RETRIES``), then its records are dropped
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -205,7 +206,30 @@ class WriterLoop:
             out[name], counts = self.redactor.redact_value(record[name])
             found.update(counts)
         out["redacted"] = dict(found)
-        return out, found
+        return _writable(out), found
+
+
+def _writable(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as the store can encode it. A lone UTF-16 surrogate (``"\\ud800"`` in an engine's
+    JSON) is valid JSON text and a valid Python string, but not Unicode: UTF-8 cannot encode it,
+    and the store's write of the whole batch would fail with it. It becomes U+FFFD here."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        cleaned = _no_surrogates(record)
+        assert isinstance(cleaned, dict)
+        return cleaned
+    return record
+
+
+def _no_surrogates(value: object) -> object:
+    if isinstance(value, str):
+        return "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in value)
+    if isinstance(value, dict):
+        return {_no_surrogates(k): _no_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_surrogates(v) for v in value]
+    return value
 
 
 class ThreadWriter:

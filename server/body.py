@@ -1,0 +1,59 @@
+"""Reading a JSON request body: one parser for every endpoint that takes one.
+
+Every body that is not a JSON object is a 400 in OpenAI's shape with ``param`` = ``body``,
+never a 500: bytes that are not JSON, nor UTF-8 (or the UTF-16/32 that JSON allows); an
+empty body; a list, string, number or null; nesting deeper than the parser can follow;
+``NaN`` and ``Infinity`` (Python's extension, which the traffic store would write and other
+JSON readers refuse); and a lone UTF-16 surrogate (``"\\ud800"``), which is valid JSON
+text but no Unicode string: the engine's pydantic refuses it, and the traffic store could
+not encode it (a batch of other requests' records would be dropped with it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NoReturn
+
+from loraflow.registry.errors import InvalidArgumentError
+
+# A \uD800-\uDFFF escape: a lone surrogate, or one half of a pair (checked after parsing).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a dict, or :class:`InvalidArgumentError` (``param="body"``) saying why not."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidArgumentError(f"the request body is not valid JSON ({exc})", param="body") from None
+    except RecursionError:
+        raise InvalidArgumentError("the request body is nested too deeply", param="body") from None
+    if not isinstance(data, dict):
+        raise InvalidArgumentError(f"the request body must be a JSON object, not {_kind(data)}", param="body")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then is the whole value encoded once more
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidArgumentError(
+                "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                "which is not a Unicode character",
+                param="body",
+            ) from None
+    return data
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array"
