@@ -6,18 +6,25 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from loraflow.registry.errors import ErrorCode, LoraflowError
 from loraflow.server.engine.protocol import EngineRequestError
 
 # The `code` of an error nobody anticipated. Its message never carries the exception's text.
 INTERNAL_ERROR_CODE = "internal_error"
+# nginx's status for a client that closed the connection before its response: never sent (nobody
+# is left to read it), but logged and counted as such rather than as a gateway error.
+CLIENT_CLOSED_REQUEST = 499
+
+log = logging.getLogger("loraflow.gateway")
 
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 400,
@@ -70,6 +77,18 @@ def sse_error(message: str, *, code: str) -> bytes:
     return b"data: " + json.dumps(error_body(500, message, code=code)).encode() + b"\n\n"
 
 
+def client_closed(request: Request) -> Response:
+    """The client left before its request body arrived (:class:`ClientDisconnect`): a 499 that no
+    one will read, and one line in the log, not an unexpected error with a traceback."""
+    log.info(
+        "client closed the connection before its request body arrived (%d): %s %s",
+        CLIENT_CLOSED_REQUEST,
+        request.method,
+        request.url.path,
+    )
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 def from_exception(exc: LoraflowError, *, retry_after_s: int = 5) -> JSONResponse:
     if isinstance(exc, EngineRequestError):
         return error_response(exc.status, exc.message, param=exc.param, code=str(exc.status))
@@ -99,6 +118,10 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
         assert isinstance(exc, HTTPException)
         return error_response(exc.status_code, str(exc.detail), code=str(exc.status_code))
 
+    async def on_client_closed(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ClientDisconnect)
+        return client_closed(request)
+
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         # Starlette logs the traceback after this response is sent; the client never sees it.
         return error_response(500, "internal error in the gateway", code=INTERNAL_ERROR_CODE)
@@ -107,3 +130,4 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
     app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
+    app.add_exception_handler(ClientDisconnect, on_client_closed)

@@ -17,6 +17,8 @@ Failures, by when they happen:
 - after the first byte of a stream, the status line is gone, so the error is one
   more SSE event in OpenAI's error shape, followed by ``data: [DONE]``.
 - anything unexpected is a 500 in OpenAI's shape; the traceback goes to the log.
+- a client that closes the connection before its body has arrived is counted as
+  nginx's 499 and logged in one line: the client's doing, not a gateway error.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from loraflow.registry import domain
 from loraflow.registry.errors import (
@@ -45,7 +48,13 @@ from loraflow.registry.traffic import new_request_id
 from loraflow.server.auth import authenticate, authorize
 from loraflow.server.body import json_object
 from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
-from loraflow.server.errors import INTERNAL_ERROR_CODE, error_response, from_exception, sse_error
+from loraflow.server.errors import (
+    INTERNAL_ERROR_CODE,
+    client_closed,
+    error_response,
+    from_exception,
+    sse_error,
+)
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.replicas import Replica, ReplicaSet
 from loraflow.server.routing import Router, Target
@@ -213,6 +222,8 @@ class Gateway:
             response = from_exception(exc, retry_after_s=self.settings.retry_after_s)
             self.metrics.errors.labels(*labels, exc.code.value).inc()
             error = exc.code.value
+        except ClientDisconnect:
+            response = client_closed(request)  # counted as a 499 below: the client's doing, not ours
         except Exception:
             log.exception("unexpected error serving %s", path)
             response = error_response(500, "internal error in the gateway", code=INTERNAL_ERROR_CODE)
