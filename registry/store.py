@@ -396,19 +396,24 @@ class MetadataStore:
                 .order_by(col(AliasMove.revision).desc(), col(AliasMove.id).desc())
             ).all()
             undone = 0  # forward moves already undone by the rollbacks seen so far (newest first)
+            rolled_back = False
             target: int | None = None
             for move in moves:
                 if move.reason == "rollback":
-                    undone += 1
+                    undone, rolled_back = undone + 1, True
                 elif undone:
                     undone -= 1
                 else:
                     target = move.from_version
                     break
             if target is None:
+                why = (
+                    "every promotion since it was created has been rolled back"
+                    if rolled_back
+                    else "it has not moved since it was created"
+                )
                 raise ConflictError(
-                    f"{name}:{alias} points at v{row.version} and every earlier move forward has been "
-                    "rolled back; there is nothing to roll back to",
+                    f"{name}:{alias} points at v{row.version} and {why}; there is nothing to roll back to",
                     param="alias",
                 )
             return self._move_alias(tx, adapter, alias, target, expect=row.version, reason="rollback")

@@ -285,7 +285,9 @@ def test_rollback_without_a_previous_version(reg: Registry, base_dir: Path, tmp_
     with pytest.raises(NotFoundError):
         reg.rollback("support")
     reg.promote("support", 1, force=True, reason=FORCED)
-    with pytest.raises(ConflictError, match="nothing to roll back to"):
+    with pytest.raises(
+        ConflictError, match="not moved since it was created; there is nothing to roll back to"
+    ):
         reg.rollback("support")
 
 
@@ -297,7 +299,9 @@ def test_repeated_rollbacks_walk_back_through_history(reg: Registry, base_dir: P
     assert reg.rollback("walk", alias="staging").to_version == 2
     assert reg.rollback("walk", alias="staging").to_version == 1
     start = reg.revision()
-    with pytest.raises(ConflictError, match="nothing to roll back to") as info:
+    with pytest.raises(
+        ConflictError, match="every promotion since it was created has been rolled back"
+    ) as info:
         reg.rollback("walk", alias="staging")
     assert info.value.param == "alias" and reg.revision() == start
     assert reg.get("walk").aliases["staging"] == 1
