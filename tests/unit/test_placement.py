@@ -233,11 +233,13 @@ def test_a_replica_past_its_load_budget_is_drained_then_restarted_and_preloaded(
                 preloaded.append(first.url)
                 first.loads = 7  # it is home to seven aliased versions, loaded again
 
-        recycler = Recycler(Router(), [process], max_loads=5, drain_timeout_s=5, interval_s=0.01)  # type: ignore[arg-type, list-item]
+        # The drain waits for the request, not for a timeout: one it could reach on a loaded machine.
+        recycler = Recycler(Router(), [process], max_loads=5, drain_timeout_s=600, interval_s=0.01)  # type: ignore[arg-type, list-item]
         assert recycler.due() == (first, process)
         async with first.using("x"):  # a request in flight when the drain starts
             task = asyncio.create_task(recycler.recycle(first, process))  # type: ignore[arg-type]
-            await asyncio.sleep(0.05)
+            for _ in range(20):  # the drain starts, then waits on the replica's idle event
+                await asyncio.sleep(0)
             assert first.draining and not process.restarted.is_set()  # waits for it
             assert replicas.pick("x") is second  # no new request goes to the draining replica
         await task

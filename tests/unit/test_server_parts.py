@@ -39,7 +39,7 @@ class FakeEngine:
         yield b""
 
     async def load_adapter(self, name: str) -> None:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # a load yields to the loop: other requests run meanwhile
         self.loads.append(name)
 
     async def unload_adapter(self, name: str) -> None:
@@ -127,7 +127,7 @@ class SlowUnloadEngine(FakeEngine):
         self.finish_unloads = asyncio.Event()
 
     async def load_adapter(self, name: str) -> None:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
         self.loaded.add(name)
 
     async def unload_adapter(self, name: str) -> None:
@@ -154,7 +154,9 @@ def test_a_version_being_unloaded_is_reloaded_not_sent_to_the_engine() -> None:
         request_a.add_done_callback(
             lambda _: when_ready.append(("a" in engine.loaded, "a" in engine.unloading))
         )
-        await asyncio.sleep(0.05)
+        for _ in range(20):  # request_a runs until it waits (no I/O: a few turns of the loop)
+            await asyncio.sleep(0)
+        assert when_ready == []  # it waits while a is being dropped
         engine.finish_unloads.set()  # the engine drops a
         await asyncio.gather(request_a, loading_b)
         return engine, replica, when_ready
