@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from loraflow.cli.common import guarded, out, print_json, state
+from loraflow.cli.common import err, guarded, out, print_json, state
 from loraflow.registry.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -114,8 +114,9 @@ def validate(
 
 
 def _refuse_bad_lines(file: Path, result: Validation) -> None:
+    # On stderr, with the error they lead to: stdout stays the command's result (pure JSON with --json).
     for error in result.errors:
-        out.print(f"{file}:{error.line}: {error.reason}", markup=False)
+        err.print(f"{file}:{error.line}: {error.reason}", markup=False)
     if not result.ok:
         raise InvalidArgumentError(
             f"{file} has {len(result.errors)} bad lines (listed above) and {len(result.examples)} good "

@@ -115,3 +115,12 @@ def test_data_list_and_show() -> None:
     assert code == 3 and "no dataset named 'nope'; datasets: faq, tickets" in stderr
     code, _, stderr = invoke("data", "show", "tickets@v9")
     assert code == 3 and "v9" in stderr
+
+
+def test_data_prepare_json_keeps_stdout_pure_when_lines_are_bad(tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    code, stdout, stderr = invoke("data", "prepare", str(data), "--name", "orders", "--json")
+    assert code == 2
+    assert json.loads(stdout)["error"]["param"] == "FILE"  # the whole of stdout is the JSON error
+    assert f"{data}:2: " in stderr  # the bad line, by number, on stderr
