@@ -13,6 +13,7 @@ bytes and searched for each raw value, in each spelling the redactor normalizes.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -164,12 +165,15 @@ def _chat(case: str, content: str = "hello", **extra: Any) -> dict[str, Any]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """Every case through one gateway with the process writer, then the gateway shut down."""
     root = tmp_path_factory.mktemp("pii")
-    base = make_base(root / "base")
-    settings = Settings(
-        home=root / "home",
-        server=ServerSettings(poll_interval_s=0.05),
-        traffic=TrafficSettings(sample_rate=1.0, flush_interval_s=0.05, writer="process"),
-    )
+    with pytest.MonkeyPatch.context() as env:  # the autouse isolated_env is per test; this is per module
+        for name in [n for n in os.environ if n.startswith("LORAFLOW_")]:
+            env.delenv(name)
+        base = make_base(root / "base")
+        settings = Settings(
+            home=root / "home",
+            server=ServerSettings(poll_interval_s=0.05),
+            traffic=TrafficSettings(sample_rate=1.0, flush_interval_s=0.05, writer="process"),
+        )
     registry = Registry.open(settings)
     registry.register("support", make_adapter(root / "a1", seed=1), base_model=str(base))
     registry.promote("support", 1, force=True, reason=FORCED)
