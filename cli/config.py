@@ -6,12 +6,14 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import BaseModel
 
 from loraflow.cli.common import guarded, out, print_json, state
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 app = typer.Typer(name="config", help="The effective settings.", no_args_is_help=True, add_completion=False)
 
@@ -25,6 +27,8 @@ def _mask(value: Any) -> Any:
 
 def _leaves(model: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
     """(dotted name, value) of every setting; a section (a nested settings object) is walked into."""
+    from pydantic import BaseModel  # pydantic loads with the settings, not at start-up
+
     leaves: list[tuple[str, Any]] = []
     for name in type(model).model_fields:
         value = getattr(model, name)
