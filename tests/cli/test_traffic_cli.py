@@ -160,4 +160,6 @@ def test_purge_refuses_bad_input_and_deletes_nothing() -> None:
     store.write("requests", [request("support", NOW - timedelta(days=30), "old")])
     for args in (["--before", "yesterday"], ["--before", NOW.date().isoformat(), "--expired"], []):
         assert_one_line_error(CliRunner().invoke(app, ["traffic", "purge", *args]), 2)
+    as_json = CliRunner().invoke(app, ["traffic", "purge", "--before", "yesterday", "--json"])
+    assert as_json.exit_code == 2 and json.loads(as_json.stdout)["error"]["param"] == "before"
     assert len(list(store.read("requests"))) == 1
