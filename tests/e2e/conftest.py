@@ -15,7 +15,7 @@ import pytest
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
 from loraflow.server.embedded import serve_in_thread
-from loraflow.server.engine.supervisor import EngineProcess, free_port
+from loraflow.server.engine.supervisor import free_port
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from tests.factories import FORCED
 from tests.multihost.cluster import Proc
@@ -135,12 +135,10 @@ def run_gateway(
     engine_urls: list[str],
     base: Path,
     *,
-    supervised: list[EngineProcess] | None = None,
     before_load: Callable[[str], Awaitable[None]] | None = None,
     ready_path: str = "/ready",
 ) -> Iterator[Gateway]:
-    """The gateway in-process over ``engine_urls``; those of ``supervised`` engines it starts and
-    stops itself (as `serve` does), and may restart."""
+    """The gateway in-process over the engines at ``engine_urls``."""
     from loraflow.server.app import create_app
 
     engines = [RecordingEngine(VLLMHttpEngine(u, timeout_s=60), before_load=before_load) for u in engine_urls]
@@ -150,7 +148,6 @@ def run_gateway(
         engines=list(engines),
         base_model=str(base),
         base_model_id=BASE_NAME,
-        supervised=supervised,
     )
     with serve_in_thread(app, free_port(), ready_path=ready_path) as url:
         gateway = Gateway(url=url, registry=registry, settings=settings, app=app, engines=engines)

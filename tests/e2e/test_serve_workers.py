@@ -68,7 +68,6 @@ def test_two_workers_share_the_port_and_answer_metrics_for_both(
         ("LORAFLOW_DATABASE_URL", "postgresql://nobody@127.0.0.1:9/none"),
         ("LORAFLOW_TRAFFIC__PERSON_NAMES", "true"),
     ):
-        started = time.monotonic()
         command = [str(BIN / serve[0]), *serve[1:], "--engine-url", engine_url, "--workers", "2"]
         failed = subprocess.run(
             [*command, "--port", str(free_port())],
@@ -81,7 +80,7 @@ def test_two_workers_share_the_port_and_answer_metrics_for_both(
         output = failed.stdout + failed.stderr
         assert failed.returncode == 10 and "a gateway worker failed to start" in output, output[-3000:]
         restarts = max(output.count("Started server process"), output.count("this worker cannot start"))
-        assert restarts <= 2 and time.monotonic() - started < 120, output[-3000:]
+        assert restarts <= 2, output[-3000:]  # not a restart loop (run's timeout bounds a hang)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
