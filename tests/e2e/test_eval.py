@@ -114,10 +114,21 @@ def cli(t: dict[str, Any], *args: str, env: dict[str, str] | None = None, timeou
     )
 
 
-def test_trained_adapter_beats_the_prompted_base_and_passes_the_gate(trained: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def v1_gated(trained: dict[str, Any]) -> dict[str, Any]:
+    """orders@v1 evaluated and promoted through the gate, once per module: what the first test
+    checks, and the production the second compares against, so that either runs alone."""
     html = trained["root"] / "v1.html"
     # No gateway configured: eval starts an engine and the gateway itself, the way `serve` does.
-    done = cli(trained, "loraflow", "eval", "orders@v1", "--json", "--html", str(html))
+    evaluated = cli(trained, "loraflow", "eval", "orders@v1", "--json", "--html", str(html))
+    promoted = cli(trained, "adapters", "promote", "orders", "v1") if evaluated.returncode == 0 else None
+    return {"html": html, "eval": evaluated, "promote": promoted}
+
+
+def test_trained_adapter_beats_the_prompted_base_and_passes_the_gate(
+    trained: dict[str, Any], v1_gated: dict[str, Any]
+) -> None:
+    html, done = v1_gated["html"], v1_gated["eval"]
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["engine"]["gateway"] == "in-process" and report["engine"]["vllm"]
@@ -154,7 +165,8 @@ def test_trained_adapter_beats_the_prompted_base_and_passes_the_gate(trained: di
     assert len(shared) >= 10
     assert {k: vllm[k] for k in shared} == {k: peft[k] for k in shared}
 
-    done = cli(trained, "adapters", "promote", "orders", "v1")
+    # The gate passed, so promote (without --force) moved production to it.
+    done = v1_gated["promote"]
     assert done.returncode == 0, done.stderr
     assert reg.get("orders").aliases == {"production": 1}
 
@@ -166,11 +178,12 @@ def _split(reg: Registry, dataset: str, split: str) -> list[dict[str, Any]]:
 
 
 def test_shuffled_labels_fail_the_gate_and_promote_is_refused(
-    trained: dict[str, Any], engine_url: str, assets: Assets, tmp_path: Path
+    trained: dict[str, Any], v1_gated: dict[str, Any], engine_url: str, assets: Assets, tmp_path: Path
 ) -> None:
     reg: Registry = trained["registry"]
-    if reg.get("orders").aliases.get("production") != 1:
-        pytest.fail("needs orders@v1 in production: run the whole module")
+    promoted = v1_gated["promote"]
+    assert promoted is not None and promoted.returncode == 0, "orders@v1 could not be promoted"
+    assert reg.get("orders").aliases == {"production": 1}
     settings = Settings(home=tmp_path / "gw", server=ServerSettings(poll_interval_s=0.1))
     for gateway in run_gateway(settings, reg, [engine_url], assets.base):
         # A running gateway is configured: eval generates through it. The gateway's own base model
