@@ -19,7 +19,7 @@ connections sit on a stack, most recent on top. What it keeps from httpx's behav
 - a response not read to its end closes its connection rather than returning it to the pool;
 - at most ``max_connections`` requests at once (httpx's limit was the same 256); more wait;
 - 1xx answers are skipped, a body without Content-Length or chunking ends with the connection,
-  and bytes on an idle connection close it.
+  and bytes nobody asked for (on an idle connection, or after the answer in the same read) close it.
 
 Admin calls (adapter loads, health, model lists) stay on httpx: they are rare, and its
 features cost nothing there.
@@ -98,6 +98,9 @@ class _Connection(asyncio.Protocol):
         self.answered = True
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:  # raised by a callback of ours
+            self._fail(exc.__context__ if isinstance(exc.__context__, HttpError) else ProtocolError(str(exc)))
+            self.close()
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"invalid HTTP response: {exc}"))
             self.close()
@@ -114,6 +117,12 @@ class _Connection(asyncio.Protocol):
         self._transport = None
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer in the same read as the end of ours: nobody asked for it, and the
+            # parser would add its body to ours. Raised here, feed_data stops and the connection closes.
+            raise ProtocolError("the server sent bytes nobody asked for")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() in (b"content-length", b"transfer-encoding"):
             self.framed = True

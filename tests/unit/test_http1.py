@@ -435,6 +435,32 @@ def test_bytes_nobody_asked_for_close_the_connection(run: Run) -> None:
     assert run(main()) == ([{"n": 1}, {"n": 1}], 2)  # the second answer came on a new connection
 
 
+def test_bytes_after_the_answer_in_the_same_read_are_not_taken_into_it(run: Run) -> None:
+    """A second answer written with ours, in one write: our body stays ours, and the connection
+    that carried the stray bytes is closed, not reused."""
+    stray = 0
+
+    async def chatty(body: bytes, writer: asyncio.StreamWriter, n: int) -> bool:
+        nonlocal stray
+        if stray == 0:  # the first connection's first answer carries another behind it
+            stray += 1
+            writer.write(answer(200, {"n": n}) + answer(200, {"unasked": True}))
+        else:
+            writer.write(answer(200, {"n": n}))
+        await writer.drain()
+        return True
+
+    async def main() -> tuple[list[Any], int]:
+        server = Server(chatty)
+        async with server as url:
+            pool = Http1Pool(url)
+            first, second = await ask(pool, 2)
+            await pool.aclose()
+        return [first[0], json.loads(first[1]), json.loads(second[1])], server.connections
+
+    assert run(main()) == ([200, {"n": 1}, {"n": 1}], 2)
+
+
 def test_requests_past_max_connections_wait_for_a_slot(run: Run) -> None:
     in_flight, most = 0, 0
     gate = asyncio.Event()
