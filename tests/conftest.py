@@ -32,7 +32,7 @@ CHROMIUM_ENV = "LORAFLOW_TEST_CHROMIUM"
 # The tiers (pyproject's markers): every test carries exactly one. `slow` is an extra, not a tier.
 TIERS = ("unit", "store", "integration", "e2e", "helm", "multihost", "lint")
 # Session-wide services (S3, the tiny base, the shared engine) and the tier order.
-pytest_plugins = ["tests.services", "tests.training_cache"]
+pytest_plugins = ["tests.services", "tests.training_cache", "tests.shuffle"]
 
 # Tests use only local models: no hub look-ups, no telemetry from HF or vLLM.
 for _var, _value in (
