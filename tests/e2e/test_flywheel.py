@@ -28,6 +28,7 @@ from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings, load_settings
 from tests.e2e.conftest import Assets, Gateway, run_gateway
 from tests.factories import FORCED
+from tests.services import SHARED_ARTIFACT_URI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -170,11 +171,34 @@ def until_now() -> str:
     return (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
 
 
-def test_traffic_with_feedback_becomes_a_candidate_that_is_promoted(world: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def first_round(world: dict[str, Any]) -> dict[str, Any]:
+    """The first round, which every test here builds on (each can run alone): traffic with true
+    corrections, `flywheel run`, and the same window run again. What the tests check of the
+    registry is read here, before a later round changes it."""
     serve_and_correct(world, seed=11, n=60, poison=False)
     done = cli(world, "flywheel", "run", "orders", "--since", "1h", "--until", until_now(), "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     cycle = json.loads(done.stdout)
+    reg: Registry = world["registry"]
+    production = reg.get("orders").aliases.get("production")
+    v2 = reg.get_version("orders", 2) if production == 2 else None
+    ds = reg.get_dataset(v2.dataset or "") if v2 is not None else None
+    again = None
+    if ds is not None:  # the same window again (asserted on below)
+        again = cli(world, "flywheel", "run", "orders", "--since", "1h", "--until", cycle_until(ds), "--json")
+    return {
+        "cycle": cycle,
+        "production": production,
+        "dataset": ds,
+        "v1_test_count": reg.get_dataset("orders@v1").counts["test"],
+        "again": again,
+        "versions_after_again": len(reg.get("orders").versions),
+    }
+
+
+def test_traffic_with_feedback_becomes_a_candidate_that_is_promoted(first_round: dict[str, Any]) -> None:
+    cycle = first_round["cycle"]
     steps = {s["step"]: s for s in cycle["steps"]}
     assert steps["dataset"]["status"] == "registered"
     traffic = steps["dataset"]["traffic"]
@@ -182,25 +206,27 @@ def test_traffic_with_feedback_becomes_a_candidate_that_is_promoted(world: dict[
     assert steps["train"]["status"] == "trained"
     assert steps["gate"]["status"] == "passed", json.dumps(steps["gate"]["gate"]["rules"])
     assert cycle["candidate"] == "orders@v2" and cycle["promoted_to"] == "production"
-    reg: Registry = world["registry"]
-    assert reg.get("orders").aliases["production"] == 2
-    ds = reg.get_dataset(reg.get_version("orders", 2).dataset or "")
+    assert first_round["production"] == 2
+    ds = first_round["dataset"]
     assert ds.lineage["kind"] == "traffic" and ds.lineage["previous"] == "orders@v1"
-    assert ds.counts["test"] > reg.get_dataset("orders@v1").counts["test"]  # old test kept, fresh added
+    assert ds.counts["test"] > first_round["v1_test_count"]  # old test kept, fresh added
 
     # The same window again: every step is found done, nothing is trained twice.
-    again = cli(world, "flywheel", "run", "orders", "--since", "1h", "--until", cycle_until(ds), "--json")
+    again = first_round["again"]
     assert again.returncode == 0, again.stdout + again.stderr
     statuses = {s["step"]: s["status"] for s in json.loads(again.stdout)["steps"]}
     assert statuses["dataset"] == "found by digest" and statuses["train"].startswith("skipped")
-    assert statuses["evaluate"].startswith("skipped") and len(reg.get("orders").versions) == 2
+    assert statuses["evaluate"].startswith("skipped") and first_round["versions_after_again"] == 2
 
 
 def cycle_until(ds: Any) -> str:
     return str(ds.lineage["window"]["end"])
 
 
-def test_a_candidate_trained_on_poisoned_corrections_is_refused(world: dict[str, Any]) -> None:
+def test_a_candidate_trained_on_poisoned_corrections_is_refused(
+    world: dict[str, Any], first_round: dict[str, Any]
+) -> None:
+    assert first_round["production"] == 2, "the first round's candidate was not promoted"
     serve_and_correct(world, seed=23, n=60, poison=True)
     reg: Registry = world["registry"]
     # The window holds the first round too: it is in orders@v2's dataset already, so it is dropped.
@@ -215,15 +241,27 @@ def test_a_candidate_trained_on_poisoned_corrections_is_refused(world: dict[str,
     assert steps["dataset"]["traffic"]["dropped_seen_before"] >= 40
 
 
-def test_no_raw_pii_anywhere_on_disk(world: dict[str, Any], artifact_uri: str) -> None:
-    """The test's home (registry, runs, logs) and the artifact store (adapters, datasets, traffic)."""
+def test_no_raw_pii_anywhere_on_disk(world: dict[str, Any], first_round: dict[str, Any]) -> None:
+    """The test's home (registry, runs, logs) and the artifact store (adapters, datasets, traffic):
+    the session's bucket, which every e2e test writes to."""
+    import s3fs
+
     leaked, files = [], 0
-    for folder in (Path(world["root"]), Path(artifact_uri)):
-        for path in folder.rglob("*"):
-            if path.is_file():
-                files += 1
-                if EMAIL.encode() in path.read_bytes():
-                    leaked.append(str(path))
+    for path in Path(world["root"]).rglob("*"):
+        if path.is_file():
+            files += 1
+            if EMAIL.encode() in path.read_bytes():
+                leaked.append(str(path))
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    store = SHARED_ARTIFACT_URI.removeprefix("s3://")
+    traffic = b""
+    for key in fs.find(store):
+        files += 1
+        data = fs.cat_file(key)
+        if EMAIL.encode() in data:
+            leaked.append(key)
+        if key.startswith(f"{store}/traffic/") and key.endswith(".jsonl"):
+            traffic += data
     assert not leaked, leaked
-    traffic = b"".join(p.read_bytes() for p in (Path(artifact_uri) / "traffic").rglob("*.jsonl"))
     assert b"<EMAIL_ADDRESS_" in traffic and files > 100  # it was there, and was replaced
