@@ -24,6 +24,7 @@ from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
 from tests.e2e.conftest import Assets, run_gateway
 from tests.factories import write_lm_eval_tasks
+from tests.training_cache import TrainingCache
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -44,9 +45,10 @@ max_tokens = 48
 """
 
 
-def _train(reg: Registry, settings: Settings, base: Path, data: str, root: Path, tag: str) -> Any:
+def _train(
+    cache: TrainingCache, reg: Registry, settings: Settings, base: Path, data: str, root: Path, tag: str
+) -> Any:
     from loraflow.trainer.config import TrainConfig
-    from loraflow.trainer.train import train
 
     config = TrainConfig(
         adapter="orders",
@@ -63,12 +65,12 @@ def _train(reg: Registry, settings: Settings, base: Path, data: str, root: Path,
         max_new_tokens=48,
         output_dir=root / f"run-{tag}",
     )
-    return train(config, registry=reg, settings=settings)
+    return cache.train(config, registry=reg, settings=settings)  # trained once per test run
 
 
 @pytest.fixture(scope="module")
 def trained(
-    assets: Assets, artifact_uri: str, tmp_path_factory: pytest.TempPathFactory
+    assets: Assets, artifact_uri: str, training_cache: TrainingCache, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
     from loraflow.trainer.data import validate_file, validate_for_base
     from loraflow.trainer.prepare import load_split, prepare
@@ -92,8 +94,8 @@ def trained(
     ]
     bad_file = write_jsonl(root / "shuffled.jsonl", shuffled)
     bad, _ = prepare(validate_file(bad_file), name="orders-shuffled", registry=reg)
-    v1 = _train(reg, settings, assets.base, good.ref, root, "good")
-    v2 = _train(reg, settings, assets.base, bad.ref, root, "shuffled")
+    v1 = _train(training_cache, reg, settings, assets.base, good.ref, root, "good")
+    v2 = _train(training_cache, reg, settings, assets.base, bad.ref, root, "shuffled")
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LORAFLOW_")},
         "LORAFLOW_HOME": str(root / "home"),
