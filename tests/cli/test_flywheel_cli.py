@@ -1,0 +1,178 @@
+"""`loraflow flywheel build-dataset`: sampled traffic with feedback becomes the adapter's next dataset
+(the installed console script on the tiny Llama), and an empty or thin window says what to check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from loraflow.cli.main import app
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings, load_settings
+from loraflow.registry.traffic import TrafficStore, new_request_id
+from tests.factories import make_adapter, make_base
+from tests.services import Tiny
+
+LORAFLOW = Path(sys.executable).parent / "loraflow"
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+TOPICS = [
+    "reset my password",
+    "cancel the order I placed yesterday",
+    "change the delivery address to my office",
+    "refund for a damaged blender",
+    "upgrade the plan to the business tier",
+    "invoice copy for last March",
+    "close the account of a former employee",
+    "add a second user to the team",
+    "report a billing error on the receipt",
+]
+
+
+def request(adapter: str, at: datetime, prompt: str, *, status: int = 200) -> dict[str, Any]:
+    return {
+        "request_id": new_request_id(at),
+        "at": at.isoformat(),
+        "adapter": adapter,
+        "version": 1,
+        "endpoint": "/v1/chat/completions",
+        "request": {"messages": [{"role": "user", "content": f"Please help: {prompt}."}]},
+        "response": [{"index": 0, "content": f"Routed to the team for: {prompt}", "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 9},
+        "latency_s": 0.1,
+        "status": status,
+        "error": None if status == 200 else {"message": "engine unavailable"},
+        "stream": False,
+        "key": None,
+        "sampled": True,
+    }
+
+
+def feedback(req: dict[str, Any], rating: int, correction: str | None = None) -> dict[str, Any]:
+    return {
+        "request_id": req["request_id"],
+        "at": (datetime.fromisoformat(req["at"]) + timedelta(seconds=30)).isoformat(),
+        "adapter": req["adapter"],
+        "version": req["version"],
+        "rating": rating,
+        "correction": correction,
+        "comment": None,
+        "key": None,
+    }
+
+
+def traffic(settings: Settings, adapter: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Nine requests: 4 rated +1, 2 corrected, 1 rated -1 alone, 1 unrated, 1 failed."""
+    requests = [
+        request(adapter, NOW - timedelta(minutes=40 - i), topic, status=500 if i == 8 else 200)
+        for i, topic in enumerate(TOPICS)
+    ]
+    given = [feedback(r, 1) for r in requests[:4]]
+    given += [
+        feedback(r, -1, correction=f"Escalated to billing: {t}")
+        for r, t in zip(requests[4:6], TOPICS[4:6], strict=True)
+    ]
+    given.append(feedback(requests[6], -1))
+    store = TrafficStore(settings.resolved_traffic_uri)
+    store.write("requests", requests)
+    store.write("feedback", given)
+    return requests, given
+
+
+def register_fake(settings: Settings, tmp_path: Path, name: str) -> None:
+    """An adapter on a base with a placeholder tokenizer: anything that loads it fails."""
+    reg = Registry.open(settings)
+    try:
+        reg.register(name, make_adapter(tmp_path / "adapter"), base_model=str(make_base(tmp_path / "base")))
+    finally:
+        reg.close()
+
+
+@pytest.mark.unit
+def test_no_traffic_says_so_and_what_to_check(tmp_path: Path) -> None:
+    settings = load_settings()
+    register_fake(settings, tmp_path, "support")
+    before = datetime.now(UTC)
+    result = CliRunner().invoke(app, ["flywheel", "build-dataset", "support", "--since", "1h"])
+    hours = {f"{before.hour:02d}:00", f"{datetime.now(UTC).hour:02d}:00"}
+    assert result.exit_code == 3, result.output
+    assert result.stdout == "" and result.stderr.count("\n") == 1
+    message = result.stderr
+    assert message.startswith("error: no sampled traffic of support between ")
+    assert any(f"traffic after {h} is left for the next run; pass --until now" in message for h in hours)
+    assert "sample_rate" in message and settings.resolved_traffic_uri in message and "{" not in message
+
+    result = CliRunner().invoke(
+        app, ["flywheel", "build-dataset", "support", "--since", "1h", "--until", "now"]
+    )
+    assert result.exit_code == 3 and "no sampled traffic of support" in result.stderr
+    assert "--until now" not in result.stderr  # the window already ends now
+    result = CliRunner().invoke(app, ["flywheel", "build-dataset", "support", "--until", "now", "--json"])
+    assert result.exit_code == 3 and json.loads(result.stdout)["error"]["param"] == "since"
+
+    result = CliRunner().invoke(app, ["flywheel", "build-dataset", "support", "--until", "tomorrow"])
+    assert result.exit_code == 2 and "--until must be an ISO 8601 time" in result.stderr
+
+
+@pytest.mark.unit
+def test_too_few_examples_is_refused_before_the_tokenizer_loads(tmp_path: Path) -> None:
+    settings = load_settings()
+    register_fake(settings, tmp_path, "support")
+    traffic(settings, "support")
+    result = CliRunner().invoke(
+        app, ["flywheel", "build-dataset", "support", "--since", "2h", "--until", "now"]
+    )
+    assert result.exit_code == 2, result.output
+    message = result.stderr
+    assert message.startswith("error: only 6 usable new examples from support's traffic between ")
+    assert "flywheel.min_examples is 10" in message
+    assert (
+        "requests 9, dropped failed 1, corrected 2, positive 4, dropped negative 1, dropped unrated 1"
+        in message
+    )
+    assert "{" not in message and "Traceback" not in result.output
+
+
+@pytest.mark.integration
+def test_build_dataset_from_rated_and_corrected_traffic(isolated_env: Path, tiny: Tiny) -> None:
+    from loraflow.trainer.prepare import SPLITS, load_split
+
+    settings = load_settings()
+    reg = Registry.open(settings)
+    reg.register("support", tiny.adapter(1), base_model=str(tiny.base))
+    _, given = traffic(settings, "support")
+
+    until = (NOW + timedelta(minutes=1)).isoformat()
+    args = ["flywheel", "build-dataset", "support", "--since", "2h", "--until", until, "--json"]
+    env = os.environ | {"LORAFLOW_FLYWHEEL__MIN_EXAMPLES": "4"}
+    done = subprocess.run(
+        [str(LORAFLOW), *args], cwd=isolated_env, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    built = json.loads(done.stdout)
+    assert (built["dataset"], built["created"]) == ("support-traffic@v1", True)
+    counts = built["counts"]
+    assert (counts["requests"], counts["dropped_failed"]) == (9, 1)
+    assert (counts["positive"], counts["corrected"]) == (4, 2)
+    assert (counts["dropped_negative"], counts["dropped_unrated"], counts["new_examples"]) == (1, 1, 6)
+
+    dataset = reg.get_dataset("support-traffic@v1")
+    assert dataset.lineage["kind"] == "traffic" and dataset.lineage["adapter"] == "support"
+    answers = sorted(row["messages"][-1]["content"] for s in SPLITS for row in load_split(reg, dataset, s))
+    expected = [f"Routed to the team for: {t}" for t in TOPICS[:4]]
+    expected += [g["correction"] for g in given[4:6]]
+    assert answers == sorted(expected)  # the rated-down, unrated and failed answers are not there
+    reg.close()
+
+    # The same window again (in process: the script was tested above): the same files, found by digest.
+    again = CliRunner().invoke(app, args, env={"LORAFLOW_FLYWHEEL__MIN_EXAMPLES": "4"})
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) | {"created": True} == built and not json.loads(again.stdout)["created"]
