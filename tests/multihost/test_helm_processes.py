@@ -4,12 +4,19 @@ that what the chart tells Kubernetes to run is what the code accepts.
 
 What a cluster would provide is stood in for, and only that: the Secret (a dict), the volume
 mounts (folders under tmp, substituted for the mount paths in the environment), the cluster DNS
-name of the engines' headless Service (127.0.0.1, as its one engine pod), and the GPU (the engine
-runs on the CPU: engine.device=cpu). PostgreSQL and S3 (moto) are the multihost tier's real ones.
+name of the engines' headless Service (127.0.0.1), and the GPU (engine.device=cpu). PostgreSQL
+and S3 (moto) are the multihost tier's real ones.
+
+The rendered engine command runs as `loraflow engine` with the chart's arguments and environment
+up to the point where it becomes vLLM (it checks its settings and the bucket, then execs vLLM);
+the vLLM it execs records what it was given and exits. The vLLM server behind the rendered
+gateway is the session's shared `loraflow engine` (tests/services.py), the same command over
+the same bucket, so the suite starts one engine fewer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets as tokens
 import subprocess
@@ -28,13 +35,25 @@ from loraflow.registry.settings import Settings
 from loraflow.server.engine.supervisor import free_port
 from tests.conftest import PG_ENV, _create_pg_database, _drop_pg_database
 from tests.helm.chart import container, env_of, manifests, one, pod_spec
-from tests.multihost.cluster import BUCKET, Proc, _spawn, wait_up
+from tests.multihost.cluster import Proc, _spawn, wait_up
 from tests.multihost.conftest import Cluster
+from tests.services import SHARED_ARTIFACT_URI
 
 # One tier: the rendered pods run as processes, like the rest of multihost (`-m helm` renders only).
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 
 SECRET, S3_SECRET, KEYS_SECRET = "loraflow", "loraflow-s3", "loraflow-api-keys"
+
+
+# Stands in for vLLM's OpenAI server in the rendered engine's process (first on PYTHONPATH): it
+# records its arguments and the loraflow and vLLM variables of its environment, and exits.
+VLLM_STAND_IN = """
+import json, os, sys
+keep = ("LORAFLOW_", "VLLM_ALLO")
+record = {"argv": sys.argv[1:], "env": {k: v for k, v in os.environ.items() if k[:9] in keep}}
+with open(os.environ["LORAFLOW_TEST_VLLM_RECORD"], "w") as out:
+    json.dump(record, out)
+"""
 
 
 def values(cluster: Cluster, artifact_uri: str, gateway_port: int, engine_port: int) -> dict[str, Any]:
@@ -123,10 +142,13 @@ def release_db(cluster: Cluster) -> Iterator[str]:
 
 
 def test_rendered_engine_and_gateway_come_up_and_serve(
-    cluster: Cluster, release_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: Cluster, shared_engine: Proc, release_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gateway_port, engine_port = free_port(), free_port()
-    artifact_uri = f"s3://{BUCKET}/helm-release"  # its own prefix of the tier's bucket
+    from loraflow.trainer.tiny import random_lora_adapter
+
+    # The engine port is the shared engine's, which stands in for the rendered engine's pod.
+    gateway_port, engine_port = free_port(), int(shared_engine.url.rpartition(":")[2])
+    artifact_uri = SHARED_ARTIFACT_URI  # the shared engine's bucket and prefix
     docs = manifests(values(cluster, artifact_uri, gateway_port, engine_port))
     secrets = {
         SECRET: {"database-url": release_db, "pseudonym-key": "k" * 64},
@@ -158,8 +180,10 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
     registry = Registry.open(
         Settings(home=tmp_path / "operator", database_url=release_db, artifact_uri=artifact_uri)
     )
+    # Bytes of its own: the shared engine has never cached them, so its cache shows the fetch.
+    fresh = random_lora_adapter(cluster.base, tmp_path / "helm-a", r=8, seed=tokens.randbelow(10**9))
     try:
-        registry.register("helm-a", cluster.adapters[0], base_model=str(cluster.base))
+        digest = registry.register("helm-a", fresh, base_model=str(cluster.base)).digest
         registry.promote("helm-a", 1, force=True, reason="helm test: random adapter, no eval report")
     finally:
         registry.close()
@@ -173,17 +197,45 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
     assert host.endswith(".svc") and int(port) == engine.port()
     gateway.env["LORAFLOW_SERVER__ENGINE_DNS"] = f"127.0.0.1:{port}"
 
+    # The rendered engine, up to vLLM: the chart's command and environment pass `loraflow engine`'s
+    # checks (settings, the bucket through the chart's S3 endpoint and secret) and reach vLLM.
+    stand_in = tmp_path / "vllm-stand-in"
+    (stand_in / "vllm" / "entrypoints" / "openai").mkdir(parents=True)
+    for package in ("vllm", "vllm/entrypoints", "vllm/entrypoints/openai"):
+        (stand_in / package / "__init__.py").write_text("")
+    (stand_in / "vllm" / "entrypoints" / "openai" / "api_server.py").write_text(VLLM_STAND_IN)
+    record = tmp_path / "vllm-argv.json"
+    done = subprocess.run(
+        engine.argv(),
+        env={**engine.process_env(), "PYTHONPATH": str(stand_in), "LORAFLOW_TEST_VLLM_RECORD": str(record)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and record.is_file(), done.stdout + done.stderr
+    execed = json.loads(record.read_text())
+    argv = execed["argv"]
+    flags = {  # --flag value, or "" for a switch
+        a: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+        for i, a in enumerate(argv)
+        if a.startswith("--")
+    }
+    assert flags["--model"] == str(cluster.base) and flags["--host"] == "0.0.0.0"
+    assert int(flags["--port"]) == engine.port()
+    assert (flags["--max-loras"], flags["--max-cpu-loras"], flags["--max-lora-rank"]) == ("2", "4", "16")
+    assert flags["--enable-lora"] == ""
+    assert execed["env"]["LORAFLOW_ENGINE__RESOLVER"] == "true"
+    assert execed["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert execed["env"]["LORAFLOW_ARTIFACT_URI"] == artifact_uri
+    cache = engine.mounts["/cache/adapters"]
+    assert Path(execed["env"]["LORAFLOW_ENGINE__CACHE_DIR"]) == cache.resolve()
+    # Its probes' paths are served by vLLM (the shared engine's).
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if kind in engine.container:
+            assert httpx.get(shared_engine.url + engine.probe(kind), timeout=10).status_code == 200
+
     procs: list[Proc] = []
     try:
-        procs.append(
-            _spawn(
-                engine.argv(),
-                engine.process_env(),
-                tmp_path / "engine.log",
-                f"http://127.0.0.1:{engine.port()}",
-            )
-        )
-        wait_up(procs[-1], engine.probe("startupProbe"), 300)
         procs.append(
             _spawn(
                 gateway.argv(),
@@ -195,7 +247,6 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
         wait_up(procs[-1], gateway.probe("readinessProbe"), 120)
         url = procs[-1].url
         assert httpx.get(url + gateway.probe("livenessProbe"), timeout=10).status_code == 200
-        assert httpx.get(procs[0].url + engine.probe("readinessProbe"), timeout=10).status_code == 200
 
         with (
             openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as client,
@@ -212,10 +263,9 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
         completion = reply.parse()
         assert completion.model == reply.headers["x-loraflow-model"]
         assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 4
-        # The engine fetched the adapter itself, from the bucket, into the mounted adapter cache.
-        cache = engine.mounts["/cache/adapters"]
-        assert any(cache.rglob("adapter_model.safetensors")), "the engine's adapter cache is empty"
-        assert engine.env["LORAFLOW_ARTIFACT_URI"] == artifact_uri
+        # The engine fetched the adapter itself, from the bucket, into its adapter cache.
+        fetched = shared_engine.log.parent / "cache" / "engine" / digest / "adapter_model.safetensors"
+        assert fetched.is_file(), "the engine did not fetch helm-a's bytes"
     finally:
         for proc in reversed(procs):
             proc.stop()
