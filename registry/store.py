@@ -143,6 +143,17 @@ class MetadataStore:
 
     # -- lookups -----------------------------------------------------------------
     @staticmethod
+    def _alias_row(s: Session, adapter: Adapter, alias: str) -> Alias:
+        row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
+        if row is None:
+            have = s.exec(select(Alias.name).where(Alias.adapter_id == adapter.id)).all()
+            raise NotFoundError(
+                f"{adapter.name} has no alias {alias!r}; aliases: {', '.join(sorted(have)) or 'none'}",
+                param="alias",
+            )
+        return row
+
+    @staticmethod
     def _adapter_row(s: Session, name: str) -> Adapter:
         row = s.exec(select(Adapter).where(Adapter.name == name)).first()
         if row is None:
@@ -242,13 +253,7 @@ class MetadataStore:
     def get_alias(self, name: str, alias: str) -> domain.VersionInfo:
         with self._read() as s:
             adapter = self._adapter_row(s, name)
-            row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
-            if row is None:
-                have = s.exec(select(Alias.name).where(Alias.adapter_id == adapter.id)).all()
-                raise NotFoundError(
-                    f"{name} has no alias {alias!r}; aliases: {', '.join(sorted(have)) or 'none'}",
-                    param="alias",
-                )
+            row = self._alias_row(s, adapter, alias)
             return self._version_info(s, adapter, self._version_row(s, adapter, row.version))
 
     def history(self, name: str) -> domain.History:
@@ -387,9 +392,7 @@ class MetadataStore:
         with self._write(actor) as tx:
             s = tx.session
             adapter = self._adapter_row(s, name)
-            row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
-            if row is None:
-                raise NotFoundError(f"{name} has no alias {alias!r}", param="alias")
+            row = self._alias_row(s, adapter, alias)
             moves = s.exec(
                 select(AliasMove)
                 .where(AliasMove.adapter_id == adapter.id, AliasMove.alias == alias)
@@ -423,13 +426,7 @@ class MetadataStore:
         with self._write(actor) as tx:
             s = tx.session
             adapter = self._adapter_row(s, name)
-            row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
-            if row is None:
-                have = s.exec(select(Alias.name).where(Alias.adapter_id == adapter.id)).all()
-                raise NotFoundError(
-                    f"{name} has no alias {alias!r}; aliases: {', '.join(sorted(have)) or 'none'}",
-                    param="alias",
-                )
+            row = self._alias_row(s, adapter, alias)
             version = row.version
             s.delete(row)
             tx.audit("alias.delete", "adapter", name, alias=alias, before={"version": version}, after=None)

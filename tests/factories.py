@@ -9,10 +9,31 @@ integration tier (see conftest.peft_adapters).
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+# The installed console script, as a user runs it (beside this interpreter, in the venv).
+LORAFLOW = Path(sys.executable).parent / "loraflow"
+
+
+def run_loraflow(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``loraflow ARGS`` as a subprocess in ``cwd``, with this environment plus ``env``."""
+    return subprocess.run(
+        [str(LORAFLOW), *args],
+        cwd=cwd,
+        env=os.environ | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
 
 # The reason tests give when they promote random adapters, which have no eval report, past the gate.
 FORCED = "test fixture: a random adapter with no eval report"

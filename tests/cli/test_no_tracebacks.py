@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,24 +16,15 @@ from typer.testing import CliRunner
 
 from loraflow.cli.common import DEBUG_ENV, EXIT_CODES, UNEXPECTED_EXIT_CODE, guarded
 from loraflow.registry.errors import ErrorCode
-from tests.factories import make_adapter, make_base
+from tests.factories import make_adapter, make_base, run_loraflow
 
-LORAFLOW = Path(sys.executable).parent / "loraflow"
 INVALID = EXIT_CODES[ErrorCode.INVALID_ARGUMENT]  # 2 in the README's list
 NOT_FOUND = EXIT_CODES[ErrorCode.NOT_FOUND]  # 3
 UNAVAILABLE = EXIT_CODES[ErrorCode.UNAVAILABLE]  # 10
 GOOD_LINE = json.dumps({"prompt": "hi", "completion": "there"})
 
 
-def loraflow(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(LORAFLOW), *args],
-        cwd=cwd,
-        env=os.environ | (env or {}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+loraflow = run_loraflow  # the installed script, as a subprocess
 
 
 @dataclass(frozen=True)

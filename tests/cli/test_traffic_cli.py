@@ -4,9 +4,6 @@ written by ``TrafficStore`` (as the gateway's writer writes it)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,20 +14,12 @@ from typer.testing import CliRunner, Result
 from loraflow.cli.main import app
 from loraflow.registry.settings import Settings, load_settings
 from loraflow.registry.traffic import TrafficStore, new_request_id
+from tests.factories import run_loraflow
 
-LORAFLOW = Path(sys.executable).parent / "loraflow"
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
-def loraflow(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(LORAFLOW), *args],
-        cwd=cwd,
-        env=os.environ | (env or {}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+loraflow = run_loraflow  # the installed script, as a subprocess
 
 
 def request(adapter: str, at: datetime, prompt: str) -> dict[str, Any]:
