@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from loraflow.registry.errors import InvalidArgumentError
 
 # A \uD800-\uDFFF escape: a lone surrogate, or one half of a pair (checked after parsing).
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _no_constant(name: str) -> NoReturn:
@@ -28,14 +28,17 @@ def _no_constant(name: str) -> NoReturn:
 def json_object(raw: bytes) -> dict[str, Any]:
     """The body as a dict, or :class:`InvalidArgumentError` (``param="body"``) saying why not."""
     try:
-        data = json.loads(raw, parse_constant=_no_constant)
+        # Decoded strictly first: json.loads(bytes) would let an encoded surrogate through
+        # (it decodes with surrogatepass), which the escape check below cannot see.
+        text = raw.decode(json.detect_encoding(raw))
+        data = json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidArgumentError(f"the request body is not valid JSON ({exc})", param="body") from None
     except RecursionError:
         raise InvalidArgumentError("the request body is nested too deeply", param="body") from None
     if not isinstance(data, dict):
         raise InvalidArgumentError(f"the request body must be a JSON object, not {_kind(data)}", param="body")
-    if _SURROGATE_ESCAPE.search(raw):  # rare: only then is the whole value encoded once more
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then is the whole value encoded once more
         try:
             json.dumps(data, ensure_ascii=False).encode()
         except UnicodeEncodeError:

@@ -157,6 +157,9 @@ NOT_AN_OBJECT: list[tuple[str, bytes]] = [
     ("NaN", b'{"model": "support", "prompt": "hi", "temperature": NaN}'),
     ("Infinity", b'{"model": "support", "prompt": "hi", "temperature": -Infinity}'),
     ("a lone surrogate", b'{"model": "support", "prompt": "hi \\ud800 there"}'),
+    # The same surrogate as encoded bytes, not as an escape: UTF-8 allows none.
+    ("an encoded surrogate", b'{"model": "support", "prompt": "hi \xed\xa0\x80 there"}'),
+    ("a UTF-16 surrogate", '{"model": "support", "prompt": "\ud800"}'.encode("utf-16-le", "surrogatepass")),
 ]
 
 
@@ -175,6 +178,10 @@ def test_a_surrogate_pair_is_a_character_not_an_error(gw: Gateway) -> None:
     r = gw.post("/v1/completions", b'{"model": "support", "prompt": "smile \\ud83d\\ude00"}')
     assert r.status_code == 200, r.text
     assert gw.engine.requests[-1]["prompt"] == "smile \U0001f600"
+    utf16 = '{"model": "support", "prompt": "\u00e9t\u00e9 \U0001f600"}'.encode("utf-16")  # JSON allows it
+    r = gw.post("/v1/completions", utf16)
+    assert r.status_code == 200, r.text
+    assert gw.engine.requests[-1]["prompt"] == "\u00e9t\u00e9 \U0001f600"
 
 
 @pytest.mark.parametrize(
