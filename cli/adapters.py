@@ -198,7 +198,7 @@ def show(
     ref: Annotated[
         str | None,
         typer.Argument(
-            metavar="[NAME|NAME@vN|NAME:ALIAS]",
+            metavar="NAME|NAME@vN|NAME:ALIAS",
             help="An adapter, or one version of it (default: default_adapter).",
             show_default=False,
         ),
@@ -278,10 +278,14 @@ def _fmt(value: Any) -> str:
 
 
 def _curve(points: Any) -> str | None:
-    """``[[step, loss], ...]`` as "2.31 (step 1) -> 0.52 (step 30)"."""
+    """``[[step, loss], ...]`` as "2.31 (step 1) -> 0.52 (step 30)"; None for anything else (metrics
+    registered with `adapters register --metrics` may hold any JSON)."""
     if not isinstance(points, list) or not points:
         return None
-    (s0, l0), (s1, l1) = points[0], points[-1]
+    ends = points[0], points[-1]
+    if not all(isinstance(p, list | tuple) and len(p) == 2 for p in ends):
+        return None
+    (s0, l0), (s1, l1) = ends
     return f"{_fmt(l0)} (step {s0}) -> {_fmt(l1)} (step {s1}), {len(points)} points"
 
 
@@ -315,7 +319,7 @@ def _print_version_summary(
             line(label, curve)
     report = v.eval_report or {}
     if report.get("n") and isinstance(report.get("adapter"), dict):
-        base = report.get("base") or {}
+        base = report["base"] if isinstance(report.get("base"), dict) else {}
         scores = ", ".join(
             f"{k} {_fmt(x)} (base {_fmt(base.get(k))})"
             for k, x in report["adapter"].items()
@@ -345,7 +349,7 @@ def _print_version_summary(
 def history(
     ctx: typer.Context,
     name: Annotated[
-        str | None, typer.Argument(metavar="[NAME]", help="Default: default_adapter.", show_default=False)
+        str | None, typer.Argument(metavar="NAME", help="Default: default_adapter.", show_default=False)
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -387,7 +391,7 @@ def diff(
     ctx: typer.Context,
     a: Annotated[str, typer.Argument(metavar="A", help="NAME@vN, NAME:ALIAS (or NAME in NAME vA vB).")],
     b: Annotated[str, typer.Argument(metavar="B", help="NAME@vN or NAME:ALIAS (or vA).")],
-    c: Annotated[str | None, typer.Argument(metavar="[vB]", show_default=False)] = None,
+    c: Annotated[str | None, typer.Argument(metavar="vB", show_default=False)] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Config, metrics, weights and dataset differences between two versions of one adapter.
@@ -438,7 +442,7 @@ def promote(
             metavar="REF", help="NAME@vN or NAME:ALIAS (older form: NAME vN).", show_default=False
         ),
     ] = None,
-    second: Annotated[str | None, typer.Argument(metavar="[vN]", show_default=False)] = None,
+    second: Annotated[str | None, typer.Argument(metavar="vN", show_default=False)] = None,
     alias: AliasOpt = DEFAULT_ALIAS,
     expect: Annotated[
         str | None,
@@ -464,13 +468,13 @@ def promote(
     reg = state(ctx).registry
     existing = reg.get(name).aliases
     created = alias not in existing
-    if created and (existing or alias != DEFAULT_ALIAS):
+    move = reg.promote(name, version, alias=alias, expect=expected, force=force, reason=reason)
+    if created and (existing or alias != DEFAULT_ALIAS):  # said once the alias exists (a typo shows)
         err.print(
-            f"warning: creating new alias '{alias}' on {name} "
+            f"warning: created new alias '{alias}' on {name} "
             f"(existing: {', '.join(sorted(existing)) or 'none'})",
             markup=False,
         )
-    move = reg.promote(name, version, alias=alias, expect=expected, force=force, reason=reason)
     if as_json:
         print_json(_move_json(move, created_alias=created, forced=force))
         return
@@ -486,7 +490,7 @@ def rollback(
     ctx: typer.Context,
     name: Annotated[
         str | None,
-        typer.Argument(metavar="[NAME|NAME:ALIAS]", help="Default: default_adapter.", show_default=False),
+        typer.Argument(metavar="NAME|NAME:ALIAS", help="Default: default_adapter.", show_default=False),
     ] = None,
     alias: Annotated[
         str | None,

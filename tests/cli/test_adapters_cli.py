@@ -334,7 +334,7 @@ def test_a_new_alias_name_is_warned_about_and_can_be_deleted(two_versions: Path)
     assert result.exit_code == 0 and "warning" not in result.output  # the first production is expected
     result = runner.invoke(adapters_app, ["promote", "support@v2", "--alias", "prod"])
     assert result.exit_code == 0
-    assert "warning: creating new alias 'prod' on support (existing: production)" in result.stderr
+    assert "warning: created new alias 'prod' on support (existing: production)" in result.stderr
     assert "pointed at by prod" in adapters("archive", "support@v2")[1]
     before = json.loads(adapters("history", "support", "--json")[1])
     code, output = adapters("alias", "delete", "support:prod", "--json")
@@ -439,3 +439,28 @@ def test_show_version_summarizes_metrics_and_loss(base_dir: Path, tmp_path: Path
     assert code == 0 and "extract [red]fields" in output
     code, output = adapters("history", "sum")
     assert code == 0 and "None" not in output and "dataset=-" in output
+
+
+def test_a_refused_promote_to_a_new_alias_warns_of_nothing(two_versions: Path) -> None:
+    result = runner.invoke(adapters_app, ["promote", "support@v1", "--alias", "bad name!"])
+    assert result.exit_code == 2 and "warning" not in result.output  # nothing was created
+    result = runner.invoke(adapters_app, ["promote", "support@v9", "--alias", "prod"])
+    assert result.exit_code == 3 and "warning" not in result.output
+
+
+def test_show_summarizes_metrics_of_any_shape(base_dir: Path, tmp_path: Path) -> None:
+    """`register --metrics/--eval-report` take any JSON object: a version whose curves or report are
+    not what training writes is still shown, without the parts that do not fit."""
+    metrics, report = tmp_path / "metrics.json", tmp_path / "report.json"
+    metrics.write_text(json.dumps({"eval_loss": 0.5, "loss_curve": [1, 2, 3], "eval_curve": [[1, 2, 3]]}))
+    report.write_text(json.dumps({"n": 2, "adapter": {"exact_match": 0.5}, "base": [0.1]}))
+    src = make_adapter(tmp_path / "a")
+    code, output = adapters(
+        "register", "odd", str(src), "--base-model", str(base_dir), "--metrics", str(metrics),
+        "--eval-report", str(report),
+    )  # fmt: skip
+    assert code == 0, output
+    code, output = adapters("show", "odd@v1")
+    assert code == 0, output
+    assert "eval_loss 0.5" in output and "exact_match 0.5 (base -)" in output
+    assert "training loss" not in output and "eval loss:" not in output
