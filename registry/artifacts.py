@@ -67,7 +67,7 @@ class ArtifactStore:
         self.uri = uri
         from fsspec.implementations.local import LocalFileSystem  # fsspec: only once a store is opened
 
-        fs, root = _filesystem(uri)
+        fs, root = filesystem(uri)
         self.fs: Any = fs
         self.root: str = root.rstrip("/")
         self._local = isinstance(fs, LocalFileSystem)
@@ -198,8 +198,9 @@ class ArtifactStore:
         return dest
 
 
-def _filesystem(uri: str) -> tuple[Any, str]:
-    """fsspec's filesystem for ``uri``; an unknown scheme or a missing backend is named."""
+def filesystem(uri: str) -> tuple[Any, str]:
+    """fsspec's filesystem for ``uri`` (the artifact store, or the traffic store beside it); an
+    unknown scheme or a missing backend is a typed error naming the setting."""
     import fsspec
 
     try:

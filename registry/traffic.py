@@ -79,10 +79,11 @@ class Purged:
 
 class TrafficStore:
     def __init__(self, uri: str, *, writer: str | None = None) -> None:
-        import fsspec  # only once a traffic store is opened
-        from fsspec.implementations.local import LocalFileSystem
+        from fsspec.implementations.local import LocalFileSystem  # only once a store is opened
 
-        fs, root = fsspec.core.url_to_fs(uri)
+        from loraflow.registry.artifacts import filesystem
+
+        fs, root = filesystem(uri)
         self.fs: Any = fs
         self.root: str = root.rstrip("/")
         self._local = isinstance(fs, LocalFileSystem)

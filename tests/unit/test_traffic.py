@@ -369,3 +369,9 @@ def test_a_blocked_sink_does_not_slow_requests(gateway_setup: Setup, monkeypatch
         assert statuses == [200] * 150
         recorder = client.app.state.gateway.recorder  # type: ignore[attr-defined]
         assert recorder.dropped["queue_full"] > 0  # the sink never took a batch: the queue filled
+
+
+def test_a_traffic_store_on_an_unknown_scheme_names_the_setting() -> None:
+    with pytest.raises(InvalidArgumentError) as info:  # was fsspec's bare ValueError
+        TrafficStore("foo://bucket/traffic")
+    assert info.value.param == "artifact_uri" and "foo://bucket/traffic" in info.value.message
