@@ -146,6 +146,12 @@ def _sniff(path: Path) -> None:
     for magic, what in _MAGIC.items():
         if head.startswith(magic):
             raise InvalidArgumentError(f"{path} is {what}; loraflow reads {ACCEPTED_FORMATS}", param="FILE")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or json.detect_encoding(head).startswith("utf-16"):
+        raise InvalidArgumentError(  # PowerShell's `>` writes UTF-16
+            f"{path} is UTF-16 text; save it as UTF-8 (e.g. Out-File -Encoding utf8); "
+            f"loraflow reads {ACCEPTED_FORMATS}",
+            param="FILE",
+        )
     if b"\x00" in head:
         raise InvalidArgumentError(
             f"{path} is a binary file, not text; loraflow reads {ACCEPTED_FORMATS}", param="FILE"

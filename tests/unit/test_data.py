@@ -133,6 +133,8 @@ def test_a_utf8_bom_is_accepted_and_a_line_that_is_not_utf8_is_a_bad_line(tmp_pa
         (b'{"prompt": "p"\x00\x00}', "a binary file"),
         (b"prompt,completion\nhi,there\n", "looks like CSV or TSV (line 1: 'prompt,completion')"),
         (b"\xef\xbb\xbfprompt\tcompletion\nhi\tthere\n", "looks like CSV or TSV"),
+        ('{"prompt": "p", "completion": "c"}\n'.encode("utf-16"), "UTF-16 text; save it as UTF-8"),
+        ('{"prompt": "p", "completion": "c"}\n'.encode("utf-16-le"), "UTF-16 text; save it as UTF-8"),
     ],
 )
 def test_a_file_that_is_not_jsonl_says_what_it_looks_like(tmp_path: Path, content: bytes, says: str) -> None:
