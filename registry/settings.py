@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.urls import mask_url
 
 CONFIG_FILE_ENV = "LORAFLOW_CONFIG"
 DEFAULT_CONFIG_FILE = "loraflow.toml"
@@ -550,9 +551,11 @@ class Settings(BaseSettings):
     @classmethod
     def _a_database_url(cls, url: str | None) -> str | None:
         if url is not None and not _DATABASE_URL.match(url):
+            if url.startswith("postgres://"):  # Heroku-style; SQLAlchemy knows only postgresql://
+                raise ValueError(f"write postgresql:// instead of postgres:// in {mask_url(url)!r}")
             raise ValueError(
                 f"must be a SQLite or PostgreSQL URL, e.g. sqlite:////data/registry.db or "
-                f"postgresql://user@host:5432/loraflow, not {url!r}"
+                f"postgresql://user@host:5432/loraflow, not {mask_url(url)!r}"
             )
         return url
 
@@ -570,7 +573,7 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(
                 f"{unknown[0]!r} is not a storage scheme fsspec knows; use a local folder or a URI such "
-                f"as s3://bucket/prefix (pip install 'loraflow[s3]'), not {uri!r}"
+                f"as s3://bucket/prefix (pip install 'loraflow[s3]'), not {mask_url(uri)!r}"
             )
         return uri
 
@@ -642,8 +645,12 @@ def _toml_source(settings_cls: type[BaseSettings]) -> TomlConfigSettingsSource:
 def load_settings(**overrides: object) -> Settings:
     """Build settings from the config file and environment; keyword overrides win.
 
-    A config file or an environment variable that cannot be read raises InvalidArgumentError naming
-    it; values that do not validate raise pydantic's ValidationError (see :func:`setting_source`)."""
+    A config file or an environment variable that cannot be read, or a variable inside a section
+    that names no setting there, raises InvalidArgumentError naming it; values that do not validate
+    raise pydantic's ValidationError (see :func:`setting_source`)."""
+    unknown = _unknown_in_section(os.environ)
+    if unknown is not None:
+        raise unknown
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except SettingsError as exc:  # a list/dict/section variable whose value is not JSON
@@ -688,8 +695,8 @@ def _setting_vars(
             yield from _setting_vars(section, f"{var}__", f"{dotted}.")
 
 
-def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
-    """LORAFLOW_* variables that name no setting (a typo is otherwise silently ignored)."""
+def _unknown_vars(environ: Mapping[str, str]) -> list[str]:
+    """LORAFLOW_* variables that name no setting, nested ones (LORAFLOW_SERVER__PORTT) included."""
     known: set[str] = set()
     open_prefixes: list[str] = []  # a dict setting takes any key: LORAFLOW_TRAFFIC__ADAPTERS__orders
     for var, _, annotation in _setting_vars():
@@ -707,6 +714,38 @@ def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
     return sorted(unknown)
 
 
+def _section_of(var: str) -> tuple[str, type[BaseModel]] | None:
+    """The innermost section (dotted name, model) whose prefix ``var`` starts with, if any."""
+    found: tuple[str, type[BaseModel]] | None = None
+    for section_var, dotted, annotation in _setting_vars():
+        section = _section(annotation)
+        inside = section is not None and var.upper().startswith(f"{section_var}__")
+        if inside and section is not None and (found is None or len(dotted) > len(found[0])):
+            found = (dotted, section)
+    return found
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """LORAFLOW_* variables that name no setting and no section (LORAFLOW_HOEM, LORAFLOW_TRAFIC__X):
+    settings ignore them, and the CLI warns. One inside a section is an error instead (see
+    :func:`load_settings`)."""
+    return [var for var in _unknown_vars(environ) if _section_of(var) is None]
+
+
+def _unknown_in_section(environ: Mapping[str, str]) -> InvalidArgumentError | None:
+    """The first variable inside a section that names none of its settings (LORAFLOW_TRAFFIC__URI):
+    the section would refuse it as an extra input, so say which keys it knows."""
+    for var in _unknown_vars(environ):
+        found = _section_of(var)
+        if found is not None:
+            dotted, section = found
+            return InvalidArgumentError(
+                f"{var} names no setting in [{dotted}]; known: {', '.join(section.model_fields)}",
+                param=var,
+            )
+    return None
+
+
 def _not_json(environ: Mapping[str, str]) -> InvalidArgumentError | None:
     """The first variable for a list, dict or section setting whose value does not parse as JSON."""
     kinds = {var: (dotted, _json_kind(annotation)) for var, dotted, annotation in _setting_vars()}
@@ -717,11 +756,20 @@ def _not_json(environ: Mapping[str, str]) -> InvalidArgumentError | None:
         try:
             json.loads(value)
         except ValueError:
-            example = json.dumps(shlex.split(value)) if kind == "list" else '{"key": "value"}'
+            example = json.dumps(_words(value)) if kind == "list" else '{"key": "value"}'
             return InvalidArgumentError(
                 f"{var} must be a JSON {kind} (setting {dotted}), e.g. {var}='{example}'", param=dotted
             )
     return None
+
+
+def _words(value: str) -> list[str]:
+    """A value split as a shell would, for the example in an error; plain split when its quotes do
+    not close (shlex raises on ``--x "foo``)."""
+    try:
+        return shlex.split(value)
+    except ValueError:
+        return value.split()
 
 
 def setting_source(dotted: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from pydantic import ValidationError
 
 from loraflow.registry.errors import InvalidArgumentError
 from loraflow.registry.settings import Settings, load_settings, setting_source, unknown_env_vars
+from loraflow.registry.urls import mask_url
 
 pytestmark = pytest.mark.unit
 
@@ -131,7 +133,69 @@ def test_unknown_variables_are_found_and_known_ones_are_not() -> None:
         "LORAFLOW_TEST_DATABASE_URL": "the suite's",
         "PATH": "not ours",
     }
-    assert unknown_env_vars(environ) == ["LORAFLOW_HOEM", "LORAFLOW_SERVER__PORTT"]
+    assert unknown_env_vars(environ) == ["LORAFLOW_HOEM"]  # ignored with a warning
+    environ["LORAFLOW_TRAFIC__X"] = "a mistyped section is no setting: warned about too"
+    assert unknown_env_vars(environ) == ["LORAFLOW_HOEM", "LORAFLOW_TRAFIC__X"]
+
+
+@pytest.mark.parametrize(
+    ("var", "says"),
+    [
+        ("LORAFLOW_SERVER__PORTT", "LORAFLOW_SERVER__PORTT names no setting in [server]; known: "),
+        (
+            "LORAFLOW_TRAFFIC__URI",
+            "LORAFLOW_TRAFFIC__URI names no setting in [traffic]; known: sample_rate, ",
+        ),
+        ("LORAFLOW_EVAL__JUDGE__URLL", "names no setting in [eval.judge]; known: url, model, "),
+    ],
+)
+def test_a_variable_inside_a_section_that_names_no_setting_is_an_error(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch, var: str, says: str
+) -> None:
+    monkeypatch.setenv(var, "x")
+    assert unknown_env_vars({var: "x"}) == []  # not also "ignored"
+    with pytest.raises(InvalidArgumentError, match=re.escape(says)) as caught:
+        load_settings()
+    assert caught.value.param == var
+
+
+def test_an_unclosed_quote_still_gets_a_json_example(
+    isolated_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAFLOW_SERVER__ENGINE_ARGS", '--x "foo')  # shlex.split raises on it
+    with pytest.raises(InvalidArgumentError) as caught:
+        load_settings()
+    assert """e.g. LORAFLOW_SERVER__ENGINE_ARGS='["--x", "\\"foo"]'""" in caught.value.message
+
+
+def test_a_password_in_a_bad_url_is_masked_and_postgres_is_corrected() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(database_url="postgres://u:secret@h/db")
+    message = caught.value.errors()[0]["msg"]
+    assert "write postgresql:// instead of postgres://" in message and "u:***@h/db" in message
+    assert "secret" not in message
+    with pytest.raises(ValidationError) as caught:
+        Settings(database_url="mysql://u:secret@h/db")
+    assert "secret" not in caught.value.errors()[0]["msg"]
+    with pytest.raises(ValidationError) as caught:
+        Settings(artifact_uri="foo://k:secret@bucket/x")
+    assert "secret" not in caught.value.errors()[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("postgresql://u:secret@h/db", "postgresql://u:***@h/db"),
+        ("postgresql+psycopg://u:p@ss@h:5432/db?x=a@b", "postgresql+psycopg://u:***@h:5432/db?x=a@b"),
+        ("at 'postgres://u:pw@h/db' and s3://k:s@b/x", "at 'postgres://u:***@h/db' and s3://k:***@b/x"),
+        ("postgresql://u@h:5432/db", "postgresql://u@h:5432/db"),
+        ("postgresql://h:5432/db", "postgresql://h:5432/db"),
+        ("sqlite:////data/registry.db", "sqlite:////data/registry.db"),
+        ("/a/folder", "/a/folder"),
+    ],
+)
+def test_mask_url_hides_only_passwords(text: str, shown: str) -> None:
+    assert mask_url(text) == shown
 
 
 @pytest.mark.parametrize(
