@@ -135,10 +135,11 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
                 err.print(f"error: {exc.message}", markup=False)
             raise typer.Exit(EXIT_CODES.get(exc.code, UNEXPECTED_EXIT_CODE)) from exc
         except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
-            raise  # typer.Exit and usage errors: Click prints and exits
+            raise  # typer.Exit and usage errors (Typer's own Click's): Click prints and exits
         except Exception as exc:  # the last resort: no traceback unless asked for
             if os.environ.get(DEBUG_ENV):
                 raise
+            _reraise_click(exc)
             err.print(
                 f"error: unexpected {type(exc).__name__}: {exc} ({DEBUG_ENV}=1 shows the traceback)",
                 markup=False,
@@ -146,6 +147,24 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(UNEXPECTED_EXIT_CODE) from exc
 
     return wrapper
+
+
+def _reraise_click(exc: Exception) -> None:
+    """An exception of the ``click`` package (a library's, or a helper written for Click) as its
+    Typer equivalent: Typer vendors its own Click and would show the package's as a traceback. A
+    ClickException keeps its message and exit code (2 for usage errors); Exit and Abort are kept."""
+    import sys
+
+    click = sys.modules.get("click")  # not imported: nothing can have raised one
+    if click is None:
+        return
+    if isinstance(exc, click.exceptions.Exit):
+        raise typer.Exit(exc.exit_code) from exc
+    if isinstance(exc, click.exceptions.Abort):
+        raise typer.Abort() from exc
+    if isinstance(exc, click.ClickException):
+        err.print(f"error: {exc.format_message()}", markup=False)
+        raise typer.Exit(exc.exit_code) from exc
 
 
 def print_json(data: Any) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -15,14 +13,16 @@ from loraflow.cli.common import guarded, out, print_json, state
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-app = typer.Typer(name="config", help="The effective settings.", no_args_is_help=True, add_completion=False)
+    from loraflow.registry.settings import Settings
 
-_SECRET_IN_URL = re.compile(r"(://[^:/@]+:)[^@]+@")
+app = typer.Typer(name="config", help="The effective settings.", no_args_is_help=True, add_completion=False)
 
 
 def _mask(value: Any) -> Any:
     """A password in a URL (database_url, artifact_uri) is never printed."""
-    return _SECRET_IN_URL.sub(r"\1***@", value) if isinstance(value, str) else value
+    from loraflow.registry.urls import mask_url  # the one masking rule, shared with the registry
+
+    return mask_url(value) if isinstance(value, str) else value
 
 
 def _leaves(model: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
@@ -48,32 +48,21 @@ def _in_file(data: dict[str, Any], dotted: str) -> bool:
     return True
 
 
-def _env_var(dotted: str, environ: dict[str, str]) -> str | None:
-    """The variable that set ``dotted``: its own, or one for a section holding it (JSON)."""
-    parts = dotted.upper().split(".")
-    names = {k.upper(): k for k in environ}
-    for n in range(len(parts), 0, -1):
-        var = "LORAFLOW_" + "__".join(parts[:n])
-        if var in names:
-            return names[var]
-    return None
+def sources(settings: Settings) -> dict[str, tuple[Any, str]]:
+    """Every setting of ``settings`` (as loaded): (effective value, where it came from: ``env VAR``,
+    ``file PATH`` or ``default``)."""
+    from loraflow.registry.settings import config_file, setting_source
 
-
-def sources() -> dict[str, tuple[Any, str]]:
-    """Every setting: (effective value, where it came from: ``env VAR``, ``file PATH`` or ``default``)."""
-    from loraflow.registry.settings import config_file, load_settings
-
-    settings = load_settings()
     path = config_file()
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         data = {}  # load_settings has already refused a file it cannot read
-    environ = dict(os.environ)
     result: dict[str, tuple[Any, str]] = {}
     for dotted, value in _leaves(settings):
-        var = _env_var(dotted, environ)
-        where = f"env {var}" if var else f"file {path}" if _in_file(data, dotted) else "default"
+        var = setting_source(dotted)  # its variable (or its section's), else the config file's path
+        in_file = _in_file(data, dotted)
+        where = f"env {var}" if var != str(path) else f"file {path}" if in_file else "default"
         result[dotted] = (value, where)
     return result
 
@@ -107,9 +96,10 @@ def show(
     settings = state(ctx).get_settings()  # a bad setting is refused here, naming it
     from loraflow.registry.settings import config_file
 
-    rows = {k: v for k, v in sources().items() if not changed or v[1] != "default"}
+    rows = {k: v for k, v in sources(settings).items() if not changed or v[1] != "default"}
+    path = config_file()
     resolved = {
-        "config_file": str(config_file()),
+        "config_file": str(path) if path.is_file() else f"{path} (absent: every setting is env or default)",
         "database": _mask(settings.resolved_database_url),
         "artifacts": _mask(settings.resolved_artifact_uri),
     }

@@ -34,6 +34,7 @@ class Case:
     says: tuple[str, ...]  # in stderr (the error line) or stdout (a listed bad line)
     env: dict[str, str] = field(default_factory=dict)
     setup: Callable[[Path], None] = lambda work: None
+    hides: tuple[str, ...] = ()  # never in the output (a password)
 
 
 def _write(name: str, data: bytes) -> Callable[[Path], None]:
@@ -111,6 +112,25 @@ CASES = {
         ("LORAFLOW_SERVER__ENGINE_ARGS must be a JSON list", """'["--enforce-eager"]'"""),
         env={"LORAFLOW_SERVER__ENGINE_ARGS": "--enforce-eager"},
     ),
+    "engine_args whose quote does not close": Case(
+        ("adapters", "list"),
+        INVALID,
+        ("LORAFLOW_SERVER__ENGINE_ARGS must be a JSON list", """'["--x", "\\"foo"]'"""),
+        env={"LORAFLOW_SERVER__ENGINE_ARGS": '--x "foo'},
+    ),
+    "a variable inside a section that names none of its settings": Case(
+        ("traffic", "show", "r"),
+        INVALID,
+        ("LORAFLOW_TRAFFIC__URI names no setting in [traffic]; known: sample_rate, ",),
+        env={"LORAFLOW_TRAFFIC__URI": "x"},
+    ),
+    "a postgres:// database URL with a password": Case(
+        ("adapters", "list"),
+        INVALID,
+        ("write postgresql:// instead of postgres://", "postgres://u:***@h/db", "LORAFLOW_DATABASE_URL"),
+        env={"LORAFLOW_DATABASE_URL": "postgres://u:secret@h/db"},
+        hides=("secret",),
+    ),
     "a database URL that is not one": Case(
         ("adapters", "list"),
         INVALID,
@@ -184,6 +204,9 @@ def test_bad_input_is_one_line_and_its_exit_code(case: Case, isolated_env: Path)
     assert done.returncode == case.code, output
     for text in case.says:
         assert text in output, output
+    for text in case.hides:
+        assert text not in output, output
+    assert "warning: ignoring" not in done.stderr, done.stderr  # an error is not also "ignored"
     if case.code:
         # one error line (data validate lists bad lines on stdout instead; Click's usage errors box theirs)
         assert done.stderr.count("error: ") <= 1, done.stderr
@@ -232,13 +255,19 @@ def test_user_text_is_shown_verbatim_not_as_rich_markup(isolated_env: Path, tmp_
 @pytest.mark.integration
 def test_warnings_for_what_would_be_silently_ignored(isolated_env: Path) -> None:
     done = loraflow(
-        "keys", "create", "tenant", "--adapter", "nope", cwd=isolated_env, env={"LORAFLOW_HOEM": "x"}
+        "keys",
+        "create",
+        "tenant",
+        "--adapter",
+        "nope",
+        cwd=isolated_env,
+        env={"LORAFLOW_HOEM": "x", "LORAFLOW_TRAFIC__X": "a mistyped section is no setting either"},
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("lf-")
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2, done.stderr
-    assert "LORAFLOW_HOEM" in warnings[0] and "not a loraflow setting" in warnings[0]
+    assert "LORAFLOW_HOEM, LORAFLOW_TRAFIC__X: not a loraflow setting" in warnings[0]
     assert "no adapter named nope is registered yet" in warnings[1]
 
 
@@ -249,6 +278,30 @@ boom = typer.Typer()
 @guarded
 def explode() -> None:
     raise RuntimeError("something nobody expected")
+
+
+clicks = typer.Typer()  # its own app: boom runs its one command without naming it
+
+
+@clicks.command()
+@guarded
+def clicky(kind: str) -> None:
+    import click  # the package, not Typer's vendored copy: a library or helper may raise its errors
+
+    if kind == "usage":
+        raise click.UsageError("--flag needs a value")
+    if kind == "exit":
+        raise click.exceptions.Exit(4)
+    raise click.Abort()
+
+
+@pytest.mark.unit
+def test_errors_of_the_click_package_keep_their_message_and_exit_code() -> None:
+    result = CliRunner().invoke(clicks, ["usage"])
+    assert result.exit_code == 2 and result.stderr == "error: --flag needs a value\n", result.output
+    assert CliRunner().invoke(clicks, ["exit"]).exit_code == 4
+    result = CliRunner().invoke(clicks, ["abort"])
+    assert result.exit_code == 1 and "unexpected" not in result.output
 
 
 @pytest.mark.unit

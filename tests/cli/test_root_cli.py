@@ -119,6 +119,14 @@ def test_config_show_names_each_source(isolated_env: Path, monkeypatch: pytest.M
     assert "server.host" in output and "(env LORAFLOW_SERVER__HOST)" in output and "server.port" in output
     assert all("(default)" not in line for line in lines) and "server.workers" not in output
     assert "hunter2" not in output
+    assert "# config_file: loraflow.toml\n" in output
+
+
+def test_config_show_says_the_config_file_is_absent(isolated_env: Path) -> None:
+    code, output = invoke("config", "show")
+    assert code == 0, output
+    assert "# config_file: loraflow.toml (absent: every setting is env or default)" in output
+    assert "(file " not in output
 
 
 def test_every_train_config_key_is_documented() -> None:
