@@ -3,7 +3,10 @@
 SQLite databases are upgraded automatically when opened (under a file lock, so
 concurrent processes do not race). Any other database must be upgraded
 explicitly with ``loraflow db upgrade``; opening one that is behind raises
-:class:`SchemaOutOfDateError`.
+:class:`SchemaOutOfDateError`. So does a schema no upgrade can fix, before anything is locked or
+changed (:func:`current_revision`): a revision newer than this code, several rows in alembic_version,
+loraflow's tables without alembic_version; and a migration that fails names where it started.
+Only a failed first connect is "cannot open/connect to the registry database".
 
 Alembic is imported only to upgrade or to report revisions: opening a registry whose schema
 is at head reads alembic's version table with plain SQL and compares it with the newest
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from loraflow.registry.errors import (
     InvalidArgumentError,
@@ -70,10 +73,12 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
         check_exists(url)
     engine = make_engine(url)
     try:
+        try:
+            with engine.connect():
+                pass
+        except DBAPIError as exc:  # only a failed first connect means the database cannot be reached
+            raise _unreachable(parsed, exc) from None
         ensure_schema(engine)
-    except OperationalError as exc:
-        engine.dispose()
-        raise _unreachable(parsed, exc) from None
     except BaseException:
         engine.dispose()
         raise
@@ -95,7 +100,7 @@ def check_exists(url: str) -> None:
         )
 
 
-def _unreachable(url: URL, exc: OperationalError) -> InvalidArgumentError | UnavailableError:
+def _unreachable(url: URL, exc: DBAPIError) -> InvalidArgumentError | UnavailableError:
     text = str(exc.orig or exc).strip()
     reason = text.splitlines()[0] if text else type(exc).__name__
     if url.get_backend_name() == "sqlite":
@@ -171,20 +176,79 @@ def head_revision() -> str | None:
     return ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
-def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+# Tables the first migration creates: a database holding one of them but no revision in
+# alembic_version was made outside loraflow's migrations (or lost its stamp); upgrading it would fail.
+_LORAFLOW_TABLES = frozenset({"adapter", "adapter_version", "alias", "alias_move", "audit_event", "dataset"})
 
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's schema revision, checked: None for an empty database, else a revision this
+    code's migrations know. Anything Alembic cannot upgrade from is SchemaOutOfDateError naming what
+    is there and what to do: several rows in alembic_version, a revision newer than this code's head
+    (a newer loraflow upgraded the database), or loraflow's tables without alembic_version."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+    from sqlalchemy import inspect
+
+    where = engine.url.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as exc:  # `loraflow db current/upgrade` on a server that is not there
+            heads = MigrationContext.configure(conn).get_current_heads()
+            tables = set(inspect(conn).get_table_names()) if not heads else set()
+    except DBAPIError as exc:  # `loraflow db current/upgrade` on a server that is not there
         raise _unreachable(engine.url, exc) from None
+    script = ScriptDirectory(str(MIGRATIONS))
+    head = script.get_current_head()
+    if len(heads) > 1:
+        raise SchemaOutOfDateError(
+            f"the registry database {where} is stamped with more than one schema revision "
+            f"({', '.join(sorted(heads))}) in its alembic_version table; loraflow's migrations keep one "
+            f"(head {head}): delete the rows that are wrong, or restore the database from a backup",
+            param="database_url",
+        )
+    if not heads:
+        found = sorted(tables & _LORAFLOW_TABLES)
+        if found:
+            raise SchemaOutOfDateError(
+                f"the registry database {where} has loraflow tables ({', '.join(found)}) but no "
+                "alembic_version table (or an empty one), so its schema revision is unknown: it was not "
+                "created by loraflow's migrations; restore the database from a backup, or point "
+                "database_url at a new database",
+                param="database_url",
+            )
+        return None
+    current = heads[0]
+    try:
+        known = script.get_revision(current) is not None
+    except CommandError:  # "Can't locate revision identified by ..."
+        known = False
+    if not known:
+        raise SchemaOutOfDateError(
+            f"the registry database {where} is at schema {current}, newer than this loraflow "
+            f"(head {head}): upgrade loraflow",
+            param="database_url",
+        )
+    return current
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Upgrade to ``revision``; a migration that fails is SchemaOutOfDateError naming the revision it
+    started from and the database's reason (no driver traceback)."""
     from alembic import command
 
-    command.upgrade(_alembic_config(engine), revision)
+    before = current_revision(engine)
+    try:
+        command.upgrade(_alembic_config(engine), revision)
+    except DBAPIError as exc:
+        text = str(exc.orig or exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise SchemaOutOfDateError(
+            f"upgrading the registry schema of {engine.url.render_as_string(hide_password=True)} "
+            f"from {before or 'empty'} to {revision} failed: {reason}; fix the cause and run "
+            "`loraflow db upgrade` again",
+            param="database_url",
+        ) from None
 
 
 _REVISION_LINE = re.compile(r"^(down_revision|revision)\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|None)\s*$", re.M)
@@ -213,10 +277,13 @@ def stamped_revision(engine: Engine) -> str | None:
     or it does not hold exactly one row."""
     from sqlalchemy import inspect, text
 
-    with engine.connect() as conn:
-        if not inspect(conn).has_table("alembic_version"):
-            return None
-        rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except DBAPIError as exc:  # the server went away since the first connect: no driver traceback
+        raise _unreachable(engine.url, exc) from None
     return str(rows[0]) if len(rows) == 1 else None
 
 
@@ -226,11 +293,12 @@ def ensure_schema(engine: Engine) -> None:
     if fast_head is not None and stamped_revision(engine) == fast_head:
         return  # at head: no Alembic import
     head = head_revision()
-    if current_revision(engine) == head:
+    current = current_revision(engine)  # checked: one revision this code knows, before any upgrade
+    if current == head:
         return
     if engine.dialect.name != "sqlite":
         raise SchemaOutOfDateError(
-            f"the registry database is at schema {current_revision(engine)!r}, the code expects {head!r}; "
+            f"the registry database is at schema {current or 'empty'}, the code expects {head}; "
             "run `loraflow db upgrade`",
             param="database_url",
         )

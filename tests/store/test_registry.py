@@ -441,7 +441,7 @@ def test_schema_upgrade_policy(db_url: str, tmp_path: Path) -> None:
         return
     engine = db.make_engine(db_url)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = 'old'"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0004'"))
     engine.dispose()
     with pytest.raises(SchemaOutOfDateError, match="loraflow db upgrade"):
         Registry.open(Settings(home=tmp_path / "home", database_url=db_url))
