@@ -32,6 +32,7 @@ from loraflow.registry.errors import (
     SchemaOutOfDateError,
     UnavailableError,
 )
+from loraflow.registry.urls import mask_url
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -47,7 +48,7 @@ def _parse(url: str) -> URL:
         return make_url(url)
     except ArgumentError:
         raise InvalidArgumentError(
-            f"database_url {url!r} is not a database URL; e.g. sqlite:////data/registry.db or "
+            f"database_url {mask_url(url)!r} is not a database URL; e.g. sqlite:////data/registry.db or "
             "postgresql://user@host:5432/loraflow",
             param="database_url",
         ) from None

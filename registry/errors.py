@@ -83,7 +83,8 @@ class IntegrityError(LoraflowError):
 
 
 class SchemaOutOfDateError(LoraflowError):
-    """The registry database is behind the code; run ``loraflow db upgrade``."""
+    """The registry database's schema is not the code's: behind it (run ``loraflow db upgrade``),
+    newer than it (upgrade loraflow), or not one loraflow's migrations know."""
 
     code = ErrorCode.SCHEMA_OUT_OF_DATE
 
