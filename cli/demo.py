@@ -212,11 +212,11 @@ class Demo:
         with self.bars.step("validate, deduplicate, split, profile"):
             checked = validate_for_base(data, str(self.base), max_length=self.settings.trainer.max_length)
             dataset, report = prepare(checked, name=self.name, registry=self.registry, embedder=self.embedder)
+        counts = " / ".join(f"{n} {split}" for split, n in dataset.counts.items())
         say(
-            f"{dataset.ref}: {dataset.counts}; dropped {report['exact_duplicates_dropped']} exact and "
+            f"{dataset.ref}: {counts}; dropped {report['exact_duplicates_dropped']} exact and "
             f"{report['near_duplicates_dropped']} near duplicates"
         )
-        counts = " / ".join(f"{n} {split}" for split, n in dataset.counts.items())
         self.summary.done("dataset", f"{dataset.ref}: {counts}")
         return dataset
 
