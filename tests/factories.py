@@ -8,12 +8,14 @@ integration tier (see conftest.peft_adapters).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,18 @@ def run_loraflow(
         text=True,
         timeout=120,
     )
+
+
+@contextlib.contextmanager
+def no_loraflow_env() -> Iterator[None]:
+    """LORAFLOW_* cleared for a module-scoped fixture (the autouse isolated_env is per test), so a
+    developer's settings never reach it; restored afterwards."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as env:
+        for name in [n for n in os.environ if n.startswith("LORAFLOW_")]:
+            env.delenv(name)
+        yield
 
 
 # The reason tests give when they promote random adapters, which have no eval report, past the gate.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from loraflow.server.traffic.recorder import Exchange
 from loraflow.server.traffic.redact import Redactor
 from loraflow.server.traffic.writer import ThreadWriter
-from tests.factories import FORCED, make_adapter, make_base
+from tests.factories import FORCED, make_adapter, make_base, no_loraflow_env
 from tests.fake_vllm import BASE_ID, FakeVLLM, wait
 
 pytestmark = pytest.mark.unit
@@ -86,9 +85,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One gateway for the module (auth on, every request recorded): the tests only read from it,
     and each one makes the request ids it rates."""
     root = tmp_path_factory.mktemp("bad-requests")
-    with pytest.MonkeyPatch.context() as env:  # the autouse isolated_env is per test; this is per module
-        for name in [n for n in os.environ if n.startswith("LORAFLOW_")]:
-            env.delenv(name)
+    with no_loraflow_env():  # the autouse isolated_env is per test; this is per module
         base = make_base(root / "base")
         settings = Settings(
             home=root / "home",

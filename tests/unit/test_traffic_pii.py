@@ -13,7 +13,6 @@ bytes and searched for each raw value, in each spelling the redactor normalizes.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from loraflow.registry.settings import ServerSettings, Settings, TrafficSettings
 from loraflow.registry.traffic import TrafficStore
 from loraflow.server.app import create_app
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
-from tests.factories import FORCED, make_adapter, make_base
+from tests.factories import FORCED, make_adapter, make_base, no_loraflow_env
 from tests.fake_vllm import BASE_ID, FakeVLLM, wait
 
 pytestmark = pytest.mark.unit
@@ -165,9 +164,7 @@ def _chat(case: str, content: str = "hello", **extra: Any) -> dict[str, Any]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """Every case through one gateway with the process writer, then the gateway shut down."""
     root = tmp_path_factory.mktemp("pii")
-    with pytest.MonkeyPatch.context() as env:  # the autouse isolated_env is per test; this is per module
-        for name in [n for n in os.environ if n.startswith("LORAFLOW_")]:
-            env.delenv(name)
+    with no_loraflow_env():  # the autouse isolated_env is per test; this is per module
         base = make_base(root / "base")
         settings = Settings(
             home=root / "home",
