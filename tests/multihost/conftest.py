@@ -35,7 +35,7 @@ class Cluster:
     settings: Settings  # the same, for this test process's registry
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tiny: Tiny, s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The tier's PostgreSQL registry, over the session's S3 bucket and tiny base (the shared
     engine's, so it can be one of the replicas here)."""
