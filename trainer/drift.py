@@ -2,7 +2,7 @@
 
 Every figure the gateway exports live (PSI of prompt and output lengths, format validity,
 refusal and negative-feedback rates) is computed here the same way
-(:func:`~loraflow.server.traffic.live.window_figures`), over the sampled records in the sink.
+(:func:`~loraflow.registry.drift.window_figures`), over the sampled records in the sink.
 Embedding drift needs torch, so only this job computes it: prompts of both sides are
 embedded with all-MiniLM-L6-v2 (the model of the dataset profile) and compared by
 
@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.registry import domain
+from loraflow.registry.drift import Answer, Histogram, Verdict, answer, shares, verdict, window_figures
 from loraflow.registry.refs import parse_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import DriftSettings
-from loraflow.server.traffic.live import Answer, answer, window_figures
-from loraflow.server.traffic.stats import Histogram, Verdict, shares, verdict
 from loraflow.trainer.embed import Embedder
 
 VERDICT_ORDER: dict[Verdict, int] = {"unknown": 0, "ok": 1, "watch": 2, "act": 3}

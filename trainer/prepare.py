@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.registry import domain
+from loraflow.registry.drift import Histogram, json_valid
 from loraflow.registry.errors import InvalidArgumentError
 from loraflow.registry.service import Registry
-from loraflow.server.traffic.stats import Histogram, json_valid
 from loraflow.trainer.data import Example, Validation, token_stats
 from loraflow.trainer.embed import Embedder, embedding_profile
 

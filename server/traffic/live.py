@@ -13,54 +13,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from loraflow.registry.drift import Answer, answer, window_figures
 from loraflow.registry.settings import DriftSettings
-from loraflow.server.traffic.stats import Histogram, is_refusal_or_empty, json_valid, psi
 
 VersionKey = tuple[str, int]  # (adapter, version)
-
-
-@dataclass(frozen=True)
-class Answer:
-    at: float
-    prompt_tokens: int | None
-    output_tokens: int | None
-    json_ok: bool
-    refusal: bool
-
-
-def window_figures(
-    rows: list[Answer], ratings: list[int], profile: dict[str, Any] | None
-) -> dict[str, float | None]:
-    """PSI of prompt and output lengths against the profile, format validity, refusal and
-    negative-feedback rates. Each is None where it cannot be computed."""
-    lengths = (profile or {}).get("lengths") or {}
-    figures: dict[str, float | None] = {"requests": float(len(rows))}
-    for feature in ("prompt_tokens", "output_tokens"):
-        values = [getattr(r, feature) for r in rows if getattr(r, feature) is not None]
-        ref = lengths.get(feature)
-        figures[f"psi_{feature}"] = psi(Histogram.from_json(ref), values) if ref and values else None
-    figures["format_valid_rate"] = sum(r.json_ok for r in rows) / len(rows) if rows else None
-    figures["refusal_rate"] = sum(r.refusal for r in rows) / len(rows) if rows else None
-    figures["negative_feedback_rate"] = sum(1 for r in ratings if r < 0) / len(ratings) if ratings else None
-    figures["feedback"] = float(len(ratings))
-    return figures
-
-
-def answer(text: str, usage: dict[str, Any] | None, *, at: float) -> Answer:
-    usage = usage or {}
-    return Answer(
-        at=at,
-        prompt_tokens=usage.get("prompt_tokens"),
-        output_tokens=usage.get("completion_tokens"),
-        json_ok=json_valid(text),
-        refusal=is_refusal_or_empty(text),
-    )
 
 
 class LiveDrift:

@@ -1,10 +1,15 @@
-"""Cheap drift figures, in pure Python: the gateway computes them on every request (no torch, no numpy).
+"""Drift figures and verdicts, in pure Python (no torch, no numpy): the ground floor both sides use.
+The gateway computes them on every request (``loraflow.server.traffic.live``); ``data prepare``
+records the reference histograms; ``loraflow drift`` (``loraflow.trainer.drift``) turns a window
+of sampled traffic into a stored report.
 
 - :class:`Histogram`: the reference distribution of a length, as quantile bins of the
   training split (recorded in the dataset profile by ``data prepare``).
 - :func:`psi`: the population stability index of live values against it. The usual reading:
   below 0.1 stable, 0.1 to 0.25 worth watching, above 0.25 act.
-- :func:`json_valid`, :func:`is_refusal_or_empty`: per-answer checks.
+- :func:`json_valid`, :func:`is_refusal_or_empty`: per-answer checks; :func:`answer` records
+  both, with the token counts, for one answer.
+- :func:`window_figures`: the figures of a window of answers and ratings against a profile.
 - :func:`verdict`: ``ok`` / ``watch`` / ``act`` from a value and its two thresholds.
 """
 
@@ -101,3 +106,41 @@ def verdict(value: float | None, watch: float, act: float) -> Verdict:
     if value >= watch:
         return "watch"
     return "ok"
+
+
+@dataclass(frozen=True)
+class Answer:
+    at: float
+    prompt_tokens: int | None
+    output_tokens: int | None
+    json_ok: bool
+    refusal: bool
+
+
+def window_figures(
+    rows: list[Answer], ratings: list[int], profile: dict[str, Any] | None
+) -> dict[str, float | None]:
+    """PSI of prompt and output lengths against the profile, format validity, refusal and
+    negative-feedback rates. Each is None where it cannot be computed."""
+    lengths = (profile or {}).get("lengths") or {}
+    figures: dict[str, float | None] = {"requests": float(len(rows))}
+    for feature in ("prompt_tokens", "output_tokens"):
+        values = [getattr(r, feature) for r in rows if getattr(r, feature) is not None]
+        ref = lengths.get(feature)
+        figures[f"psi_{feature}"] = psi(Histogram.from_json(ref), values) if ref and values else None
+    figures["format_valid_rate"] = sum(r.json_ok for r in rows) / len(rows) if rows else None
+    figures["refusal_rate"] = sum(r.refusal for r in rows) / len(rows) if rows else None
+    figures["negative_feedback_rate"] = sum(1 for r in ratings if r < 0) / len(ratings) if ratings else None
+    figures["feedback"] = float(len(ratings))
+    return figures
+
+
+def answer(text: str, usage: dict[str, Any] | None, *, at: float) -> Answer:
+    usage = usage or {}
+    return Answer(
+        at=at,
+        prompt_tokens=usage.get("prompt_tokens"),
+        output_tokens=usage.get("completion_tokens"),
+        json_ok=json_valid(text),
+        refusal=is_refusal_or_empty(text),
+    )
