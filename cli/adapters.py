@@ -296,7 +296,7 @@ def _print_version_summary(
     evaluations: list[domain.EvaluationInfo],
     verdict: str,
 ) -> None:
-    from loraflow.cli.evaluate import headline
+    from loraflow.cli.eval_report import headline
 
     def line(label: str, value: str) -> None:
         out.print(f"  {label}: {value}", markup=False)

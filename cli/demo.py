@@ -24,8 +24,7 @@ import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from contextlib import ExitStack, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -35,6 +34,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from loraflow.cli.common import guarded, out, state
+from loraflow.cli.demo_report import Summary, write_demo_report
 from loraflow.cli.progress import Bars, quiet_libraries
 from loraflow.registry.errors import EngineUnavailableError, GateRefusedError, InvalidArgumentError
 from loraflow.registry.refs import parse_ref
@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # the registry (SQLAlchemy) and pydantic models load when the
     from loraflow.registry.domain import VersionInfo
     from loraflow.registry.service import Registry
     from loraflow.registry.settings import Settings
+    from loraflow.trainer.evaluate import OpenEndpoint
 
 DEFAULT_NAME = "demo-orders"
 STEPS = 9
@@ -57,28 +58,6 @@ SHIFTED = (
     "{city} office asked me to place an order for {qty} items before the end of the quarter. "
     f"Could you process it and send the confirmation? Thanks a lot. Jane Roe, {EMAIL}, {PHONE}"
 )
-
-
-@dataclass
-class Summary:
-    """One row per step: what it did and how long it took, for the table and the HTML page."""
-
-    rows: list[tuple[str, str, float]] = field(default_factory=list)
-    links: list[tuple[str, Path]] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-    _step: float = field(default_factory=time.monotonic)
-
-    def done(self, step: str, outcome: str) -> None:
-        now = time.monotonic()
-        self.rows.append((step, outcome, now - self._step))
-        self._step = now
-
-    def table(self) -> Table:
-        table = Table("step", "outcome", "time", title="loraflow demo")
-        for step, outcome, seconds in self.rows:
-            table.add_row(escape(step), escape(outcome), f"{seconds:.0f} s")
-        table.add_row("total", "", f"{time.monotonic() - self.started:.0f} s")
-        return table
 
 
 def header(n: int, text: str) -> None:
@@ -249,12 +228,12 @@ class Demo:
         )
         return run.version
 
-    def _through_our_gateway(self) -> Settings:
-        """The settings, with evaluations sent through the gateway the demo runs (rather than a
-        gateway and engine of their own, another vLLM start)."""
-        return self.settings.model_copy(
-            update={"eval": self.settings.eval.model_copy(update={"gateway_url": self.url})}
-        )
+    def _our_gateway(self) -> OpenEndpoint:
+        """Evaluations go through the gateway the demo runs (rather than a gateway and engine of
+        their own, another vLLM start)."""
+        from loraflow.trainer.evaluate import Endpoint
+
+        return lambda _base: nullcontext(Endpoint(self.url, info={"gateway": self.url}))
 
     def evaluate(self, version: VersionInfo, dataset: str) -> dict[str, Any]:
         from loraflow.trainer.evaluate import evaluate
@@ -263,7 +242,8 @@ class Demo:
             result = evaluate(
                 version.ref,
                 registry=self.registry,
-                settings=self._through_our_gateway(),
+                settings=self.settings,
+                endpoint=self._our_gateway(),
                 dataset=dataset,
                 progress=report,
             )
@@ -418,7 +398,7 @@ class Demo:
             time.sleep(0.05)
 
     def _show_redacted(self) -> None:
-        from loraflow.server.traffic.redact import PLACEHOLDER
+        from loraflow.registry.redact import PLACEHOLDER
 
         root = Path(self.settings.resolved_traffic_uri)
         files = sorted(root.rglob("requests-*.jsonl"))
@@ -475,8 +455,9 @@ class Demo:
         header(7, "flywheel: the corrected traffic becomes a dataset; v2 is trained and evaluated against v1")
         cycle = flywheel.run(
             self.registry,
-            self._through_our_gateway(),
+            self.settings,
             self.name,
+            endpoint=self._our_gateway(),
             since=timedelta(hours=1),
             until=datetime.now(UTC) + timedelta(seconds=1),
             embedder=self.embedder,
@@ -537,7 +518,6 @@ class Demo:
 
     # -- the end ---------------------------------------------------------------------
     def finish(self) -> None:
-        from loraflow.cli.demo_report import write_demo_report
 
         out.print(self.summary.table())
         page = write_demo_report(self.work / "demo.html", name=self.name, summary=self.summary)

@@ -1,15 +1,38 @@
-"""The demo's one HTML page: its summary table, and links to every report it wrote."""
+"""The demo's summary: one row per step, shown as a table at the end and written as the demo's one
+HTML page, with links to every report it wrote."""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from loraflow.cli.demo import Summary
+from rich.markup import escape
+from rich.table import Table
+
+
+@dataclass
+class Summary:
+    """One row per step: what it did and how long it took, for the table and the HTML page."""
+
+    rows: list[tuple[str, str, float]] = field(default_factory=list)
+    links: list[tuple[str, Path]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    _step: float = field(default_factory=time.monotonic)
+
+    def done(self, step: str, outcome: str) -> None:
+        now = time.monotonic()
+        self.rows.append((step, outcome, now - self._step))
+        self._step = now
+
+    def table(self) -> Table:
+        table = Table("step", "outcome", "time", title="loraflow demo")
+        for step, outcome, seconds in self.rows:
+            table.add_row(escape(step), escape(outcome), f"{seconds:.0f} s")
+        table.add_row("total", "", f"{time.monotonic() - self.started:.0f} s")
+        return table
 
 
 def write_demo_report(path: Path, *, name: str, summary: Summary) -> Path:

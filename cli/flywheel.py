@@ -96,12 +96,14 @@ def run(
 
     Example: loraflow flywheel run support --since 7d
     """
+    from loraflow.cli.endpoint import eval_endpoint
     from loraflow.trainer.flywheel import run as run_cycle
 
     app_state = state(ctx)
     settings = app_state.get_settings()
     span, end = _window(since, until, settings.flywheel.since)
-    cycle = run_cycle(app_state.registry, settings, name, since=span, until=end)
+    endpoint = eval_endpoint(settings, app_state.registry)
+    cycle = run_cycle(app_state.registry, settings, name, endpoint=endpoint, since=span, until=end)
     if as_json:
         print_json(cycle.to_json())
         return

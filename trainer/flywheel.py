@@ -39,15 +39,15 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from loraflow.registry import domain
 from loraflow.registry.artifacts import digest_of, sha256_file
 from loraflow.registry.errors import GateRefusedError, InvalidArgumentError, NotFoundError
+from loraflow.registry.redact import redactor_from_settings
 from loraflow.registry.refs import DEFAULT_ALIAS
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from loraflow.server.traffic.writer import redactor_from_settings
 from loraflow.trainer.data import Example, validate_records
 from loraflow.trainer.prepare import (
     DATA_FILES,
@@ -61,6 +61,9 @@ from loraflow.trainer.prepare import (
     split_profile,
     write_dataset_files,
 )
+
+if TYPE_CHECKING:
+    from loraflow.trainer.evaluate import OpenEndpoint
 
 STAGING = "staging"
 
@@ -366,12 +369,14 @@ def run(
     settings: Settings,
     name: str,
     *,
+    endpoint: OpenEndpoint,
     since: timedelta,
     until: datetime | None = None,
     embedder: Any = None,
     bar: Callable[[str], AbstractContextManager[Callable[[int, int], None] | None]] | None = None,
 ) -> Cycle:
-    """Build the dataset, train, evaluate, register and promote a candidate of adapter ``name``.
+    """Build the dataset, train, evaluate (through the gateway ``endpoint`` opens, only when the
+    candidate needs it), register and promote a candidate of adapter ``name``.
     ``bar(description)``, if given, opens a progress bar around training and around evaluation;
     what it yields is told (done, total) as the step goes."""
     bar = bar or (lambda _: nullcontext())
@@ -436,6 +441,7 @@ def run(
                 candidate.ref,
                 registry=registry,
                 settings=settings,
+                endpoint=endpoint,
                 dataset=built.dataset.ref,
                 split="test",
                 progress=report,

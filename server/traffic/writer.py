@@ -29,7 +29,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import secrets
 import signal
 import sys
 import threading
@@ -43,9 +42,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from loraflow.registry.errors import LoraflowError, UnavailableError
+from loraflow.registry.redact import Redactor, pseudonym_key, redactor_from_settings
 from loraflow.registry.settings import Settings, TrafficSettings
 from loraflow.registry.traffic import Kind, TrafficStore
-from loraflow.server.traffic.redact import Redactor
 
 log = logging.getLogger("loraflow.traffic")
 
@@ -469,35 +468,6 @@ def _child_main(spec: WriterSpec, inbox: Any, outbox: Any) -> None:
     loop = WriterLoop(spec.traffic, store, redactor, report=lambda stats: outbox.put(("stats", stats)))
     loop.run(inbox, alive=lambda: parent is None or parent.is_alive())
     outbox.put(("done", loop.snapshot()))
-
-
-def pseudonym_key(settings: Settings) -> bytes:
-    """``traffic.pseudonym_key``, else a random key made once in ``$home/secrets/pseudonym.key`` (0600)."""
-    if settings.traffic.pseudonym_key is not None:
-        return settings.traffic.pseudonym_key.get_secret_value().encode()
-    path = settings.home / "secrets" / "pseudonym.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".pseudonym.key.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-        try:
-            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_text().strip().encode()
-
-
-def redactor_from_settings(settings: Settings) -> Redactor:
-    return Redactor(
-        key=pseudonym_key(settings),
-        cache_dir=settings.home / "cache",
-        person_names=settings.traffic.person_names,
-        spacy_model=settings.traffic.spacy_model,
-    )
 
 
 def writer_from_settings(settings: Settings, store: TrafficStore) -> Writer:

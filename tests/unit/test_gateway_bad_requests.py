@@ -17,13 +17,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loraflow.registry.keys import create_key
+from loraflow.registry.redact import Redactor
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings, TrafficSettings
 from loraflow.registry.traffic import TrafficStore
 from loraflow.server.app import create_app
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from loraflow.server.traffic.recorder import Exchange
-from loraflow.server.traffic.redact import Redactor
 from loraflow.server.traffic.writer import ThreadWriter
 from tests.factories import FORCED, make_adapter, make_base, no_loraflow_env
 from tests.fake_vllm import BASE_ID, FakeVLLM, wait

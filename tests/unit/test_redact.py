@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from loraflow.registry import redact
 from loraflow.registry.errors import MissingDependencyError
 from loraflow.registry.keys import KEY_PREFIX
-from loraflow.server.traffic import redact
-from loraflow.server.traffic.redact import PLACEHOLDER, Redacted, Redactor, placeholder
+from loraflow.registry.redact import PLACEHOLDER, Redacted, Redactor, placeholder
 
 pytestmark = pytest.mark.unit
 

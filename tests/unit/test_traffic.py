@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 import pytest
 
 from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.redact import Redactor
 from loraflow.registry.settings import TrafficSettings
 from loraflow.registry.traffic import TrafficStore, new_request_id, parse_duration, request_date
 from loraflow.server.traffic.recorder import Exchange, Feedback, TrafficRecorder, sampled
-from loraflow.server.traffic.redact import Redactor
 from loraflow.server.traffic.writer import ThreadWriter
 from tests.fake_vllm import Setup, gateway, ready, wait
 from tests.fake_vllm import gateway_setup as gateway_setup

@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections import Counter
@@ -63,6 +64,8 @@ from loraflow.registry.keys import KEY_PREFIX
 if TYPE_CHECKING:
     from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerResult
     from presidio_analyzer.nlp_engine import NlpArtifacts
+
+    from loraflow.registry.settings import Settings
 
 EMAIL = "EMAIL_ADDRESS"
 PHONE = "PHONE_NUMBER"
@@ -516,3 +519,32 @@ def _is_current(path: Path, spacy_version: str) -> bool:
         return False
     constraint = meta.get("spacy_version")
     return isinstance(constraint, str) and bool(spacy.util.is_compatible_version(spacy_version, constraint))
+
+
+def pseudonym_key(settings: Settings) -> bytes:
+    """``traffic.pseudonym_key``, else a random key made once in ``$home/secrets/pseudonym.key`` (0600)."""
+    if settings.traffic.pseudonym_key is not None:
+        return settings.traffic.pseudonym_key.get_secret_value().encode()
+    path = settings.home / "secrets" / "pseudonym.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".pseudonym.key.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip().encode()
+
+
+def redactor_from_settings(settings: Settings) -> Redactor:
+    return Redactor(
+        key=pseudonym_key(settings),
+        cache_dir=settings.home / "cache",
+        person_names=settings.traffic.person_names,
+        spacy_model=settings.traffic.spacy_model,
+    )
