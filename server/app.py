@@ -35,10 +35,10 @@ from loraflow.server.proxy import Gateway
 from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
 from loraflow.server.routing import Router
+from loraflow.server.shared_metrics import SharedMetrics
 from loraflow.server.traffic.live import LiveDrift
 from loraflow.server.traffic.recorder import TrafficRecorder
 from loraflow.server.traffic.writer import writer_from_settings
-from loraflow.server.workers import SharedMetrics
 
 log = logging.getLogger("loraflow.server")
 

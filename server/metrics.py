@@ -7,7 +7,7 @@ probe does not show.
 
 Under ``loraflow serve --workers N`` every worker process counts its own requests in
 prometheus_client's multiprocess files, summed at scrape time, and publishes what its
-scrape-time collectors see (:class:`loraflow.server.workers.SharedMetrics`), labelled
+scrape-time collectors see (:class:`loraflow.server.shared_metrics.SharedMetrics`), labelled
 ``worker``: whichever worker answers a scrape answers for all of them.
 """
 
@@ -26,7 +26,7 @@ from loraflow.server.traffic.live import DriftCollector, LiveDrift
 from loraflow.server.traffic.recorder import TrafficRecorder
 
 if TYPE_CHECKING:
-    from loraflow.server.workers import SharedMetrics
+    from loraflow.server.shared_metrics import SharedMetrics
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 

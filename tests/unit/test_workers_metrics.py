@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loraflow.server.workers import SharedMetrics
+from loraflow.server.shared_metrics import SharedMetrics
 
 pytestmark = pytest.mark.unit
 
