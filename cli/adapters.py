@@ -19,6 +19,7 @@ from loraflow.registry.refs import (
     parse_ref,
     parse_target,
     parse_version,
+    version_ref,
 )
 
 if TYPE_CHECKING:  # pydantic models, for annotations only: start-up stays light
@@ -419,7 +420,7 @@ def diff(
         )
         return
     if not changes:
-        out.print(f"no differences between {name}@v{va} and {name}@v{vb}")
+        out.print(f"no differences between {version_ref(name, va)} and {version_ref(name, vb)}")
         return
     table = Table("section", "key", f"v{va}", f"v{vb}")
     for section, keys in changes.items():

@@ -17,7 +17,7 @@ import typer
 import typer.exceptions
 from rich.console import Console
 
-from loraflow.registry.errors import ErrorCode, LoraflowError
+from loraflow.registry.errors import ErrorCode, LoraflowError, first_error
 
 if TYPE_CHECKING:  # settings (pydantic) and the registry (SQLAlchemy) load in the commands that use them
     from loraflow.registry.service import Registry
@@ -72,10 +72,9 @@ class AppState:
             try:
                 self.settings = load_settings()
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
+                where, message = first_error(exc.errors())
                 raise LoraflowError(
-                    f"invalid setting {where}: {first['msg'].removeprefix('Value error, ')} "
+                    f"invalid setting {where}: {message.removeprefix('Value error, ')} "
                     f"(set in {setting_source(where)})",
                     param=where,
                 ) from exc

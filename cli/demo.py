@@ -512,8 +512,7 @@ class Demo:
         v3 = self.train(bad.ref, epochs=4, label="sabotaged")
         self.evaluate(v3, dataset)  # on production's own sealed test split, not its poisoned one
         outcome = self._promote(v3)
-        production = self.registry.get(self.name).aliases.get("production")
-        say(f"production stays {self.name}@v{production}")
+        say(f"production stays {self.registry.resolve(parse_ref(self.name)).ref}")
         self.summary.done("sabotaged candidate", outcome)
 
     # -- the end ---------------------------------------------------------------------

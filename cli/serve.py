@@ -67,7 +67,7 @@ def serve(
 
     import uvicorn
 
-    from loraflow.server.app import build_app
+    from loraflow.server.app import build_app, configure_logging
 
     app_state = state(ctx)
     settings = app_state.get_settings()
@@ -98,8 +98,7 @@ def serve(
             port=bind_port,
         )
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
+    configure_logging()
     app = build_app(
         settings, registry=app_state.registry, base_model=base, model_name=model_name, engine_urls=engine_url
     )

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, field_validator
 
-from loraflow.registry.refs import Ref
+from loraflow.registry.refs import Ref, version_ref
 
 VersionStatus = Literal["registered", "archived"]
 
@@ -46,7 +46,7 @@ class DatasetVersionInfo(_Record):
 
     @property
     def ref(self) -> str:
-        return f"{self.name}@v{self.version}"
+        return version_ref(self.name, self.version)
 
 
 class DriftReportInfo(_Record):
@@ -64,7 +64,7 @@ class DriftReportInfo(_Record):
 
     @property
     def ref(self) -> str:
-        return f"{self.adapter}@v{self.version}"
+        return version_ref(self.adapter, self.version)
 
 
 class VersionInfo(_Record):
@@ -86,7 +86,7 @@ class VersionInfo(_Record):
 
     @property
     def ref(self) -> str:
-        return f"{self.adapter}@v{self.version}"
+        return version_ref(self.adapter, self.version)
 
 
 class EvaluationInfo(_Record):
@@ -106,7 +106,7 @@ class EvaluationInfo(_Record):
 
     @property
     def ref(self) -> str:
-        return f"{self.adapter}@v{self.version}"
+        return version_ref(self.adapter, self.version)
 
 
 class AdapterInfo(_Record):

@@ -8,6 +8,7 @@ matches on error text.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -129,3 +130,13 @@ class UnavailableError(LoraflowError):
     """A part of loraflow could not start or stopped (the traffic writer process)."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+def first_error(errors: Sequence[Mapping[str, Any]], *, default_field: str = "") -> tuple[str, str]:
+    """The first of pydantic's validation errors (``ValidationError.errors()``) as (the dotted
+    field, its message): what every edge reports of a bad value, one field at a time."""
+    if not errors:
+        return default_field, "invalid value"
+    first = errors[0]
+    field = ".".join(str(part) for part in first.get("loc", ())) or default_field
+    return field, str(first.get("msg", "invalid value"))

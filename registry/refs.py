@@ -30,6 +30,11 @@ class Ref:
         return self.name
 
 
+def version_ref(name: str, version: int) -> str:
+    """The one spelling of an exact version, ``NAME@vN`` (what :class:`Ref` prints)."""
+    return str(Ref(name, version=version))
+
+
 def check_name(name: str, *, param: str = "name") -> str:
     if not NAME_RE.match(name):
         raise InvalidArgumentError(

@@ -32,7 +32,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.errors import InvalidArgumentError, first_error
 from loraflow.registry.urls import mask_url
 
 CONFIG_FILE_ENV = "LORAFLOW_CONFIG"
@@ -510,9 +510,8 @@ class GateSettings(BaseModel):
             try:
                 self.policy_for(name)
             except ValidationError as exc:
-                first = exc.errors()[0]
-                field = ".".join(str(p) for p in first["loc"])
-                raise ValueError(f"gate.adapters.{name}.{field}: {first['msg']}") from None
+                field, message = first_error(exc.errors())
+                raise ValueError(f"gate.adapters.{name}.{field}: {message}") from None
         return self
 
     def policy_for(self, adapter: str) -> GatePolicy:

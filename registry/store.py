@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from loraflow.registry import domain
-from loraflow.registry.errors import ConflictError, InvalidAdapterError, NotFoundError
+from loraflow.registry.errors import ConflictError, InvalidAdapterError, InvalidArgumentError, NotFoundError
 from loraflow.registry.models import (
     Adapter,
     AdapterVersion,
@@ -36,6 +36,7 @@ from loraflow.registry.models import (
     RegistryState,
     utcnow,
 )
+from loraflow.registry.refs import parse_ref, version_ref
 
 
 def _pk(row: Adapter | DatasetRow) -> int:
@@ -191,7 +192,7 @@ class MetadataStore:
             return None
         dv = s.get(DatasetVersionRow, dataset_version_id)
         ds = s.get(DatasetRow, dv.dataset_id) if dv else None
-        return f"{ds.name}@v{dv.version}" if dv and ds else None
+        return version_ref(ds.name, dv.version) if dv and ds else None
 
     def _version_info(self, s: Session, adapter: Adapter, row: AdapterVersion) -> domain.VersionInfo:
         return domain.VersionInfo(
@@ -331,7 +332,7 @@ class MetadataStore:
             ).first()
             if same is not None:
                 raise ConflictError(
-                    f"{name}@v{same} already holds these exact files (digest {new.digest[:12]}); "
+                    f"{version_ref(name, same)} already holds these exact files (digest {new.digest[:12]}); "
                     "nothing was registered",
                     param="dir",
                 )
@@ -447,7 +448,9 @@ class MetadataStore:
         s, name = tx.session, adapter.name
         target = self._version_row(s, adapter, version)
         if target.status == "archived":
-            raise ConflictError(f"{name}@v{version} is archived; it cannot be served", param="version")
+            raise ConflictError(
+                f"{version_ref(name, version)} is archived; it cannot be served", param="version"
+            )
         row = s.exec(select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)).first()
         current = row.version if row else None
         if expect is not domain.AliasState.ANY and current != (
@@ -497,12 +500,12 @@ class MetadataStore:
             ).all()
             if pointing:
                 raise ConflictError(
-                    f"{name}@v{version} is pointed at by {', '.join(sorted(pointing))}; "
+                    f"{version_ref(name, version)} is pointed at by {', '.join(sorted(pointing))}; "
                     "promote another version first",
                     param="version",
                 )
             if row.status == "archived":
-                raise ConflictError(f"{name}@v{version} is already archived", param="version")
+                raise ConflictError(f"{version_ref(name, version)} is already archived", param="version")
             row.status = "archived"
             s.add(row)
             tx.audit(
@@ -653,11 +656,13 @@ class MetadataStore:
     # -- datasets ----------------------------------------------------------------
     @staticmethod
     def _dataset_version_id(s: Session, ref: str) -> int:
-        name, _, v = ref.partition("@v")
+        parsed = parse_ref(ref, param="dataset")
+        if parsed.version is None:
+            raise InvalidArgumentError(f"a dataset version is written NAME@vN, not {ref!r}", param="dataset")
         row = s.exec(
             select(DatasetVersionRow)
             .join(DatasetRow, col(DatasetRow.id) == col(DatasetVersionRow.dataset_id))
-            .where(DatasetRow.name == name, DatasetVersionRow.version == int(v))
+            .where(DatasetRow.name == parsed.name, DatasetVersionRow.version == parsed.version)
         ).first()
         if row is None or row.id is None:
             raise NotFoundError(f"no dataset version {ref}", param="dataset")
@@ -688,8 +693,8 @@ class MetadataStore:
             ).first()
             if same is not None:
                 raise ConflictError(
-                    f"dataset {name}@v{same} already holds these exact splits (digest {digest[:12]}); "
-                    "nothing was registered",
+                    f"dataset {version_ref(name, same)} already holds these exact splits "
+                    f"(digest {digest[:12]}); nothing was registered",
                     param="FILE",
                 )
             latest = s.exec(

@@ -71,6 +71,23 @@ def record_time(record: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(record["at"])
 
 
+def request_turns(request: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The conversation a recorded request carried: a chat request's messages, or a completion's
+    prompt as one user turn; None when it holds neither."""
+    messages = request.get("messages")
+    if isinstance(messages, list):
+        return [m for m in messages if isinstance(m, dict)]
+    prompt = request.get("prompt")
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return None
+
+
+def answer_text(record: dict[str, Any]) -> str:
+    """The text of a request record's first choice ("" when it has none)."""
+    return str(((record.get("response") or [{}])[0]).get("content") or "")
+
+
 @dataclass(frozen=True)
 class Purged:
     files_deleted: int

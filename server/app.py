@@ -43,6 +43,13 @@ from loraflow.server.traffic.writer import writer_from_settings
 log = logging.getLogger("loraflow.server")
 
 
+def configure_logging() -> None:
+    """How a gateway process logs: INFO lines with time, level and logger, without httpx's one
+    line per engine call. ``loraflow serve`` and each of its ``--workers`` call it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def build_app(
     settings: Settings,
     *,

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from loraflow.registry.refs import parse_ref
 from loraflow.server.engine.supervisor import EngineProcess
 from loraflow.server.routing import Router
 from loraflow.server.traffic.live import DriftCollector, LiveDrift
@@ -95,8 +96,8 @@ class RoutingCollector(Collector):
             home.add_metric([replica.url], float(len(self.router.pinned(replica))))
             pinned_evictions.add_metric([replica.url], float(replica.pinned_evictions))
             for name in list(replica.resident):
-                adapter, _, version = name.partition("+")[0].partition("@")
-                resident.add_metric([replica.url, adapter, version], 1.0)
+                ref = parse_ref(name.partition("+")[0])  # the engine's NAME@vN+DIGEST
+                resident.add_metric([replica.url, ref.name, f"v{ref.version}"], 1.0)
         yield from (
             revision,
             up,

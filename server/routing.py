@@ -31,7 +31,7 @@ from typing import Any
 from loraflow.registry import domain
 from loraflow.registry.basemodel import template_matches
 from loraflow.registry.errors import LoraflowError, NotFoundError, UnavailableError
-from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref
+from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref, version_ref
 from loraflow.registry.service import Registry
 from loraflow.server.engine import cache
 from loraflow.server.engine.protocol import EngineDown
@@ -70,7 +70,7 @@ class Snapshot:
     def aliased(self) -> set[str]:
         """Engine names of every version an alias points at."""
         return {
-            engine_name(self.versions[f"{a.name}@v{v}"])
+            engine_name(self.versions[version_ref(a.name, v)])
             for a in self.adapters.values()
             for v in a.aliases.values()
         }
@@ -127,7 +127,7 @@ class Router:
                     param="model",
                 )
             version = adapter.aliases[alias]
-        name = f"{ref.name}@v{version}"
+        name = version_ref(ref.name, version)
         info = snap.versions.get(name)
         if info is None or info.status == "archived":
             state = "archived" if info else "unknown"

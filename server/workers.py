@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraflow.server.app import build_app
+from loraflow.server.app import build_app, configure_logging
 from loraflow.server.shared_metrics import ENV, SharedMetrics
 
 if TYPE_CHECKING:
@@ -44,8 +44,7 @@ def worker_app(
     from loraflow.registry.errors import LoraflowError
     from loraflow.registry.service import Registry
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()
     try:
         return build_app(
             settings,

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.errors import InvalidArgumentError, first_error
 
 
 class TrainConfig(BaseModel):
@@ -97,6 +97,5 @@ def build_config(file: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise InvalidArgumentError(f"training config: {where}: {first['msg']}", param=where) from exc
+        where, message = first_error(exc.errors(), default_field="config")
+        raise InvalidArgumentError(f"training config: {where}: {message}", param=where) from exc

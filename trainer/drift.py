@@ -28,6 +28,7 @@ from loraflow.registry.drift import Answer, Histogram, Verdict, answer, shares, 
 from loraflow.registry.refs import parse_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import DriftSettings
+from loraflow.registry.traffic import answer_text, request_turns
 from loraflow.trainer.embed import Embedder
 
 VERDICT_ORDER: dict[Verdict, int] = {"unknown": 0, "ok": 1, "watch": 2, "act": 3}
@@ -35,13 +36,8 @@ VERDICT_ORDER: dict[Verdict, int] = {"unknown": 0, "ok": 1, "watch": 2, "act": 3
 
 def prompt_text(request: dict[str, Any]) -> str:
     """The user's side of a recorded request, as ``Example.prompt_text`` renders a training example."""
-    messages = request.get("messages")
-    if isinstance(messages, list):
-        return "\n".join(
-            str(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"
-        )
-    prompt = request.get("prompt")
-    return prompt if isinstance(prompt, str) else ""
+    turns = request_turns(request) or []
+    return "\n".join(str(m.get("content")) for m in turns if m.get("role") == "user")
 
 
 def mmd_test(x: Any, y: Any, *, permutations: int = 200, seed: int = 0) -> tuple[float, float]:
@@ -152,7 +148,7 @@ def drift_report(
     profile = registry.get_dataset(version.dataset).profile if version.dataset else None
     answers = [
         answer(
-            str((r["response"] or [{}])[0].get("content") or ""),
+            answer_text(r),
             r.get("usage"),
             at=datetime.fromisoformat(r["at"]).timestamp(),
         )

@@ -48,6 +48,7 @@ from loraflow.registry.redact import redactor_from_settings
 from loraflow.registry.refs import DEFAULT_ALIAS
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
+from loraflow.registry.traffic import answer_text, request_turns
 from loraflow.trainer.data import Example, validate_records
 from loraflow.trainer.prepare import (
     DATA_FILES,
@@ -55,7 +56,7 @@ from loraflow.trainer.prepare import (
     deduplicate,
     fingerprint,
     load_split,
-    normalized,
+    minhash,
     overlap,
     split,
     split_profile,
@@ -105,34 +106,22 @@ def _previous_dataset(registry: Registry, adapter: domain.AdapterInfo) -> domain
     return registry.get_dataset(chosen.dataset)
 
 
-def _answer(record: dict[str, Any]) -> str:
-    return str(((record.get("response") or [{}])[0]).get("content") or "")
-
-
 def _conversation(record: dict[str, Any], answer: str) -> dict[str, Any] | None:
-    request = record.get("request") or {}
-    messages = request.get("messages")
-    if isinstance(messages, list):
-        turns = [m for m in messages if isinstance(m, dict)]
-    elif isinstance(request.get("prompt"), str):
-        turns = [{"role": "user", "content": request["prompt"]}]
-    else:
+    turns = request_turns(record.get("request") or {})
+    if turns is None:
         return None
     return {"messages": [*turns, {"role": "assistant", "content": answer}]}
 
 
 def _cap_clusters(examples: list[Example], *, threshold: float, cap: int) -> tuple[list[Example], int]:
     """Keep at most ``cap`` examples per cluster of near duplicates (MinHash LSH, word 3-shingles)."""
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=128)
     sizes: dict[str, int] = {}
     kept, dropped = [], 0
     for ex in examples:
-        words = normalized(ex).split()
-        mh = MinHash(num_perm=128, seed=1)
-        for i in range(max(1, len(words) - 2)):
-            mh.update(" ".join(words[i : i + 3]).encode())
+        mh = minhash(ex)
         hits = lsh.query(mh)
         if hits:
             head = min(hits)
@@ -197,12 +186,12 @@ def build_dataset(
         if fb is not None and fb.get("correction"):
             answer, kind = fb["correction"], "corrected"
         elif fb is not None and fb["rating"] > 0:
-            answer, kind = _answer(record), "positive"
+            answer, kind = answer_text(record), "positive"
         elif fb is not None:
             counts["dropped_negative"] += 1
             continue
         elif fw.include_unrated:
-            answer, kind = _answer(record), "unrated"
+            answer, kind = answer_text(record), "unrated"
         else:
             counts["dropped_unrated"] += 1
             continue

@@ -53,8 +53,20 @@ class Dedup:
     near_dropped: list[int]
 
 
+def minhash(example: Example, *, num_perm: int = 128) -> Any:
+    """The example's MinHash over its normalized text's word 3-shingles (seeded, so signatures
+    from two calls compare): what near-duplicate detection compares."""
+    from datasketch import MinHash
+
+    words = normalized(example).split()
+    signature = MinHash(num_perm=num_perm, seed=1)
+    for i in range(max(1, len(words) - 2)):
+        signature.update(" ".join(words[i : i + 3]).encode())
+    return signature
+
+
 def deduplicate(examples: list[Example], *, threshold: float = 0.85, num_perm: int = 128) -> Dedup:
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHashLSH
 
     seen: set[str] = set()
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -67,11 +79,7 @@ def deduplicate(examples: list[Example], *, threshold: float = 0.85, num_perm: i
             exact.append(ex.line)
             continue
         seen.add(fp)
-        words = normalized(ex).split()
-        shingles = {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
-        mh = MinHash(num_perm=num_perm, seed=1)
-        for s in shingles:
-            mh.update(s.encode())
+        mh = minhash(ex, num_perm=num_perm)
         if lsh.query(mh):
             near.append(ex.line)
             continue

@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from fastapi import Request
 from pydantic import ValidationError
 
-from loraflow.registry.errors import InvalidArgumentError, NotFoundError
+from loraflow.registry.errors import InvalidArgumentError, NotFoundError, first_error
+from loraflow.registry.refs import version_ref
 from loraflow.registry.settings import ServerSettings
 from loraflow.server.auth import authenticate, authorize
 from loraflow.server.body import json_object
@@ -27,9 +28,8 @@ def parse(raw: bytes) -> FeedbackRequest:
     try:
         return FeedbackRequest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidArgumentError(f"{field}: {first['msg']}", param=field) from None
+        field, message = first_error(exc.errors(), default_field="body")
+        raise InvalidArgumentError(f"{field}: {message}", param=field) from None
 
 
 class FeedbackService:
@@ -74,4 +74,6 @@ class FeedbackService:
         )
         if self.live is not None:
             self.live.observe_feedback(adapter, version, body.rating)
-        return FeedbackResponse(request_id=body.request_id, model=f"{adapter}@v{version}", rating=body.rating)
+        return FeedbackResponse(
+            request_id=body.request_id, model=version_ref(adapter, version), rating=body.rating
+        )

@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from loraflow.registry.drift import Answer, answer, window_figures
+from loraflow.registry.refs import parse_ref, version_ref
 from loraflow.registry.settings import DriftSettings
 
 VersionKey = tuple[str, int]  # (adapter, version)
@@ -101,16 +102,16 @@ class DriftCollector(Collector):
         profiles = self.profiles()
         for adapter, version in self.live.versions():
             values = [adapter, f"v{version}"]
-            figures = self.live.figures((adapter, version), profiles.get(f"{adapter}@v{version}"))
+            figures = self.live.figures((adapter, version), profiles.get(version_ref(adapter, version)))
             for name, family in families.items():
                 value = figures.get(name)
                 if value is not None:
                     family.add_metric(values, value)
         for ref, report in self.reports().items():
-            adapter, _, tag = ref.partition("@")
+            parsed = parse_ref(ref, param="ref")
             for name, family in stored.items():
                 figure = (report.get("figures") or {}).get(name)
                 if figure is not None:
-                    family.add_metric([adapter, tag], float(figure))
+                    family.add_metric([parsed.name, f"v{parsed.version}"], float(figure))
         yield from families.values()
         yield from stored.values()

@@ -129,3 +129,15 @@ def test_the_checks_see_a_deferred_import_and_a_cycle() -> None:
     graph = {"loraflow.a.x": {"loraflow.a.y": 3}, "loraflow.a.y": {"loraflow.a.x": 9}, "loraflow.a.z": {}}
     assert cycles(graph) == [["loraflow.a.x", "loraflow.a.y"]]
     assert "loraflow.server.app" in import_graph()["loraflow.cli.endpoint"]  # imported inside a function
+
+
+def test_a_version_is_spelled_in_one_place() -> None:
+    """``NAME@vN`` is written by ``registry/refs.py`` alone (migrations, frozen history, aside)."""
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in _sources().values()
+        if path.name != "refs.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "@v{" in line
+    ]
+    assert not found, found
