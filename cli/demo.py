@@ -36,13 +36,19 @@ from rich.table import Table
 from loraflow.cli.common import guarded, out, state
 from loraflow.cli.demo_report import Summary, write_demo_report
 from loraflow.cli.progress import Bars, quiet_libraries
-from loraflow.registry.errors import EngineUnavailableError, GateRefusedError, InvalidArgumentError
+from loraflow.registry.errors import (
+    EngineUnavailableError,
+    GateRefusedError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from loraflow.registry.refs import parse_ref
 
 if TYPE_CHECKING:  # the registry (SQLAlchemy) and pydantic models load when the demo runs
     from loraflow.registry.domain import VersionInfo
     from loraflow.registry.service import Registry
     from loraflow.registry.settings import Settings
+    from loraflow.registry.traffic import Kind
     from loraflow.trainer.evaluate import OpenEndpoint
 
 DEFAULT_NAME = "demo-orders"
@@ -318,9 +324,7 @@ class Demo:
             except openai.NotFoundError:  # the alias is not in the gateway's routing table yet
                 pass
             if time.monotonic() - started > timeout_s:
-                raise InvalidArgumentError(
-                    f"the gateway did not serve {version.ref} within {timeout_s:.0f} s"
-                )
+                raise UnavailableError(f"the gateway did not serve {version.ref} within {timeout_s:.0f} s")
             time.sleep(0.05)
         return time.monotonic() - started
 
@@ -341,8 +345,6 @@ class Demo:
         from loraflow.trainer.synthetic import INSTRUCTION, make_rows
 
         header(6, "traffic: every request sampled, PII redacted before it is written; feedback; drift")
-        recorder = self.app.state.gateway.recorder
-        written = recorder.written["requests"]
         rows = make_rows(60, seed=101)
         started = datetime.now(UTC)
         replies = self._send([f"{INSTRUCTION}\n\n{r['input']}" for r in rows], "60 orders from users")
@@ -366,9 +368,8 @@ class Demo:
             [f"{INSTRUCTION}\n\n" + SHIFTED.format(**json.loads(str(r["output"]))) for r in shifted_rows],
             "60 long e-mails, signed",
         )
-        self._wait_written("feedback", len(rows))
-        self._wait_written("requests", written + len(rows) + len(shifted_rows))
-        self._show_redacted()
+        self._wait_written("feedback", len(rows), since=started)
+        self._show_redacted(self._wait_written("requests", len(rows) + len(shifted_rows), since=started))
         ordinary = self._drift(started, ordinary_until)
         shifted = self._drift(ordinary_until, datetime.now(UTC), html=self.work / "drift-shifted.html")
         self._show_drift({"ordinary orders": ordinary, "e-mails (shifted)": shifted})
@@ -388,30 +389,30 @@ class Demo:
                 report(done, len(prompts))
         return replies
 
-    def _wait_written(self, kind: str, n: int) -> None:
-        """Until the traffic writer has written ``n`` records of ``kind`` (it never holds up a request)."""
-        recorder = self.app.state.gateway.recorder
+    def _wait_written(self, kind: Kind, n: int, *, since: datetime) -> list[dict[str, Any]]:
+        """The ``n`` or more records of ``kind`` the traffic store holds for the demo's adapter since
+        ``since``, once it holds them (the writer never holds up a request, so it lags behind)."""
         deadline = time.monotonic() + 60
-        while recorder.written[kind] < n:
+        while True:
+            records = list(self.registry.traffic.read(kind, adapter=self.name, since=since))
+            if len(records) >= n:
+                return records
             if time.monotonic() > deadline:
-                raise InvalidArgumentError(f"the traffic writer wrote {recorder.written[kind]} of {n} {kind}")
-            time.sleep(0.05)
+                raise UnavailableError(f"the traffic writer wrote {len(records)} of {n} {kind} in 60 s")
+            time.sleep(0.2)
 
-    def _show_redacted(self) -> None:
+    def _show_redacted(self, requests: list[dict[str, Any]]) -> None:
         from loraflow.registry.redact import PLACEHOLDER
 
-        root = Path(self.settings.resolved_traffic_uri)
-        files = sorted(root.rglob("requests-*.jsonl"))
-        raw = [f for f in root.rglob("*.jsonl") if EMAIL in (text := f.read_text()) or PHONE in text]
-        for path in files:
-            for line in path.read_text().splitlines():
-                content = json.loads(line)["request"]["messages"][-1]["content"]
-                if PLACEHOLDER.search(content):
-                    say(f"on disk ({path.relative_to(root)}):")
-                    say(f"  ...{content[-90:]}")
-                    say(f"raw e-mail or phone number in {len(raw)} of {len(files)} sampled files")
-                    return
-        raise InvalidArgumentError(f"no redacted request was found under {root}")
+        for record in requests:
+            content = str(record["request"]["messages"][-1]["content"])
+            if PLACEHOLDER.search(content):
+                raw = [r for r in requests if EMAIL in (text := json.dumps(r)) or PHONE in text]
+                say(f"in the traffic store ({self.settings.resolved_traffic_uri}):")
+                say(f"  ...{content[-90:]}")
+                say(f"raw e-mail or phone number in {len(raw)} of {len(requests)} sampled requests")
+                return
+        raise InvalidArgumentError(f"no redacted request was found in {self.settings.resolved_traffic_uri}")
 
     def _drift(self, since: datetime, until: datetime, *, html: Path | None = None) -> dict[str, Any]:
         from loraflow.trainer.drift import drift_report, write_html

@@ -360,6 +360,11 @@ class Registry:
         parsed = parse_ref(ref, param="dataset")
         return self.store.get_dataset_version(parsed.name, parsed.version)
 
+    def dataset_split(self, version: domain.DatasetVersionInfo, split: str) -> bytes:
+        """The JSONL file of one split of a registered dataset version, read from the artifact
+        store and verified against the version's digest."""
+        return self.artifacts.read_bytes(version.digest, f"{split}.jsonl")
+
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}

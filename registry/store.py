@@ -58,6 +58,21 @@ def _move_info(adapter: str, m: AliasMove) -> domain.AliasMoveInfo:
     )
 
 
+# A write that lost to a concurrent one, by the driver's code (never its message): SQLite's
+# SQLITE_BUSY and SQLITE_LOCKED (primary codes: the low byte of an extended one), PostgreSQL's
+# serialization_failure, deadlock_detected and lock_not_available.
+SQLITE_BUSY_CODES = frozenset({5, 6})
+POSTGRES_BUSY_STATES = frozenset({"40001", "40P01", "55P03"})
+
+
+def busy(error: BaseException | None) -> bool:
+    """Whether a driver error means "try again": the registry was busy with another change."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in SQLITE_BUSY_CODES
+    return getattr(error, "sqlstate", None) in POSTGRES_BUSY_STATES
+
+
 @dataclass
 class _Tx:
     session: Session
@@ -131,7 +146,7 @@ class MetadataStore:
                 ) from exc
             except OperationalError as exc:
                 session.rollback()
-                if "locked" in str(exc.orig).lower() or "deadlock" in str(exc.orig).lower():
+                if busy(exc.orig):
                     raise ConflictError("the registry is busy with another change; try again") from exc
                 raise
             except BaseException:

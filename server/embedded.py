@@ -11,7 +11,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from loraflow.registry.errors import LoraflowError
+from loraflow.registry.errors import LoraflowError, UnavailableError
 
 
 class _ThreadServer(uvicorn.Server):
@@ -46,7 +46,7 @@ def serve_in_thread(
             failure = getattr(app.state, "startup_error", None)
             if isinstance(failure, LoraflowError):
                 raise failure  # e.g. the supervised engine failed to start: its log tail is in the message
-            raise TimeoutError(f"the gateway at {url} did not become ready in {timeout_s:.0f} s")
+            raise UnavailableError(f"the gateway at {url} did not become ready in {timeout_s:.0f} s")
         yield url
     finally:
         server.should_exit = True

@@ -151,7 +151,7 @@ class Gateway:
         replicas: ReplicaSet,
         metrics: GatewayMetrics,
         *,
-        traffic_settings: TrafficSettings | None = None,
+        traffic_settings: TrafficSettings,
         recorder: TrafficRecorder | None = None,
         live: LiveDrift | None = None,
     ):
@@ -159,7 +159,7 @@ class Gateway:
         self.router = router
         self.replicas = replicas
         self.metrics = metrics
-        self.traffic_settings = traffic_settings or TrafficSettings()
+        self.traffic_settings = traffic_settings
         self.recorder = recorder
         self.live = live
         self.in_flight = 0

@@ -210,3 +210,24 @@ def gate_report(
         },
         "production": {"version": production} if production else None,
     }
+
+
+def register_dataset(
+    reg: Any,
+    name: str,
+    folder: Path,
+    *,
+    marker: str = "",
+    counts: dict[str, int] | None = None,
+    lineage: dict[str, Any] | None = None,
+    profile: dict[str, Any] | None = None,
+) -> Any:
+    """A dataset version registered through the ``Registry`` facade over real split files: a
+    train split of one example (``marker`` in it, so different markers give different digests)
+    with the ``counts``, ``lineage`` and ``profile`` a test wants to see."""
+    folder.mkdir(parents=True, exist_ok=True)
+    row = {"messages": [{"role": "user", "content": f"q {marker}"}, {"role": "assistant", "content": "a"}]}
+    (folder / "train.jsonl").write_text(json.dumps(row) + "\n")
+    return reg.register_dataset(
+        name, folder, ("train.jsonl",), counts=counts or {"train": 1}, lineage=lineage or {}, profile=profile
+    )

@@ -37,7 +37,7 @@ from loraflow.trainer.data import BadLine, Example, normalize
 from loraflow.trainer.generation import GatewayClient
 from loraflow.trainer.judge import Judge, JudgeItem
 from loraflow.trainer.lm_eval_suite import LmEvalSuites
-from loraflow.trainer.prepare import SPLITS, fingerprint, load_split
+from loraflow.trainer.prepare import SPLITS, fingerprint, load_split, split_rows
 from loraflow.trainer.scoring import HIGHER_IS_BETTER, Bootstrap, Generation, Reference, ScoredSystem, Task
 from loraflow.trainer.suite import SUITE_METRIC, SUITE_NAME, load_suite, suite_entry
 
@@ -198,8 +198,8 @@ def evaluate(
             f"{candidate.ref} records no training dataset; pass --dataset NAME@vN", param="dataset"
         )
     ds = registry.get_dataset(dataset_ref)
-    raw = registry.artifacts.read_bytes(ds.digest, f"{split}.jsonl")
-    rows = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    raw = registry.dataset_split(ds, split)
+    rows = split_rows(raw)
     if not rows:
         raise InvalidArgumentError(f"{ds.ref} has no {split} examples", param="split")
     examples = _examples(rows, f"{ds.ref} {split}")

@@ -228,5 +228,9 @@ def load_split(
     registry: Registry, version: domain.DatasetVersionInfo, split_name: str
 ) -> list[dict[str, Any]]:
     """The rows of one split of a registered dataset version, verified against its digest."""
-    raw = registry.artifacts.read_bytes(version.digest, f"{split_name}.jsonl").decode()
-    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+    return split_rows(registry.dataset_split(version, split_name))
+
+
+def split_rows(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of a split's JSONL file."""
+    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]

@@ -12,7 +12,7 @@ from loraflow.cli.adapters import app as adapters_app
 from loraflow.cli.common import EXIT_CODES
 from loraflow.cli.main import app as loraflow_app
 from loraflow.registry.errors import ErrorCode
-from tests.factories import FORCE, make_adapter
+from tests.factories import FORCE, make_adapter, register_dataset
 
 pytestmark = pytest.mark.unit
 runner = CliRunner()
@@ -273,9 +273,7 @@ def test_history_holds_only_the_adapters_own_events(base_dir: Path, tmp_path: Pa
     reg.register("key", make_adapter(tmp_path / "a1", seed=1), base_model=str(base_dir))
     reg.register("support", make_adapter(tmp_path / "a2", seed=2), base_model=str(base_dir))
     create_key(reg, "ci-bot")
-    reg.store.register_dataset_version(
-        name="support", digest="d" * 64, counts={"train": 1}, lineage={}, profile=None, actor="t"
-    )
+    register_dataset(reg, "support", tmp_path / "d")
     reg.close()
     for name in ("key", "support"):
         code, output = adapters("history", name, "--json")

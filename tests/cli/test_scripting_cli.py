@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraflow.cli.main import app
-from tests.factories import FORCE, make_adapter
+from tests.factories import FORCE, make_adapter, register_dataset
 
 pytestmark = pytest.mark.unit
 runner = CliRunner()
@@ -62,15 +62,17 @@ def test_db_current_json() -> None:
     assert data["up_to_date"] is True and data["database"] == data["code"] and data["code"]
 
 
-def _register_dataset(name: str, digest: str) -> None:
+def _register_dataset(name: str, folder: Path) -> None:
     from loraflow.registry.service import Registry
     from loraflow.registry.settings import load_settings
 
     reg = Registry.open(load_settings())
     try:
-        reg.store.register_dataset_version(
-            name=name,
-            digest=digest,
+        register_dataset(
+            reg,
+            name,
+            folder,
+            marker=folder.name,
             counts={"train": 40, "val": 5, "test": 5},
             lineage={"kind": "file", "source": "/data/[red]tickets.jsonl", "fractions": {"val": 0.1}},
             profile={
@@ -78,13 +80,12 @@ def _register_dataset(name: str, digest: str) -> None:
                 "format": {"json_share": 0.25},
                 "embedding": {"model": "m", "dim": 4, "n": 40, "centroid": [0.0] * 4},
             },
-            actor="tester",
         )
     finally:
         reg.close()
 
 
-def test_data_list_and_show() -> None:
+def test_data_list_and_show(tmp_path: Path) -> None:
     code, _, stderr = invoke("data", "list")  # it only reads: an empty home is not made a registry
     assert code == 3 and "no registry database at" in stderr
     from loraflow.registry.service import Registry
@@ -94,9 +95,9 @@ def test_data_list_and_show() -> None:
     Registry.open(settings).close()
     code, stdout, _ = invoke("data", "list")
     assert code == 0 and f"no datasets registered in sqlite:///{settings.home.resolve()}" in stdout
-    _register_dataset("tickets", "a" * 64)
-    _register_dataset("tickets", "b" * 64)
-    _register_dataset("faq", "c" * 64)
+    _register_dataset("tickets", tmp_path / "a")
+    _register_dataset("tickets", tmp_path / "b")
+    _register_dataset("faq", tmp_path / "c")
     code, stdout, _ = invoke("data", "list", "--json")
     assert code == 0
     assert [d["ref"] for d in json.loads(stdout)] == ["faq@v1", "tickets@v1", "tickets@v2"]

@@ -16,7 +16,7 @@ from loraflow.registry.errors import ConflictError, IntegrityError, InvalidAdapt
 from loraflow.registry.refs import Ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from tests.factories import FORCED, make_adapter, make_base
+from tests.factories import FORCED, make_adapter, make_base, register_dataset
 
 pytestmark = pytest.mark.store
 
@@ -178,15 +178,11 @@ def test_crash_before_commit_leaves_no_version(
     assert version.version == 1
 
 
-def test_a_dataset_with_the_same_splits_is_not_a_new_version(reg: Registry) -> None:
-    reg.store.register_dataset_version(
-        name="tickets", digest="d" * 64, counts={"train": 8}, lineage={}, profile=None, actor="t"
-    )
+def test_a_dataset_with_the_same_splits_is_not_a_new_version(reg: Registry, tmp_path: Path) -> None:
+    register_dataset(reg, "tickets", tmp_path / "d", counts={"train": 8})
     before = (reg.revision(), reg.get_dataset("tickets"))
     with pytest.raises(ConflictError, match="tickets@v1 already holds these exact splits") as info:
-        reg.store.register_dataset_version(
-            name="tickets", digest="d" * 64, counts={"train": 8}, lineage={}, profile=None, actor="t"
-        )
+        register_dataset(reg, "tickets", tmp_path / "d", counts={"train": 8})
     assert info.value.param == "FILE"
     assert (reg.revision(), reg.get_dataset("tickets")) == before
 
@@ -379,21 +375,16 @@ def test_unknown_names_list_what_exists(reg: Registry, base_dir: Path, tmp_path:
 def test_diff_reports_config_metric_and_dataset_changes(
     reg: Registry, base_dir: Path, tmp_path: Path
 ) -> None:
-    reg.store.register_dataset_version(
-        name="tickets",
-        digest="d" * 64,
-        counts={"train": 8},
-        lineage={"kind": "file", "source": "a.jsonl"},
-        profile=None,
-        actor="t",
+    register_dataset(
+        reg, "tickets", tmp_path / "d1", counts={"train": 8}, lineage={"kind": "file", "source": "a.jsonl"}
     )
-    reg.store.register_dataset_version(
-        name="tickets",
-        digest="e" * 64,
+    register_dataset(
+        reg,
+        "tickets",
+        tmp_path / "d2",
+        marker="2",
         counts={"train": 9},
         lineage={"kind": "file", "source": "b.jsonl"},
-        profile=None,
-        actor="t",
     )
     reg.register(
         "support",

@@ -286,10 +286,12 @@ def test_resolve_unknown_or_archived_is_404(model: str) -> None:
 
 
 def test_sse_rewrite_names_the_version_and_hides_injected_usage() -> None:
-    from loraflow.registry.settings import ServerSettings
+    from loraflow.registry.settings import ServerSettings, TrafficSettings
 
     router = _router()
-    gw = Gateway(ServerSettings(), router, router.replicas, GatewayMetrics(router))
+    gw = Gateway(
+        ServerSettings(), router, router.replicas, GatewayMetrics(router), traffic_settings=TrafficSettings()
+    )
     target = Target(public="support@v1", engine_model="support@v1+abc", adapter="support", version=1)
     labels = ("support", "v1")
     chunk = b'data: {"model": "support@v1+abc", "choices": [{"text": "hi"}]}'
