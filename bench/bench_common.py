@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT))
 
 from loraflow.registry.service import Registry  # noqa: E402
 from loraflow.registry.settings import Settings  # noqa: E402
+from loraflow.server.engine.cache import engine_name_of  # noqa: E402
 from loraflow.server.engine.supervisor import free_port  # noqa: E402
-from loraflow.server.routing import engine_name  # noqa: E402
 from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter  # noqa: E402
 from tests.multihost.cluster import Proc, _spawn, start_engine, wait_up  # noqa: E402
 
@@ -47,7 +47,7 @@ def tiny_registry(
             folder = random_lora_adapter(base, root / "adapters" / adapter, seed=seed, r=rank)
             registry.register(adapter, folder, base_model=str(base))
             registry.promote(adapter, 1, force=True, reason=FORCED)
-            names[adapter] = engine_name(registry.get_version(adapter, 1))
+            names[adapter] = engine_name_of(registry.get_version(adapter, 1))
     finally:
         registry.close()
     return base, env, names

@@ -31,7 +31,9 @@ FINGERPRINT_FILES = (
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class BaseModelInfo:
+    """A base model found on this machine (not pydantic's ``BaseModel``)."""
+
     id: str  # as recorded: an absolute path for local directories, else the hub id
     path: Path  # a local directory holding at least config.json
     fingerprint: str
@@ -69,7 +71,7 @@ def _locate(ref: str, param: str) -> tuple[Path, str]:
     return snapshot, ref
 
 
-def resolve_base_model(ref: str, *, param: str = "base") -> BaseModel:
+def resolve_base_model(ref: str, *, param: str = "base") -> BaseModelInfo:
     path, model_id = _locate(ref, param)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -79,7 +81,7 @@ def resolve_base_model(ref: str, *, param: str = "base") -> BaseModel:
     except json.JSONDecodeError as exc:
         raise InvalidArgumentError(f"base model {ref!r}: config.json is not valid JSON ({exc})") from exc
     files = {name: sha256_file(path / name) for name in FINGERPRINT_FILES if (path / name).is_file()}
-    return BaseModel(id=model_id, path=path, fingerprint=digest_of(files), config=config)
+    return BaseModelInfo(id=model_id, path=path, fingerprint=digest_of(files), config=config)
 
 
 def chat_template_hash(path: Path) -> str | None:
@@ -94,8 +96,12 @@ def chat_template_hash(path: Path) -> str | None:
     else:
         config = path / "tokenizer_config.json"
         template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
-    if not isinstance(template, str):
-        return None
+    return template_hash(template) if isinstance(template, str) else None
+
+
+def template_hash(template: str) -> str:
+    """The one definition of a chat template's hash: sha256 of its text. Training records it from
+    the tokenizer it rendered with; the gateway computes it from the base's files."""
     return hashlib.sha256(template.encode()).hexdigest()
 
 

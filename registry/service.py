@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraflow.registry import domain, gate
 from loraflow.registry.adapter_files import ADAPTER_FILES, inspect_adapter
-from loraflow.registry.basemodel import BaseModel, resolve_base_model, template_hash_of, template_matches
+from loraflow.registry.basemodel import BaseModelInfo, resolve_base_model, template_hash_of, template_matches
 from loraflow.registry.errors import (
     ConflictError,
     GateRefusedError,
@@ -129,7 +129,7 @@ class Registry:
         )
 
     @staticmethod
-    def _check_declared_base(declared: str | None, base: BaseModel) -> None:
+    def _check_declared_base(declared: str | None, base: BaseModelInfo) -> None:
         """If the adapter names a base we can find, it must be the same model as ``--base-model``."""
         if not declared or declared == base.id:
             return

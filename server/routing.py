@@ -43,12 +43,6 @@ PRELOAD_RETRY_FIRST_S = 1.0  # a failed preload is tried again after this long,
 PRELOAD_RETRY_MAX_S = 60.0  # then twice as long each time, up to this
 
 
-def engine_name(version: domain.VersionInfo) -> str:
-    """The name an engine knows a version by (``NAME@vN+DIGEST``): immutable, bound to the exact
-    bytes, and all an engine needs to fetch them."""
-    return cache.engine_name(version.ref, version.digest)
-
-
 @dataclass(frozen=True)
 class Target:
     public: str  # what the response's `model` says
@@ -70,7 +64,7 @@ class Snapshot:
     def aliased(self) -> set[str]:
         """Engine names of every version an alias points at."""
         return {
-            engine_name(self.versions[version_ref(a.name, v)])
+            cache.engine_name_of(self.versions[version_ref(a.name, v)])
             for a in self.adapters.values()
             for v in a.aliases.values()
         }
@@ -132,7 +126,7 @@ class Router:
         if info is None or info.status == "archived":
             state = "archived" if info else "unknown"
             raise NotFoundError(f"the model {model!r} does not exist: {name} is {state}", param="model")
-        return Target(public=name, engine_model=engine_name(info), adapter=ref.name, version=version)
+        return Target(public=name, engine_model=cache.engine_name_of(info), adapter=ref.name, version=version)
 
     # -- placement ---------------------------------------------------------------
     def pinned(self, replica: Replica, snap: Snapshot | None = None) -> frozenset[str]:

@@ -22,9 +22,8 @@ from fastapi.testclient import TestClient
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings, TrafficSettings
 from loraflow.server.app import create_app
-from loraflow.server.engine.cache import parse_engine_name
+from loraflow.server.engine.cache import engine_name_of, parse_engine_name
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
-from loraflow.server.routing import engine_name
 from tests.factories import FORCED, make_adapter
 
 BASE_ID = "tiny"
@@ -212,6 +211,6 @@ def ready(client: TestClient) -> TestClient:
 
 def home_order(client: TestClient, s: Setup, adapter: str, version: int) -> list[FakeVLLM]:
     """The fake engines in the order the gateway prefers them for ``adapter@v<version>`` (its home set)."""
-    name = engine_name(s.registry.get_version(adapter, version))
+    name = engine_name_of(s.registry.get_version(adapter, version))
     urls = [r.url for r in client.app.state.gateway.replicas.home(name)]  # type: ignore[attr-defined]
     return sorted(s.engines, key=lambda e: urls.index(e.url) if e.url in urls else len(urls))

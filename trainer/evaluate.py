@@ -38,8 +38,8 @@ from loraflow.trainer.generation import GatewayClient
 from loraflow.trainer.judge import Judge, JudgeItem
 from loraflow.trainer.lm_eval_suite import LmEvalSuites
 from loraflow.trainer.prepare import SPLITS, fingerprint, load_split, split_rows
+from loraflow.trainer.regression_suite import SUITE_METRIC, SUITE_NAME, load_suite, suite_entry
 from loraflow.trainer.scoring import HIGHER_IS_BETTER, Bootstrap, Generation, Reference, ScoredSystem, Task
-from loraflow.trainer.suite import SUITE_METRIC, SUITE_NAME, load_suite, suite_entry
 
 REPORT_SCHEMA = 1
 DEFAULT_BASE_SYSTEM_PROMPT = "Answer exactly in the format the examples show."

@@ -25,8 +25,8 @@ from typing import Any
 from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
 from loraflow.registry.settings import LmEvalSettings
 from loraflow.trainer.generation import GatewayClient
+from loraflow.trainer.regression_suite import suite_entry
 from loraflow.trainer.scoring import Bootstrap
-from loraflow.trainer.suite import suite_entry
 
 log = logging.getLogger("loraflow.lm_eval")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-from loraflow.registry.basemodel import BaseModel, resolve_base_model
+from loraflow.registry.basemodel import BaseModelInfo, resolve_base_model
 from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError, NotFoundError
 
 
-def locate_base_model(ref: str) -> BaseModel:
+def locate_base_model(ref: str) -> BaseModelInfo:
     """A local folder, a cached hub model, or (when a hub is reachable) a downloaded one."""
     try:
         return resolve_base_model(ref)
@@ -25,7 +24,7 @@ def locate_base_model(ref: str) -> BaseModel:
         return resolve_base_model(ref)
 
 
-def load_tokenizer(base: BaseModel) -> Any:
+def load_tokenizer(base: BaseModelInfo) -> Any:
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:
@@ -39,11 +38,6 @@ def load_tokenizer(base: BaseModel) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def chat_template_hash(tokenizer: Any) -> str:
-    """Same definition as registry.basemodel.chat_template_hash, from the loaded tokenizer."""
-    return hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()
 
 
 def token_counter(tokenizer: Any) -> Any:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.registry import domain
-from loraflow.registry.basemodel import BaseModel
+from loraflow.registry.basemodel import BaseModelInfo, template_hash
 from loraflow.registry.errors import (
     InvalidAdapterError,
     InvalidArgumentError,
@@ -42,7 +42,7 @@ from loraflow.registry.settings import Settings
 from loraflow.trainer.config import TrainConfig
 from loraflow.trainer.data import validate_records
 from loraflow.trainer.heldout import generation_report
-from loraflow.trainer.model import chat_template_hash, load_tokenizer, locate_base_model, token_counter
+from loraflow.trainer.model import load_tokenizer, locate_base_model, token_counter
 from loraflow.trainer.prepare import load_split
 
 BASE_EVAL_FILE = "loraflow_base_eval.json"
@@ -216,7 +216,7 @@ class _StartStep:
 
 def preflight(
     config: TrainConfig, *, registry: Registry, settings: Settings
-) -> tuple[BaseModel, domain.DatasetVersionInfo]:
+) -> tuple[BaseModelInfo, domain.DatasetVersionInfo]:
     """Refuse, before any weights are loaded, a run whose adapter the registry would refuse at the end.
     Returns the located base model and the dataset version."""
     check_name(config.adapter, param="adapter")
@@ -428,6 +428,6 @@ def train(
             | {"max_length": max_length, "system_prompt": system_prompt},
             metrics=metrics,
             eval_report=eval_report,
-            chat_template_hash=chat_template_hash(tokenizer),
+            chat_template_hash=template_hash(str(tokenizer.chat_template)),
         )
     return TrainResult(version=version, metrics=metrics, eval_report=eval_report)

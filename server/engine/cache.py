@@ -20,10 +20,14 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 from loraflow.registry.artifacts import ArtifactStore
+
+if TYPE_CHECKING:
+    from loraflow.registry import domain
 
 log = logging.getLogger("loraflow.engine.cache")
 
@@ -37,6 +41,11 @@ def engine_name(ref: str, digest: str) -> str:
     the files with nothing but the artifact store.
     """
     return f"{ref}+{digest}"
+
+
+def engine_name_of(version: domain.VersionInfo) -> str:
+    """:func:`engine_name` of a registered version."""
+    return engine_name(version.ref, version.digest)
 
 
 def parse_engine_name(name: str) -> tuple[str, str] | None:

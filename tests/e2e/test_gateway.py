@@ -258,13 +258,13 @@ def _engine_holds(engine_url: str) -> set[str]:
 def test_promoting_a_cold_version_under_load_hot_swaps_with_no_failed_request(
     registry: Registry, engine_url: str, assets: Assets, tmp_path: Path
 ) -> None:
-    from loraflow.server.routing import engine_name
+    from loraflow.server.engine.cache import engine_name_of
     from loraflow.trainer.tiny import random_lora_adapter
 
     # A version whose bytes no engine has seen: its load really happens during this test.
     fresh = random_lora_adapter(assets.base, tmp_path / "fresh", r=8, seed=secrets.randbelow(10**9))
     cold = registry.register("support", fresh, base_model=str(assets.base))
-    cold_name = engine_name(cold)
+    cold_name = engine_name_of(cold)
     assert cold_name not in _engine_holds(engine_url)
     routed_to_at_load: list[str] = []  # what `model=support` resolved to while v3 was loading
 

@@ -12,10 +12,9 @@ import pytest
 import s3fs
 
 from loraflow.registry.service import Registry
-from loraflow.server.engine.cache import engine_name as cache_engine_name
+from loraflow.server.engine.cache import engine_name, engine_name_of
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from loraflow.server.replicas import ReplicaSet
-from loraflow.server.routing import engine_name
 from tests.factories import FORCED
 from tests.multihost.cluster import (
     BUCKET,
@@ -78,7 +77,7 @@ def test_a_promote_is_served_by_every_gateway(
         # the other's preload may still be under way.
         v2 = registry.get_version("support", 2)
         for engine in engines:
-            until(lambda url=engine.url: engine_name(v2) in engine_models(url), f"{engine.url} to hold v2")
+            until(lambda url=engine.url: engine_name_of(v2) in engine_models(url), f"{engine.url} to hold v2")
             assert (
                 engine.log.parent / "cache" / "engine" / v2.digest / "adapter_model.safetensors"
             ).is_file()
@@ -97,12 +96,12 @@ def test_each_version_is_loaded_on_its_home_set_only(
     digest = registry.register("home-probe", cluster.adapters[0], base_model=str(cluster.base)).digest
     for i in range(200):
         name = f"home{i}"
-        version = cache_engine_name(f"{name}@v1", digest)
+        version = engine_name(f"{name}@v1", digest)
         home = placement.home(version)[0].url
         if len(expected[home]) < 2:
             _register(registry, cluster, name, 1)
             registry.promote(name, 1, force=True, reason=FORCED)
-            assert engine_name(registry.get_version(name, 1)) == version
+            assert engine_name_of(registry.get_version(name, 1)) == version
             expected[home].add(version)
             names.append(name)
         if min(len(v) for v in expected.values()) == 2:
@@ -140,7 +139,7 @@ def test_a_tampered_artifact_is_refused_by_the_engine_and_answered_503(
         assert r.json()["error"]["code"] == "engine_unavailable" and r.headers["retry-after"]
         assert v2.digest not in r.text and "127.0.0.1" not in r.text
         for engine in engines:
-            assert engine_name(v2) not in engine_models(engine.url)
+            assert engine_name_of(v2) not in engine_models(engine.url)
             assert httpx.get(f"{engine.url}/health").status_code == 200
         assert any("refusing tamper@v2" in e.log.read_text() for e in engines)
         assert served_by(gw.url, "tamper", http) == "tamper@v1"  # the rest is untouched

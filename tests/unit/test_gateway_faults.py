@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loraflow.registry.keys import create_key
-from loraflow.server.routing import engine_name
+from loraflow.server.engine.cache import engine_name_of
 from tests.factories import make_adapter
 from tests.fake_vllm import BASE_ID, CHAT, Setup, gateway, home_order, ready, wait
 
@@ -121,7 +121,7 @@ def test_a_replica_that_lost_a_version_resolves_it_again_by_name(gateway_setup: 
     with gateway(gateway_setup) as client:
         ready(client)
         engine = gateway_setup.engines[0]
-        name = engine_name(gateway_setup.registry.get_version("support", 1))
+        name = engine_name_of(gateway_setup.registry.get_version("support", 1))
         assert engine.resolved.count(name) == 1  # preloaded once, by name
         engine.loaded.clear()  # it restarted between two health checks
         r = client.post("/v1/chat/completions", json={"model": "support", **CHAT})
@@ -133,7 +133,7 @@ def test_a_version_the_engine_refuses_is_a_503_after_one_retry(gateway_setup: Se
     """An artifact whose bytes do not match its digest: the engine's resolver refuses it (404 on the
     load), the gateway tries the other replica, then answers 503 with Retry-After, never a 500."""
     reg = gateway_setup.registry
-    name = engine_name(
+    name = engine_name_of(
         reg.register("support", make_adapter(tmp_path / "a3", seed=3), base_model=str(gateway_setup.base))
     )
     with gateway(gateway_setup, n_replicas=2) as client:

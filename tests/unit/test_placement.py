@@ -16,10 +16,9 @@ from fastapi.testclient import TestClient
 from loraflow.registry.artifacts import ArtifactStore
 from loraflow.registry.errors import EngineUnavailableError, IntegrityError, NotFoundError
 from loraflow.server.discovery import DnsDiscovery, replica_url
-from loraflow.server.engine.cache import EngineCache, engine_name, parse_engine_name
+from loraflow.server.engine.cache import EngineCache, engine_name, engine_name_of, parse_engine_name
 from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
-from loraflow.server.routing import engine_name as version_engine_name
 from tests.factories import FORCED, make_adapter
 from tests.fake_vllm import CHAT, Setup, gateway, ready, wait
 from tests.unit.test_server_parts import FakeEngine
@@ -116,7 +115,7 @@ def test_the_router_preloads_each_aliased_version_on_its_home_set_only(
     with gateway(gateway_setup, n_replicas=3, adapter_replicas=1) as client:
         ready(client)
         replicas = client.app.state.gateway.replicas  # type: ignore[attr-defined]
-        aliased = [version_engine_name(reg.get_version(a.name, 1)) for a in reg.list()]
+        aliased = [engine_name_of(reg.get_version(a.name, 1)) for a in reg.list()]
         expected = {
             e.url: {n for n in aliased if replicas.home(n)[0].url == e.url} for e in gateway_setup.engines
         }
@@ -126,7 +125,7 @@ def test_the_router_preloads_each_aliased_version_on_its_home_set_only(
         before = [list(e.resolved) for e in gateway_setup.engines]
         for a in reg.list():
             r = client.post("/v1/chat/completions", json={"model": a.name, **CHAT})
-            home = replicas.home(version_engine_name(reg.get_version(a.name, 1)))[0].url
+            home = replicas.home(engine_name_of(reg.get_version(a.name, 1)))[0].url
             assert r.status_code == 200 and home in r.text
         assert [list(e.resolved) for e in gateway_setup.engines] == before
 
@@ -296,13 +295,13 @@ def test_the_engine_cache_evicts_least_recently_used_past_its_bound(tmp_path: Pa
 
 def test_a_refused_preload_neither_blocks_the_swap_nor_the_other_versions(gateway_setup: Setup) -> None:
     reg = gateway_setup.registry
-    refused = version_engine_name(reg.get_version("billing", 1))
+    refused = engine_name_of(reg.get_version("billing", 1))
     client = gateway(gateway_setup)
     (engine,) = gateway_setup.engines
     engine.refuse.add(refused)  # before the gateway starts
     with client:
         ready(client)
-        assert engine.loaded == {version_engine_name(reg.get_version("support", 1))}
+        assert engine.loaded == {engine_name_of(reg.get_version("support", 1))}
         assert client.post("/v1/chat/completions", json={"model": "support", **CHAT}).status_code == 200
         assert client.post("/v1/chat/completions", json={"model": "billing", **CHAT}).status_code == 503
         assert _preload_failures(client) >= 1
@@ -327,7 +326,7 @@ def test_a_preload_that_times_out_is_tried_again_with_a_growing_wait(
     """vLLM-CPU sometimes never answers a load that a new try answers at once: without a retry the
     version would stay off its home replica until a request for it came."""
     reg = gateway_setup.registry
-    stalled = version_engine_name(reg.get_version("billing", 1))
+    stalled = engine_name_of(reg.get_version("billing", 1))
     client = gateway(gateway_setup)
     (engine,) = gateway_setup.engines
     engine.stall[stalled] = 2

@@ -11,11 +11,12 @@ import pytest
 
 from loraflow.registry import domain
 from loraflow.registry.errors import EngineUnavailableError, NotFoundError, OverloadedError
+from loraflow.server.engine.cache import engine_name_of
 from loraflow.server.engine.protocol import EngineFailure
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.proxy import Gateway, Transcript
 from loraflow.server.replicas import Replica, ReplicaSet
-from loraflow.server.routing import Router, Snapshot, Target, engine_name
+from loraflow.server.routing import Router, Snapshot, Target
 
 pytestmark = pytest.mark.unit
 
@@ -272,7 +273,7 @@ def test_resolve(model: str, public: str) -> None:
     target = _router().resolve(model)
     assert target.public == public
     if target.adapter:
-        assert target.engine_model == engine_name(_router().snapshot.versions[public])
+        assert target.engine_model == engine_name_of(_router().snapshot.versions[public])
         assert target.engine_model.startswith(public + "+")
     else:
         assert target.engine_model == "/models/tiny"

@@ -6,7 +6,7 @@ records for each promote the delay from the registry commit to the first
 response served by the new version, plus any failed request. Writes
 bench/results/hotswap_cpu.json.
 
-    .venv/bin/python bench/hotswap.py
+    .venv/bin/python bench/hot_swap_one_host.py
 """
 
 from __future__ import annotations
