@@ -36,6 +36,7 @@ from rich.table import Table
 from loraflow.cli.common import guarded, out, state
 from loraflow.cli.demo_report import Summary, write_demo_report
 from loraflow.cli.progress import Bars, quiet_libraries
+from loraflow.registry.drift import figure_verdict
 from loraflow.registry.errors import (
     EngineUnavailableError,
     GateRefusedError,
@@ -439,11 +440,10 @@ class Demo:
         for figure in first["figures"]:
             if figure in ("requests", "feedback") or figure.endswith("p_value"):
                 continue
-            family = "embedding" if figure.startswith("embedding") else figure
             cells = []
             for report in reports.values():
                 value = report["figures"].get(figure)
-                verdict = report["verdicts"].get(family, "")
+                verdict = figure_verdict(report["verdicts"], figure)
                 cells.append("-" if value is None else f"{value:.3f} {verdict}".strip())
             table.add_row(figure, *cells)
         table.add_row("verdict", *(r["verdict"] for r in reports.values()))

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from loraflow.cli.common import guarded, out, print_json, state
+from loraflow.registry.drift import figure_verdict
 from loraflow.registry.refs import parse_ref
 
 
@@ -64,8 +65,8 @@ def drift(
         return
     table = Table("figure", "value", "verdict", title=f"{version.ref}: {report['verdict']}")
     for name, value in report["figures"].items():
-        key = "embedding" if name.startswith("embedding") else name
-        table.add_row(name, "-" if value is None else f"{value:.4f}", report["verdicts"].get(key, ""))
+        verdict = figure_verdict(report["verdicts"], name)
+        table.add_row(name, "-" if value is None else f"{value:.4f}", verdict)
     out.print(table)
     requests = report["requests"]
     out.print(

@@ -19,7 +19,7 @@ import bisect
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -144,3 +144,11 @@ def answer(text: str, usage: dict[str, Any] | None, *, at: float) -> Answer:
         json_ok=json_valid(text),
         refusal=is_refusal_or_empty(text),
     )
+
+
+def figure_verdict(verdicts: Mapping[str, str], figure: str) -> str:
+    """The verdict a drift report gives ``figure`` ("" if none): its own, or for the embedding
+    figures (centroid distance, MMD and its p-value) the one verdict they share, ``embedding``."""
+    if figure in verdicts:
+        return verdicts[figure]
+    return verdicts.get("embedding", "") if figure.startswith("embedding") else ""

@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.registry import domain
-from loraflow.registry.drift import Answer, Histogram, Verdict, answer, shares, verdict, window_figures
+from loraflow.registry.drift import (
+    Answer,
+    Histogram,
+    Verdict,
+    answer,
+    figure_verdict,
+    shares,
+    verdict,
+    window_figures,
+)
 from loraflow.registry.refs import parse_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import DriftSettings
@@ -205,11 +214,12 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
         from loraflow.registry.errors import MissingDependencyError
 
         raise MissingDependencyError("the HTML report needs pip install 'loraflow[eval]'") from exc
-    from loraflow.trainer.report_html import TEMPLATES, _figure, _svg
+    from loraflow.trainer.charts import figure, svg
+    from loraflow.trainer.report_html import TEMPLATES
 
     charts = []
     for feature, hist in report["histograms"].items():
-        fig = _figure(6.0, 2.6)
+        fig = figure(6.0, 2.6)
         ax = fig.add_subplot()
         labels = [f"≤{e:g}" for e in hist["edges"]] + [f">{hist['edges'][-1]:g}"]
         xs = list(range(len(labels)))
@@ -219,13 +229,16 @@ def write_html(report: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("share")
         ax.set_title(feature.replace("_", " "))
         ax.legend(fontsize=7)
-        charts.append(_svg(fig, f"drift-{feature}"))
+        charts.append(svg(fig, f"drift-{feature}"))
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2"), default=True),
         undefined=jinja2.StrictUndefined,
     )
-    page = env.get_template("drift_report.html.j2").render(report=report, charts=charts)
+    rows = [
+        (name, value, figure_verdict(report["verdicts"], name)) for name, value in report["figures"].items()
+    ]
+    page = env.get_template("drift_report.html.j2").render(report=report, rows=rows, charts=charts)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path

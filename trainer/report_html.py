@@ -15,10 +15,8 @@ only when a page is rendered.
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from loraflow.registry.errors import MissingDependencyError
 from loraflow.registry.gate import regression_suites
+from loraflow.trainer.charts import figure, svg
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "eval_report.html.j2"
@@ -293,33 +291,6 @@ def _colour(key: str, position: int) -> str:
     return _COLOURS.get(key, _OTHER_COLOURS[position % len(_OTHER_COLOURS)])
 
 
-def _svg(fig: Figure, name: str) -> str:
-    """The figure as an <svg> element to inline: no XML prolog, DOCTYPE or RDF metadata.
-
-    Text stays text (``svg.fonttype: none``) rather than glyph paths. matplotlib numbers
-    its element ids per figure (``axes_1``, ...), so each id and each reference to one
-    (``#id``, ``url(#id)``) gets the plot's name as a prefix: ids stay unique on the
-    page. The fixed hash salt makes the page the same from run to run.
-    """
-    import matplotlib
-
-    buf = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"loraflow-{name}"}):
-        fig.savefig(buf, format="svg", metadata={"Date": None})
-    text = buf.getvalue()
-    text = text[text.index("<svg") :]
-    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.DOTALL)
-    text = re.sub(r'(\s)id="([^"]+)"', rf'\1id="{name}-\2"', text)
-    return re.sub(r"(href=\"#|url\(#)", rf"\1{name}-", text)
-
-
-def _figure(width: float, height: float) -> Figure:
-    """A figure outside pyplot: no global figure manager to leak into, no GUI backend involved."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def _metrics_svg(report: dict[str, Any], keys: list[str], metrics: list[str]) -> str | None:
     """Small multiples: one axis per metric, each system's mean as a point with its interval."""
     systems = report["systems"]
@@ -337,7 +308,7 @@ def _metrics_svg(report: dict[str, Any], keys: list[str], metrics: list[str]) ->
         return None
     ncols = min(4, len(plotted))
     nrows = math.ceil(len(plotted) / ncols)
-    fig = _figure(2.7 * ncols, 2.3 * nrows)
+    fig = figure(2.7 * ncols, 2.3 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= len(plotted):
@@ -366,7 +337,7 @@ def _metrics_svg(report: dict[str, Any], keys: list[str], metrics: list[str]) ->
             )
             values.append(mean)
         _metric_axis(ax, metric, keys, values, primary=metric == primary, hib=hib.get(metric))
-    return _svg(fig, "metrics")
+    return svg(fig, "metrics")
 
 
 def _metric_axis(
@@ -412,7 +383,7 @@ def _differences_svg(
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
 
     rows = len(shown)
-    fig = _figure(1.8 + 1.2 * len(keys), min(1.4 + 0.24 * rows, 26.0))
+    fig = figure(1.8 + 1.2 * len(keys), min(1.4 + 0.24 * rows, 26.0))
     ax = fig.subplots()
     image = ax.imshow(scores, cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(keys)), keys, fontsize=8)
@@ -435,7 +406,7 @@ def _differences_svg(
     bar = fig.colorbar(image, ax=ax, shrink=min(1.0, 6.0 / max(rows, 1) + 0.3), pad=0.02)
     bar.set_label(primary, fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    return _svg(fig, "differences")
+    return svg(fig, "differences")
 
 
 def _nan(value: float | None) -> float:

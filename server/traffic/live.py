@@ -69,18 +69,20 @@ class DriftCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         labels = ["adapter", "version"]
+        drift = self.live.settings
+        thresholds = f"drift.psi_watch {drift.psi_watch:g}, drift.psi_act {drift.psi_act:g}"
         families = {
             "requests": GaugeMetricFamily(
                 "loraflow_drift_window_requests", "Answered requests in the drift window.", labels=labels
             ),
             "psi_prompt_tokens": GaugeMetricFamily(
                 "loraflow_drift_psi_prompt_tokens",
-                "PSI of prompt lengths against the training split (0.1 watch, 0.25 act).",
+                f"PSI of prompt lengths against the training split ({thresholds}).",
                 labels=labels,
             ),
             "psi_output_tokens": GaugeMetricFamily(
                 "loraflow_drift_psi_output_tokens",
-                "PSI of output lengths against the training split (0.1 watch, 0.25 act).",
+                f"PSI of output lengths against the training split ({thresholds}).",
                 labels=labels,
             ),
             "format_valid_rate": GaugeMetricFamily(
