@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from loraflow.server.chat.protocol import ChatCompletion, ChatCompletionChunk
 from loraflow.server.openapi import ERROR_RESPONSES, request_body, stream_response
+from loraflow.server.state import gateway
 
 router = APIRouter()
 
@@ -30,7 +31,7 @@ router = APIRouter()
     },
 )
 async def chat_completions(request: Request) -> Response:
-    return await request.app.state.gateway.handle(request, "/v1/chat/completions")  # type: ignore[no-any-return]
+    return await gateway(request).handle(request, "/v1/chat/completions")
 
 
 def attach_router(app: FastAPI) -> None:

@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from loraflow.server.completions.protocol import Completion
 from loraflow.server.openapi import ERROR_RESPONSES, request_body, stream_response
+from loraflow.server.state import gateway
 
 router = APIRouter()
 
@@ -29,7 +30,7 @@ router = APIRouter()
     },
 )
 async def completions(request: Request) -> Response:
-    return await request.app.state.gateway.handle(request, "/v1/completions")  # type: ignore[no-any-return]
+    return await gateway(request).handle(request, "/v1/completions")
 
 
 def attach_router(app: FastAPI) -> None:

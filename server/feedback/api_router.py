@@ -6,6 +6,7 @@ from fastapi import APIRouter, FastAPI, Request
 
 from loraflow.server.feedback.protocol import FeedbackResponse
 from loraflow.server.openapi import ERROR_RESPONSES, request_body
+from loraflow.server.state import feedback_service
 
 router = APIRouter()
 
@@ -24,7 +25,7 @@ router = APIRouter()
     },
 )
 async def feedback(request: Request) -> FeedbackResponse:
-    return await request.app.state.feedback.handle(request)  # type: ignore[no-any-return]
+    return await feedback_service(request).handle(request)
 
 
 def attach_router(app: FastAPI) -> None:

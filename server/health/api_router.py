@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraflow.registry.errors import UnauthenticatedError
+from loraflow.server.state import gateway
 
 router = APIRouter()
 
@@ -21,7 +22,7 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """Status only: which engines exist and what they hold is for operators (``/metrics``)."""
-    is_ready = request.app.state.gateway.router.ready
+    is_ready = gateway(request).router.ready
     return JSONResponse(
         {"status": "ready" if is_ready else "not ready"}, status_code=200 if is_ready else 503
     )
@@ -33,12 +34,12 @@ async def metrics(request: Request) -> Response:
 
     With ``server.metrics_token`` set, only a scraper that presents it may read them.
     """
-    token = request.app.state.gateway.settings.metrics_token
+    token = gateway(request).settings.metrics_token
     if token is not None:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
             raise UnauthenticatedError("/metrics needs the metrics token (server.metrics_token)")
-    return Response(request.app.state.gateway.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(gateway(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def attach_router(app: FastAPI) -> None:

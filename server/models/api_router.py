@@ -9,6 +9,7 @@ from loraflow.server.auth import authenticate
 from loraflow.server.models.protocol import ModelCard, ModelList, VersionCard
 from loraflow.server.openapi import ERROR_RESPONSES
 from loraflow.server.routing import Router
+from loraflow.server.state import gateway
 
 router = APIRouter()
 
@@ -48,11 +49,11 @@ def model_list(r: Router, key: domain.ApiKeyInfo | None = None) -> ModelList:
     responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 500)},
 )
 async def list_models(request: Request) -> ModelList:
-    gateway = request.app.state.gateway
+    gw = gateway(request)
     key = None
-    if gateway.settings.auth:
-        key = authenticate(request.headers.get("authorization"), gateway.router.snapshot)
-    return model_list(gateway.router, key)
+    if gw.settings.auth:
+        key = authenticate(request.headers.get("authorization"), gw.router.snapshot)
+    return model_list(gw.router, key)
 
 
 def attach_router(app: FastAPI) -> None:
