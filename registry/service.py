@@ -35,9 +35,15 @@ if TYPE_CHECKING:  # SQLAlchemy, SQLModel, Alembic and fsspec load when a store 
 
 
 class Registry:
+    """The one way into the registry: adapters, versions, aliases, datasets, evaluations, drift
+    reports, API keys and sampled traffic. The CLI, trainer and server call this, never the stores
+    underneath, so its ordering rules hold everywhere: files before rows, the gate before a gated
+    alias moves, every change audited and one registry revision further."""
+
     def __init__(
         self, settings: Settings, *, store: MetadataStore, artifacts: ArtifactStore | None = None
     ) -> None:
+        """Over an open ``store`` (use :meth:`open`); ``artifacts`` is opened on first use if not given."""
         self.settings = settings
         self.store = store
         self._artifacts = artifacts
@@ -55,6 +61,7 @@ class Registry:
         return cls(settings, store=MetadataStore(engine))
 
     def close(self) -> None:
+        """Release the database connections."""
         self.store.engine.dispose()
 
     @property
@@ -70,9 +77,11 @@ class Registry:
 
     @property
     def actor(self) -> str:
+        """Who the audit log records for this process's changes (``Settings.actor``)."""
         return self.settings.actor
 
     def revision(self) -> int:
+        """The registry revision: one higher after every change, what gateways poll to hot-swap."""
         return self.store.revision()
 
     @property
@@ -145,9 +154,11 @@ class Registry:
             )
 
     def list(self) -> list[domain.AdapterInfo]:
+        """Every adapter with its versions and aliases, by name."""
         return self.store.list_adapters()
 
     def get(self, name: str) -> domain.AdapterInfo:
+        """One adapter with its versions and aliases; NotFoundError lists the names there are."""
         return self.store.get_adapter(name)
 
     def template_matches(self, adapter: domain.AdapterInfo) -> dict[int, bool | None]:
@@ -163,6 +174,7 @@ class Registry:
         return self.store.get_alias(ref.name, ref.alias or DEFAULT_ALIAS)
 
     def get_version(self, name: str, version: int) -> domain.VersionInfo:
+        """One version of an adapter (archived ones too); NotFoundError if there is none."""
         return self.store.get_version(name, version)
 
     def promote(
@@ -242,6 +254,7 @@ class Registry:
         )
 
     def evaluations(self, name: str, version: int | None = None) -> builtins.list[domain.EvaluationInfo]:
+        """The stored ``loraflow eval`` reports of an adapter (of one version, if given), oldest first."""
         return self.store.evaluations(name, version)
 
     def record_drift(
@@ -262,6 +275,8 @@ class Registry:
         return self.store.latest_drift_reports()
 
     def rollback(self, name: str, *, alias: str = DEFAULT_ALIAS) -> domain.AliasMoveInfo:
+        """Move ``alias`` to the version it pointed at before its last move forward (rollbacks
+        undo forward moves one by one, so repeated rollbacks walk back through history); audited."""
         check_alias(alias)
         return self.store.rollback_alias(name=name, alias=alias, actor=self.actor)
 
@@ -279,9 +294,11 @@ class Registry:
         return self.store.delete_alias(name=name, alias=alias, actor=self.actor)
 
     def archive(self, name: str, version: int) -> domain.VersionInfo:
+        """Mark a version archived: never served again. Refused while an alias points at it."""
         return self.store.archive(name=name, version=version, actor=self.actor)
 
     def history(self, name: str) -> domain.History:
+        """An adapter's alias moves and its audit events, oldest first."""
         return self.store.history(name)
 
     def diff(self, name: str, a: int, b: int) -> dict[str, dict[str, tuple[Any, Any]]]:

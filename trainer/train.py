@@ -259,6 +259,57 @@ def preflight(
     return base, dataset
 
 
+def _lora_config(config: TrainConfig) -> Any:
+    """The PEFT adapter to train: rank, alpha, dropout, target modules (TrainConfig's LoRA fields)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        use_rslora=config.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _sft_args(config: TrainConfig, *, output_dir: Path, max_length: int, on_gpu: bool) -> Any:
+    """TRL's SFTConfig for a run: the schedule from the config, evaluation and a checkpoint every
+    ``eval_steps`` keeping the best by validation loss, loss on completions only, and on CPU fp32
+    without pinned memory."""
+    from trl.trainer.sft_config import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        max_length=max_length,
+        completion_only_loss=True,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+        bf16=on_gpu,
+        dataloader_pin_memory=on_gpu,
+    )
+
+
 def train(
     config: TrainConfig,
     *,
@@ -271,11 +322,10 @@ def train(
     ``progress`` is told (steps done, steps in all) as training goes; unset, a terminal gets a bar."""
     base, dataset = preflight(config, registry=registry, settings=settings)
     try:
+        import peft  # noqa: F401  (checked here: _lora_config builds the adapter with it)
         import torch
         from datasets import Dataset
-        from peft import LoraConfig
         from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
-        from trl.trainer.sft_config import SFTConfig
         from trl.trainer.sft_trainer import SFTTrainer
     except ImportError as exc:
         raise MissingDependencyError("training needs pip install 'loraflow[train]'") from exc
@@ -311,44 +361,9 @@ def train(
     output_dir = config.output_dir or settings.home / "runs" / config.adapter
     output_dir.mkdir(parents=True, exist_ok=True)
     model = _load_model(base.path, qlora=config.qlora)
-    lora = LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=config.target_modules,
-        use_rslora=config.use_rslora,
-        task_type="CAUSAL_LM",
-    )
+    lora = _lora_config(config)
     on_gpu = torch.cuda.is_available()
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        eval_strategy="steps",
-        eval_steps=config.eval_steps,
-        save_strategy="steps",
-        save_steps=config.eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=config.logging_steps,
-        seed=config.seed,
-        data_seed=config.seed,
-        max_length=max_length,
-        completion_only_loss=True,
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=not on_gpu,
-        bf16=on_gpu,
-        dataloader_pin_memory=on_gpu,
-    )
+    args = _sft_args(config, output_dir=output_dir, max_length=max_length, on_gpu=on_gpu)
     start_step = _StartStep()
     trainer = SFTTrainer(
         model=model,
