@@ -275,7 +275,7 @@ def show(
     line("created", f"{v.created_at:%Y-%m-%d %H:%M:%S %Z} by {v.created_by}")
     for key, value in v.lineage.items():
         line(f"lineage {key}", _plain(value))
-    profile = v.profile or {}
+    profile = v.profile.to_json() if v.profile else {}
     if not profile:
         line("profile", "none recorded")
     for key, value in profile.items():

@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # the registry (SQLAlchemy) and pydantic models load when the
     from loraflow.registry.service import Registry
     from loraflow.registry.settings import Settings
     from loraflow.registry.traffic import Kind
-    from loraflow.trainer.evaluate import OpenEndpoint
+    from loraflow.trainer.eval.run import OpenEndpoint
 
 DEFAULT_NAME = "demo-orders"
 STEPS = 9
@@ -238,12 +238,12 @@ class Demo:
     def _our_gateway(self) -> OpenEndpoint:
         """Evaluations go through the gateway the demo runs (rather than a gateway and engine of
         their own, another vLLM start)."""
-        from loraflow.trainer.evaluate import Endpoint
+        from loraflow.trainer.eval.run import Endpoint
 
         return lambda _base: nullcontext(Endpoint(self.url, info={"gateway": self.url}))
 
     def evaluate(self, version: VersionInfo, dataset: str) -> dict[str, Any]:
-        from loraflow.trainer.evaluate import evaluate
+        from loraflow.trainer.eval.run import evaluate
 
         with self.bars.step(f"evaluate {version.ref}") as report:
             result = evaluate(
@@ -258,7 +258,7 @@ class Demo:
         return result.report
 
     def _show_report(self, report: dict[str, Any]) -> None:
-        from loraflow.trainer.report_html import write_html
+        from loraflow.trainer.reports.eval_page import write_html
 
         primary = report["primary_metric"]
         for key, system in report["systems"].items():
@@ -416,7 +416,8 @@ class Demo:
         raise InvalidArgumentError(f"no redacted request was found in {self.settings.resolved_traffic_uri}")
 
     def _drift(self, since: datetime, until: datetime, *, html: Path | None = None) -> dict[str, Any]:
-        from loraflow.trainer.drift import drift_report, write_html
+        from loraflow.trainer.drift import drift_report
+        from loraflow.trainer.reports.drift_page import write_html
 
         with self.bars.step("drift against the training data"):
             version, report = drift_report(
@@ -451,10 +452,10 @@ class Demo:
 
     # -- 7-9 -------------------------------------------------------------------------
     def flywheel(self) -> VersionInfo:
-        from loraflow.trainer import flywheel
+        from loraflow.trainer.flywheel.cycle import run as run_cycle
 
         header(7, "flywheel: the corrected traffic becomes a dataset; v2 is trained and evaluated against v1")
-        cycle = flywheel.run(
+        cycle = run_cycle(
             self.registry,
             self.settings,
             self.name,

@@ -36,7 +36,8 @@ def drift(
 
     Example: loraflow drift support --window 24h --html drift.html
     """
-    from loraflow.trainer.drift import drift_report, write_html
+    from loraflow.trainer.drift import drift_report
+    from loraflow.trainer.reports.drift_page import write_html
 
     app = state(ctx)
     from loraflow.registry.traffic import parse_duration  # fsspec: only in the commands that use it

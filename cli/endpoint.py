@@ -3,7 +3,7 @@
 ``eval.gateway_url`` when it is set; otherwise a gateway and its engine started in this process
 the way `loraflow serve` starts them (``loraflow.server.app.build_app`` served by
 ``loraflow.server.embedded``), with traffic sampling off, and stopped when the evaluation ends.
-The trainer only sees an :class:`~loraflow.trainer.evaluate.Endpoint`: it never starts a server.
+The trainer only sees an :class:`~loraflow.trainer.eval.run.Endpoint`: it never starts a server.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 
 if TYPE_CHECKING:
-    from loraflow.trainer.evaluate import Endpoint, OpenEndpoint
+    from loraflow.trainer.eval.run import Endpoint, OpenEndpoint
 
 
 def eval_endpoint(settings: Settings, registry: Registry) -> OpenEndpoint:
@@ -25,7 +25,7 @@ def eval_endpoint(settings: Settings, registry: Registry) -> OpenEndpoint:
 
     @contextmanager
     def open_endpoint(base_model: str) -> Iterator[Endpoint]:
-        from loraflow.trainer.evaluate import Endpoint
+        from loraflow.trainer.eval.run import Endpoint
 
         e = settings.eval
         if e.gateway_url:

@@ -33,7 +33,7 @@ def evaluate(
     """
     from loraflow.cli.adapters import adapter_ref
     from loraflow.cli.endpoint import eval_endpoint
-    from loraflow.trainer.evaluate import evaluate as run_eval
+    from loraflow.trainer.eval.run import evaluate as run_eval
 
     ref = str(adapter_ref(ctx, ref, param="NAME@vN", version_first=True))  # @vN, :ALIAS: default_adapter
     app = state(ctx)
@@ -49,7 +49,7 @@ def evaluate(
     report = result.report
     decision = app.registry.gate(report["adapter"], report["version"])
     if html is not None:
-        from loraflow.trainer.report_html import write_html
+        from loraflow.trainer.reports.eval_page import write_html
 
         write_html(report, html, gate=decision.to_json())
     if as_json:

@@ -65,7 +65,7 @@ def build_dataset(
 
     Example: loraflow flywheel build-dataset orders --since 7d --until now
     """
-    from loraflow.trainer.flywheel import build_dataset as build
+    from loraflow.trainer.flywheel.dataset import build_dataset as build
 
     app_state = state(ctx)
     settings = app_state.get_settings()
@@ -97,7 +97,7 @@ def run(
     Example: loraflow flywheel run support --since 7d
     """
     from loraflow.cli.endpoint import eval_endpoint
-    from loraflow.trainer.flywheel import run as run_cycle
+    from loraflow.trainer.flywheel.cycle import run as run_cycle
 
     app_state = state(ctx)
     settings = app_state.get_settings()

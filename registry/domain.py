@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, field_validator
 
+from loraflow.registry.drift import Profile
 from loraflow.registry.refs import Ref, version_ref
 
 VersionStatus = Literal["registered", "archived"]
@@ -40,7 +41,7 @@ class DatasetVersionInfo(_Record):
     digest: str
     counts: dict[str, int]
     lineage: dict[str, Any]
-    profile: dict[str, Any] | None = None
+    profile: Profile | None = None
     created_by: str
     created_at: datetime
 

@@ -3,8 +3,11 @@ The gateway computes them on every request (``loraflow.server.traffic.live``); `
 records the reference histograms; ``loraflow drift`` (``loraflow.trainer.drift``) turns a window
 of sampled traffic into a stored report.
 
+- :class:`Profile`: what a training split looks like, recorded with its dataset version by
+  ``data prepare`` and the flywheel, read by the gateway and ``loraflow drift``; the one
+  owner of that schema.
 - :class:`Histogram`: the reference distribution of a length, as quantile bins of the
-  training split (recorded in the dataset profile by ``data prepare``).
+  training split (a profile's ``lengths``).
 - :func:`psi`: the population stability index of live values against it. The usual reading:
   below 0.1 stable, 0.1 to 0.25 worth watching, above 0.25 act.
 - :func:`json_valid`, :func:`is_refusal_or_empty`: per-answer checks; :func:`answer` records
@@ -22,6 +25,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 Verdict = Literal["ok", "watch", "act", "unknown"]
 
@@ -55,16 +60,64 @@ class Histogram:
             float(c)
             for c in sorted({ordered[max(0, math.ceil(n * i / bins) - 1)] for i in range(1, bins + 1)})
         ]
-        return cls(edges=edges, shares=shares(edges, ordered), n=n)
+        return cls(edges=edges, shares=[round(x, 6) for x in shares(edges, ordered)], n=n)
+
+
+class TokenStats(BaseModel):
+    """Tokens per example (prompt and answer, as the base's tokenizer counts them)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    total: int = 0
+    min: int | None = None
+    p50: int | None = None
+    p90: int | None = None
+    p99: int | None = None
+    max: int | None = None
+    mean: float | None = None
+
+
+class FormatProfile(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    json_share: float | None = None  # the share of answers that parse as JSON
+
+
+class EmbeddingProfile(BaseModel):
+    """Centroid and spread of the split's prompts embedded by ``model``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    dim: int
+    n: int
+    centroid: list[float]
+    cosine_to_centroid: dict[str, float] = {}  # mean, std, p10, p50, p90
+
+
+class Profile(BaseModel):
+    """A training split's profile, what drift is measured against. Every field is optional, and
+    keys of older profiles are kept as they were (``extra``), so a dataset prepared by any
+    release still reads; its JSON leaves out what was not recorded."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    tokens: TokenStats | None = None
+    lengths: dict[str, Histogram] = {}  # "prompt_tokens", "output_tokens": as the engine counts them
+    format: FormatProfile | None = None
+    embedding: EmbeddingProfile | None = None
+
+    @property
+    def json_share(self) -> float | None:
+        return self.format.json_share if self.format else None
+
+    @model_serializer(mode="wrap")
+    def _recorded_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None and v != {}}
 
     def to_json(self) -> dict[str, Any]:
-        return {"edges": self.edges, "shares": [round(s, 6) for s in self.shares], "n": self.n}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Histogram:
-        return cls(
-            edges=[float(e) for e in data["edges"]], shares=[float(s) for s in data["shares"]], n=data["n"]
-        )
+        return self.model_dump(mode="json")
 
 
 def shares(edges: Sequence[float], values: Sequence[float]) -> list[float]:
@@ -118,16 +171,16 @@ class Answer:
 
 
 def window_figures(
-    rows: list[Answer], ratings: list[int], profile: dict[str, Any] | None
+    rows: list[Answer], ratings: list[int], profile: Profile | None
 ) -> dict[str, float | None]:
     """PSI of prompt and output lengths against the profile, format validity, refusal and
     negative-feedback rates. Each is None where it cannot be computed."""
-    lengths = (profile or {}).get("lengths") or {}
+    lengths = profile.lengths if profile else {}
     figures: dict[str, float | None] = {"requests": float(len(rows))}
     for feature in ("prompt_tokens", "output_tokens"):
         values = [getattr(r, feature) for r in rows if getattr(r, feature) is not None]
         ref = lengths.get(feature)
-        figures[f"psi_{feature}"] = psi(Histogram.from_json(ref), values) if ref and values else None
+        figures[f"psi_{feature}"] = psi(ref, values) if ref and values else None
     figures["format_valid_rate"] = sum(r.json_ok for r in rows) / len(rows) if rows else None
     figures["refusal_rate"] = sum(r.refusal for r in rows) / len(rows) if rows else None
     figures["negative_feedback_rate"] = sum(1 for r in ratings if r < 0) / len(ratings) if ratings else None

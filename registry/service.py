@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from loraflow.registry import domain, gate
 from loraflow.registry.adapter_files import ADAPTER_FILES, inspect_adapter
 from loraflow.registry.basemodel import BaseModelInfo, resolve_base_model, template_hash_of, template_matches
+from loraflow.registry.drift import Profile
 from loraflow.registry.errors import (
     ConflictError,
     GateRefusedError,
@@ -355,7 +356,7 @@ class Registry:
         *,
         counts: dict[str, int],
         lineage: dict[str, Any],
-        profile: dict[str, Any] | None,
+        profile: Profile | None,
     ) -> domain.DatasetVersionInfo:
         """Store a dataset's split files under their digest, then register its next version (files
         before the row). The same splits twice are a :class:`ConflictError` naming the version."""

@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from loraflow.registry import domain
+from loraflow.registry.drift import Profile
 from loraflow.registry.errors import ConflictError, InvalidAdapterError, InvalidArgumentError, NotFoundError
 from loraflow.registry.models import (
     Adapter,
@@ -690,7 +691,7 @@ class MetadataStore:
         digest: str,
         counts: dict[str, int],
         lineage: dict[str, Any],
-        profile: dict[str, Any] | None,
+        profile: Profile | None,
         actor: str,
         description: str | None = None,
     ) -> domain.DatasetVersionInfo:
@@ -721,7 +722,7 @@ class MetadataStore:
                 digest=digest,
                 counts=counts,
                 lineage=lineage,
-                profile=profile,
+                profile=profile.to_json() if profile else None,
                 created_by=actor,
             )
             s.add(row)

@@ -30,6 +30,7 @@ from typing import Any
 
 from loraflow.registry import domain
 from loraflow.registry.basemodel import template_matches
+from loraflow.registry.drift import Profile
 from loraflow.registry.errors import LoraflowError, NotFoundError, UnavailableError
 from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref, version_ref
 from loraflow.registry.service import Registry
@@ -57,7 +58,7 @@ class Snapshot:
     adapters: dict[str, domain.AdapterInfo] = field(default_factory=dict)
     versions: dict[str, domain.VersionInfo] = field(default_factory=dict)  # "NAME@vN"
     keys: dict[str, domain.ApiKeyInfo] = field(default_factory=dict)  # sha256 -> active key
-    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)  # "NAME@vN" -> training profile
+    profiles: dict[str, Profile] = field(default_factory=dict)  # "NAME@vN" -> training profile
     drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # "NAME@vN" -> latest drift report
 
     @cached_property
@@ -96,7 +97,7 @@ class Router:
         # (replica URL, engine name) -> (when to try again, the wait after that) for failed preloads.
         self._retries: dict[tuple[str, str], tuple[float, float]] = {}
         self._incoming: Snapshot | None = None  # the snapshot being preloaded, until it is swapped in
-        self._profiles: dict[str, dict[str, Any] | None] = {}  # dataset "NAME@vK" -> profile (immutable)
+        self._profiles: dict[str, Profile | None] = {}  # dataset "NAME@vK" -> profile (immutable)
 
     # -- resolution --------------------------------------------------------------
     def resolve(self, model: str) -> Target:
@@ -162,7 +163,7 @@ class Router:
             revision=revision, adapters=adapters, versions=versions, keys=keys, profiles=profiles, drift=drift
         )
 
-    def _profile(self, dataset: str) -> dict[str, Any] | None:
+    def _profile(self, dataset: str) -> Profile | None:
         if dataset not in self._profiles:
             try:
                 self._profiles[dataset] = self.registry.get_dataset(dataset).profile

@@ -225,9 +225,16 @@ def register_dataset(
     """A dataset version registered through the ``Registry`` facade over real split files: a
     train split of one example (``marker`` in it, so different markers give different digests)
     with the ``counts``, ``lineage`` and ``profile`` a test wants to see."""
+    from loraflow.registry.drift import Profile
+
     folder.mkdir(parents=True, exist_ok=True)
     row = {"messages": [{"role": "user", "content": f"q {marker}"}, {"role": "assistant", "content": "a"}]}
     (folder / "train.jsonl").write_text(json.dumps(row) + "\n")
     return reg.register_dataset(
-        name, folder, ("train.jsonl",), counts=counts or {"train": 1}, lineage=lineage or {}, profile=profile
+        name,
+        folder,
+        ("train.jsonl",),
+        counts=counts or {"train": 1},
+        lineage=lineage or {},
+        profile=Profile.model_validate(profile) if profile is not None else None,
     )

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import random
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from loraflow.registry import domain
 from loraflow.registry.drift import (
     Answer,
-    Histogram,
+    Profile,
     Verdict,
     answer,
-    figure_verdict,
     shares,
     verdict,
     window_figures,
@@ -93,12 +91,12 @@ def embedding_drift(
 
 
 def _verdicts(
-    figures: dict[str, float | None], profile: dict[str, Any] | None, settings: DriftSettings, enough: bool
+    figures: dict[str, float | None], profile: Profile | None, settings: DriftSettings, enough: bool
 ) -> dict[str, Verdict]:
     out: dict[str, Verdict] = {}
     for feature in ("psi_prompt_tokens", "psi_output_tokens"):
         out[feature] = verdict(figures.get(feature), settings.psi_watch, settings.psi_act)
-    share = ((profile or {}).get("format") or {}).get("json_share")
+    share = profile.json_share if profile else None
     valid = figures.get("format_valid_rate")
     if share is not None and share >= 0.5 and valid is not None:  # a task whose answers are JSON
         out["format_valid_rate"] = verdict(
@@ -120,11 +118,10 @@ def _verdicts(
     return out
 
 
-def _histograms(profile: dict[str, Any] | None, answers: list[Answer]) -> dict[str, Any]:
+def _histograms(profile: Profile | None, answers: list[Answer]) -> dict[str, Any]:
     """Per length: the bins, the training shares and the live shares (the report's charts)."""
     out = {}
-    for feature, ref in ((profile or {}).get("lengths") or {}).items():
-        hist = Histogram.from_json(ref)
+    for feature, hist in (profile.lengths if profile else {}).items():
         values = [getattr(a, feature) for a in answers if getattr(a, feature) is not None]
         out[feature] = {"edges": hist.edges, "train": hist.shares, "live": shares(hist.edges, values)}
     return out
@@ -186,7 +183,7 @@ def drift_report(
         notes.append("embedding drift not computed (--no-embeddings)")
     elif not version.dataset:
         notes.append("the version records no training dataset: nothing to compare prompts with")
-    if profile is None or "lengths" not in profile:
+    if profile is None or not profile.lengths:
         notes.append("the training dataset has no length profile (prepared before loraflow 0.x): no PSI")
     verdicts = _verdicts(figures, profile, settings, enough)
     overall = max(verdicts.values(), key=lambda v: VERDICT_ORDER[v], default="unknown")
@@ -204,41 +201,3 @@ def drift_report(
         "notes": notes,
     }
     return version, report
-
-
-def write_html(report: dict[str, Any], path: Path) -> Path:
-    """The report as one self-contained page: the figures with their verdicts, and a chart per length."""
-    try:
-        import jinja2
-    except ImportError as exc:
-        from loraflow.registry.errors import MissingDependencyError
-
-        raise MissingDependencyError("the HTML report needs pip install 'loraflow[eval]'") from exc
-    from loraflow.trainer.charts import figure, svg
-    from loraflow.trainer.report_html import TEMPLATES
-
-    charts = []
-    for feature, hist in report["histograms"].items():
-        fig = figure(6.0, 2.6)
-        ax = fig.add_subplot()
-        labels = [f"≤{e:g}" for e in hist["edges"]] + [f">{hist['edges'][-1]:g}"]
-        xs = list(range(len(labels)))
-        ax.bar([x - 0.2 for x in xs], hist["train"], width=0.4, label="training split", color="#7f7f7f")
-        ax.bar([x + 0.2 for x in xs], hist["live"], width=0.4, label="live traffic", color="#d62728")
-        ax.set_xticks(xs, labels, rotation=45, fontsize=7)
-        ax.set_ylabel("share")
-        ax.set_title(feature.replace("_", " "))
-        ax.legend(fontsize=7)
-        charts.append(svg(fig, f"drift-{feature}"))
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2"), default=True),
-        undefined=jinja2.StrictUndefined,
-    )
-    rows = [
-        (name, value, figure_verdict(report["verdicts"], name)) for name, value in report["figures"].items()
-    ]
-    page = env.get_template("drift_report.html.j2").render(report=report, rows=rows, charts=charts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path

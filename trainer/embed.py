@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from loraflow.registry.drift import EmbeddingProfile
 from loraflow.registry.errors import MissingDependencyError
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -34,7 +35,7 @@ class Embedder:
         return self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
 
 
-def embedding_profile(embedder: Embedder, texts: list[str]) -> dict[str, Any]:
+def embedding_profile(embedder: Embedder, texts: list[str]) -> EmbeddingProfile:
     """Centroid and spread of a text sample, the reference live traffic is compared against."""
     import numpy as np
 
@@ -42,16 +43,16 @@ def embedding_profile(embedder: Embedder, texts: list[str]) -> dict[str, Any]:
     centroid = vectors.mean(axis=0)
     norm = float(np.linalg.norm(centroid)) or 1.0
     cosines = vectors @ (centroid / norm)
-    return {
-        "model": MODEL_NAME,
-        "dim": embedder.dim,
-        "n": len(texts),
-        "centroid": [round(float(x), 6) for x in centroid],
-        "cosine_to_centroid": {
+    return EmbeddingProfile(
+        model=MODEL_NAME,
+        dim=embedder.dim,
+        n=len(texts),
+        centroid=[round(float(x), 6) for x in centroid],
+        cosine_to_centroid={
             "mean": round(float(cosines.mean()), 6),
             "std": round(float(cosines.std()), 6),
             "p10": round(float(np.quantile(cosines, 0.1)), 6),
             "p50": round(float(np.quantile(cosines, 0.5)), 6),
             "p90": round(float(np.quantile(cosines, 0.9)), 6),
         },
-    }
+    )

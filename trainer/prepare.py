@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.registry import domain
-from loraflow.registry.drift import Histogram, json_valid
+from loraflow.registry.drift import FormatProfile, Histogram, Profile, TokenStats, json_valid
 from loraflow.registry.errors import InvalidArgumentError
 from loraflow.registry.service import Registry
 from loraflow.trainer.data import Example, Validation, token_stats
@@ -126,24 +126,28 @@ def overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
     return {f"{a}-{b}": len(prints[a] & prints[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]}
 
 
-def split_profile(train: list[Example], embedder: Embedder | None) -> dict[str, Any]:
+def split_profile(train: list[Example], embedder: Embedder | None) -> Profile:
     """What drift is measured against: token lengths (totals, and quantile bins of prompt and output
     lengths as the engine counts them), the share of answers that are JSON, and prompt embeddings."""
-    profile: dict[str, Any] = {"tokens": token_stats([e.tokens for e in train if e.tokens is not None])}
     counted = [e for e in train if e.tokens is not None and e.prompt_tokens is not None]
+    lengths = {}
     if counted:
-        profile["lengths"] = {
-            "prompt_tokens": Histogram.from_values([e.prompt_tokens or 0 for e in counted]).to_json(),
+        lengths = {
+            "prompt_tokens": Histogram.from_values([e.prompt_tokens or 0 for e in counted]),
             # the answer, its end-of-turn token included: the engine's completion_tokens
             "output_tokens": Histogram.from_values(
                 [(e.tokens or 0) - (e.prompt_tokens or 0) for e in counted]
-            ).to_json(),
+            ),
         }
     answers = [e.messages[-1].content for e in train]
-    profile["format"] = {"json_share": round(sum(json_valid(a) for a in answers) / len(answers), 6)}
-    if embedder is not None:
-        profile["embedding"] = embedding_profile(embedder, [e.prompt_text() for e in train])
-    return profile
+    return Profile(
+        tokens=TokenStats.model_validate(token_stats([e.tokens for e in train if e.tokens is not None])),
+        lengths=lengths,
+        format=FormatProfile(json_share=round(sum(json_valid(a) for a in answers) / len(answers), 6)),
+        embedding=(
+            embedding_profile(embedder, [e.prompt_text() for e in train]) if embedder is not None else None
+        ),
+    )
 
 
 def prepare(
@@ -213,14 +217,14 @@ def prepare(
 
 
 def write_dataset_files(
-    folder: Path, rows: dict[str, list[dict[str, Any]]], profile: dict[str, Any], report: dict[str, Any]
+    folder: Path, rows: dict[str, list[dict[str, Any]]], profile: Profile, report: dict[str, Any]
 ) -> None:
     """The files of a dataset version (:data:`DATA_FILES`): one JSONL per split, the profile, the report."""
     for name in SPLITS:
         with (folder / f"{name}.jsonl").open("w") as fh:
             for row in rows.get(name, []):
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (folder / "profile.json").write_text(json.dumps(profile, indent=2))
+    (folder / "profile.json").write_text(json.dumps(profile.to_json(), indent=2))
     (folder / "report.json").write_text(json.dumps(report, indent=2))
 
 

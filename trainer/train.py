@@ -41,7 +41,7 @@ from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from loraflow.trainer.config import TrainConfig
 from loraflow.trainer.data import validate_records
-from loraflow.trainer.heldout import generation_report
+from loraflow.trainer.eval.heldout import generation_report
 from loraflow.trainer.model import load_tokenizer, locate_base_model, token_counter
 from loraflow.trainer.prepare import load_split
 

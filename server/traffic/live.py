@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loraflow.registry.drift import Answer, answer, window_figures
+from loraflow.registry.drift import Answer, Profile, answer, window_figures
 from loraflow.registry.refs import parse_ref, version_ref
 from loraflow.registry.settings import DriftSettings
 
@@ -40,7 +40,7 @@ class LiveDrift:
         window = self.ratings.setdefault((adapter, version), deque(maxlen=self.settings.window_max_requests))
         window.append((self.clock(), rating))
 
-    def figures(self, key: VersionKey, profile: dict[str, Any] | None) -> dict[str, float | None]:
+    def figures(self, key: VersionKey, profile: Profile | None) -> dict[str, float | None]:
         since = self.clock() - self.settings.window_s
         answers = [a for a in self.answers.get(key, ()) if a.at >= since]
         ratings = [r for t, r in self.ratings.get(key, ()) if t >= since]
@@ -60,7 +60,7 @@ class DriftCollector(Collector):
     def __init__(
         self,
         live: LiveDrift,
-        profiles: Callable[[], dict[str, dict[str, Any]]],
+        profiles: Callable[[], dict[str, Profile]],
         reports: Callable[[], dict[str, dict[str, Any]]],
     ) -> None:
         self.live = live

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from loraflow.trainer.report_html import render_html, write_html
+from loraflow.trainer.reports.eval_page import render_html, write_html
 from tests.conftest import CHROMIUM_ENV, REQUIRE_ENV
 
 METRICS = ["exact_match", "token_f1", "rouge_l", "json_valid", "label_accuracy", "output_tokens", "latency_s"]

@@ -16,9 +16,9 @@ from loraflow.registry.keys import create_key
 from loraflow.registry.settings import LmEvalSettings
 from loraflow.server.embedded import serve_in_thread
 from loraflow.server.engine.supervisor import free_port
-from loraflow.trainer.generation import GatewayClient
-from loraflow.trainer.lm_eval_suite import LmEvalSuites
-from loraflow.trainer.scoring import Bootstrap
+from loraflow.trainer.eval.client import GatewayClient
+from loraflow.trainer.eval.lm_eval_suite import LmEvalSuites
+from loraflow.trainer.eval.scoring import Bootstrap
 from tests.factories import CAPITALS, write_lm_eval_tasks
 from tests.fake_vllm import BASE_ID, Setup, gateway, gateway_setup
 

@@ -56,8 +56,9 @@ def test_wheel_has_only_the_loraflow_package_and_every_module(tmp_path: Path) ->
     missing = [str(p) for p in _sources() if f"loraflow/{p.as_posix()}" not in names]
     assert not missing, f"modules left out of the wheel (add their package to pyproject.toml): {missing}"
     assert "loraflow/registry/migrations/script.py.mako" in names
-    assert "loraflow/trainer/templates/eval_report.html.j2" in names  # the eval report's page
-    assert "loraflow/trainer/regression/general.jsonl" in names  # the built-in regression suite
+    assert "loraflow/trainer/reports/templates/eval_report.html.j2" in names  # the eval report's page
+    assert "loraflow/trainer/reports/templates/drift_report.html.j2" in names
+    assert "loraflow/trainer/eval/regression/general.jsonl" in names  # the built-in regression suite
     entry_points = (
         zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     )

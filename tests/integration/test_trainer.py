@@ -129,8 +129,9 @@ def test_prepare_dedups_splits_and_profiles(workspace: dict[str, Any]) -> None:
     assert report["overlap_after_normalization"] == {"train-val": 0, "train-test": 0, "val-test": 0}
     assert report["stratified_by_label"] is True
     assert ds.profile is not None
-    assert ds.profile["tokens"]["total"] > 0 and ds.profile["tokens"]["max"] <= 256
-    assert ds.profile["embedding"]["dim"] == 384 and len(ds.profile["embedding"]["centroid"]) == 384
+    assert ds.profile.tokens is not None and ds.profile.embedding is not None
+    assert ds.profile.tokens.total > 0 and (ds.profile.tokens.max or 0) <= 256
+    assert ds.profile.embedding.dim == 384 and len(ds.profile.embedding.centroid) == 384
     assert ds.lineage["kind"] == "file" and ds.lineage["seed"] == 0
     # Stratified: both labels appear in every split in about the input proportions.
     from loraflow.trainer.prepare import load_split
@@ -222,7 +223,7 @@ def test_the_registered_adapter_emits_json_and_stops_by_itself(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraflow.trainer.heldout import generate
+    from loraflow.trainer.eval.heldout import generate
     from loraflow.trainer.prepare import load_split
 
     reg: Registry = workspace["registry"]

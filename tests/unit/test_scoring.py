@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loraflow.registry.errors import InvalidArgumentError
-from loraflow.trainer.judge import parse_verdict
-from loraflow.trainer.scoring import (
+from loraflow.trainer.eval.judge import parse_verdict
+from loraflow.trainer.eval.scoring import (
     Bootstrap,
     Generation,
     Reference,

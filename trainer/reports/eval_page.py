@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraflow.registry.errors import MissingDependencyError
 from loraflow.registry.gate import regression_suites
-from loraflow.trainer.charts import figure, svg
+from loraflow.trainer.reports.charts import figure, svg
+from loraflow.trainer.reports.render import environment, write_page
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "eval_report.html.j2"
 # The differences table lists at most this many examples; the heatmap shows a few more.
 MAX_DIFFERENCE_ROWS = 50
@@ -82,25 +81,12 @@ class ExampleRow:
 
 def render_html(report: dict[str, Any], *, gate: dict[str, Any] | None = None) -> str:
     """The report as one HTML5 page; ``gate`` is the promotion gate's verdict, shown when given."""
-    try:
-        import jinja2
-    except ImportError as exc:
-        raise MissingDependencyError("the HTML report needs pip install 'loraflow[eval]'") from exc
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2"), default=True),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    return env.get_template(TEMPLATE).render(_context(report, gate))
+    return environment().get_template(TEMPLATE).render(_context(report, gate))
 
 
 def write_html(report: dict[str, Any], path: Path, *, gate: dict[str, Any] | None = None) -> Path:
     """Render the page to ``path`` (UTF-8), creating its folder; returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(report, gate=gate), encoding="utf-8")
-    return path
+    return write_page(render_html(report, gate=gate), path)
 
 
 # ---------------------------------------------------------------- formatting

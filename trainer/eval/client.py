@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from loraflow.registry.errors import EngineUnavailableError, InvalidArgumentError
-from loraflow.trainer.scoring import Generation
+from loraflow.trainer.eval.scoring import Generation
 
 
 class GatewayClient:

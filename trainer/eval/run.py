@@ -9,9 +9,9 @@
    the best prompt (a system prompt plus ``eval.few_shot`` examples drawn from
    the *training* split), (b) production, if there is one, (c) the candidate.
    Adapters get the system prompt they were trained with.
-3. :mod:`loraflow.trainer.scoring` scores them; every comparison carries a paired
+3. :mod:`loraflow.trainer.eval.scoring` scores them; every comparison carries a paired
    bootstrap interval. The built-in regression suite, optional lm-eval tasks
-   (:mod:`loraflow.trainer.lm_eval_suite`) and an optional judge run too.
+   (:mod:`loraflow.trainer.eval.lm_eval_suite`) and an optional judge run too.
 4. The report is stored on the version (with the dataset version, the split's
    digest, the engine and the settings) for the promotion gate to read.
 """
@@ -34,12 +34,19 @@ from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from loraflow.trainer.data import BadLine, Example, normalize
-from loraflow.trainer.generation import GatewayClient
-from loraflow.trainer.judge import Judge, JudgeItem
-from loraflow.trainer.lm_eval_suite import LmEvalSuites
+from loraflow.trainer.eval.client import GatewayClient
+from loraflow.trainer.eval.judge import Judge, JudgeItem
+from loraflow.trainer.eval.lm_eval_suite import LmEvalSuites
+from loraflow.trainer.eval.regression_suite import SUITE_METRIC, SUITE_NAME, load_suite, suite_entry
+from loraflow.trainer.eval.scoring import (
+    HIGHER_IS_BETTER,
+    Bootstrap,
+    Generation,
+    Reference,
+    ScoredSystem,
+    Task,
+)
 from loraflow.trainer.prepare import SPLITS, fingerprint, load_split, split_rows
-from loraflow.trainer.regression_suite import SUITE_METRIC, SUITE_NAME, load_suite, suite_entry
-from loraflow.trainer.scoring import HIGHER_IS_BETTER, Bootstrap, Generation, Reference, ScoredSystem, Task
 
 REPORT_SCHEMA = 1
 DEFAULT_BASE_SYSTEM_PROMPT = "Answer exactly in the format the examples show."

@@ -2,7 +2,7 @@
 
 Each system (prompted base, production, candidate) runs the configured tasks with
 lm-eval's ``local-chat-completions`` model against the same gateway that
-:mod:`loraflow.trainer.evaluate` generates through, so the answers come from what
+:mod:`loraflow.trainer.eval.run` generates through, so the answers come from what
 users are served. Tasks run as written: no system prompt, the task's own few-shot
 setting. Only ``generate_until`` tasks can run through a chat endpoint (the others
 need prompt log-probabilities), and that is checked before anything is generated.
@@ -24,9 +24,9 @@ from typing import Any
 
 from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
 from loraflow.registry.settings import LmEvalSettings
-from loraflow.trainer.generation import GatewayClient
-from loraflow.trainer.regression_suite import suite_entry
-from loraflow.trainer.scoring import Bootstrap
+from loraflow.trainer.eval.client import GatewayClient
+from loraflow.trainer.eval.regression_suite import suite_entry
+from loraflow.trainer.eval.scoring import Bootstrap
 
 log = logging.getLogger("loraflow.lm_eval")
 

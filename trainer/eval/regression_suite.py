@@ -1,6 +1,6 @@
 """The built-in regression suite: general prompts an adapter must not forget how to answer.
 
-Small and offline (``trainer/regression/general.jsonl``, shipped with the package).
+Small and offline (``trainer/eval/regression/general.jsonl``, shipped with the package).
 Each system answers the suite's prompts as written, without the task's system
 prompt or few-shot examples; the score is token F1 against the reference.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraflow.trainer.scoring import Bootstrap
+from loraflow.trainer.eval.scoring import Bootstrap
 
 SUITE_FILE = Path(__file__).parent / "regression" / "general.jsonl"
 SUITE_NAME = "builtin-general"

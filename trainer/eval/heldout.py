@@ -1,6 +1,6 @@
 """Training's end-of-run evaluation: the adapter against its bare base, through PEFT ``generate``.
 
-Greedy, with the serving chat template. The scoring is :mod:`loraflow.trainer.scoring`,
+Greedy, with the serving chat template. The scoring is :mod:`loraflow.trainer.eval.scoring`,
 the same scorers ``loraflow eval`` uses on vLLM's answers; only the generator
 differs (the model still in memory, so a run reports without starting an engine).
 Every held-out output is kept, so the same prompts can be checked against vLLM later.
@@ -12,7 +12,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from loraflow.trainer.scoring import Bootstrap, Generation, Reference, ScoredSystem, Task
+from loraflow.trainer.eval.scoring import Bootstrap, Generation, Reference, ScoredSystem, Task
 
 
 def generate(model: Any, tokenizer: Any, prompt: list[dict[str, str]], *, max_new_tokens: int) -> Generation:
