@@ -9,9 +9,12 @@ folder by default, object storage in production)::
 Every line is one JSON object: a request record (``request_id``, ``at``, ``adapter``,
 ``version``, the redacted ``request`` and ``response``, usage, latency, status, ...) or a
 feedback record (``request_id``, ``at``, ``rating``, the redacted ``correction`` and
-``comment``). Nothing here redacts: the gateway's writer redacts before it calls
-:meth:`TrafficStore.write`. A file appears whole or not at all (local: written aside and
-renamed; object stores: one PUT).
+``comment``). Redaction is the store's write boundary: :meth:`TrafficStore.write` takes only
+a :class:`RedactedBatch`, and only :meth:`TrafficStore.redact` makes one, by passing the
+free-text fields of every record through a redactor (:class:`~loraflow.registry.redact.Redactor`,
+built in the gateway's writer process: Presidio never loads in the request path or a plain
+CLI command). A file appears whole or not at all (local: written aside and renamed; object
+stores: one PUT).
 
 Request ids carry the UTC date they were made on (``req-YYYYMMDD-<hex>``), so a feedback
 for a request written by another gateway is found by reading one day's partitions.
@@ -21,14 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from loraflow.registry.errors import InvalidArgumentError
 
@@ -36,6 +40,13 @@ Kind = Literal["requests", "feedback"]
 KINDS: tuple[Kind, ...] = ("requests", "feedback")
 _PARTITION = re.compile(r"adapter=(?P<adapter>[^/]+)/date=(?P<date>\d{4}-\d{2}-\d{2})$")
 _REQUEST_ID = re.compile(r"^req-(?P<date>\d{8})-[0-9a-f]{32}$")
+# The fields of a record that hold what people wrote or models answered: each is redacted whole.
+FREE_TEXT: dict[Kind, tuple[str, ...]] = {
+    "requests": ("request", "response"),
+    "feedback": ("correction", "comment"),
+}
+_SEALED = object()
+log = logging.getLogger(__name__)
 
 
 _DURATION = re.compile(r"^(?P<n>\d+)(?P<unit>[smhdw])$")
@@ -94,6 +105,28 @@ class Purged:
     records_deleted: int
 
 
+class ValueRedactor(Protocol):
+    """What the store needs of a redactor: :class:`~loraflow.registry.redact.Redactor` is one."""
+
+    def redact_value(self, value: object) -> tuple[object, Counter[str]]: ...
+
+
+@dataclass(frozen=True)
+class RedactedBatch:
+    """Records of one kind as a redactor left them: the only thing :meth:`TrafficStore.write` takes.
+    Made by :meth:`TrafficStore.redact`; built any other way it raises ``TypeError``."""
+
+    kind: Kind
+    records: tuple[dict[str, Any], ...]
+    found: Counter[str]  # PII and secret spans replaced, by class
+    dropped: int  # records the redactor failed on: never written
+    seal: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.seal is not _SEALED:
+            raise TypeError("a RedactedBatch is made by TrafficStore.redact, never by hand")
+
+
 class TrafficStore:
     def __init__(self, uri: str, *, writer: str | None = None) -> None:
         from fsspec.implementations.local import LocalFileSystem  # only once a store is opened
@@ -113,10 +146,37 @@ class TrafficStore:
         return f"{self.root}/adapter={adapter}/date={day.isoformat()}"
 
     # -- writing -----------------------------------------------------------------
-    def write(self, kind: Kind, records: Iterable[dict[str, Any]]) -> list[str]:
-        """Write records (each with ``adapter`` and ``at``), one file per partition. Returns the paths."""
-        groups: dict[tuple[str, date], list[dict[str, Any]]] = defaultdict(list)
+    @staticmethod
+    def redact(kind: Kind, records: Iterable[dict[str, Any]], redactor: ValueRedactor) -> RedactedBatch:
+        """Every record with its :data:`FREE_TEXT` fields redacted and what was found under
+        ``redacted``. A record the redactor fails on is dropped (and counted), never written as it
+        was: one text Presidio chokes on must not take the batch with it."""
+        out: list[dict[str, Any]] = []
+        found: Counter[str] = Counter()
+        dropped = 0
         for record in records:
+            try:
+                redacted = dict(record)
+                spans: Counter[str] = Counter()
+                for name in FREE_TEXT[kind]:
+                    if name in record:
+                        redacted[name], counts = redactor.redact_value(record[name])
+                        spans.update(counts)
+            except Exception:
+                log.exception("could not redact a %s record; dropped", kind)
+                dropped += 1
+                continue
+            redacted["redacted"] = dict(spans)
+            out.append(_writable(redacted))
+            found.update(spans)
+        return RedactedBatch(kind=kind, records=tuple(out), found=found, dropped=dropped, seal=_SEALED)
+
+    def write(self, batch: RedactedBatch) -> list[str]:
+        """Write a redacted batch (each record with ``adapter`` and ``at``), one file per partition.
+        Returns the paths."""
+        kind = batch.kind
+        groups: dict[tuple[str, date], list[dict[str, Any]]] = defaultdict(list)
+        for record in batch.records:
             groups[(record["adapter"], record_time(record).astimezone(UTC).date())].append(record)
         paths = []
         for (adapter, day), group in sorted(groups.items()):
@@ -231,3 +291,26 @@ class TrafficStore:
     def expired_before(self, retention_days: int, *, today: date | None = None) -> date:
         """The first day still kept under a retention of ``retention_days``."""
         return (today or datetime.now(UTC).date()) - timedelta(days=retention_days - 1)
+
+
+def _writable(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as the store can encode it. A lone UTF-16 surrogate (``"\\ud800"`` in an engine's
+    JSON) is valid JSON text and a valid Python string, but not Unicode: UTF-8 cannot encode it,
+    and the write of the whole batch would fail with it. It becomes U+FFFD here."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        cleaned = _no_surrogates(record)
+        assert isinstance(cleaned, dict)
+        return cleaned
+    return record
+
+
+def _no_surrogates(value: object) -> object:
+    if isinstance(value, str):
+        return "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in value)
+    if isinstance(value, dict):
+        return {_no_surrogates(k): _no_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_surrogates(v) for v in value]
+    return value

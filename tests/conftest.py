@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -23,6 +24,9 @@ from sqlalchemy.engine import make_url
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from tests.factories import make_base
+
+if TYPE_CHECKING:
+    from loraflow.registry.redact import Redactor
 
 PG_ENV = "LORAFLOW_TEST_DATABASE_URL"
 # Set by .ci/run: a tier whose real component is missing fails instead of skipping.
@@ -116,6 +120,15 @@ def registry(settings: Settings) -> Iterator[Registry]:
     reg = Registry.open(settings)
     yield reg
     reg.close()
+
+
+@pytest.fixture(scope="session")
+def redactor(tmp_path_factory: pytest.TempPathFactory) -> Redactor:
+    """The real redactor (Presidio), built once: what a test writes to a traffic store goes through it,
+    as the gateway's writer sends it."""
+    from loraflow.registry.redact import Redactor
+
+    return Redactor(key=b"test-key", cache_dir=tmp_path_factory.mktemp("redact"))
 
 
 @pytest.fixture

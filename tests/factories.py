@@ -238,3 +238,14 @@ def register_dataset(
         lineage=lineage or {},
         profile=Profile.model_validate(profile) if profile is not None else None,
     )
+
+
+def write_traffic(
+    store: Any, kind: Any, records: list[dict[str, Any]], redactor: Any
+) -> list[dict[str, Any]]:
+    """``records`` into a traffic store the one way there is, through its redacting boundary (as the
+    gateway's writer writes them); returns them as stored."""
+    batch = store.redact(kind, records, redactor)
+    assert batch.dropped == 0
+    store.write(batch)
+    return list(batch.records)

@@ -1,4 +1,5 @@
-"""The traffic writer: takes records off a bounded queue, redacts them, writes them in batches.
+"""The traffic writer: takes records off a bounded queue and writes them in batches, each
+redacted on its way in by the store (:meth:`~loraflow.registry.traffic.TrafficStore.redact`).
 
 The recorder (on the event loop) only ever calls :meth:`Writer.put_nowait`. Behind it the same
 :class:`WriterLoop` runs in one of two places, chosen by ``traffic.writer``:
@@ -24,7 +25,6 @@ A write that fails is retried (``_WRITE_RETRIES``), then its records are dropped
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -106,7 +106,7 @@ class Writer(Protocol):
 
 
 class WriterLoop:
-    """Batches records off a queue, redacts every string in them, writes each batch to the store."""
+    """Batches records off a queue; the store redacts each batch with this loop's redactor and writes it."""
 
     def __init__(
         self,
@@ -158,32 +158,33 @@ class WriterLoop:
     def write(self, batch: list[Item]) -> None:
         started = time.thread_time()
         by_kind: dict[Kind, list[dict[str, Any]]] = {"requests": [], "feedback": []}
+        for kind, record in batch:
+            by_kind[kind].append(record)
         failed = 0
         found: Counter[str] = Counter()
-        for kind, record in batch:
-            try:
-                redacted, counts = self._redact(kind, record)
-            except Exception:  # one record Presidio chokes on must not take the batch with it
-                log.exception("could not redact a %s record; dropped", kind)
-                failed += 1
-                continue
-            by_kind[kind].append(redacted)
-            found.update(counts)
         written: Counter[str] = Counter()
         for kind, records in by_kind.items():
             if not records:
                 continue
+            redacted = self.store.redact(kind, records, self.redactor)
+            failed += redacted.dropped
+            found.update(redacted.found)
+            if not redacted.records:
+                continue
             for attempt, pause in enumerate((*_WRITE_RETRIES, None)):
                 try:
-                    self.store.write(kind, records)
-                    written[kind] += len(records)
+                    self.store.write(redacted)
+                    written[kind] += len(redacted.records)
                     break
                 except Exception as exc:
                     if pause is None:
                         log.error(
-                            "dropping %d %s records: the traffic sink failed: %s", len(records), kind, exc
+                            "dropping %d %s records: the traffic sink failed: %s",
+                            len(redacted.records),
+                            kind,
+                            exc,
                         )
-                        failed += len(records)
+                        failed += len(redacted.records)
                     else:
                         log.warning("traffic sink failed (try %d): %s", attempt + 1, exc)
                         time.sleep(pause)
@@ -196,39 +197,6 @@ class WriterLoop:
             stats = self._stats.copy()
         if self.report is not None:
             self.report(stats)
-
-    def _redact(self, kind: Kind, record: dict[str, Any]) -> tuple[dict[str, Any], Counter[str]]:
-        fields = ("request", "response") if kind == "requests" else ("correction", "comment")
-        out = dict(record)
-        found: Counter[str] = Counter()
-        for name in fields:
-            out[name], counts = self.redactor.redact_value(record[name])
-            found.update(counts)
-        out["redacted"] = dict(found)
-        return _writable(out), found
-
-
-def _writable(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` as the store can encode it. A lone UTF-16 surrogate (``"\\ud800"`` in an engine's
-    JSON) is valid JSON text and a valid Python string, but not Unicode: UTF-8 cannot encode it,
-    and the store's write of the whole batch would fail with it. It becomes U+FFFD here."""
-    try:
-        json.dumps(record, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        cleaned = _no_surrogates(record)
-        assert isinstance(cleaned, dict)
-        return cleaned
-    return record
-
-
-def _no_surrogates(value: object) -> object:
-    if isinstance(value, str):
-        return "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in value)
-    if isinstance(value, dict):
-        return {_no_surrogates(k): _no_surrogates(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_no_surrogates(v) for v in value]
-    return value
 
 
 class ThreadWriter:

@@ -15,10 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from loraflow.cli.main import app
+from loraflow.registry.redact import Redactor
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings, load_settings
 from loraflow.registry.traffic import TrafficStore, new_request_id
-from tests.factories import make_adapter, make_base
+from tests.factories import make_adapter, make_base, write_traffic
 from tests.services import Tiny
 
 LORAFLOW = Path(sys.executable).parent / "loraflow"
@@ -69,7 +70,9 @@ def feedback(req: dict[str, Any], rating: int, correction: str | None = None) ->
     }
 
 
-def traffic(settings: Settings, adapter: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def traffic(
+    settings: Settings, adapter: str, redactor: Redactor
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Nine requests: 4 rated +1, 2 corrected, 1 rated -1 alone, 1 unrated, 1 failed."""
     requests = [
         request(adapter, NOW - timedelta(minutes=40 - i), topic, status=500 if i == 8 else 200)
@@ -82,9 +85,9 @@ def traffic(settings: Settings, adapter: str) -> tuple[list[dict[str, Any]], lis
     ]
     given.append(feedback(requests[6], -1))
     store = TrafficStore(settings.resolved_traffic_uri)
-    store.write("requests", requests)
-    store.write("feedback", given)
-    return requests, given
+    return write_traffic(store, "requests", requests, redactor), write_traffic(
+        store, "feedback", given, redactor
+    )
 
 
 def register_fake(settings: Settings, tmp_path: Path, name: str) -> None:
@@ -123,10 +126,10 @@ def test_no_traffic_says_so_and_what_to_check(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
-def test_too_few_examples_is_refused_before_the_tokenizer_loads(tmp_path: Path) -> None:
+def test_too_few_examples_is_refused_before_the_tokenizer_loads(tmp_path: Path, redactor: Redactor) -> None:
     settings = load_settings()
     register_fake(settings, tmp_path, "support")
-    traffic(settings, "support")
+    traffic(settings, "support", redactor)
     result = CliRunner().invoke(
         app, ["flywheel", "build-dataset", "support", "--since", "2h", "--until", "now"]
     )
@@ -142,13 +145,15 @@ def test_too_few_examples_is_refused_before_the_tokenizer_loads(tmp_path: Path) 
 
 
 @pytest.mark.integration
-def test_build_dataset_from_rated_and_corrected_traffic(isolated_env: Path, tiny: Tiny) -> None:
+def test_build_dataset_from_rated_and_corrected_traffic(
+    isolated_env: Path, tiny: Tiny, redactor: Redactor
+) -> None:
     from loraflow.trainer.prepare import SPLITS, load_split
 
     settings = load_settings()
     reg = Registry.open(settings)
     reg.register("support", tiny.adapter(1), base_model=str(tiny.base))
-    _, given = traffic(settings, "support")
+    _, given = traffic(settings, "support", redactor)
 
     until = (NOW + timedelta(minutes=1)).isoformat()
     args = ["flywheel", "build-dataset", "support", "--since", "2h", "--until", until, "--json"]

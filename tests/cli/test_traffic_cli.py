@@ -12,9 +12,10 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from loraflow.cli.main import app
+from loraflow.registry.redact import Redactor
 from loraflow.registry.settings import Settings, load_settings
 from loraflow.registry.traffic import TrafficStore, new_request_id
-from tests.factories import run_loraflow
+from tests.factories import run_loraflow, write_traffic
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -66,7 +67,9 @@ def assert_one_line_error(result: Result, code: int) -> None:
 
 
 @pytest.mark.integration
-def test_show_prints_the_record_and_its_feedback(isolated_env: Path, tmp_path: Path) -> None:
+def test_show_prints_the_record_and_its_feedback(
+    isolated_env: Path, tmp_path: Path, redactor: Redactor
+) -> None:
     store = sink(tmp_path)
     asked = request("support", NOW - timedelta(hours=1), "where is my order [/] 42?")
     other = request("support", NOW - timedelta(minutes=50), "another one")
@@ -74,8 +77,8 @@ def test_show_prints_the_record_and_its_feedback(isolated_env: Path, tmp_path: P
         feedback(asked, NOW - timedelta(minutes=30), -1, correction="it shipped"),
         feedback(other, NOW, 1),
     ]
-    store.write("requests", [asked, other])
-    store.write("feedback", rated)
+    asked, other = write_traffic(store, "requests", [asked, other], redactor)
+    rated = write_traffic(store, "feedback", rated, redactor)
 
     done = loraflow("traffic", "show", asked["request_id"], cwd=isolated_env)
     assert done.returncode == 0, done.stderr
@@ -83,21 +86,28 @@ def test_show_prints_the_record_and_its_feedback(isolated_env: Path, tmp_path: P
 
 
 @pytest.mark.unit
-def test_show_of_an_unknown_request_is_not_found() -> None:
-    TrafficStore(load_settings().resolved_traffic_uri).write("requests", [request("support", NOW, "hello")])
+def test_show_of_an_unknown_request_is_not_found(redactor: Redactor) -> None:
+    store = TrafficStore(load_settings().resolved_traffic_uri)
+    write_traffic(store, "requests", [request("support", NOW, "hello")], redactor)
     for request_id in (new_request_id(NOW), "not-a-request-id"):
         assert_one_line_error(CliRunner().invoke(app, ["traffic", "show", request_id]), 3)
 
 
 @pytest.mark.integration
-def test_purge_by_request_id_then_by_date_then_expired(isolated_env: Path, tmp_path: Path) -> None:
+def test_purge_by_request_id_then_by_date_then_expired(
+    isolated_env: Path, tmp_path: Path, redactor: Redactor
+) -> None:
     store = sink(tmp_path)
     old = [request("support", NOW - timedelta(days=d), f"old {d}") for d in (9, 8)]
     recent = [request("billing", NOW - timedelta(days=2), "recent"), request("support", NOW, "today")]
     forget = request("support", NOW, "my e-mail is <EMAIL_ADDRESS_3f2a9c1be07d>")
-    store.write("requests", [*old, *recent, forget])
-    store.write(
-        "feedback", [feedback(forget, NOW, 1), feedback(recent[1], NOW, 1), feedback(old[0], NOW, -1)]
+    *old, r0, r1, forget = write_traffic(store, "requests", [*old, *recent, forget], redactor)
+    recent = [r0, r1]
+    write_traffic(
+        store,
+        "feedback",
+        [feedback(forget, NOW, 1), feedback(recent[1], NOW, 1), feedback(old[0], NOW, -1)],
+        redactor,
     )
 
     # A data-subject request: the request and its feedback go; the rest of their files stays.
@@ -144,9 +154,9 @@ def test_purge_by_request_id_then_by_date_then_expired(isolated_env: Path, tmp_p
 
 
 @pytest.mark.unit
-def test_purge_refuses_bad_input_and_deletes_nothing() -> None:
+def test_purge_refuses_bad_input_and_deletes_nothing(redactor: Redactor) -> None:
     store = TrafficStore(load_settings().resolved_traffic_uri)
-    store.write("requests", [request("support", NOW - timedelta(days=30), "old")])
+    write_traffic(store, "requests", [request("support", NOW - timedelta(days=30), "old")], redactor)
     for args in (["--before", "yesterday"], ["--before", NOW.date().isoformat(), "--expired"], []):
         assert_one_line_error(CliRunner().invoke(app, ["traffic", "purge", *args]), 2)
     as_json = CliRunner().invoke(app, ["traffic", "purge", "--before", "yesterday", "--json"])

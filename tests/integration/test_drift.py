@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraflow.cli.main import app
+from loraflow.registry.redact import Redactor
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import DriftSettings, Settings
 from loraflow.registry.traffic import new_request_id
@@ -26,7 +27,7 @@ from loraflow.trainer.model import load_tokenizer, locate_base_model, token_coun
 from loraflow.trainer.prepare import prepare
 from loraflow.trainer.synthetic import make_rows, write_jsonl
 from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter
-from tests.factories import FORCED
+from tests.factories import FORCED, write_traffic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -123,8 +124,8 @@ def _report(world: World) -> dict[str, Any]:
     return report
 
 
-def test_same_distribution_traffic_is_not_flagged(world: World) -> None:
-    world.registry.traffic.write("requests", same_distribution(world, 150))
+def test_same_distribution_traffic_is_not_flagged(world: World, redactor: Redactor) -> None:
+    write_traffic(world.registry.traffic, "requests", same_distribution(world, 150), redactor)
     report = _report(world)
     assert report["requests"]["answered"] == 150
     assert report["verdict"] == "ok", json.dumps(report["verdicts"]) + json.dumps(report["figures"])
@@ -132,8 +133,8 @@ def test_same_distribution_traffic_is_not_flagged(world: World) -> None:
     assert report["figures"]["format_valid_rate"] == 1.0 and report["verdicts"]["format_valid_rate"] == "ok"
 
 
-def test_shifted_traffic_is_flagged(world: World) -> None:
-    world.registry.traffic.write("requests", shifted(world, 150))
+def test_shifted_traffic_is_flagged(world: World, redactor: Redactor) -> None:
+    write_traffic(world.registry.traffic, "requests", shifted(world, 150), redactor)
     report = _report(world)
     verdicts = report["verdicts"]
     assert report["verdict"] == "act"
@@ -142,8 +143,8 @@ def test_shifted_traffic_is_flagged(world: World) -> None:
     assert verdicts["format_valid_rate"] == "act"  # the task's answers are JSON; these are not
 
 
-def test_too_few_requests_give_no_verdict(world: World) -> None:
-    world.registry.traffic.write("requests", shifted(world, 10))
+def test_too_few_requests_give_no_verdict(world: World, redactor: Redactor) -> None:
+    write_traffic(world.registry.traffic, "requests", shifted(world, 10), redactor)
     _, report = drift_report(world.registry, DriftSettings(), "orders", window=timedelta(hours=24), now=NOW)
     assert set(report["verdicts"].values()) == {"unknown"} and report["verdict"] == "unknown"
 
@@ -158,12 +159,12 @@ def test_mmd_separates_populations_and_not_identical_ones() -> None:
 
 
 def test_the_cli_stores_the_report_renders_it_and_a_gateway_exports_it(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redactor: Redactor
 ) -> None:
     records = shifted(world, 60)
     for r in records:  # inside the CLI's window, which ends now
         r["at"] = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-    world.registry.traffic.write("requests", records)
+    write_traffic(world.registry.traffic, "requests", records, redactor)
     monkeypatch.setenv("LORAFLOW_HOME", str(world.settings.home))
     page = tmp_path / "drift.html"
     result = CliRunner().invoke(app, ["drift", "orders", "--window", "1h", "--json", "--html", str(page)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -16,9 +17,16 @@ import pytest
 from loraflow.registry.errors import InvalidArgumentError
 from loraflow.registry.redact import Redactor
 from loraflow.registry.settings import TrafficSettings
-from loraflow.registry.traffic import TrafficStore, new_request_id, parse_duration, request_date
+from loraflow.registry.traffic import (
+    RedactedBatch,
+    TrafficStore,
+    new_request_id,
+    parse_duration,
+    request_date,
+)
 from loraflow.server.traffic.recorder import Exchange, Feedback, TrafficRecorder, sampled
 from loraflow.server.traffic.writer import ThreadWriter
+from tests.factories import write_traffic
 from tests.fake_vllm import Setup, gateway, ready, wait
 from tests.fake_vllm import gateway_setup as gateway_setup
 
@@ -27,11 +35,6 @@ pytestmark = pytest.mark.unit
 EMAIL = "jane.roe@example.org"
 CHAT = [{"role": "user", "content": f"my mail is {EMAIL}, why was I charged twice?"}]
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def redactor(tmp_path_factory: pytest.TempPathFactory) -> Redactor:
-    return Redactor(key=b"test-key", cache_dir=tmp_path_factory.mktemp("redact"))
 
 
 def exchange(rid: str | None = None, *, status: int = 200, adapter: str = "support") -> Exchange:
@@ -182,8 +185,8 @@ def test_a_failing_sink_is_retried_then_counted(
     store = TrafficStore(str(tmp_path / "t"))
     calls = []
 
-    def broken(kind: str, records: list[dict[str, Any]]) -> list[str]:
-        calls.append(len(records))
+    def broken(batch: RedactedBatch) -> list[str]:
+        calls.append(len(batch.records))
         raise OSError("bucket unavailable")
 
     monkeypatch.setattr(store, "write", broken)
@@ -199,7 +202,7 @@ def test_a_failing_sink_is_retried_then_counted(
 # -- the sink -------------------------------------------------------------------------
 
 
-def test_the_sink_partitions_reads_finds_and_purges(tmp_path: Path) -> None:
+def test_the_sink_partitions_reads_finds_and_purges(tmp_path: Path, redactor: Redactor) -> None:
     store = TrafficStore(str(tmp_path / "traffic"))
     old = datetime(2026, 1, 2, 23, 59, tzinfo=UTC)
     new = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
@@ -208,7 +211,7 @@ def test_the_sink_partitions_reads_finds_and_purges(tmp_path: Path) -> None:
         for at in (old, new)
         for a in ("support", "billing")
     ]
-    store.write("requests", rows)
+    rows = write_traffic(store, "requests", rows, redactor)
     assert sorted((a, d.isoformat()) for a, d, _ in store.partitions()) == [
         ("billing", "2026-01-02"),
         ("billing", "2026-01-05"),
@@ -338,10 +341,10 @@ class SlowStore(TrafficStore):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def write(self, kind: Any, records: Any) -> list[str]:
+    def write(self, batch: RedactedBatch) -> list[str]:
         self.entered.set()
         self.release.wait()
-        return super().write(kind, records)
+        return super().write(batch)
 
 
 def _chat_statuses(client: Any, n: int) -> list[int]:
@@ -375,3 +378,33 @@ def test_a_traffic_store_on_an_unknown_scheme_names_the_setting() -> None:
     with pytest.raises(InvalidArgumentError) as info:  # was fsspec's bare ValueError
         TrafficStore("foo://bucket/traffic")
     assert info.value.param == "artifact_uri" and "foo://bucket/traffic" in info.value.message
+
+
+def test_the_store_writes_only_what_its_redactor_returned(tmp_path: Path, redactor: Redactor) -> None:
+    store = TrafficStore(str(tmp_path / "traffic"))
+    now = datetime.now(UTC)
+    record = {
+        "request_id": new_request_id(now),
+        "at": now.isoformat(),
+        "adapter": "support",
+        "version": 1,
+        "request": {"messages": CHAT},
+        "response": [{"content": f"I wrote to {EMAIL}"}],
+    }
+    with pytest.raises(TypeError):  # no way around the boundary: a batch is made by redact()
+        store.write(RedactedBatch(kind="requests", records=(record,), found=Counter(), dropped=0))
+
+    class Choking:
+        def redact_value(self, value: object) -> tuple[object, Counter[str]]:
+            if "charged twice" in json.dumps(value):
+                raise RuntimeError("the analyzer choked")
+            return redactor.redact_value(value)
+
+    other = record | {"request_id": new_request_id(now), "request": {"messages": []}}
+    batch = store.redact("requests", [record, other], Choking())
+    assert batch.dropped == 1 and [r["request_id"] for r in batch.records] == [other["request_id"]]
+    store.write(batch)
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "traffic").rglob("*.jsonl"))
+    assert EMAIL.encode() not in raw and b"charged twice" not in raw
+    (stored,) = store.read("requests")
+    assert stored["redacted"] == {"EMAIL_ADDRESS": 1} and batch.found == Counter({"EMAIL_ADDRESS": 1})
