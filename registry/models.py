@@ -1,4 +1,7 @@
-"""Registry tables (SQLModel). Rows never leave the store: see ``registry.domain``.
+"""Registry tables (SQLModel). Rows never leave the store: each converts itself with
+``to_domain()`` (MLflow's ``to_mlflow_entity()``) into the plain object of ``registry.domain``
+the store hands out. What a row does not hold (its adapter's name, a dataset reference found
+through another table) the store passes in.
 
 Every mutation runs in one transaction that first bumps ``RegistryState.revision``.
 That single row is the registry's write lock (a row lock on PostgreSQL, the
@@ -14,6 +17,8 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+from loraflow.registry import domain
 
 
 def utcnow() -> datetime:
@@ -46,6 +51,18 @@ class Adapter(SQLModel, table=True):
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
 
+    def to_domain(self, *, aliases: dict[str, int], versions: list[domain.VersionInfo]) -> domain.AdapterInfo:
+        return domain.AdapterInfo(
+            name=self.name,
+            base_model=self.base_model,
+            base_model_fingerprint=self.base_model_fingerprint,
+            task=self.task,
+            created_by=self.created_by,
+            created_at=self.created_at,
+            aliases=aliases,
+            versions=versions,
+        )
+
 
 class DatasetRow(SQLModel, table=True):
     __tablename__ = "dataset"
@@ -71,6 +88,18 @@ class DatasetVersionRow(SQLModel, table=True):
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
 
+    def to_domain(self, *, name: str) -> domain.DatasetVersionInfo:
+        return domain.DatasetVersionInfo(
+            name=name,
+            version=self.version,
+            digest=self.digest,
+            counts=self.counts,
+            lineage=self.lineage,
+            profile=self.profile,  # the stored JSON, validated into a Profile
+            created_by=self.created_by,
+            created_at=self.created_at,
+        )
+
 
 class AdapterVersion(SQLModel, table=True):
     __tablename__ = "adapter_version"
@@ -92,6 +121,25 @@ class AdapterVersion(SQLModel, table=True):
     status: str = Field(default="registered", max_length=16)
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
+
+    def to_domain(self, *, adapter: str, dataset: str | None) -> domain.VersionInfo:
+        return domain.VersionInfo(
+            adapter=adapter,
+            version=self.version,
+            digest=self.digest,
+            rank=self.rank,
+            alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            size_bytes=self.size_bytes,
+            dataset=dataset,
+            training_config=self.training_config,
+            metrics=self.metrics,
+            eval_report=self.eval_report,
+            chat_template_hash=self.chat_template_hash,
+            status=self.status,
+            created_by=self.created_by,
+            created_at=self.created_at,
+        )
 
 
 class Alias(SQLModel, table=True):
@@ -120,6 +168,18 @@ class AliasMove(SQLModel, table=True):
     actor: str = Field(max_length=256)
     created_at: datetime = _ts()
 
+    def to_domain(self, *, adapter: str) -> domain.AliasMoveInfo:
+        return domain.AliasMoveInfo(
+            adapter=adapter,
+            alias=self.alias,
+            from_version=self.from_version,
+            to_version=self.to_version,
+            reason=self.reason,
+            revision=self.revision,
+            actor=self.actor,
+            at=self.created_at,
+        )
+
 
 class AuditEvent(SQLModel, table=True):
     """One row per mutation. What it concerns is a kind and an id, never a formatted string."""
@@ -139,6 +199,20 @@ class AuditEvent(SQLModel, table=True):
     after: dict[str, Any] | None = _json()
     created_at: datetime = _ts()
 
+    def to_domain(self) -> domain.AuditInfo:
+        return domain.AuditInfo(
+            revision=self.revision,
+            actor=self.actor,
+            action=self.action,
+            subject_kind=self.subject_kind,
+            subject=self.subject,
+            version=self.version,
+            alias=self.alias,
+            before=self.before,
+            after=self.after,
+            at=self.created_at,
+        )
+
 
 class ApiKey(SQLModel, table=True):
     """Gateway API keys. Only the sha256 of the key is stored; the key is shown once."""
@@ -155,6 +229,17 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+
+    def to_domain(self) -> domain.ApiKeyInfo:
+        return domain.ApiKeyInfo(
+            name=self.name,
+            prefix=self.prefix,
+            key_hash=self.key_hash,
+            adapters=self.adapters,
+            created_by=self.created_by,
+            created_at=self.created_at,
+            revoked_at=self.revoked_at,
+        )
 
 
 class Evaluation(SQLModel, table=True):
@@ -179,6 +264,23 @@ class Evaluation(SQLModel, table=True):
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
 
+    def to_domain(self, *, adapter: str, dataset: str | None) -> domain.EvaluationInfo:
+        if self.id is None:
+            raise RuntimeError("Evaluation has no primary key yet")
+        return domain.EvaluationInfo(
+            id=self.id,
+            adapter=adapter,
+            version=self.version,
+            dataset=dataset,
+            split=self.split,
+            split_digest=self.split_digest,
+            production_version=self.production_version,
+            report=self.report,
+            revision=self.revision,
+            created_by=self.created_by,
+            created_at=self.created_at,
+        )
+
 
 class DriftReport(SQLModel, table=True):
     """One `loraflow drift` of an adapter version over a window of its sampled traffic.
@@ -198,3 +300,18 @@ class DriftReport(SQLModel, table=True):
     revision: int = Field(sa_column=Column(BigInteger, nullable=False))
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
+
+    def to_domain(self, *, adapter: str) -> domain.DriftReportInfo:
+        if self.id is None:
+            raise RuntimeError("DriftReport has no primary key yet")
+        return domain.DriftReportInfo(
+            id=self.id,
+            adapter=adapter,
+            version=self.version,
+            window_start=self.window_start,
+            window_end=self.window_end,
+            report=self.report,
+            revision=self.revision,
+            created_by=self.created_by,
+            created_at=self.created_at,
+        )

@@ -9,7 +9,7 @@ converted to ``registry.domain`` objects before they leave this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,23 +40,29 @@ from loraflow.registry.models import (
 from loraflow.registry.refs import parse_ref, version_ref
 
 
+def _next_version(
+    s: Session,
+    table: type[AdapterVersion] | type[DatasetVersionRow],
+    owner: Any,
+    *,
+    digest: str,
+    already: Callable[[int], ConflictError],
+) -> int:
+    """The number the next version of an adapter or dataset gets (``owner`` selects its versions):
+    one past the highest. A version holding exactly ``digest`` already is ``already(its number)``,
+    raised: versions are immutable and content-addressed, so the same files are never a new one.
+    Runs inside the write transaction, whose revision bump serializes writers."""
+    same = s.exec(select(table.version).where(owner, table.digest == digest)).first()
+    if same is not None:
+        raise already(same)
+    latest = s.exec(select(func.max(table.version)).where(owner)).one()
+    return (latest or 0) + 1
+
+
 def _pk(row: Adapter | DatasetRow) -> int:
     if row.id is None:  # only before flush; every caller flushes first
         raise RuntimeError(f"{type(row).__name__} has no primary key yet")
     return row.id
-
-
-def _move_info(adapter: str, m: AliasMove) -> domain.AliasMoveInfo:
-    return domain.AliasMoveInfo(
-        adapter=adapter,
-        alias=m.alias,
-        from_version=m.from_version,
-        to_version=m.to_version,
-        reason=m.reason,
-        revision=m.revision,
-        actor=m.actor,
-        at=m.created_at,
-    )
 
 
 # A write that lost to a concurrent one, by the driver's code (never its message): SQLite's
@@ -211,23 +217,7 @@ class MetadataStore:
         return version_ref(ds.name, dv.version) if dv and ds else None
 
     def _version_info(self, s: Session, adapter: Adapter, row: AdapterVersion) -> domain.VersionInfo:
-        return domain.VersionInfo(
-            adapter=adapter.name,
-            version=row.version,
-            digest=row.digest,
-            rank=row.rank,
-            alpha=row.alpha,
-            target_modules=list(row.target_modules),
-            size_bytes=row.size_bytes,
-            dataset=self._dataset_ref(s, row.dataset_version_id),
-            training_config=row.training_config,
-            metrics=row.metrics,
-            eval_report=row.eval_report,
-            chat_template_hash=row.chat_template_hash,
-            status=row.status,
-            created_by=row.created_by,
-            created_at=row.created_at,
-        )
+        return row.to_domain(adapter=adapter.name, dataset=self._dataset_ref(s, row.dataset_version_id))
 
     def _adapter_info(self, s: Session, adapter: Adapter) -> domain.AdapterInfo:
         versions = s.exec(
@@ -236,13 +226,7 @@ class MetadataStore:
             .order_by(col(AdapterVersion.version))
         ).all()
         aliases = s.exec(select(Alias).where(Alias.adapter_id == adapter.id).order_by(col(Alias.name))).all()
-        return domain.AdapterInfo(
-            name=adapter.name,
-            base_model=adapter.base_model,
-            base_model_fingerprint=adapter.base_model_fingerprint,
-            task=adapter.task,
-            created_by=adapter.created_by,
-            created_at=adapter.created_at,
+        return adapter.to_domain(
             aliases={a.name: a.version for a in aliases},
             versions=[self._version_info(s, adapter, v) for v in versions],
         )
@@ -286,22 +270,8 @@ class MetadataStore:
             ).all()
             return domain.History(
                 adapter=name,
-                moves=[_move_info(name, m) for m in moves],
-                events=[
-                    domain.AuditInfo(
-                        revision=e.revision,
-                        actor=e.actor,
-                        action=e.action,
-                        subject_kind=e.subject_kind,
-                        subject=e.subject,
-                        version=e.version,
-                        alias=e.alias,
-                        before=e.before,
-                        after=e.after,
-                        at=e.created_at,
-                    )
-                    for e in events
-                ],
+                moves=[m.to_domain(adapter=name) for m in moves],
+                events=[e.to_domain() for e in events],
             )
 
     # -- mutations ---------------------------------------------------------------
@@ -341,24 +311,21 @@ class MetadataStore:
                     f"{base_model_fingerprint[:12]}. Register it under a new adapter name instead",
                     param="base",
                 )
-            same = s.exec(
-                select(AdapterVersion.version).where(
-                    AdapterVersion.adapter_id == adapter.id, AdapterVersion.digest == new.digest
-                )
-            ).first()
-            if same is not None:
-                raise ConflictError(
+            version = _next_version(
+                s,
+                AdapterVersion,
+                AdapterVersion.adapter_id == _pk(adapter),
+                digest=new.digest,
+                already=lambda same: ConflictError(
                     f"{version_ref(name, same)} already holds these exact files (digest {new.digest[:12]}); "
                     "nothing was registered",
                     param="dir",
-                )
+                ),
+            )
             dataset_version_id = self._dataset_version_id(s, new.dataset) if new.dataset else None
-            latest = s.exec(
-                select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id)
-            ).one()
             row = AdapterVersion(
                 adapter_id=_pk(adapter),
-                version=(latest or 0) + 1,
+                version=version,
                 digest=new.digest,
                 rank=new.rank,
                 alpha=new.alpha,
@@ -504,7 +471,7 @@ class MetadataStore:
             after={"version": version} | (note or {}),
         )
         s.flush()
-        return _move_info(name, move)
+        return move.to_domain(adapter=name)
 
     def archive(self, *, name: str, version: int, actor: str) -> domain.VersionInfo:
         with self._write(actor) as tx:
@@ -581,21 +548,7 @@ class MetadataStore:
             return self._evaluation_info(s, adapter, row)
 
     def _evaluation_info(self, s: Session, adapter: Adapter, row: Evaluation) -> domain.EvaluationInfo:
-        if row.id is None:
-            raise RuntimeError("Evaluation has no primary key yet")
-        return domain.EvaluationInfo(
-            id=row.id,
-            adapter=adapter.name,
-            version=row.version,
-            dataset=self._dataset_ref(s, row.dataset_version_id),
-            split=row.split,
-            split_digest=row.split_digest,
-            production_version=row.production_version,
-            report=row.report,
-            revision=row.revision,
-            created_by=row.created_by,
-            created_at=row.created_at,
-        )
+        return row.to_domain(adapter=adapter.name, dataset=self._dataset_ref(s, row.dataset_version_id))
 
     def evaluations(self, name: str, version: int | None = None) -> list[domain.EvaluationInfo]:
         """Oldest first; of one version, or of every version of the adapter."""
@@ -635,23 +588,7 @@ class MetadataStore:
             s.add(row)
             s.flush()
             tx.audit("version.drift", "adapter", name, version=version, after={"drift_report": row.id})
-            return self._drift_info(adapter, row)
-
-    @staticmethod
-    def _drift_info(adapter: Adapter, row: DriftReport) -> domain.DriftReportInfo:
-        if row.id is None:
-            raise RuntimeError("DriftReport has no primary key yet")
-        return domain.DriftReportInfo(
-            id=row.id,
-            adapter=adapter.name,
-            version=row.version,
-            window_start=row.window_start,
-            window_end=row.window_end,
-            report=row.report,
-            revision=row.revision,
-            created_by=row.created_by,
-            created_at=row.created_at,
-        )
+            return row.to_domain(adapter=adapter.name)
 
     def latest_drift_reports(self) -> dict[str, domain.DriftReportInfo]:
         """The latest drift report of every version that has one, by ``NAME@vN``."""
@@ -666,7 +603,7 @@ class MetadataStore:
                 .join(Adapter, col(Adapter.id) == col(DriftReport.adapter_id))
                 .where(col(DriftReport.id).in_(latest))
             ).all()
-            infos = [self._drift_info(adapter, row) for row, adapter in rows]
+            infos = [row.to_domain(adapter=adapter.name) for row, adapter in rows]
             return {info.ref: info for info in infos}
 
     # -- datasets ----------------------------------------------------------------
@@ -702,23 +639,20 @@ class MetadataStore:
                 ds = DatasetRow(name=name, description=description, created_by=actor)
                 s.add(ds)
                 s.flush()
-            same = s.exec(
-                select(DatasetVersionRow.version).where(
-                    DatasetVersionRow.dataset_id == ds.id, DatasetVersionRow.digest == digest
-                )
-            ).first()
-            if same is not None:
-                raise ConflictError(
+            version = _next_version(
+                s,
+                DatasetVersionRow,
+                DatasetVersionRow.dataset_id == _pk(ds),
+                digest=digest,
+                already=lambda same: ConflictError(
                     f"dataset {version_ref(name, same)} already holds these exact splits "
                     f"(digest {digest[:12]}); nothing was registered",
                     param="FILE",
-                )
-            latest = s.exec(
-                select(func.max(DatasetVersionRow.version)).where(DatasetVersionRow.dataset_id == ds.id)
-            ).one()
+                ),
+            )
             row = DatasetVersionRow(
                 dataset_id=_pk(ds),
-                version=(latest or 0) + 1,
+                version=version,
                 digest=digest,
                 counts=counts,
                 lineage=lineage,
@@ -734,20 +668,7 @@ class MetadataStore:
                 version=row.version,
                 after={"digest": digest, "counts": counts},
             )
-            return self._dataset_info(ds, row)
-
-    @staticmethod
-    def _dataset_info(ds: DatasetRow, row: DatasetVersionRow) -> domain.DatasetVersionInfo:
-        return domain.DatasetVersionInfo(
-            name=ds.name,
-            version=row.version,
-            digest=row.digest,
-            counts=row.counts,
-            lineage=row.lineage,
-            profile=row.profile,
-            created_by=row.created_by,
-            created_at=row.created_at,
-        )
+            return row.to_domain(name=ds.name)
 
     def find_dataset_version(self, name: str, digest: str) -> domain.DatasetVersionInfo | None:
         """The version of dataset ``name`` holding exactly the splits ``digest``, if there is one."""
@@ -757,7 +678,7 @@ class MetadataStore:
                 .join(DatasetVersionRow, col(DatasetVersionRow.dataset_id) == col(DatasetRow.id))
                 .where(DatasetRow.name == name, DatasetVersionRow.digest == digest)
             ).first()
-            return self._dataset_info(*found) if found else None
+            return found[1].to_domain(name=found[0].name) if found else None
 
     def list_dataset_versions(self, name: str | None = None) -> list[domain.DatasetVersionInfo]:
         """Every dataset version (or every version of ``name``), by name then version."""
@@ -773,7 +694,7 @@ class MetadataStore:
                     )
                 query = query.where(DatasetRow.name == name)
             rows = s.exec(query.order_by(col(DatasetRow.name), col(DatasetVersionRow.version))).all()
-            return [self._dataset_info(ds, row) for ds, row in rows]
+            return [row.to_domain(name=ds.name) for ds, row in rows]
 
     def get_dataset_version(self, name: str, version: int | None = None) -> domain.DatasetVersionInfo:
         with self._read() as s:
@@ -789,21 +710,9 @@ class MetadataStore:
                 raise NotFoundError(
                     f"dataset {name} has no version {'v' + str(version) if version else ''}", param="dataset"
                 )
-            return self._dataset_info(ds, row)
+            return row.to_domain(name=ds.name)
 
     # -- API keys ----------------------------------------------------------------
-    @staticmethod
-    def _key_info(row: ApiKey) -> domain.ApiKeyInfo:
-        return domain.ApiKeyInfo(
-            name=row.name,
-            prefix=row.prefix,
-            key_hash=row.key_hash,
-            adapters=row.adapters,
-            created_by=row.created_by,
-            created_at=row.created_at,
-            revoked_at=row.revoked_at,
-        )
-
     def create_api_key(
         self, *, name: str, prefix: str, key_hash: str, adapters: list[str] | None, actor: str
     ) -> domain.ApiKeyInfo:
@@ -815,11 +724,11 @@ class MetadataStore:
             s.add(row)
             tx.audit("key.create", "api_key", name, after={"adapters": adapters, "prefix": prefix})
             s.flush()
-            return self._key_info(row)
+            return row.to_domain()
 
     def list_api_keys(self) -> list[domain.ApiKeyInfo]:
         with self._read() as s:
-            return [self._key_info(r) for r in s.exec(select(ApiKey).order_by(col(ApiKey.name))).all()]
+            return [r.to_domain() for r in s.exec(select(ApiKey).order_by(col(ApiKey.name))).all()]
 
     def revoke_api_key(self, *, name: str, actor: str) -> domain.ApiKeyInfo:
         with self._write(actor) as tx:
@@ -833,4 +742,4 @@ class MetadataStore:
             s.add(row)
             tx.audit("key.revoke", "api_key", name, before={"revoked": False}, after={"revoked": True})
             s.flush()
-            return self._key_info(row)
+            return row.to_domain()
