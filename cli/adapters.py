@@ -177,7 +177,7 @@ def list_(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     Example: loraflow adapters list --json
     """
     reg = state(ctx).existing_registry  # reads: a missing SQLite file is named, not created
-    adapters = reg.list()
+    adapters = reg.adapters()
     if as_json:
         print_json([_adapter_json(a, reg.template_matches(a)) for a in adapters])
         return

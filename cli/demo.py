@@ -109,7 +109,7 @@ def demo(
 
 
 def _free_name(registry: Registry) -> str:
-    taken = {a.name for a in registry.list()}
+    taken = {a.name for a in registry.adapters()}
     return next(
         n for n in (DEFAULT_NAME, *(f"{DEFAULT_NAME}-{i}" for i in range(2, 10_000))) if n not in taken
     )

@@ -33,7 +33,7 @@ def create(
     from loraflow.registry.keys import create_key
 
     registry = state(ctx).registry
-    registered = {a.name for a in registry.list()}
+    registered = {a.name for a in registry.adapters()}
     unknown = [a for a in adapter or [] if a not in registered]
     key, info = create_key(registry, name, adapter)
     if unknown:

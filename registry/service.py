@@ -154,7 +154,7 @@ class Registry:
                 param="base",
             )
 
-    def list(self) -> list[domain.AdapterInfo]:
+    def adapters(self) -> list[domain.AdapterInfo]:
         """Every adapter with its versions and aliases, by name."""
         return self.store.list_adapters()
 

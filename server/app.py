@@ -28,13 +28,13 @@ from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from loraflow.server.feedback import api_router as feedback
 from loraflow.server.feedback.protocol import FeedbackRequest
 from loraflow.server.feedback.serving import FeedbackService
+from loraflow.server.gateway import Gateway
 from loraflow.server.health import api_router as health
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.models import api_router as models
-from loraflow.server.proxy import Gateway
 from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
-from loraflow.server.routing import Router
+from loraflow.server.routing import RoutingTable
 from loraflow.server.shared_metrics import SharedMetrics
 from loraflow.server.traffic.live import LiveDrift
 from loraflow.server.traffic.recorder import TrafficRecorder
@@ -133,7 +133,7 @@ def create_app(
     template = template_hash_of(base_model)
     if template is None:
         log.warning("base model %s is not on this machine; chat templates cannot be compared", base_model)
-    router = Router(
+    routes = RoutingTable(
         registry,
         replicas,
         base_model_id=base_model_id or base_model,
@@ -148,13 +148,13 @@ def create_app(
         else None
     )
     live = LiveDrift(settings.drift)
-    metrics = GatewayMetrics(router, supervised, recorder=recorder, live=live, shared=shared_metrics)
+    metrics = GatewayMetrics(routes, supervised, recorder=recorder, live=live, shared=shared_metrics)
     gateway = Gateway(
-        server, router, replicas, metrics, traffic_settings=settings.traffic, recorder=recorder, live=live
+        server, routes, replicas, metrics, traffic_settings=settings.traffic, recorder=recorder, live=live
     )
     recycler = (
         Recycler(
-            router,
+            routes,
             supervised,
             max_loads=server.max_adapter_loads,
             drain_timeout_s=server.drain_timeout_s,
@@ -181,7 +181,7 @@ def create_app(
             raise
         if discovery is not None:
             await discovery.refresh(replicas)  # the first members before the first health check
-        loops = [router.run()]
+        loops = [routes.run()]
         if discovery is not None:
             loops.append(discovery.run(replicas))
         if recycler is not None:
@@ -213,7 +213,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    app.state.feedback = FeedbackService(server, router, recorder, live)
+    app.state.feedback = FeedbackService(server, routes, recorder, live)
     app.state.startup_error = None
     app.state.supervised = list(supervised or [])
     app.state.recycler = recycler

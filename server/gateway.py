@@ -57,7 +57,7 @@ from loraflow.server.errors import (
 )
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.replicas import Replica, ReplicaSet
-from loraflow.server.routing import Router, Target
+from loraflow.server.routing import RoutingTable, Target
 from loraflow.server.traffic.live import LiveDrift
 from loraflow.server.traffic.recorder import Exchange, TrafficRecorder
 
@@ -147,7 +147,7 @@ class Gateway:
     def __init__(
         self,
         settings: ServerSettings,
-        router: Router,
+        routes: RoutingTable,
         replicas: ReplicaSet,
         metrics: GatewayMetrics,
         *,
@@ -156,7 +156,7 @@ class Gateway:
         live: LiveDrift | None = None,
     ):
         self.settings = settings
-        self.router = router
+        self.routes = routes
         self.replicas = replicas
         self.metrics = metrics
         self.traffic_settings = traffic_settings
@@ -207,12 +207,12 @@ class Gateway:
         labels = ("-", "-")
         error: str | None = None
         try:
-            snapshot = self.router.loaded()
+            snapshot = self.routes.loaded()
             key = call.key = (
                 authenticate(request.headers.get("authorization"), snapshot) if self.settings.auth else None
             )
             body = call.body = await self._body(request)  # after the key: no key, 401, whatever the body
-            target = self.router.resolve(body["model"])
+            target = self.routes.resolve(body["model"])
             labels = (target.adapter or "-", f"v{target.version}" if target.version else "-")
             if key is not None:
                 authorize(key, target.adapter)
@@ -350,7 +350,7 @@ class Gateway:
         attempt = AsyncExitStack()
         await attempt.enter_async_context(replica.using(adapter_name))
         try:
-            await self.router.ensure_loaded(replica, target)
+            await self.routes.ensure_loaded(replica, target)
             if not body.get("stream"):
                 data = await replica.engine.post_json(path, body)
                 data["model"] = target.public

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from loraflow.registry.refs import parse_ref
 from loraflow.server.engine.supervisor import EngineProcess
-from loraflow.server.routing import Router
+from loraflow.server.routing import RoutingTable
 from loraflow.server.traffic.live import DriftCollector, LiveDrift
 from loraflow.server.traffic.recorder import TrafficRecorder
 
@@ -36,14 +36,14 @@ class RoutingCollector(Collector):
     """Per replica: up, adapter loads since its engine (re)started, and the versions it holds.
     Also the registry revision the routing table was built from."""
 
-    def __init__(self, router: Router) -> None:
-        self.router = router
+    def __init__(self, routes: RoutingTable) -> None:
+        self.routes = routes
 
     def collect(self) -> Iterator[Metric]:
         revision = GaugeMetricFamily(
             "loraflow_registry_revision", "The registry revision the routing table was built from."
         )
-        revision.add_metric([], float(self.router.snapshot.revision))
+        revision.add_metric([], float(self.routes.snapshot.revision))
         up = GaugeMetricFamily(
             "loraflow_replica_up", "1 if the replica passed its last health check.", labels=["replica"]
         )
@@ -81,19 +81,19 @@ class RoutingCollector(Collector):
             "loraflow_preload_failures",
             "Preloads of an aliased version that failed (logged with the reason).",
         )
-        preload_failures.add_metric([], float(self.router.preload_failures))
+        preload_failures.add_metric([], float(self.routes.preload_failures))
         resident = GaugeMetricFamily(
             "loraflow_resident_versions",
             "Adapter versions resident on each replica.",
             labels=["replica", "adapter", "version"],
         )
-        for replica in self.router.replicas.replicas:
+        for replica in self.routes.replicas.replicas:
             up.add_metric([replica.url], 1.0 if replica.healthy else 0.0)
             loads.add_metric([replica.url], float(replica.loads))
             load_seconds.add_metric([replica.url], replica.load_seconds)
             draining.add_metric([replica.url], 1.0 if replica.draining else 0.0)
             busy.add_metric([replica.url], float(replica.busy))
-            home.add_metric([replica.url], float(len(self.router.pinned(replica))))
+            home.add_metric([replica.url], float(len(self.routes.pinned(replica))))
             pinned_evictions.add_metric([replica.url], float(replica.pinned_evictions))
             for name in list(replica.resident):
                 ref = parse_ref(name.partition("+")[0])  # the engine's NAME@vN+DIGEST
@@ -184,7 +184,7 @@ class TrafficCollector(Collector):
 class GatewayMetrics:
     def __init__(
         self,
-        router: Router,
+        routes: RoutingTable,
         supervised: list[EngineProcess] | None = None,
         *,
         recorder: TrafficRecorder | None = None,
@@ -194,14 +194,14 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()  # everything, as one process exports it
         self.state = CollectorRegistry()  # the scrape-time collectors alone
         self.shared = shared
-        collectors: list[Collector] = [RoutingCollector(router)]
+        collectors: list[Collector] = [RoutingCollector(routes)]
         if supervised:
             collectors.append(SupervisorCollector(supervised))
         if recorder is not None:
             collectors.append(TrafficCollector(recorder))
         if live is not None:
             collectors.append(
-                DriftCollector(live, lambda: router.snapshot.profiles, lambda: router.snapshot.drift)
+                DriftCollector(live, lambda: routes.snapshot.profiles, lambda: routes.snapshot.drift)
             )
         for collector in collectors:
             self.registry.register(collector)

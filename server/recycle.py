@@ -16,7 +16,7 @@ import logging
 from loraflow.registry.errors import LoraflowError
 from loraflow.server.engine.supervisor import EngineProcess
 from loraflow.server.replicas import Replica
-from loraflow.server.routing import Router
+from loraflow.server.routing import RoutingTable
 
 log = logging.getLogger("loraflow.recycle")
 
@@ -24,14 +24,14 @@ log = logging.getLogger("loraflow.recycle")
 class Recycler:
     def __init__(
         self,
-        router: Router,
+        routes: RoutingTable,
         processes: list[EngineProcess],
         *,
         max_loads: int,
         drain_timeout_s: float,
         interval_s: float,
     ) -> None:
-        self.router = router
+        self.routes = routes
         self.processes = {p.url: p for p in processes}
         self.max_loads = max_loads
         self.drain_timeout_s = drain_timeout_s
@@ -47,7 +47,7 @@ class Recycler:
 
     def due(self) -> tuple[Replica, EngineProcess] | None:
         """The first supervised replica past its load budget that can be drained now."""
-        replicas = self.router.replicas.replicas
+        replicas = self.routes.replicas.replicas
         for replica in replicas:
             process = self.processes.get(replica.url)
             if process is None or replica.draining or self.loads_since_recycle(replica) < self.max_loads:
@@ -77,7 +77,7 @@ class Recycler:
                 )
             replica.healthy = False
             await process.restart()
-            await self.router.preload_home(replica)
+            await self.routes.preload_home(replica)
             self._baseline[replica.url] = replica.loads
             replica.healthy = True
             log.info("%s restarted and preloaded %d versions", replica.url, len(replica.resident))

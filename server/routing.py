@@ -12,7 +12,7 @@ out) is logged and does not hold back the swap: the version is loaded on
 demand, or its requests get 503. A failure on a replica that is still up is
 tried again, after 1 s and then twice as long each time up to a minute, until
 the version is loaded or no longer homed there; a replica that went down is
-preloaded in full when it comes back (:meth:`Router.sync_recovered`).
+preloaded in full when it comes back (:meth:`RoutingTable.sync_recovered`).
 
 Engines are told names only (``NAME@vN+DIGEST``); each fetches and verifies the
 files itself (``server/engine/plugin.py``).
@@ -71,7 +71,7 @@ class Snapshot:
         }
 
 
-class Router:
+class RoutingTable:
     def __init__(
         self,
         registry: Registry,
@@ -150,7 +150,7 @@ class Router:
     # -- refresh -----------------------------------------------------------------
     def _load_snapshot(self) -> Snapshot:
         revision = self.registry.revision()
-        adapters = {a.name: a for a in self.registry.list()}
+        adapters = {a.name: a for a in self.registry.adapters()}
         versions = {v.ref: v for a in adapters.values() for v in a.versions}
         keys = {k.key_hash: k for k in self.registry.api_keys() if k.revoked_at is None}
         profiles = {}

@@ -1,5 +1,5 @@
 """Typed accessors for what ``build_app`` stores on ``app.state`` (vLLM's api routers do the
-same), so a router reads ``gateway(request)`` rather than an untyped attribute."""
+same), so a resource router reads ``gateway(request)`` rather than an untyped attribute."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from fastapi import Request
 
     from loraflow.server.feedback.serving import FeedbackService
-    from loraflow.server.proxy import Gateway
+    from loraflow.server.gateway import Gateway
 
 
 def gateway(request: Request) -> Gateway:

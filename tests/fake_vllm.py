@@ -1,6 +1,6 @@
 """A fake vLLM at the HTTP boundary (``httpx.MockTransport``) and a gateway over it, for the unit tier.
 
-Everything above the transport is real: the app, the router polling a real SQLite
+Everything above the transport is real: the app, the routing table polling a real SQLite
 registry, and ``VLLMHttpEngine``.
 """
 

@@ -18,7 +18,7 @@ from loraflow.registry.settings import ServerSettings
 from loraflow.server.auth import authenticate, authorize
 from loraflow.server.body import json_object
 from loraflow.server.feedback.protocol import FeedbackRequest, FeedbackResponse
-from loraflow.server.routing import Router
+from loraflow.server.routing import RoutingTable
 from loraflow.server.traffic.live import LiveDrift
 from loraflow.server.traffic.recorder import Feedback, TrafficRecorder
 
@@ -36,18 +36,18 @@ class FeedbackService:
     def __init__(
         self,
         settings: ServerSettings,
-        router: Router,
+        routes: RoutingTable,
         recorder: TrafficRecorder | None,
         live: LiveDrift | None,
     ) -> None:
         self.settings = settings
-        self.router = router
+        self.routes = routes
         self.recorder = recorder
         self.live = live
 
     async def handle(self, request: Request) -> FeedbackResponse:
         key = (
-            authenticate(request.headers.get("authorization"), self.router.loaded())
+            authenticate(request.headers.get("authorization"), self.routes.loaded())
             if self.settings.auth
             else None
         )

@@ -22,7 +22,7 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """Status only: which engines exist and what they hold is for operators (``/metrics``)."""
-    is_ready = gateway(request).router.ready
+    is_ready = gateway(request).routes.ready
     return JSONResponse(
         {"status": "ready" if is_ready else "not ready"}, status_code=200 if is_ready else 503
     )

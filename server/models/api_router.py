@@ -8,13 +8,13 @@ from loraflow.registry import domain
 from loraflow.server.auth import authenticate
 from loraflow.server.models.protocol import ModelCard, ModelList, VersionCard
 from loraflow.server.openapi import ERROR_RESPONSES
-from loraflow.server.routing import Router
+from loraflow.server.routing import RoutingTable
 from loraflow.server.state import gateway
 
 router = APIRouter()
 
 
-def model_list(r: Router, key: domain.ApiKeyInfo | None = None) -> ModelList:
+def model_list(r: RoutingTable, key: domain.ApiKeyInfo | None = None) -> ModelList:
     """The base, and each adapter ``key`` may use (all of them when auth is off)."""
     data = [ModelCard(id=r.base_model_id, created=r.started_at)]
     for a in r.snapshot.adapters.values():
@@ -52,8 +52,8 @@ async def list_models(request: Request) -> ModelList:
     gw = gateway(request)
     key = None
     if gw.settings.auth:
-        key = authenticate(request.headers.get("authorization"), gw.router.snapshot)
-    return model_list(gw.router, key)
+        key = authenticate(request.headers.get("authorization"), gw.routes.snapshot)
+    return model_list(gw.routes, key)
 
 
 def attach_router(app: FastAPI) -> None:

@@ -274,7 +274,7 @@ def test_promoting_a_cold_version_under_load_hot_swaps_with_no_failed_request(
 
     async def before_load(name: str) -> None:
         if name == cold_name:
-            routed_to_at_load.append(gateway.app.state.gateway.router.resolve("support").public)
+            routed_to_at_load.append(gateway.app.state.gateway.routes.resolve("support").public)
 
     settings = Settings(home=tmp_path / "home", server=ServerSettings(poll_interval_s=0.1))
     gen = run_gateway(settings, registry, [engine_url], assets.base, before_load=before_load)

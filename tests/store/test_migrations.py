@@ -473,7 +473,7 @@ def test_a_populated_database_upgrades_to_head_and_stays_usable(
     assert reg.revision() == last
 
     # Read: list, show, resolve, datasets, fetch.
-    assert [a.name for a in reg.list()] == ["billing", "support"]
+    assert [a.name for a in reg.adapters()] == ["billing", "support"]
     support = reg.get("support")
     assert support.aliases == {"production": 2, "staging": 3}
     assert support.task == "support triage [draft]" and support.created_by == "alice"

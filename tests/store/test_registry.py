@@ -29,7 +29,7 @@ def reg(db_url: str, tmp_path: Path) -> Iterator[Registry]:
 
 
 def _snapshot(reg: Registry) -> tuple[int, list]:
-    return reg.revision(), [a.model_dump() for a in reg.list()]
+    return reg.revision(), [a.model_dump() for a in reg.adapters()]
 
 
 def test_register_assigns_versions_and_records_lineage(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
@@ -413,7 +413,7 @@ def test_diff_reports_config_metric_and_dataset_changes(
 def test_unknown_dataset_registers_nothing(reg: Registry, base_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="no dataset named 'ghost'"):
         reg.register("support", make_adapter(tmp_path / "a1"), base_model=str(base_dir), dataset="ghost@v1")
-    assert reg.list() == []
+    assert reg.adapters() == []
 
 
 def test_schema_upgrade_policy(db_url: str, tmp_path: Path) -> None:

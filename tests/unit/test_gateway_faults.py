@@ -1,6 +1,6 @@
 """The gateway under engine faults, over a fake vLLM at the HTTP boundary (``httpx.MockTransport``).
 
-Everything above the transport is real: the app, the router polling a real SQLite
+Everything above the transport is real: the app, the routing table polling a real SQLite
 registry, ``VLLMHttpEngine``, and the official ``openai`` client for streams.
 """
 
@@ -293,11 +293,11 @@ def test_before_its_first_routing_snapshot_a_gateway_answers_503_not_404(
     client = gateway(gateway_setup)
     with client:
         ready(client)
-        router = client.app.state.gateway.router  # type: ignore[attr-defined]
-        monkeypatch.setattr(router.registry, "revision", lambda: -1)  # its polls find nothing new
-        loaded, router.snapshot = router.snapshot, Snapshot()  # as a worker that has not polled yet
+        routes = client.app.state.gateway.routes  # type: ignore[attr-defined]
+        monkeypatch.setattr(routes.registry, "revision", lambda: -1)  # its polls find nothing new
+        loaded, routes.snapshot = routes.snapshot, Snapshot()  # as a worker that has not polled yet
         r = client.post("/v1/chat/completions", json={"model": "support", **CHAT})
         assert r.status_code == 503 and r.headers["retry-after"], r.text
         assert r.json()["error"]["code"] == "unavailable"
-        router.snapshot = loaded
+        routes.snapshot = loaded
         assert client.post("/v1/chat/completions", json={"model": "support", **CHAT}).status_code == 200

@@ -115,7 +115,7 @@ def test_the_router_preloads_each_aliased_version_on_its_home_set_only(
     with gateway(gateway_setup, n_replicas=3, adapter_replicas=1) as client:
         ready(client)
         replicas = client.app.state.gateway.replicas  # type: ignore[attr-defined]
-        aliased = [engine_name_of(reg.get_version(a.name, 1)) for a in reg.list()]
+        aliased = [engine_name_of(reg.get_version(a.name, 1)) for a in reg.adapters()]
         expected = {
             e.url: {n for n in aliased if replicas.home(n)[0].url == e.url} for e in gateway_setup.engines
         }
@@ -123,7 +123,7 @@ def test_the_router_preloads_each_aliased_version_on_its_home_set_only(
         assert sum(1 for s in expected.values() if s) >= 2  # spread, not all on one
         # A request goes to the home replica, which already holds it: no load anywhere.
         before = [list(e.resolved) for e in gateway_setup.engines]
-        for a in reg.list():
+        for a in reg.adapters():
             r = client.post("/v1/chat/completions", json={"model": a.name, **CHAT})
             home = replicas.home(engine_name_of(reg.get_version(a.name, 1)))[0].url
             assert r.status_code == 200 and home in r.text
@@ -144,7 +144,7 @@ def test_a_replica_home_to_more_aliased_versions_than_it_holds_still_serves_ever
         (engine,) = gateway_setup.engines
         assert len(engine.loaded) == 4  # preloaded up to what fits, not loaded and unloaded in a loop
         for _ in range(2):
-            for a in reg.list():
+            for a in reg.adapters():
                 r = client.post("/v1/chat/completions", json={"model": a.name, **CHAT})
                 assert r.status_code == 200, r.text
         metrics = client.get("/metrics").text
@@ -224,7 +224,7 @@ def test_a_replica_past_its_load_budget_is_drained_then_restarted_and_preloaded(
         process.replica_busy = lambda: first.busy
         preloaded: list[str] = []
 
-        class Router:
+        class RoutingTable:
             def __init__(self) -> None:
                 self.replicas = replicas
 
@@ -233,7 +233,7 @@ def test_a_replica_past_its_load_budget_is_drained_then_restarted_and_preloaded(
                 first.loads = 7  # it is home to seven aliased versions, loaded again
 
         # The drain waits for the request, not for a timeout: one it could reach on a loaded machine.
-        recycler = Recycler(Router(), [process], max_loads=5, drain_timeout_s=600, interval_s=0.01)  # type: ignore[arg-type, list-item]
+        recycler = Recycler(RoutingTable(), [process], max_loads=5, drain_timeout_s=600, interval_s=0.01)  # type: ignore[arg-type, list-item]
         assert recycler.due() == (first, process)
         async with first.using("x"):  # a request in flight when the drain starts
             task = asyncio.create_task(recycler.recycle(first, process))  # type: ignore[arg-type]

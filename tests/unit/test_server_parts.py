@@ -13,10 +13,10 @@ from loraflow.registry import domain
 from loraflow.registry.errors import EngineUnavailableError, NotFoundError, OverloadedError
 from loraflow.server.engine.cache import engine_name_of
 from loraflow.server.engine.protocol import EngineFailure
+from loraflow.server.gateway import Gateway, Transcript
 from loraflow.server.metrics import GatewayMetrics
-from loraflow.server.proxy import Gateway, Transcript
 from loraflow.server.replicas import Replica, ReplicaSet
-from loraflow.server.routing import Router, Snapshot, Target
+from loraflow.server.routing import RoutingTable, Snapshot, Target
 
 pytestmark = pytest.mark.unit
 
@@ -234,7 +234,7 @@ def _version(name: str, n: int, status: str = "registered") -> domain.VersionInf
     )
 
 
-def _router() -> Router:
+def _routes() -> RoutingTable:
     versions = [_version("support", 1), _version("support", 2), _version("support", 3, "archived")]
     adapter = domain.AdapterInfo(
         name="support",
@@ -246,17 +246,17 @@ def _router() -> Router:
         aliases={"production": 1, "staging": 2},
         versions=versions,
     )
-    router = Router(
+    routes = RoutingTable(
         registry=None,
         replicas=ReplicaSet([], max_resident=1),  # type: ignore[arg-type]
         base_model_id="tiny",
         engine_base_name="/models/tiny",
         poll_interval_s=1,
     )
-    router.snapshot = Snapshot(
+    routes.snapshot = Snapshot(
         revision=1, adapters={"support": adapter}, versions={v.ref: v for v in versions}
     )
-    return router
+    return routes
 
 
 @pytest.mark.parametrize(
@@ -270,10 +270,10 @@ def _router() -> Router:
     ],
 )
 def test_resolve(model: str, public: str) -> None:
-    target = _router().resolve(model)
+    target = _routes().resolve(model)
     assert target.public == public
     if target.adapter:
-        assert target.engine_model == engine_name_of(_router().snapshot.versions[public])
+        assert target.engine_model == engine_name_of(_routes().snapshot.versions[public])
         assert target.engine_model.startswith(public + "+")
     else:
         assert target.engine_model == "/models/tiny"
@@ -282,16 +282,16 @@ def test_resolve(model: str, public: str) -> None:
 @pytest.mark.parametrize("model", ["ghost", "support@v3", "support@v9", "support:canary", "bad name!"])
 def test_resolve_unknown_or_archived_is_404(model: str) -> None:
     with pytest.raises(NotFoundError) as info:
-        _router().resolve(model)
+        _routes().resolve(model)
     assert info.value.param == "model"
 
 
 def test_sse_rewrite_names_the_version_and_hides_injected_usage() -> None:
     from loraflow.registry.settings import ServerSettings, TrafficSettings
 
-    router = _router()
+    routes = _routes()
     gw = Gateway(
-        ServerSettings(), router, router.replicas, GatewayMetrics(router), traffic_settings=TrafficSettings()
+        ServerSettings(), routes, routes.replicas, GatewayMetrics(routes), traffic_settings=TrafficSettings()
     )
     target = Target(public="support@v1", engine_model="support@v1+abc", adapter="support", version=1)
     labels = ("support", "v1")
@@ -309,17 +309,17 @@ def test_sse_rewrite_names_the_version_and_hides_injected_usage() -> None:
 
 
 def test_chat_template_mismatch_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
-    router = _router()
-    snap = router.snapshot
+    routes = _routes()
+    snap = routes.snapshot
     trained_with = {"support@v1": "a" * 64, "support@v2": "b" * 64}
     versions = {
         ref: v.model_copy(update={"chat_template_hash": trained_with.get(ref)})
         for ref, v in snap.versions.items()
     }
-    router.base_template_hash = "a" * 64
+    routes.base_template_hash = "a" * 64
     with caplog.at_level("WARNING", logger="loraflow.routing"):
-        router._warn_template_mismatches(Snapshot(revision=2, adapters=snap.adapters, versions=versions))
-    assert [router.template_matches(versions[r]) for r in ("support@v1", "support@v2", "support@v3")] == [
+        routes._warn_template_mismatches(Snapshot(revision=2, adapters=snap.adapters, versions=versions))
+    assert [routes.template_matches(versions[r]) for r in ("support@v1", "support@v2", "support@v3")] == [
         True,
         False,
         None,
