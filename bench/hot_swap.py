@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_common import FORCED  # noqa: E402
 
 from loraflow.registry import db  # noqa: E402
+from loraflow.registry.refs import version_ref  # noqa: E402
 from loraflow.registry.service import Registry  # noqa: E402
 from loraflow.registry.settings import Settings  # noqa: E402
 from loraflow.trainer.tiny import build_tiny_model, random_lora_adapter  # noqa: E402
@@ -184,7 +185,7 @@ def main() -> None:
             routed_delays: list[float] = []  # until both have *sent* a request to it
             per_gateway: list[list[float]] = []
             for i in range(PROMOTES):
-                target = f"bench@v{2 if i % 2 == 0 else 1}"
+                target = version_ref("bench", 2 if i % 2 == 0 else 1)
                 reg.promote("bench", int(target[-1]), force=True, reason=FORCED)  # no eval report
                 committed = time.monotonic()
                 print(f"promote {i}: {target} committed at {time.time():.3f}", flush=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from loraflow.registry.refs import version_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings
 from loraflow.server.app import build_app
@@ -75,9 +76,9 @@ def main() -> None:
                 target = 2 if i % 2 == 0 else 1
                 reg.promote("bench", target, force=True, reason=FORCED)
                 committed = time.monotonic()
-                while not any(t >= committed and m == f"bench@v{target}" for t, m in served[-50:]):
+                while not any(t >= committed and m == version_ref("bench", target) for t, m in served[-50:]):
                     time.sleep(0.005)
-                first = min(t for t, m in served if t >= committed and m == f"bench@v{target}")
+                first = min(t for t, m in served if t >= committed and m == version_ref("bench", target))
                 delays.append(first - committed)
                 time.sleep(1.0)
             stop.set()

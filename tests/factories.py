@@ -190,6 +190,7 @@ def gate_report(
     json_valid: float = 1.0,
 ) -> dict[str, Any]:
     """The parts of a `loraflow eval` report the gate reads."""
+    from loraflow.registry.refs import version_ref
 
     def cmp(g: tuple[float, float, float]) -> dict[str, Any]:
         return {"exact_match": {"diff": g[0], "ci": [g[1], g[2]]}}
@@ -197,7 +198,7 @@ def gate_report(
     comparisons = {"base": cmp(gain_base)} | ({"production": cmp(gain_prod)} if gain_prod else {})
     return {
         "schema": 1,
-        "candidate": f"support@v{version}",
+        "candidate": version_ref("support", version),
         "primary_metric": "exact_match",
         "confidence": 0.95,
         "metrics": ["exact_match", "json_valid"],

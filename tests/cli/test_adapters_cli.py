@@ -12,6 +12,7 @@ from loraflow.cli.adapters import app as adapters_app
 from loraflow.cli.common import EXIT_CODES
 from loraflow.cli.main import app as loraflow_app
 from loraflow.registry.errors import ErrorCode
+from loraflow.registry.refs import version_ref
 from tests.factories import FORCE, make_adapter, register_dataset
 
 pytestmark = pytest.mark.unit
@@ -36,7 +37,7 @@ def two_versions(base_dir: Path, tmp_path: Path) -> Path:
             str(base_dir),
         )
         assert code == 0, output
-        assert f"registered support@v{seed}" in output
+        assert f"registered {version_ref('support', seed)}" in output
     return base_dir
 
 

@@ -28,7 +28,7 @@ from loraflow.registry.adapter_files import ADAPTER_FILES
 from loraflow.registry.artifacts import ArtifactStore
 from loraflow.registry.basemodel import resolve_base_model
 from loraflow.registry.errors import GateRefusedError
-from loraflow.registry.refs import Ref
+from loraflow.registry.refs import Ref, version_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from tests.factories import make_adapter, make_base
@@ -67,7 +67,7 @@ class Event:
         if self.kind == "api_key":
             return f"key:{self.subject}"
         if self.version is not None:
-            return f"{self.subject}@v{self.version}"
+            return version_ref(self.subject, self.version)
         if self.alias is not None:
             return f"{self.subject}:{self.alias}"
         return self.subject
@@ -332,7 +332,7 @@ def passing_report(name: str, version: int, *, production: int) -> dict[str, Any
     gain = {"exact_match": {"diff": 0.3, "ci": [0.2, 0.4]}}
     return {
         "schema": 1,
-        "candidate": f"{name}@v{version}",
+        "candidate": version_ref(name, version),
         "primary_metric": "exact_match",
         "confidence": 0.95,
         "metrics": ["exact_match", "json_valid"],
