@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from loraflow.registry.service import Registry
-from loraflow.registry.settings import Settings
-
 if TYPE_CHECKING:
+    from loraflow.registry.service import Registry
+    from loraflow.registry.settings import Settings
     from loraflow.trainer.eval.run import Endpoint, OpenEndpoint
 
 

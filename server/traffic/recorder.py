@@ -8,9 +8,10 @@ and counts the drop) or parks it in a bounded in-memory *rescue* buffer for
 ``traffic.rescue_window_s``. Errors are always sampled. Feedback for a parked request rescues
 it onto the queue.
 
-The writer redacts every string in a record (Presidio, keyed pseudonyms) before it writes it to
-the :class:`~loraflow.registry.traffic.TrafficStore`, in a process of its own by default; so
-nothing unredacted is ever written, and redaction never runs in the event loop.
+The writer hands each batch to the :class:`~loraflow.registry.traffic.TrafficStore`, whose
+write takes only records its redactor (Presidio, keyed pseudonyms) has been through; the
+writer runs in a process of its own by default, so nothing unredacted is ever written, and
+redaction never runs in the event loop.
 :meth:`TrafficRecorder.close` (the app's shutdown, after uvicorn has drained the requests)
 writes whatever is queued before it returns.
 """
