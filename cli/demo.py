@@ -36,7 +36,6 @@ from rich.table import Table
 from loraflow.cli.common import guarded, out, state
 from loraflow.cli.demo_report import Summary, write_demo_report
 from loraflow.cli.progress import Bars, quiet_libraries
-from loraflow.registry.drift import figure_verdict
 from loraflow.registry.errors import (
     EngineUnavailableError,
     GateRefusedError,
@@ -436,6 +435,8 @@ class Demo:
         return report
 
     def _show_drift(self, reports: dict[str, dict[str, Any]]) -> None:
+        from loraflow.registry.drift import figure_verdict
+
         table = Table("figure", *reports, title="drift against the training data")
         first = next(iter(reports.values()))
         for figure in first["figures"]:

@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from loraflow.cli.common import guarded, out, print_json, state
-from loraflow.registry.drift import figure_verdict
 from loraflow.registry.refs import parse_ref
 
 
@@ -36,6 +35,7 @@ def drift(
 
     Example: loraflow drift support --window 24h --html drift.html
     """
+    from loraflow.registry.drift import figure_verdict  # pydantic: only in the commands that use it
     from loraflow.trainer.drift import drift_report
     from loraflow.trainer.reports.drift_page import write_html
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from loraflow.registry.basemodel import resolve_base_model
+from loraflow.registry.drift import Profile
 from loraflow.registry.errors import (
     InvalidAdapterError,
     InvalidArgumentError,
@@ -31,7 +32,7 @@ ROW = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "con
 def _dataset(registry: Registry, tmp_path: Path, name: str, lineage: dict[str, Any]) -> str:
     folder = tmp_path / f"ds-{name}"
     folder.mkdir()
-    write_dataset_files(folder, {"train": [ROW], "val": [ROW]}, {}, {})
+    write_dataset_files(folder, {"train": [ROW], "val": [ROW]}, Profile(), {})
     return registry.register_dataset(
         name, folder, DATA_FILES, counts={"train": 1, "val": 1, "test": 0}, lineage=lineage, profile=None
     ).ref
