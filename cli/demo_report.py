@@ -37,9 +37,11 @@ class Summary:
 
 def write_demo_report(path: Path, *, name: str, summary: Summary) -> Path:
     """Write the page next to the reports it links (links are relative, so the folder can move)."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from jinja2 import Environment, PackageLoader
 
-    env = Environment(loader=PackageLoader("loraflow.cli", "templates"), autoescape=select_autoescape())
+    # autoescape=True: select_autoescape() matches *.html, never this *.html.j2, and the page shows
+    # what users named (the adapter) and what the steps said.
+    env = Environment(loader=PackageLoader("loraflow.cli", "templates"), autoescape=True)
     html = env.get_template("demo_report.html.j2").render(
         name=name,
         rows=summary.rows,
