@@ -109,11 +109,11 @@ class Replica:
         kept = [n for n in self.resident if n in pinned and not self.in_flight[n]]
         if not kept:
             return OverloadedError(
-                f"replica {self.url} has {held} adapters resident or loading (server.max_cpu_loras) "
+                f"a replica has {held} adapters resident or loading (server.max_cpu_loras) "
                 "and all are in use; retry shortly"
             )
         return OverloadedError(
-            f"replica {self.url} holds {held} adapters (server.max_cpu_loras), {len(kept)} of them aliased "
+            f"a replica holds {held} adapters (server.max_cpu_loras), {len(kept)} of them aliased "
             "versions kept for their traffic and the rest in use; a version no alias points at is served "
             "here once server.max_cpu_loras exceeds the aliased versions homed on each replica "
             "(server.adapter_replicas spreads them)"
