@@ -8,6 +8,8 @@ in a subprocess from another directory, as an installed user would.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,7 +31,17 @@ def _sources() -> list[Path]:
     )
 
 
-def test_wheel_has_only_the_loraflow_package_and_every_module(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel ``pip wheel .`` builds from a clean copy of this checkout's sources: setuptools
+    reuses a ``build/`` folder and never deletes from it, so a wheel built in place after a
+    move would still carry the old modules, and hide a package missing from pyproject."""
+    out = tmp_path_factory.mktemp("wheel")
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for folder in FOLDERS:
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     done = subprocess.run(
         [
             sys.executable,
@@ -40,16 +52,20 @@ def test_wheel_has_only_the_loraflow_package_and_every_module(tmp_path: Path) ->
             "--no-build-isolation",
             "-q",
             "-w",
-            str(tmp_path),
+            str(out),
             ".",
         ],
-        cwd=ROOT,
+        cwd=source,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    (wheel,) = tmp_path.glob("loraflow-*.whl")
+    (built,) = out.glob("loraflow-*.whl")
+    return built
+
+
+def test_wheel_has_only_the_loraflow_package_and_every_module(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"loraflow", next(t for t in top if t.endswith(".dist-info"))}
@@ -68,22 +84,53 @@ def test_wheel_has_only_the_loraflow_package_and_every_module(tmp_path: Path) ->
     assert "[vllm.general_plugins]\nloraflow = loraflow.server.engine.plugin:register" in entry_points
 
 
-def test_every_module_imports_as_loraflow_from_outside_the_repository(tmp_path: Path) -> None:
+def test_every_module_imports_from_the_installed_wheel_outside_the_repository(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """Installed from the wheel, not the editable checkout (whose finder maps whole folders, and so
+    would hide a sub-package missing from pyproject's list), every module imports as
+    ``loraflow.…`` and comes from the installed copy, with its package data beside it."""
+    site = tmp_path / "site"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     modules = [
         "loraflow." + ".".join(p.with_suffix("").parts).removesuffix(".__init__")
         for p in _sources()
         if p.parts[-2:] != ("migrations", "env.py") and "versions" not in p.parts
     ]
     script = (
-        "import importlib, importlib.util, sys\n"
+        "import importlib, importlib.util, pathlib, sys\n"
+        f"site = pathlib.Path({str(site)!r})\n"
         f"for name in {modules!r}:\n"
-        "    importlib.import_module(name)\n"
+        "    module = importlib.import_module(name)\n"
+        "    where = pathlib.Path(module.__file__).resolve()\n"
+        "    assert where.is_relative_to(site), f'{name} imported from {where}, not the wheel'\n"
         f"clashes = [n for n in {list(FOLDERS)!r} if importlib.util.find_spec(n) is not None]\n"
         "assert not clashes, f'top-level packages installed: {clashes}'\n"
+        "from loraflow.trainer.eval.regression_suite import SUITE_FILE\n"
+        "from loraflow.trainer.reports.render import TEMPLATES\n"
+        "assert SUITE_FILE.is_file() and (TEMPLATES / 'eval_report.html.j2').is_file()\n"
         "print(len(sys.modules))\n"
     )
+    env = os.environ | {"PYTHONPATH": str(site)}
     done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(modules) > 40
