@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -38,6 +39,15 @@ from loraflow.registry.errors import (
 )
 
 MANIFEST = "MANIFEST.json"
+# What a stored file may be called: a plain name in the artifact's own folder. Never a path (a
+# manifest naming "../../x" must not write outside the engine cache), never hidden, never MANIFEST.
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_file_name(name: str) -> bool:
+    return bool(_FILE_NAME.match(name)) and name != MANIFEST
+
+
 _CHUNK = 1 << 20
 
 
@@ -89,6 +99,11 @@ class ArtifactStore:
     def put(self, src_dir: Path, names: Iterable[str]) -> Stored:
         """Store the named files of ``src_dir``; returns their digest. Idempotent."""
         names = sorted(names)
+        for name in names:
+            if not check_file_name(name):
+                raise InvalidArgumentError(
+                    f"cannot store {name!r}: an artifact holds plain file names only", param="name"
+                )
         files = {name: sha256_file(src_dir / name) for name in names}
         size = sum((src_dir / name).stat().st_size for name in names)
         digest = digest_of(files)
@@ -152,6 +167,11 @@ class ArtifactStore:
                 f"artifact {digest} is not in the store at {self.uri}", param="digest"
             ) from None
         listed = {name: meta["sha256"] for name, meta in manifest["files"].items()}
+        unsafe = sorted(name for name in listed if not check_file_name(name))
+        if unsafe:
+            raise IntegrityError(
+                f"artifact {digest}: its manifest names files that are not plain names: {unsafe}"
+            )
         if digest_of(listed) != digest or manifest.get("digest") != digest:
             raise IntegrityError(f"artifact {digest}: manifest does not match its digest")
         return manifest

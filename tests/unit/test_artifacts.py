@@ -70,3 +70,39 @@ def test_unknown_digest(store: ArtifactStore, tmp_path: Path) -> None:
 def test_memory_store_is_a_real_fsspec_backend() -> None:
     fs, _ = fsspec.core.url_to_fs("memory://x")
     assert type(fs).__name__ == "MemoryFileSystem"
+
+
+def test_a_manifest_naming_a_path_is_refused_and_nothing_is_written_outside(tmp_path: Path) -> None:
+    """A consistent manifest (its digest computed over the names it lists) naming ``../../x``
+    must not make fetch write outside the destination: only plain file names are read."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    data = b"not an adapter"
+    import hashlib
+    import json
+
+    files = {"../../escaped.txt": hashlib.sha256(data).hexdigest()}
+    digest = digest_of(files)
+    folder = tmp_path / "store" / "sha256" / digest[:2] / digest
+    (folder / "../..").mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "../../escaped.txt").write_bytes(data)
+    manifest = {
+        "digest": digest,
+        "files": {"../../escaped.txt": {"sha256": files["../../escaped.txt"], "size": 14}},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    cache = tmp_path / "cache" / "engine"
+    with pytest.raises(IntegrityError, match="plain names"):
+        store.fetch(digest, cache / "v1")
+    assert not (tmp_path / "cache" / "escaped.txt").exists() and not (cache / "escaped.txt").exists()
+    assert not list(tmp_path.joinpath("cache").rglob("escaped.txt"))
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", MANIFEST, ""])
+def test_only_plain_file_names_are_stored(tmp_path: Path, name: str) -> None:
+    from loraflow.registry.errors import InvalidArgumentError
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    with pytest.raises(InvalidArgumentError) as info:
+        store.put(_files(tmp_path / "a"), (*NAMES, name))
+    assert info.value.param == "name" and not list((tmp_path / "store").rglob(MANIFEST))
