@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import uuid
 from collections import Counter, defaultdict
@@ -112,6 +113,15 @@ class ValueRedactor(Protocol):
 
 
 @dataclass(frozen=True)
+class CorruptLine:
+    """A line of a traffic file that is not a record (a torn write, a disk error): skipped."""
+
+    path: str
+    line: int  # 1-based
+    reason: str
+
+
+@dataclass(frozen=True)
 class RedactedBatch:
     """Records of one kind as a redactor left them: the only thing :meth:`TrafficStore.write` takes.
     Made by :meth:`TrafficStore.redact`; built any other way it raises ``TypeError``."""
@@ -139,6 +149,7 @@ class TrafficStore:
         self._local = isinstance(fs, LocalFileSystem)
         self.writer = writer or uuid.uuid4().hex[:8]  # this process: file names never collide
         self._seq = 0
+        self.corrupt: list[CorruptLine] = []  # every line reads skipped, with its file and line
         if self._local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
@@ -188,12 +199,20 @@ class TrafficStore:
         return paths
 
     def _put(self, path: str, data: bytes) -> None:
-        if self._local:
+        if self._local:  # durable before it is visible: the file, its rename, then the folder
             final = Path(path)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(f".{final.name}.tmp")
-            tmp.write_bytes(data)
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
             tmp.replace(final)
+            folder = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         else:
             self.fs.pipe_file(path, data)
 
@@ -212,10 +231,29 @@ class TrafficStore:
         return sorted(str(p) for p in self.fs.glob(f"{partition}/{kind}-*.jsonl"))
 
     def _read(self, path: str) -> list[dict[str, Any]]:
-        with contextlib.suppress(FileNotFoundError):  # purged meanwhile
+        """The records of one file. A line that is not a record is skipped, logged and kept in
+        :attr:`corrupt` with its file and line number: one torn file must not stop the flywheel,
+        drift or ``traffic show`` from reading the rest."""
+        try:
             data: bytes = self.fs.cat_file(path)
-            return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-        return []
+        except FileNotFoundError:  # purged meanwhile
+            return []
+        records = []
+        for number, raw in enumerate(data.split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                record_time(record)
+            except (ValueError, KeyError, TypeError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:160]
+                self.corrupt.append(CorruptLine(path, number, reason))
+                log.warning("traffic file %s line %d is not a record (%s); skipped", path, number, reason)
+                continue
+            records.append(record)
+        return records
 
     def read(
         self,

@@ -140,6 +140,7 @@ def drift_report(
     """Compute the report of ``model`` (NAME, NAME:ALIAS or NAME@vN) over ``[now - window, now)``."""
     version = registry.resolve(parse_ref(model, param="model"))
     since = now - window
+    corrupt_before = len(registry.traffic.corrupt)
     records = [
         r
         for r in registry.traffic.read("requests", adapter=version.adapter, since=since, until=now)
@@ -163,6 +164,12 @@ def drift_report(
     figures = window_figures(answers, ratings, profile)
     enough = len(served) >= settings.min_requests
     notes = []
+    corrupt = registry.traffic.corrupt[corrupt_before:]
+    if corrupt:
+        notes.append(
+            f"{len(corrupt)} traffic lines that are not records were skipped "
+            f"(the first: {corrupt[0].path} line {corrupt[0].line})"
+        )
     if embedder is not None and version.dataset and served:
         from loraflow.trainer.prepare import load_split
 

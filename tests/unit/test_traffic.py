@@ -408,3 +408,35 @@ def test_the_store_writes_only_what_its_redactor_returned(tmp_path: Path, redact
     assert EMAIL.encode() not in raw and b"charged twice" not in raw
     (stored,) = store.read("requests")
     assert stored["redacted"] == {"EMAIL_ADDRESS": 1} and batch.found == Counter({"EMAIL_ADDRESS": 1})
+
+
+def test_a_torn_file_is_read_around_and_each_bad_line_is_named(tmp_path: Path, redactor: Redactor) -> None:
+    store = TrafficStore(str(tmp_path / "traffic"))
+    now = datetime.now(UTC)
+    rows = [
+        {"request_id": new_request_id(now), "at": now.isoformat(), "adapter": "support", "version": 1}
+        for _ in range(3)
+    ]
+    (path,) = store.write(store.redact("requests", rows, redactor))
+    good = Path(path).read_bytes()
+    torn = good + b'{"request_id": "req-2026' + b"\n\xff\xfe not utf-8\n[1, 2]\n" + b'{"no": "time"}\n'
+    Path(path).write_bytes(torn)
+    assert [r["request_id"] for r in store.read("requests")] == [r["request_id"] for r in rows]
+    assert [(c.path, c.line) for c in store.corrupt] == [(path, 4), (path, 5), (path, 6), (path, 7)]
+    assert "not a JSON object" in store.corrupt[2].reason and "KeyError" in store.corrupt[3].reason
+    assert store.find_request(rows[1]["request_id"]) is not None  # find_request reads around them too
+
+
+def test_the_local_sink_syncs_each_file_before_it_is_visible(
+    tmp_path: Path, redactor: Redactor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    store = TrafficStore(str(tmp_path / "traffic"))
+    now = datetime.now(UTC)
+    row = {"request_id": new_request_id(now), "at": now.isoformat(), "adapter": "support", "version": 1}
+    store.write(store.redact("requests", [row], redactor))
+    assert len(synced) == 2  # the file, then its folder (the rename)

@@ -149,6 +149,7 @@ def build_dataset(
     end = window_end(until)
     start = end - since
     counts: dict[str, int] = {}
+    corrupt_before = len(registry.traffic.corrupt)
 
     requests = list(registry.traffic.read("requests", adapter=name, since=start, until=end))
     counts["requests"] = len(requests)
@@ -162,6 +163,7 @@ def build_dataset(
     ratings: dict[str, dict[str, Any]] = {}
     for given in sorted(registry.traffic.read("feedback", adapter=name, since=start), key=lambda f: f["at"]):
         ratings[given["request_id"]] = given  # the latest wins
+    counts["skipped_corrupt_lines"] = len(registry.traffic.corrupt) - corrupt_before
     served = [r for r in requests if r.get("status") == 200 and not r.get("error")]
     counts["dropped_failed"] = len(requests) - len(served)
 
