@@ -46,13 +46,14 @@ def model_list(r: RoutingTable, key: domain.ApiKeyInfo | None = None) -> ModelLi
     "/v1/models",
     response_model=ModelList,
     response_model_exclude_none=False,
-    responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 500)},
+    responses={k: v for k, v in ERROR_RESPONSES.items() if k in (401, 500, 503)},
 )
 async def list_models(request: Request) -> ModelList:
     gw = gateway(request)
+    snapshot = gw.routes.loaded()  # before the first snapshot: 503, as completions answer, not 401
     key = None
     if gw.settings.auth:
-        key = authenticate(request.headers.get("authorization"), gw.routes.snapshot)
+        key = authenticate(request.headers.get("authorization"), snapshot)
     return model_list(gw.routes, key)
 
 

@@ -221,6 +221,23 @@ def test_models_lists_only_what_the_key_may_use(gateway_setup: Setup) -> None:
         assert client.get("/v1/models").status_code == 401
 
 
+def test_before_its_first_routing_snapshot_models_is_503_to_a_valid_key_not_401(
+    gateway_setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraflow.server.routing import Snapshot
+
+    key, _ = create_key(gateway_setup.registry, "ops")
+    with gateway(gateway_setup, auth=True) as client:
+        ready(client)
+        routes = client.app.state.gateway.routes  # type: ignore[attr-defined]
+        monkeypatch.setattr(routes.registry, "revision", lambda: -1)
+        loaded, routes.snapshot = routes.snapshot, Snapshot()  # as a worker that has not polled yet
+        r = client.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        routes.snapshot = loaded
+        assert client.get("/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+
+
 def test_models_show_whether_each_version_matches_the_served_chat_template(
     gateway_setup: Setup, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
