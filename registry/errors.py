@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     ENGINE_UNAVAILABLE = "engine_unavailable"
     GATE_REFUSED = "gate_refused"
     UNAVAILABLE = "unavailable"
+    TOO_LARGE = "request_too_large"
 
 
 class LoraflowError(Exception):
@@ -112,6 +113,12 @@ class OverloadedError(LoraflowError):
     """Too many requests in flight."""
 
     code = ErrorCode.OVERLOADED
+
+
+class RequestTooLargeError(LoraflowError):
+    """A request body past ``server.max_body_bytes``: refused before it is read whole."""
+
+    code = ErrorCode.TOO_LARGE
 
 
 class EngineUnavailableError(LoraflowError):

@@ -95,6 +95,12 @@ class ServerSettings(BaseModel):
     )
     auth: bool = Field(False, description="Require API keys (loraflow keys create).")
     max_concurrency: int = Field(64, ge=1, description="In-flight requests before 429 (per worker).")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="The largest request body the gateway reads (chat, completions, feedback): a larger "
+        "one is a 413, refused from its Content-Length or as soon as it passes the limit.",
+    )
     workers: int = Field(
         1,
         ge=1,

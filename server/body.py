@@ -6,7 +6,8 @@ empty body; a list, string, number or null; nesting deeper than the parser can f
 ``NaN`` and ``Infinity`` (Python's extension, which the traffic store would write and other
 JSON readers refuse); and a lone UTF-16 surrogate (``"\\ud800"``), which is valid JSON
 text but no Unicode string: the engine's pydantic refuses it, and the traffic store could
-not encode it (a batch of other requests' records would be dropped with it).
+not encode it (a batch of other requests' records would be dropped with it). A body past
+``server.max_body_bytes`` is a 413 (:func:`read_capped`), never read whole.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 import re
 from typing import Any, NoReturn
 
-from loraflow.registry.errors import InvalidArgumentError
+from starlette.requests import Request
+
+from loraflow.registry.errors import InvalidArgumentError, RequestTooLargeError
 
 # A \uD800-\uDFFF escape: a lone surrogate, or one half of a pair (checked after parsing).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -23,6 +26,28 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON value")
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request's body, refused with :class:`RequestTooLargeError` from its ``Content-Length``
+    before a byte is read, or as soon as what arrives passes ``limit`` (a chunked body has no
+    length): a client cannot make the gateway buffer more than ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(
+            f"the request body is {int(declared)} bytes; the limit is {limit} (server.max_body_bytes)",
+            param="body",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLargeError(
+                f"the request body is over {limit} bytes (server.max_body_bytes)", param="body"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

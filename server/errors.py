@@ -28,6 +28,7 @@ log = logging.getLogger("loraflow.gateway")
 
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.TOO_LARGE: 413,
     ErrorCode.INVALID_ADAPTER: 400,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CONFLICT: 409,
@@ -47,6 +48,7 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "invalid_request_error",
+    413: "invalid_request_error",
     409: "invalid_request_error",
     429: "rate_limit_error",
 }

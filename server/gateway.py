@@ -46,7 +46,7 @@ from loraflow.registry.errors import (
 from loraflow.registry.settings import ServerSettings, TrafficSettings
 from loraflow.registry.traffic import new_request_id
 from loraflow.server.auth import authenticate, authorize
-from loraflow.server.body import json_object
+from loraflow.server.body import json_object, read_capped
 from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
 from loraflow.server.errors import (
     INTERNAL_ERROR_CODE,
@@ -179,11 +179,10 @@ class Gateway:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
 
-    @staticmethod
-    async def _body(request: Request) -> dict[str, Any]:
-        """The body, checked where the gateway reads it (``model``, ``stream``, ``stream_options``);
-        the engine validates the rest."""
-        body = json_object(await request.body())
+    async def _body(self, request: Request) -> dict[str, Any]:
+        """The body (at most ``server.max_body_bytes``), checked where the gateway reads it
+        (``model``, ``stream``, ``stream_options``); the engine validates the rest."""
+        body = json_object(await read_capped(request, self.settings.max_body_bytes))
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidArgumentError("'model' is required and must be a string", param="model")

@@ -32,6 +32,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "No API key, or an unknown or revoked one (when `server.auth` is on)."),
         (403, "The API key may not use this adapter."),
         (404, "No such model, adapter, alias or version, or an archived version."),
+        (413, "The request body is larger than `server.max_body_bytes`."),
         (429, "The gateway is at `server.max_concurrency`; see `Retry-After`."),
         (500, "An unexpected error in the gateway (no detail is returned)."),
         (503, "No engine replica could serve the request; see `Retry-After`."),

@@ -16,7 +16,7 @@ from loraflow.registry.errors import InvalidArgumentError, NotFoundError, first_
 from loraflow.registry.refs import version_ref
 from loraflow.registry.settings import ServerSettings
 from loraflow.server.auth import authenticate, authorize
-from loraflow.server.body import json_object
+from loraflow.server.body import json_object, read_capped
 from loraflow.server.feedback.protocol import FeedbackRequest, FeedbackResponse
 from loraflow.server.routing import RoutingTable
 from loraflow.server.traffic.live import LiveDrift
@@ -51,7 +51,7 @@ class FeedbackService:
             if self.settings.auth
             else None
         )
-        body = parse(await request.body())
+        body = parse(await read_capped(request, self.settings.max_body_bytes))
         if self.recorder is None:
             raise NotFoundError(
                 f"no recorded request {body.request_id!r}: traffic recording is off "

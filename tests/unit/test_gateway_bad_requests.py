@@ -286,6 +286,30 @@ def test_without_a_valid_key_a_bad_body_is_a_401_not_a_400(gw: Gateway, path: st
     assert error["param"] == "authorization"
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/feedback"])
+def test_a_body_past_the_limit_is_a_413_before_it_is_read(gw: Gateway, path: str) -> None:
+    limit = ServerSettings().max_body_bytes
+    big = b'{"model": "support", "prompt": "' + b"x" * limit + b'"}'
+    calls = len(gw.engine.requests)
+    error = openai_error(gw.post(path, big), 413)  # refused from its Content-Length
+    assert (
+        error["param"] == "body"
+        and error["code"] == "request_too_large"
+        and "max_body_bytes" in error["message"]
+    )
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: refused once past the limit
+        for start in range(0, len(big), 64 * 1024):
+            yield big[start : start + 64 * 1024]
+
+    headers = {"content-type": "application/json", "authorization": f"Bearer {gw.key}"}
+    r = gw.client.post(path, content=chunked(), headers=headers)
+    assert openai_error(r, 413)["param"] == "body"
+    assert len(gw.engine.requests) == calls  # nothing reached the engine
+    # Without a key, the same body is a 401: the key is checked from the headers first.
+    assert openai_error(gw.post(path, big, authorization=b""), 401)["param"] == "authorization"
+
+
 def test_a_lone_surrogate_in_an_engine_answer_does_not_cost_the_batch_its_write(tmp_path: Path) -> None:
     """Valid JSON text, not Unicode: the store cannot encode it, so the writer replaces it (U+FFFD)
     rather than lose the whole batch, other requests' records with it, after its retries."""
