@@ -101,6 +101,20 @@ class ServerSettings(BaseModel):
         description="The largest request body the gateway reads (chat, completions, feedback): a larger "
         "one is a 413, refused from its Content-Length or as soon as it passes the limit.",
     )
+    max_n: int = Field(
+        16, ge=1, description="The largest `n` (choices per request) the gateway forwards; more is a 400."
+    )
+    max_best_of: int = Field(
+        16, ge=1, description="The largest `best_of` the gateway forwards; more is a 400."
+    )
+    max_tokens: int = Field(
+        32768,
+        ge=1,
+        description="The largest `max_tokens` / `max_completion_tokens` the gateway forwards; more is a 400.",
+    )
+    max_messages: int = Field(
+        1024, ge=1, description="The most chat `messages` in one request; more is a 400."
+    )
     workers: int = Field(
         1,
         ge=1,

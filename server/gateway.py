@@ -190,6 +190,25 @@ class Gateway:
             raise InvalidArgumentError("'stream' must be true or false", param="stream")
         if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
             raise InvalidArgumentError("'stream_options' must be an object", param="stream_options")
+        s = self.settings
+        for name, cap, setting in (
+            ("n", s.max_n, "server.max_n"),
+            ("best_of", s.max_best_of, "server.max_best_of"),
+            ("max_tokens", s.max_tokens, "server.max_tokens"),
+            ("max_completion_tokens", s.max_tokens, "server.max_tokens"),
+        ):
+            value = body.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > cap:
+                raise InvalidArgumentError(
+                    f"'{name}' is {value:g}; this gateway allows at most {cap} ({setting})", param=name
+                )
+        messages = body.get("messages")
+        if isinstance(messages, list) and len(messages) > s.max_messages:
+            raise InvalidArgumentError(
+                f"{len(messages)} messages; this gateway allows at most {s.max_messages} "
+                "(server.max_messages)",
+                param="messages",
+            )
         return body
 
     async def handle(self, request: Request, path: str) -> Response:

@@ -286,6 +286,28 @@ def test_without_a_valid_key_a_bad_body_is_a_401_not_a_400(gw: Gateway, path: st
     assert error["param"] == "authorization"
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/completions", "n", 100_000),
+        ("/v1/completions", "best_of", 100_000),
+        ("/v1/completions", "max_tokens", 1e9),
+        ("/v1/chat/completions", "max_completion_tokens", 10**9),
+        ("/v1/chat/completions", "messages", [{"role": "user", "content": "hi"}] * 5000),
+    ],
+)
+def test_requests_past_the_gateways_caps_are_a_400_naming_the_field(
+    gw: Gateway, path: str, field: str, value: Any
+) -> None:
+    body = {"model": "support", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}], field: value}
+    calls = len(gw.engine.requests)
+    error = openai_error(gw.post(path, json.dumps(body).encode()), 400)
+    assert error["param"] == field and "server.max_" in error["message"], error
+    assert len(gw.engine.requests) == calls  # nothing reached the engine
+    within = body | {field: 2 if field != "messages" else value[:2]}
+    assert gw.post(path, json.dumps(within).encode()).status_code != 400
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/feedback"])
 def test_a_body_past_the_limit_is_a_413_before_it_is_read(gw: Gateway, path: str) -> None:
     limit = ServerSettings().max_body_bytes
