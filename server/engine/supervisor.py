@@ -115,11 +115,21 @@ def vllm_command(
     return cmd + list(settings.engine_args)
 
 
+# Variables an engine never inherits: loraflow's own (the resolver's are set explicitly) and libpq's.
+_NOT_FOR_ENGINES = ("LORAFLOW_", "PGPASSWORD", "PGPASSFILE", "PGSERVICEFILE")
+
+
 def engine_env(settings: Settings, device: Device, *, index: int = 0) -> dict[str, str]:
     """The environment that makes vLLM a loraflow engine: runtime LoRA loading, and the resolver
     plugin (``loraflow.server.engine.plugin``) reading the artifact store these settings name.
-    ``index`` is the engine's place among ``server.supervised_engines`` on this machine."""
-    env = dict(os.environ)
+    ``index`` is the engine's place among ``server.supervised_engines`` on this machine.
+
+    An engine gets only what vLLM and the resolver need: none of the caller's ``LORAFLOW_*``
+    variables (the database URL, the pseudonym key, the metrics token, the config file's name)
+    nor libpq's, only the resolver's own settings below. The rest of the environment (PATH, the
+    accelerator's and the object store's variables, e.g. ``AWS_*``) passes, since vLLM and
+    the artifact store's client read it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_ENGINES)}
     if device == "cpu":
         for key, value in CPU_DEFAULT_ENV.items():
             env.setdefault(key, value)

@@ -51,7 +51,7 @@ VLLM_STAND_IN = """
 import json, os, sys
 keep = ("LORAFLOW_", "VLLM_ALLO")
 record = {"argv": sys.argv[1:], "env": {k: v for k, v in os.environ.items() if k[:9] in keep}}
-with open(os.environ["LORAFLOW_TEST_VLLM_RECORD"], "w") as out:
+with open(os.environ["STAND_IN_VLLM_RECORD"], "w") as out:
     json.dump(record, out)
 """
 
@@ -207,7 +207,7 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
     record = tmp_path / "vllm-argv.json"
     done = subprocess.run(
         engine.argv(),
-        env={**engine.process_env(), "PYTHONPATH": str(stand_in), "LORAFLOW_TEST_VLLM_RECORD": str(record)},
+        env={**engine.process_env(), "PYTHONPATH": str(stand_in), "STAND_IN_VLLM_RECORD": str(record)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -229,6 +229,13 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
     assert execed["env"]["LORAFLOW_ARTIFACT_URI"] == artifact_uri
     cache = engine.mounts["/cache/adapters"]
     assert Path(execed["env"]["LORAFLOW_ENGINE__CACHE_DIR"]) == cache.resolve()
+    # vLLM gets the resolver's settings and nothing else of loraflow's (no database URL, no secrets).
+    assert sorted(k for k in execed["env"] if k.startswith("LORAFLOW_")) == [
+        "LORAFLOW_ARTIFACT_URI",
+        "LORAFLOW_ENGINE__CACHE_DIR",
+        "LORAFLOW_ENGINE__CACHE_MAX_BYTES",
+        "LORAFLOW_ENGINE__RESOLVER",
+    ]
     # Its probes' paths are served by vLLM (the shared engine's).
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         if kind in engine.container:

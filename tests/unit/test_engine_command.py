@@ -52,6 +52,34 @@ def test_the_engine_environment_turns_the_resolver_on_for_these_settings_only(tm
     assert Settings(home=tmp_path).engine.resolver is False  # a plain vLLM: the plugin stays off
 
 
+def test_an_engine_inherits_none_of_the_gateways_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets = {
+        "LORAFLOW_DATABASE_URL": "postgresql://loraflow:hunter2@db/loraflow",
+        "LORAFLOW_TRAFFIC__PSEUDONYM_KEY": "pseudonym-secret",
+        "LORAFLOW_SERVER__METRICS_TOKEN": "metrics-secret",
+        "LORAFLOW_CONFIG": str(tmp_path / "gateway.toml"),
+        "PGPASSWORD": "hunter2",
+    }
+    (tmp_path / "gateway.toml").write_text("")
+    for name, value in {**secrets, "AWS_SECRET_ACCESS_KEY": "s3-secret", "PATH": "/usr/bin"}.items():
+        monkeypatch.setenv(name, value)
+    env = engine_env(Settings(home=tmp_path, artifact_uri="s3://bucket/art"), "cpu")
+    assert not set(secrets) & set(env), sorted(set(secrets) & set(env))
+    assert not [
+        v for v in env.values() if any(s in v for s in ("hunter2", "pseudonym-secret", "metrics-secret"))
+    ]
+    loraflow = sorted(k for k in env if k.startswith("LORAFLOW_"))
+    assert loraflow == [
+        "LORAFLOW_ARTIFACT_URI",
+        "LORAFLOW_ENGINE__CACHE_DIR",
+        "LORAFLOW_ENGINE__CACHE_MAX_BYTES",
+        "LORAFLOW_ENGINE__RESOLVER",
+    ]
+    assert env["AWS_SECRET_ACCESS_KEY"] == "s3-secret" and env["PATH"] == "/usr/bin"  # the store's client
+
+
 def test_several_supervised_engines_get_disjoint_gpus_or_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     assert engine_slice(ServerSettings(), "gpu", 0) == {} and engine_slice(ServerSettings(), "cpu", 0) == {}
     two_by_two = ServerSettings(supervised_engines=2, tensor_parallel_size=2)
