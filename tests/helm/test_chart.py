@@ -139,6 +139,14 @@ def test_sqlite_with_more_than_one_gateway_replica_fails_with_the_message() -> N
     assert one(docs, "Deployment", "gateway")["spec"]["replicas"] == 1
 
 
+def test_an_ingress_needs_a_metrics_token_so_metrics_is_never_published_open() -> None:
+    assert production()["ingress"]["enabled"] and any(d["kind"] == "Ingress" for d in manifests(production()))
+    open_metrics = merged(production(), {"secretKeys": {"metricsToken": ""}})
+    assert "secretKeys.metricsToken" in render_error(open_metrics)
+    no_ingress = merged(open_metrics, {"ingress": {"enabled": False}})
+    assert not any(d["kind"] == "Ingress" for d in manifests(no_ingress))  # no ingress: no token needed
+
+
 def test_a_postgresql_url_is_refused_in_values_because_it_carries_a_password() -> None:
     values = {"baseModel": "m", "artifacts": {"uri": "s3://b/p"}}
     values["registry"] = {"databaseUrl": "postgresql+psycopg://u:secret@pg/db"}

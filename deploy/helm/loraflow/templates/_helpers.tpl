@@ -87,6 +87,9 @@ workload, so `helm template` and `helm install` refuse the same things.
 {{- if and .Values.registry.databaseUrl (not (hasPrefix "sqlite" .Values.registry.databaseUrl)) -}}
 {{- fail "registry.databaseUrl takes only a sqlite:/// URL: a PostgreSQL URL carries a password, so put it in the Secret named by existingSecret (key secretKeys.databaseUrl)" -}}
 {{- end -}}
+{{- if and .Values.ingress.enabled (not (and .Values.existingSecret .Values.secretKeys.metricsToken)) -}}
+{{- fail "ingress.enabled publishes the gateways' /metrics (every tenant's adapters, the engines' private addresses) unless it needs a token: set secretKeys.metricsToken (a key of existingSecret), or keep ingress.enabled=false" -}}
+{{- end -}}
 {{- if include "loraflow.isSqlite" . -}}
 {{- $replicas := int .Values.gateway.replicas -}}
 {{- if .Values.gateway.autoscaling.enabled -}}{{- $replicas = int .Values.gateway.autoscaling.maxReplicas -}}{{- end -}}
