@@ -52,12 +52,14 @@ import re
 import secrets
 import shutil
 import tempfile
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loraflow.registry import pii_patterns
 from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
 from loraflow.registry.keys import KEY_PREFIX
 
@@ -75,7 +77,26 @@ IP = "IP_ADDRESS"
 SECRET = "SECRET"
 PERSON = "PERSON"
 
-CLASSES: tuple[str, ...] = (EMAIL, PHONE, CARD, IBAN, IP, SECRET)
+DATA_URI = "DATA_URI"
+TOKEN_IDS = "TOKEN_IDS"
+
+# Always on: Presidio's checked classes, the pattern classes of pii_patterns (names by pattern
+# among them), and what the walk replaces whole (inline files, prompts given as token ids).
+CLASSES: tuple[str, ...] = (
+    EMAIL,
+    PHONE,
+    CARD,
+    IBAN,
+    IP,
+    SECRET,
+    PERSON,
+    *pii_patterns.CLASSES,
+    DATA_URI,
+    TOKEN_IDS,
+)
+# Phone regions parsed besides Presidio's defaults (US, GB, DE, FR, IL, IN, CA, BR): each is one
+# more pass of ``phonenumbers`` over text with enough digits.
+EXTRA_PHONE_REGIONS = ("ES", "IT", "NL", "AU", "JP", "CN", "MX")
 
 # Presidio scores: phone numbers 0.4 (parsed and valid, no context), IP addresses 0.6,
 # e-mail, cards and IBANs 1.0 once validated, secrets 0.9-1.0, person names 0.85. The
@@ -137,7 +158,13 @@ SECRET_PATTERNS: tuple[tuple[str, str, float], ...] = (
     ),
     # loraflow's own API keys (registry/keys.py): the prefix and token_urlsafe(32).
     ("loraflow_api_key", rf"{_START}{re.escape(KEY_PREFIX)}[{_T}]{{40,}}", 0.9),
+    ("stripe_key", rf"{_START}(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{{10,}}", 0.9),
+    ("huggingface_token", rf"{_START}hf_[A-Za-z0-9]{{30,}}", 0.9),
+    ("gitlab_token", rf"{_START}gl(?:pat|dt|ptt|rt)-[A-Za-z0-9_\-]{{20,}}", 0.9),
+    ("slack_webhook", r"https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_\-]+", 0.95),
 )
+# An inline file: the whole data URI is one value (an image, a PDF a user uploaded).
+_DATA_URI = re.compile(r"data:[\w.+\-]+/[\w.+\-]+(?:;[\w\-]+=[\w\-]+)*;base64,[A-Za-z0-9+/=\s]+")
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +176,9 @@ class Redacted:
 
     text: str
     found: dict[str, int]
+    # Names found where a cue marks them ("my name is ..."): the record's other mentions of them,
+    # which have no cue ("Noted, Jane Doe."), are replaced too (Redactor.redact_value).
+    names: tuple[str, ...] = ()
 
 
 def normalize(entity: str, value: str) -> str:
@@ -209,47 +239,115 @@ class Redactor:
         return self._redact(text)
 
     def _redact(self, text: str) -> Redacted:
-        results = self._analyzer.analyze(
-            text=text, language="en", score_threshold=SCORE_THRESHOLD, nlp_artifacts=self._no_nlp
-        )
+        # Analysed in a normalized form (NFKC: full-width digits, no-break and other odd spaces),
+        # replaced in the text as written: each normalized character maps back to its source.
+        seen, source = _normalized(text)
+        results = [
+            (r.start, r.end, r.entity_type, r.score)
+            for r in self._analyzer.analyze(
+                text=seen, language="en", score_threshold=SCORE_THRESHOLD, nlp_artifacts=self._no_nlp
+            )
+        ]
+        results += [(m.start, m.end, m.entity, m.score) for m in pii_patterns.find(seen)]
         # Text inside a placeholder is taken already: redacting twice changes nothing.
         taken = _Spans(m.span() for m in PLACEHOLDER.finditer(text))
         spans: list[tuple[int, int, str]] = []
         # Overlaps: the higher score wins, then the longer span, then the earlier one.
-        for r in sorted(results, key=lambda r: (-r.score, -(r.end - r.start), r.start)):
-            if r.entity_type in self.classes and r.end > r.start and taken.add(r.start, r.end):
-                spans.append((r.start, r.end, r.entity_type))
+        for start, end, entity, _ in sorted(results, key=lambda r: (-r[3], -(r[1] - r[0]), r[0])):
+            if entity not in self.classes or end <= start:
+                continue
+            start, end = source[start], source[end - 1] + 1
+            if taken.add(start, end):
+                spans.append((start, end, entity))
         if not spans:
             return Redacted(text, {})
         found: Counter[str] = Counter()
         parts: list[str] = []
+        names: list[str] = []
         at = 0
         for start, end, entity in sorted(spans):
             parts.append(text[at:start])
             parts.append(self.placeholder(entity, text[start:end]))
             found[entity] += 1
+            if entity == PERSON:
+                names.append(text[start:end])
             at = end
         parts.append(text[at:])
-        return Redacted("".join(parts), dict(found))
+        return Redacted("".join(parts), dict(found), tuple(names))
 
     def redact_value(self, value: object) -> tuple[object, Counter[str]]:
-        """Redacts every string in a JSON-like value (dicts, lists, tuples, strings); dict keys
-        and other values (numbers, booleans, None) are kept as they are."""
+        """Redacts every string in a JSON-like value (dicts, lists, tuples, strings), dict keys
+        included (a tool's schema can name a property after an e-mail address). A data URI (an
+        inline file) and a prompt given as token ids are replaced whole: neither can be read
+        for PII. Other values (numbers, booleans, None) are kept as they are."""
         found: Counter[str] = Counter()
-        return self._walk(value, found), found
+        names: set[str] = set()
+        out = self._walk(value, found, names)
+        if names:  # a name found after a cue, mentioned again without one elsewhere in the value
+            mention = re.compile(
+                "|".join(rf"\b{re.escape(n)}\b" for n in sorted(names, key=len, reverse=True))
+            )
+            out = self._spread(out, mention, found)
+        return out, found
 
-    def _walk(self, value: object, found: Counter[str]) -> object:
+    def _spread(self, value: object, mention: re.Pattern[str], found: Counter[str]) -> object:
         if isinstance(value, str):
+            return mention.sub(lambda m: self._whole(PERSON, m.group(), found), value)
+        if isinstance(value, dict):
+            return {
+                self._spread(k, mention, found): self._spread(v, mention, found) for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
+            spread = [self._spread(v, mention, found) for v in value]
+            return spread if isinstance(value, list) else tuple(spread)
+        return value
+
+    def _walk(self, value: object, found: Counter[str], names: set[str], key: object = None) -> object:
+        if isinstance(value, str):
+            if _DATA_URI.search(value):
+                value = _DATA_URI.sub(lambda m: self._whole(DATA_URI, m.group(), found), value)
             redacted = self.redact(value)
             found.update(redacted.found)
+            names.update(redacted.names)
             return redacted.text
+        if key == "prompt" and _token_ids(value):
+            return self._whole(TOKEN_IDS, json.dumps(value), found)
         if isinstance(value, dict):
-            return {k: self._walk(v, found) for k, v in value.items()}
+            return {self._walk(k, found, names): self._walk(v, found, names, k) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._walk(v, found) for v in value]
+            return [self._walk(v, found, names) for v in value]
         if isinstance(value, tuple):
-            return tuple(self._walk(v, found) for v in value)
+            return tuple(self._walk(v, found, names) for v in value)
         return value
+
+    def _whole(self, entity: str, value: str, found: Counter[str]) -> str:
+        found[entity] += 1
+        return self.placeholder(entity, value)
+
+
+def _token_ids(value: object) -> bool:
+    """A completion prompt given as token ids: a list of ints, or a list of such lists."""
+    if not isinstance(value, list) or not value:
+        return False
+    rows = value if all(isinstance(v, list) for v in value) else [value]
+    return all(isinstance(t, int) and not isinstance(t, bool) for row in rows for t in row)
+
+
+def _normalized(text: str) -> tuple[str, list[int]]:
+    """``text`` in NFKC (full-width digits and letters as ASCII, no-break and other Unicode
+    spaces as spaces) and, per character of the result, the index of the character of ``text``
+    it came from; a character that becomes several maps each of them back to itself."""
+    if text.isascii():
+        return text, list(range(len(text)))
+    out: list[str] = []
+    source: list[int] = []
+    for i, ch in enumerate(text):
+        n = unicodedata.normalize("NFKC", ch) if not ch.isascii() else ch
+        if not n:
+            continue
+        out.append(n)
+        source.extend([i] * len(n))
+    return "".join(out), source
 
 
 class _Spans:
@@ -400,7 +498,8 @@ def _build_analyzer(
 
         def __init__(self) -> None:
             self._leniency: int = phonenumbers.Leniency.VALID  # Presidio's default, 1
-            super().__init__(leniency=self._leniency)
+            regions = (*PhoneRecognizer.DEFAULT_SUPPORTED_REGIONS, *EXTRA_PHONE_REGIONS)
+            super().__init__(leniency=self._leniency, supported_regions=tuple(dict.fromkeys(regions)))
             self._min_digits = _shortest_phone_number()
 
         def analyze(

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from loraflow.registry.errors import InvalidArgumentError
 
@@ -168,11 +168,11 @@ class TrafficStore:
         for record in records:
             try:
                 redacted = dict(record)
-                spans: Counter[str] = Counter()
-                for name in FREE_TEXT[kind]:
-                    if name in record:
-                        redacted[name], counts = redactor.redact_value(record[name])
-                        spans.update(counts)
+                # One walk over all of a record's free text, so a name found after a cue in the
+                # request is replaced in the answer too.
+                free = {name: record[name] for name in FREE_TEXT[kind] if name in record}
+                cleaned, spans = redactor.redact_value(free)
+                redacted.update(cast(dict[str, Any], cleaned))
             except Exception:
                 log.exception("could not redact a %s record; dropped", kind)
                 dropped += 1

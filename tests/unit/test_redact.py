@@ -373,17 +373,33 @@ def test_redact_value_walks_a_chat_messages_list(redactor: Redactor) -> None:
     assert out[3] == {"role": "assistant", "content": f"Noted: {email}", "tokens": 12, "ok": True}
 
 
-def test_redact_value_keeps_dict_keys_and_scalars(redactor: Redactor) -> None:
+def test_redact_value_redacts_dict_keys_too_and_keeps_scalars(redactor: Redactor) -> None:
+    """A key is text a user wrote as well: a tools schema once named a property after an address."""
     value = {"jane@example.org": "jane@example.org", "n": 4111111111111111, "t": ("10.0.0.1",)}
     out, found = redactor.redact_value(value)
+    email = redactor.placeholder("EMAIL_ADDRESS", "jane@example.org")
     assert out == {
-        "jane@example.org": redactor.placeholder("EMAIL_ADDRESS", "jane@example.org"),
+        email: email,
         "n": 4111111111111111,
         "t": (redactor.placeholder("IP_ADDRESS", "10.0.0.1"),),
     }
-    assert found == Counter({"EMAIL_ADDRESS": 1, "IP_ADDRESS": 1})
+    assert found == Counter({"EMAIL_ADDRESS": 2, "IP_ADDRESS": 1})
     assert redactor.redact_value("plain") == ("plain", Counter())
     assert redactor.redact_value(None) == (None, Counter())
+
+
+def test_inline_files_and_token_id_prompts_are_replaced_whole(redactor: Redactor) -> None:
+    image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]}
+    out, found = redactor.redact_value(chat)
+    assert image not in json.dumps(out) and found == Counter({"DATA_URI": 1})
+    assert out["messages"][0]["content"][0]["image_url"]["url"].startswith("<DATA_URI_")  # type: ignore[index]
+    for prompt in ([15496, 11, 616, 1438, 318], [[15496, 11], [616, 1438]]):
+        out, found = redactor.redact_value({"model": "support", "prompt": prompt})
+        assert out == {"model": "support", "prompt": redactor.placeholder("TOKEN_IDS", json.dumps(prompt))}
+        assert found == Counter({"TOKEN_IDS": 1})
+    kept = {"model": "support", "prompt": "hello", "stop_token_ids": [2, 3], "logit_bias": {"50256": -100}}
+    assert redactor.redact_value(kept) == (kept, Counter())
 
 
 # --- offline, cache, dependencies ---------------------------------------------------------------

@@ -440,3 +440,50 @@ def test_the_local_sink_syncs_each_file_before_it_is_visible(
     row = {"request_id": new_request_id(now), "at": now.isoformat(), "adapter": "support", "version": 1}
     store.write(store.redact("requests", [row], redactor))
     assert len(synced) == 2  # the file, then its folder (the rename)
+
+
+def test_what_the_audit_found_on_disk_no_longer_reaches_it(tmp_path: Path, redactor: Redactor) -> None:
+    """Through the recorder and the writer at 100% sampling, the audit found a name, a street
+    address, an SSN, a password and a date of birth in the traffic JSONL, and an e-mail address
+    that was a key of a tools schema. None of them may reach the disk now."""
+    leaked = {
+        "name": "Jane Doe",
+        "address": "1600 Pennsylvania Avenue",
+        "ssn": "536-22-8726",
+        "password": "hunter2",
+        "dob": "12 April 1985",
+        "key": "jane.doe@example.com",
+    }
+    text = (
+        f"My name is {leaked['name']}, I live at {leaked['address']} NW. My social is {leaked['ssn']}, "
+        f"password: {leaked['password']}, born on {leaked['dob']}."
+    )
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "parameters": {"type": "object", "properties": {leaked["key"]: {"type": "string"}}},
+            },
+        }
+    ]
+    store = TrafficStore(str(tmp_path / "traffic"))
+    settings = TrafficSettings(sample_rate=1.0)
+    recorder = TrafficRecorder(settings, store, ThreadWriter(settings, store, redactor))
+    recorder.start()
+    ex = exchange()
+    ex.request = {"messages": [{"role": "user", "content": text}], "tools": tools}
+    ex.response = [{"index": 0, "content": f"Noted, {leaked['name']}.", "finish_reason": "stop"}]
+    recorder.offer(ex)
+    recorder.close()
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "traffic").rglob("*.jsonl"))
+    assert raw and not [k for k, v in leaked.items() if v.encode() in raw], raw.decode()
+    (record,) = store.read("requests")
+    assert set(record["redacted"]) >= {
+        "PERSON",
+        "STREET_ADDRESS",
+        "US_SSN",
+        "SECRET",
+        "DATE_OF_BIRTH",
+        "EMAIL_ADDRESS",
+    }
