@@ -11,6 +11,13 @@ from rich.table import Table
 
 from loraflow.cli.common import err, guarded, out, print_json, state
 from loraflow.registry.errors import InvalidArgumentError
+from loraflow.registry.scopes import SCOPES
+
+_SCOPE_HELP = (
+    "Grant a scope (repeatable); without any, the key calls only its adapters by name or alias. "
+    + "; ".join(f"{name}: {what}" for name, what in SCOPES.items())
+    + "."
+)
 
 app = typer.Typer(name="keys", help="Gateway API keys.", no_args_is_help=True, add_completion=False)
 
@@ -23,11 +30,12 @@ def create(
     adapter: Annotated[
         list[str] | None, typer.Option("--adapter", help="Limit the key to this adapter (repeatable).")
     ] = None,
+    scope: Annotated[list[str] | None, typer.Option("--scope", help=_SCOPE_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the key and its record as JSON.")] = False,
 ) -> None:
     """Create a key. It is printed once; only its hash is stored.
 
-    Example: loraflow keys create ci-bot --adapter support --json
+    Example: loraflow keys create ci-bot --adapter support --scope versions --json
 
     An --adapter not registered yet is accepted with a warning (a tenant's key may come first)."""
     from loraflow.registry.keys import create_key
@@ -35,7 +43,7 @@ def create(
     registry = state(ctx).registry
     registered = {a.name for a in registry.adapters()}
     unknown = [a for a in adapter or [] if a not in registered]
-    key, info = create_key(registry, name, adapter)
+    key, info = create_key(registry, name, adapter, scope)
     if unknown:
         err.print(
             f"warning: no adapter named {', '.join(unknown)} is registered yet; the key will be accepted "
@@ -46,8 +54,11 @@ def create(
         print_json({"key": key} | info.model_dump(mode="json", exclude={"key_hash"}))
         return
     out.print(key, markup=False)
-    scope = ", ".join(info.adapters) if info.adapters else "all adapters"
-    typer.echo(f"created key {info.name} ({scope}); store it now, it is not shown again", err=True)
+    adapters = ", ".join(info.adapters) if info.adapters else "all adapters"
+    scopes = ", ".join(info.scopes) or "no scopes"
+    err.print(
+        f"created key {info.name} ({adapters}; {scopes}); store it now, it is not shown again", markup=False
+    )
 
 
 @app.command("import")
@@ -64,6 +75,7 @@ def import_(
     adapter: Annotated[
         list[str] | None, typer.Option("--adapter", help="Limit the keys to this adapter (repeatable).")
     ] = None,
+    scope: Annotated[list[str] | None, typer.Option("--scope", help=_SCOPE_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Record keys made elsewhere (e.g. a Kubernetes Secret) by their hash; run again, it changes nothing.
@@ -82,7 +94,7 @@ def import_(
         raise InvalidArgumentError(f"{directory} holds no key files", param="DIR")
     from loraflow.registry.keys import import_keys
 
-    outcome = import_keys(state(ctx).registry, keys, adapter)
+    outcome = import_keys(state(ctx).registry, keys, adapter, scope)
     if as_json:
         print_json(outcome)
         return
@@ -93,7 +105,8 @@ def import_(
 @app.command("list")
 @guarded
 def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List keys (never the keys themselves).
+    """List keys (never the keys themselves). A key marked * was made before scopes existed and
+    was given `base` and `versions` to keep working: replace it with one made with least privilege.
 
     Example: loraflow keys list --json
     """
@@ -101,16 +114,23 @@ def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] =
     if as_json:
         print_json([k.model_dump(mode="json", exclude={"key_hash"}) for k in keys])
         return
-    table = Table("name", "prefix", "adapters", "created", "revoked")
+    table = Table("name", "prefix", "adapters", "scopes", "created", "revoked")
     for k in keys:
         table.add_row(
             escape(k.name),
             escape(k.prefix) + "…",
             escape(", ".join(k.adapters)) if k.adapters else "all",
+            (", ".join(k.scopes) or "-") + (" *" if k.scopes_migrated else ""),
             f"{k.created_at:%Y-%m-%d}",
             f"{k.revoked_at:%Y-%m-%d}" if k.revoked_at else "-",
         )
     out.print(table)
+    if any(k.scopes_migrated and k.revoked_at is None for k in keys):
+        err.print(
+            "* scopes given by the upgrade to keep the key working as before (base, versions); "
+            "replace the key with one created with only the scopes it needs",
+            markup=False,
+        )
 
 
 @app.command()

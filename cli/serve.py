@@ -68,6 +68,7 @@ def serve(
     import uvicorn
 
     from loraflow.server.app import build_app, configure_logging
+    from loraflow.server.http import server_config
 
     app_state = state(ctx)
     settings = app_state.get_settings()
@@ -102,13 +103,7 @@ def serve(
     app = build_app(
         settings, registry=app_state.registry, base_model=base, model_name=model_name, engine_urls=engine_url
     )
-    config = uvicorn.Config(
-        app,
-        host=bind_host,
-        port=bind_port,
-        timeout_graceful_shutdown=server.shutdown_timeout_s,
-        log_level="info",
-    )
+    config = server_config(app, server, host=bind_host, port=bind_port, log_level="info")
     serving = asyncio.Event()  # set once uvicorn runs; a signal after that is a normal stop
     try:
         # The loop uvicorn itself would run: uvloop when installed (see bench/gateway_overhead.py).

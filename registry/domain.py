@@ -10,6 +10,7 @@ from pydantic import BaseModel, field_validator
 
 from loraflow.registry.drift import Profile
 from loraflow.registry.refs import Ref, version_ref
+from loraflow.registry.scopes import Scope, grants
 
 VersionStatus = Literal["registered", "archived"]
 
@@ -168,9 +169,14 @@ class ApiKeyInfo(_Record):
     prefix: str
     key_hash: str
     adapters: list[str] | None
+    scopes: list[Scope] = []
+    scopes_migrated: bool = False  # given LEGACY_SCOPES by the migration, not chosen
     created_by: str
     created_at: datetime
     revoked_at: datetime | None = None
 
     def allows(self, adapter: str) -> bool:
-        return self.adapters is None or adapter in self.adapters
+        return self.adapters is None or adapter in self.adapters or "operator" in self.scopes
+
+    def has(self, scope: Scope) -> bool:
+        return grants(self.scopes, scope)

@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     GATE_REFUSED = "gate_refused"
     UNAVAILABLE = "unavailable"
     TOO_LARGE = "request_too_large"
+    TIMEOUT = "request_timeout"
 
 
 class LoraflowError(Exception):
@@ -119,6 +120,12 @@ class RequestTooLargeError(LoraflowError):
     """A request body past ``server.max_body_bytes``: refused before it is read whole."""
 
     code = ErrorCode.TOO_LARGE
+
+
+class RequestTimeoutError(LoraflowError):
+    """A request body that did not arrive within ``server.body_timeout_s``."""
+
+    code = ErrorCode.TIMEOUT
 
 
 class EngineUnavailableError(LoraflowError):

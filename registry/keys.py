@@ -9,6 +9,7 @@ from typing import Literal
 from loraflow.registry import domain
 from loraflow.registry.errors import ConflictError, InvalidArgumentError
 from loraflow.registry.refs import check_name
+from loraflow.registry.scopes import SCOPES, Scope
 from loraflow.registry.service import Registry
 
 KEY_PREFIX = "lf-"
@@ -21,29 +22,50 @@ def hash_key(key: str) -> str:
 
 
 def create_key(
-    registry: Registry, name: str, adapters: list[str] | None = None
+    registry: Registry, name: str, adapters: list[str] | None = None, scopes: list[str] | None = None
 ) -> tuple[str, domain.ApiKeyInfo]:
-    """Returns (the key, shown only now, and its record)."""
+    """Returns (the key, shown only now, and its record). With no ``scopes``, the key may call
+    only its adapters' aliases (least privilege)."""
     check_name(name, param="name")
     adapters = _checked_adapters(adapters)
+    checked = checked_scopes(scopes)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    info = registry.add_api_key(name=name, prefix=key[:10], key_hash=hash_key(key), adapters=adapters)
+    info = registry.add_api_key(
+        name=name, prefix=key[:10], key_hash=hash_key(key), adapters=adapters, scopes=checked
+    )
     return key, info
+
+
+def checked_scopes(scopes: list[str] | None) -> list[Scope]:
+    """``scopes`` as :data:`Scope` values, or :class:`InvalidArgumentError` naming the bad one."""
+    out: list[Scope] = []
+    for scope in scopes or []:
+        known = next((s for s in SCOPES if s == scope), None)
+        if known is None:
+            raise InvalidArgumentError(
+                f"unknown scope {scope!r}; the scopes are: {', '.join(SCOPES)}", param="scope"
+            )
+        out.append(known)
+    return sorted(set(out))
 
 
 ImportOutcome = Literal["created", "unchanged"]
 
 
 def import_keys(
-    registry: Registry, keys: dict[str, str], adapters: list[str] | None = None
+    registry: Registry,
+    keys: dict[str, str],
+    adapters: list[str] | None = None,
+    scopes: list[str] | None = None,
 ) -> dict[str, ImportOutcome]:
     """Record keys made elsewhere (a Kubernetes Secret: name -> key), by their hash. Idempotent:
     a key already recorded under its name is ``unchanged``. Everything is checked before anything
     is written, so a bad entry changes nothing: a name taken by a different or revoked key, a key
     recorded under another name, or a key too short to be a secret (:class:`InvalidArgumentError`
-    or :class:`ConflictError`, naming the entry). To rotate, add the new key under a new name and
-    revoke the old one."""
+    or :class:`ConflictError`, naming the entry). A key recorded already keeps its adapters and
+    scopes: to change them, or to rotate, import the key under a new name and revoke the old."""
     adapters = _checked_adapters(adapters)
+    checked = checked_scopes(scopes)
     existing = {k.name: k for k in registry.api_keys()}
     by_hash = {k.key_hash: k.name for k in existing.values()}
     plan: dict[str, ImportOutcome] = {}
@@ -80,7 +102,9 @@ def import_keys(
     for name, outcome in plan.items():
         if outcome == "created":
             key = keys[name].strip()
-            registry.add_api_key(name=name, prefix=key[:10], key_hash=hash_key(key), adapters=adapters)
+            registry.add_api_key(
+                name=name, prefix=key[:10], key_hash=hash_key(key), adapters=adapters, scopes=checked
+            )
     return plan
 
 

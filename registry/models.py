@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from loraflow.registry import domain
@@ -224,6 +224,8 @@ class ApiKey(SQLModel, table=True):
     prefix: str = Field(max_length=16)
     key_hash: str = Field(index=True, unique=True, max_length=64)
     adapters: list[str] | None = _json()  # None: every adapter
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    scopes_migrated: bool = Field(default=False, sa_column=Column(Boolean, nullable=False))
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
     revoked_at: datetime | None = Field(
@@ -236,6 +238,8 @@ class ApiKey(SQLModel, table=True):
             prefix=self.prefix,
             key_hash=self.key_hash,
             adapters=self.adapters,
+            scopes=self.scopes,
+            scopes_migrated=self.scopes_migrated,
             created_by=self.created_by,
             created_at=self.created_at,
             revoked_at=self.revoked_at,

@@ -308,6 +308,13 @@ RULES: tuple[Rule, ...] = (
         0.85,
         group=1,
     ),
+    Rule(
+        "password_in_url",
+        SECRET,
+        re.compile(r"(?i:\b[a-z][a-z0-9+.\-]*://[^\s:/@]+:)([^\s@/]+)(?=@)"),
+        0.9,
+        group=1,
+    ),
     # -- names and addresses: what patterns can hold ------------------------------------------------
     Rule(
         "name_after_cue",

@@ -10,6 +10,7 @@ artifact, never a version without its files.
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from loraflow.registry.errors import (
 )
 from loraflow.registry.gate import GateDecision
 from loraflow.registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
+from loraflow.registry.scopes import Scope
 from loraflow.registry.settings import Settings
 
 if TYPE_CHECKING:  # SQLAlchemy, SQLModel, Alembic and fsspec load when a store is opened, not on import
@@ -335,12 +337,23 @@ class Registry:
         return self.store.list_api_keys()
 
     def add_api_key(
-        self, *, name: str, prefix: str, key_hash: str, adapters: builtins.list[str] | None
+        self,
+        *,
+        name: str,
+        prefix: str,
+        key_hash: str,
+        adapters: builtins.list[str] | None,
+        scopes: Sequence[Scope] = (),
     ) -> domain.ApiKeyInfo:
-        """Record a key by its hash (``registry.keys`` makes or imports the key itself). A name
-        that exists is a :class:`ConflictError`."""
+        """Record a key by its hash (``registry.keys`` makes or imports the key itself), with
+        least privilege unless ``scopes`` say more. A name that exists is a :class:`ConflictError`."""
         return self.store.create_api_key(
-            name=name, prefix=prefix, key_hash=key_hash, adapters=adapters, actor=self.actor
+            name=name,
+            prefix=prefix,
+            key_hash=key_hash,
+            adapters=adapters,
+            scopes=sorted(set(scopes)),
+            actor=self.actor,
         )
 
     def revoke_api_key(self, name: str) -> domain.ApiKeyInfo:

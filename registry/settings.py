@@ -85,6 +85,21 @@ ENGINE_FLAG_SETTINGS: dict[str, str] = {
 EngineDtype = Literal["auto", "bfloat16", "float16", "float32", "half", "float"]
 
 
+# vLLM sampling extras that change only how tokens are picked, bounded by the caps above.
+DEFAULT_ENGINE_EXTRA_FIELDS = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "length_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+)
+
+
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -114,6 +129,27 @@ class ServerSettings(BaseModel):
     )
     max_messages: int = Field(
         1024, ge=1, description="The most chat `messages` in one request; more is a 400."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time a client has to send a request's head (from connecting, or from the previous "
+        "answer); then the connection is closed.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Time a client has to send a request's body once its head is in; then a 408."
+    )
+    send_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Time a client has to take each piece of an answer; a stream whose client stops "
+        "reading is cut off and its slot freed.",
+    )
+    engine_extra_fields: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ENGINE_EXTRA_FIELDS),
+        description="vLLM request fields beyond OpenAI's that the gateway forwards. Any other field "
+        "OpenAI's API does not define is a 400 naming it. Fields that change how the prompt is built "
+        "or bypass it (chat_template, chat_template_kwargs, prompt_embeds, ...) are off unless added here.",
     )
     workers: int = Field(
         1,
@@ -272,6 +308,28 @@ class TrafficSettings(BaseModel):
     )
     queue_max_records: int = Field(
         10_000, ge=1, description="Records waiting to be written; beyond this they are dropped (and counted)."
+    )
+    queue_max_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of records waiting to be written (as the gateway received them); beyond this "
+        "they are dropped and counted.",
+    )
+    rescue_max_bytes: int = Field(
+        32 * 1024 * 1024, ge=0, description="Bytes of unsampled records kept for rescue; the oldest go first."
+    )
+    record_max_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        description="A request and its answer larger than this are not recorded (counted as too_large): "
+        "redacting them would cost the writer seconds, and training could not use them whole.",
+    )
+    error_sample_rate: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of failed requests recorded (of adapters whose sampling is on): enough to debug "
+        "with, not so many that a client causing errors on purpose crowds the others' records out.",
     )
     batch_max_records: int = Field(500, ge=1, description="Records per written file at most.")
     flush_interval_s: float = Field(
@@ -457,7 +515,11 @@ class EvalSettings(BaseModel):
         description="A running loraflow gateway to generate through. Unset: eval starts an engine and "
         "the gateway in-process, the way loraflow serve does.",
     )
-    api_key: SecretStr | None = Field(None, description="API key for gateway_url when it has server.auth on.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="API key for gateway_url when it has server.auth on; it needs the "
+        "'base' and 'versions' scopes (the evaluation calls the base and pinned versions).",
+    )
     few_shot: int = Field(
         3, ge=0, description="Examples from the training split shown to the prompted base (never from test)."
     )

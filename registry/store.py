@@ -38,6 +38,7 @@ from loraflow.registry.models import (
     utcnow,
 )
 from loraflow.registry.refs import parse_ref, version_ref
+from loraflow.registry.scopes import Scope
 
 
 def _next_version(
@@ -714,15 +715,34 @@ class MetadataStore:
 
     # -- API keys ----------------------------------------------------------------
     def create_api_key(
-        self, *, name: str, prefix: str, key_hash: str, adapters: list[str] | None, actor: str
+        self,
+        *,
+        name: str,
+        prefix: str,
+        key_hash: str,
+        adapters: list[str] | None,
+        scopes: list[Scope],
+        actor: str,
     ) -> domain.ApiKeyInfo:
         with self._write(actor) as tx:
             s = tx.session
             if s.exec(select(ApiKey).where(ApiKey.name == name)).first() is not None:
                 raise ConflictError(f"an API key named {name!r} exists already", param="name")
-            row = ApiKey(name=name, prefix=prefix, key_hash=key_hash, adapters=adapters, created_by=actor)
+            row = ApiKey(
+                name=name,
+                prefix=prefix,
+                key_hash=key_hash,
+                adapters=adapters,
+                scopes=list(scopes),
+                created_by=actor,
+            )
             s.add(row)
-            tx.audit("key.create", "api_key", name, after={"adapters": adapters, "prefix": prefix})
+            tx.audit(
+                "key.create",
+                "api_key",
+                name,
+                after={"adapters": adapters, "scopes": list(scopes), "prefix": prefix},
+            )
             s.flush()
             return row.to_domain()
 

@@ -95,6 +95,16 @@ def request_turns(request: dict[str, Any]) -> list[dict[str, Any]] | None:
     return None
 
 
+def current_feedback(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Feedback records as they stand: one per request and key, the latest (by ``at``). Every
+    record stays in the store, so a rating that was replaced is still there to audit
+    (``loraflow traffic show ID``); what counts is the one each key gave last."""
+    latest: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for record in sorted(records, key=lambda f: str(f["at"])):
+        latest[(str(record["request_id"]), record.get("key"))] = record
+    return sorted(latest.values(), key=lambda f: str(f["at"]))
+
+
 def answer_text(record: dict[str, Any]) -> str:
     """The text of a request record's first choice ("" when it has none)."""
     return str(((record.get("response") or [{}])[0]).get("content") or "")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from loraflow.registry import domain
-from loraflow.registry.errors import PermissionDeniedError, UnauthenticatedError
+from loraflow.registry.errors import LoraflowError, PermissionDeniedError, UnauthenticatedError
 from loraflow.registry.keys import hash_key
-from loraflow.server.routing import Snapshot
+from loraflow.registry.refs import parse_ref
+from loraflow.server.routing import Snapshot, model_not_found
 
 
 def authenticate(header: str | None, snapshot: Snapshot) -> domain.ApiKeyInfo:
@@ -25,6 +26,33 @@ def authenticate(header: str | None, snapshot: Snapshot) -> domain.ApiKeyInfo:
     return key
 
 
-def authorize(key: domain.ApiKeyInfo, adapter: str | None) -> None:
-    if adapter is not None and not key.allows(adapter):
-        raise PermissionDeniedError(f"this API key may not use adapter {adapter!r}", param="model")
+def authorize_model(key: domain.ApiKeyInfo, model: str, base_names: tuple[str, ...]) -> None:
+    """May ``key`` call ``model``? Decided from the name alone, before anything is resolved, so
+    that a name the key may not use and a name that does not exist get the same 404: a key
+    cannot probe which adapters or aliases exist. The base model needs the ``base`` scope and a
+    pinned ``NAME@vN`` the ``versions`` scope (403, naming it)."""
+    if model in base_names:
+        if not key.has("base"):
+            raise PermissionDeniedError(
+                "this API key may not call the base model: that needs the 'base' scope", param="model"
+            )
+        return
+    try:
+        ref = parse_ref(model, param="model")
+    except LoraflowError:
+        return  # not a model name at all: resolving it answers the same 404 for everyone
+    if not key.allows(ref.name):
+        raise model_not_found(model)
+    if ref.version is not None and not key.has("versions"):
+        raise PermissionDeniedError(
+            f"this API key may not call pinned versions such as {model!r}: that needs the "
+            "'versions' scope; call the adapter by name or alias",
+            param="model",
+        )
+
+
+def authorize_adapter(key: domain.ApiKeyInfo, adapter: str, missing: LoraflowError) -> None:
+    """For a request about something of ``adapter``'s (feedback): ``missing``, the answer for
+    something that does not exist, unless ``key`` may use the adapter."""
+    if not key.allows(adapter):
+        raise missing

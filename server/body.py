@@ -12,13 +12,14 @@ not encode it (a batch of other requests' records would be dropped with it). A b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any, NoReturn
 
 from starlette.requests import Request
 
-from loraflow.registry.errors import InvalidArgumentError, RequestTooLargeError
+from loraflow.registry.errors import InvalidArgumentError, RequestTimeoutError, RequestTooLargeError
 
 # A \uD800-\uDFFF escape: a lone surrogate, or one half of a pair (checked after parsing).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -28,10 +29,21 @@ def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON value")
 
 
-async def read_capped(request: Request, limit: int) -> bytes:
+async def read_capped(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request's body, refused with :class:`RequestTooLargeError` from its ``Content-Length``
     before a byte is read, or as soon as what arrives passes ``limit`` (a chunked body has no
-    length): a client cannot make the gateway buffer more than ``limit`` bytes."""
+    length): a client cannot make the gateway buffer more than ``limit`` bytes. A body not
+    whole within ``timeout_s`` is a :class:`RequestTimeoutError` (408)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read(request, limit)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive within {timeout_s:g} s (server.body_timeout_s)", param="body"
+        ) from None
+
+
+async def _read(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(

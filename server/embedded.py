@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from loraflow.registry.errors import LoraflowError, UnavailableError
+from loraflow.server.http import server_config
 
 
 class _ThreadServer(uvicorn.Server):
@@ -37,7 +38,14 @@ def serve_in_thread(
     app: FastAPI, port: int, *, ready_path: str = "/ready", timeout_s: float = 300
 ) -> Iterator[str]:
     """Start uvicorn on 127.0.0.1:port; yield the base URL once ``ready_path`` answers 200."""
-    server = _ThreadServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    gateway = getattr(app.state, "gateway", None)  # a gateway gets its deadlines; another app runs plain
+    if gateway is not None:
+        config: uvicorn.Config = server_config(
+            app, gateway.settings, host="127.0.0.1", port=port, log_level="warning"
+        )
+    else:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = _ThreadServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

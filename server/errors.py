@@ -29,6 +29,7 @@ log = logging.getLogger("loraflow.gateway")
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 400,
     ErrorCode.TOO_LARGE: 413,
+    ErrorCode.TIMEOUT: 408,
     ErrorCode.INVALID_ADAPTER: 400,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CONFLICT: 409,
@@ -49,6 +50,7 @@ _TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     429: "rate_limit_error",
 }

@@ -1,6 +1,7 @@
 """The serving path shared by /v1/chat/completions and /v1/completions.
 
-auth -> resolve ``model`` to an immutable version -> admission (429) -> pick a
+auth (the key, then whether it may call ``model``: README, "Keys and scopes") -> resolve
+``model`` to an immutable version -> admission (429) -> pick a
 replica -> make sure the version is resident -> forward with the engine's name
 for the version -> rewrite the response's ``model`` to ``NAME@vN`` and add the
 ``x-loraflow-model`` header. Streams are passed through event by event, as
@@ -45,7 +46,7 @@ from loraflow.registry.errors import (
 )
 from loraflow.registry.settings import ServerSettings, TrafficSettings
 from loraflow.registry.traffic import new_request_id
-from loraflow.server.auth import authenticate, authorize
+from loraflow.server.auth import authenticate, authorize_model
 from loraflow.server.body import json_object, read_capped
 from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
 from loraflow.server.errors import (
@@ -55,6 +56,7 @@ from loraflow.server.errors import (
     from_exception,
     sse_error,
 )
+from loraflow.server.http import TimedStreamingResponse
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.replicas import Replica, ReplicaSet
 from loraflow.server.routing import RoutingTable, Target
@@ -128,6 +130,7 @@ class _Call:
     endpoint: str
     record: bool  # False: the client opted out
     body: dict[str, Any] = field(default_factory=dict)
+    body_bytes: int = 0
     target: Target | None = None
     key: domain.ApiKeyInfo | None = None
     transcript: Transcript = field(default_factory=Transcript)
@@ -163,6 +166,7 @@ class Gateway:
         self.recorder = recorder
         self.live = live
         self.in_flight = 0
+        self._extras = frozenset(settings.engine_extra_fields)
 
     @asynccontextmanager
     async def _admitted(self) -> AsyncIterator[None]:
@@ -179,10 +183,20 @@ class Gateway:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
 
-    async def _body(self, request: Request) -> dict[str, Any]:
+    async def _body(self, request: Request, fields: frozenset[str], call: _Call) -> dict[str, Any]:
         """The body (at most ``server.max_body_bytes``), checked where the gateway reads it
-        (``model``, ``stream``, ``stream_options``); the engine validates the rest."""
-        body = json_object(await read_capped(request, self.settings.max_body_bytes))
+        (``model``, ``stream``, ``stream_options``, the caps) and for fields nobody defined,
+        which OpenAI's API refuses too; the engine validates the values of the rest."""
+        raw = await read_capped(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
+        call.body_bytes = len(raw)
+        body = json_object(raw)
+        unknown = sorted(set(body) - fields - self._extras)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unrecognized request argument supplied: {unknown[0][:80]!r} (a vLLM extra is forwarded "
+                "only when server.engine_extra_fields lists it)",
+                param=unknown[0][:80],
+            )
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidArgumentError("'model' is required and must be a string", param="model")
@@ -211,7 +225,9 @@ class Gateway:
             )
         return body
 
-    async def handle(self, request: Request, path: str) -> Response:
+    async def handle(self, request: Request, path: str, fields: frozenset[str]) -> Response:
+        """Serve one request to ``path``, whose body may hold ``fields`` (OpenAI's) and the vLLM
+        extras ``server.engine_extra_fields`` allows."""
         started = time.perf_counter()
         now = datetime.now(UTC)
         opt_out = request.headers.get(self.traffic_settings.opt_out_header, "").strip().lower()
@@ -229,11 +245,13 @@ class Gateway:
             key = call.key = (
                 authenticate(request.headers.get("authorization"), snapshot) if self.settings.auth else None
             )
-            body = call.body = await self._body(request)  # after the key: no key, 401, whatever the body
+            body = call.body = await self._body(
+                request, fields, call
+            )  # after the key: no key, 401, whatever the body
+            if key is not None:  # before resolving: an unknown name and a forbidden one look alike
+                authorize_model(key, body["model"], self.routes.base_names)
             target = self.routes.resolve(body["model"])
             labels = (target.adapter or "-", f"v{target.version}" if target.version else "-")
-            if key is not None:
-                authorize(key, target.adapter)
             call.target = target  # authorized: from here on, the request is recorded
             response = await self._serve(body, target, path, labels, started, call)
         except LoraflowError as exc:
@@ -278,6 +296,7 @@ class Gateway:
                 usage={k: int(v) for k, v in usage.items() if isinstance(v, int)} if usage else None,
                 error=error,
                 key=call.key.name if call.key else None,
+                size_bytes=call.body_bytes + sum(len(c["content"]) for c in call.transcript.choices.values()),
             )
         )
 
@@ -333,10 +352,11 @@ class Gateway:
             raise
         if isinstance(response, _Stream):
             await stack.enter_async_context(response.attempt)
-            return StreamingResponse(
+            return TimedStreamingResponse(
                 self._relay(response, stack, target, labels, started, wants_usage, call),
                 media_type="text/event-stream",
                 headers={MODEL_HEADER: target.public},
+                send_timeout_s=self.settings.send_timeout_s,
             )
         await stack.aclose()
         return response

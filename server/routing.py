@@ -71,6 +71,11 @@ class Snapshot:
         }
 
 
+def model_not_found(model: str) -> NotFoundError:
+    """The one answer for a model that does not exist, or that the caller's key may not know of."""
+    return NotFoundError(f"the model {model!r} does not exist", param="model")
+
+
 class RoutingTable:
     def __init__(
         self,
@@ -100,17 +105,22 @@ class RoutingTable:
         self._profiles: dict[str, Profile | None] = {}  # dataset "NAME@vK" -> profile (immutable)
 
     # -- resolution --------------------------------------------------------------
+    @property
+    def base_names(self) -> tuple[str, ...]:
+        """What names the base model: its public id, and the engine's name for it."""
+        return (self.base_model_id, self.engine_base_name)
+
     def resolve(self, model: str) -> Target:
-        if model in (self.base_model_id, self.engine_base_name):
+        if model in self.base_names:
             return Target(public=self.base_model_id, engine_model=self.engine_base_name)
         snap = self.snapshot
         try:
             ref = parse_ref(model, param="model")
         except LoraflowError as exc:
-            raise NotFoundError(f"the model {model!r} does not exist", param="model") from exc
+            raise model_not_found(model) from exc
         adapter = snap.adapters.get(ref.name)
         if adapter is None:
-            raise NotFoundError(f"the model {model!r} does not exist", param="model")
+            raise model_not_found(model)
         if ref.version is not None:
             version = ref.version
         else:

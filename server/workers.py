@@ -73,22 +73,22 @@ def run_workers(
 ) -> None:
     """Serve with ``workers`` processes until SIGINT or SIGTERM; each drains as ``serve`` does.
     A worker that fails its start stops them all, and this raises (its log says why)."""
-    import uvicorn
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
     from loraflow.registry.errors import UnavailableError
+    from loraflow.server.http import server_config
 
     folder = Path(tempfile.mkdtemp(prefix="loraflow-metrics-"))
     os.environ[ENV] = str(folder)  # read by prometheus_client as each (spawned) worker imports it
     try:
-        config = uvicorn.Config(
+        config = server_config(
             partial(worker_app, settings, base_model, model_name, engine_urls),
+            settings.server,
             factory=True,
             host=host,
             port=port,
             workers=workers,
-            timeout_graceful_shutdown=settings.server.shutdown_timeout_s,
             log_level="info",
         )
         sockets = [config.bind_socket()]

@@ -48,6 +48,9 @@ class FakeVLLM:
     resolved: list[str] = field(default_factory=list)  # every load, in order
     load_delay_s: float = 0.0  # how long a load of a name it does not hold takes
     answer: Callable[[dict[str, Any]], str] | None = None  # request body -> reply; default "from URL"
+    usage: Any = field(
+        default_factory=lambda: {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    )
 
     def _resolve(self, name: str) -> bool:
         """What vLLM does for a name it does not hold: ask the resolver (here: any engine name)."""
@@ -113,9 +116,7 @@ class FakeVLLM:
                             "finish_reason": "stop",
                         }
                     ],
-                    "usage": body.get(
-                        "usage_override", {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-                    ),
+                    "usage": self.usage,
                 },
             )
         events = [

@@ -35,7 +35,7 @@ from loraflow.registry.drift import (
 from loraflow.registry.refs import parse_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import DriftSettings
-from loraflow.registry.traffic import answer_text, request_turns
+from loraflow.registry.traffic import answer_text, current_feedback, request_turns
 from loraflow.trainer.embed import Embedder
 
 VERDICT_ORDER: dict[Verdict, int] = {"unknown": 0, "ok": 1, "watch": 2, "act": 3}
@@ -149,7 +149,9 @@ def drift_report(
     served = [r for r in records if r["status"] == 200 and not r.get("error")]
     ratings = [
         int(f["rating"])
-        for f in registry.traffic.read("feedback", adapter=version.adapter, since=since, until=now)
+        for f in current_feedback(
+            registry.traffic.read("feedback", adapter=version.adapter, since=since, until=now)
+        )
         if f["version"] == version.version
     ]
     profile = registry.get_dataset(version.dataset).profile if version.dataset else None

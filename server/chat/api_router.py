@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
-from loraflow.server.chat.protocol import ChatCompletion, ChatCompletionChunk
+from loraflow.server.chat.protocol import FIELDS, ChatCompletion, ChatCompletionChunk
 from loraflow.server.openapi import ERROR_RESPONSES, request_body, stream_response
 from loraflow.server.state import gateway
 
@@ -18,7 +18,8 @@ router = APIRouter()
     openapi_extra=request_body(
         "ChatCompletionRequest",
         "OpenAI's chat completion request. `model` may be the base, NAME (its production alias), "
-        "NAME:ALIAS or NAME@vN. Other fields, vLLM's extras included, go to the engine unchanged.",
+        "NAME:ALIAS or NAME@vN. Fields OpenAI's API does not define are a 400, except the vLLM extras "
+        "`server.engine_extra_fields` allows; the engine validates the values.",
     ),
     responses={
         200: stream_response(
@@ -31,7 +32,7 @@ router = APIRouter()
     },
 )
 async def chat_completions(request: Request) -> Response:
-    return await gateway(request).handle(request, "/v1/chat/completions")
+    return await gateway(request).handle(request, "/v1/chat/completions", FIELDS)
 
 
 def attach_router(app: FastAPI) -> None:

@@ -7,4 +7,10 @@ from openai.types.chat.completion_create_params import CompletionCreateParamsBas
 
 ChatCompletionRequest = CompletionCreateParamsBase
 
-__all__ = ["ChatCompletion", "ChatCompletionChunk", "ChatCompletionRequest"]
+# Every field of OpenAI's request (``stream`` is declared by the streaming variants): the fields
+# the gateway forwards, with the vLLM extras ``server.engine_extra_fields`` allows.
+FIELDS = frozenset(
+    ChatCompletionRequest.__required_keys__ | ChatCompletionRequest.__optional_keys__ | {"stream"}
+)
+
+__all__ = ["FIELDS", "ChatCompletion", "ChatCompletionChunk", "ChatCompletionRequest"]

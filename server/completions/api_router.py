@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
-from loraflow.server.completions.protocol import Completion
+from loraflow.server.completions.protocol import FIELDS, Completion
 from loraflow.server.openapi import ERROR_RESPONSES, request_body, stream_response
 from loraflow.server.state import gateway
 
@@ -18,7 +18,8 @@ router = APIRouter()
     openapi_extra=request_body(
         "CompletionRequest",
         "OpenAI's completion request. `model` may be the base, NAME, NAME:ALIAS or NAME@vN. "
-        "Other fields, vLLM's extras included, go to the engine unchanged.",
+        "Fields OpenAI's API does not define are a 400, except the vLLM extras "
+        "`server.engine_extra_fields` allows; the engine validates the values.",
     ),
     responses={
         200: stream_response(
@@ -30,7 +31,7 @@ router = APIRouter()
     },
 )
 async def completions(request: Request) -> Response:
-    return await gateway(request).handle(request, "/v1/completions")
+    return await gateway(request).handle(request, "/v1/completions", FIELDS)
 
 
 def attach_router(app: FastAPI) -> None:

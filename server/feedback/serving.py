@@ -1,8 +1,11 @@
 """Feedback: find the rated request, check the key may use its adapter, and queue the rating.
 
-Validation, authentication and scopes are those of the completion endpoints; an unknown
-request id is a 404 in OpenAI's error shape. The rating also feeds the gateway's
-negative-feedback rate. Writing (and redacting the correction) is the recorder's thread's job.
+Validation and authentication are those of the completion endpoints. A request is rated by
+the key that made it, or by a key with the ``feedback-any`` scope on its adapter; one rating
+per request and key counts (a later one replaces it; both stay in the store). An unknown
+request id, or one the key may not rate, is the same 404 in OpenAI's error shape. The rating
+also feeds the gateway's negative-feedback rate. Writing (and redacting the correction) is
+the recorder's thread's job.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from pydantic import ValidationError
 from loraflow.registry.errors import InvalidArgumentError, NotFoundError, first_error
 from loraflow.registry.refs import version_ref
 from loraflow.registry.settings import ServerSettings
-from loraflow.server.auth import authenticate, authorize
+from loraflow.server.auth import authenticate, authorize_adapter
 from loraflow.server.body import json_object, read_capped
 from loraflow.server.feedback.protocol import FeedbackRequest, FeedbackResponse
 from loraflow.server.routing import RoutingTable
 from loraflow.server.traffic.live import LiveDrift
-from loraflow.server.traffic.recorder import Feedback, TrafficRecorder
+from loraflow.server.traffic.recorder import Feedback, TrafficRecorder, unknown_request
 
 
 def parse(raw: bytes) -> FeedbackRequest:
@@ -51,16 +54,20 @@ class FeedbackService:
             if self.settings.auth
             else None
         )
-        body = parse(await read_capped(request, self.settings.max_body_bytes))
+        body = parse(await read_capped(request, self.settings.max_body_bytes, self.settings.body_timeout_s))
         if self.recorder is None:
             raise NotFoundError(
                 f"no recorded request {body.request_id!r}: traffic recording is off "
                 "(traffic.sample_rate and traffic.adapters are all 0)",
                 param="request_id",
             )
-        adapter, version = await self.recorder.locate(body.request_id)
+        served = await self.recorder.locate(body.request_id)
         if key is not None:
-            authorize(key, adapter)
+            # Only the key that made the request rates it (or one with feedback-any); to any
+            # other key the request does not exist, so ids of other tenants cannot be probed.
+            authorize_adapter(key, served.adapter, unknown_request(body.request_id))
+            if served.key != key.name and not key.has("feedback-any"):
+                raise unknown_request(body.request_id)
         self.recorder.add_feedback(
             Feedback(
                 request_id=body.request_id,
@@ -70,10 +77,16 @@ class FeedbackService:
                 comment=body.comment,
                 key=key.name if key else None,
             ),
-            (adapter, version),
+            served,
         )
         if self.live is not None:
-            self.live.observe_feedback(adapter, version, body.rating)
+            self.live.observe_feedback(
+                served.adapter,
+                served.version,
+                body.rating,
+                request_id=body.request_id,
+                key=key.name if key else None,
+            )
         return FeedbackResponse(
-            request_id=body.request_id, model=version_ref(adapter, version), rating=body.rating
+            request_id=body.request_id, model=version_ref(served.adapter, served.version), rating=body.rating
         )

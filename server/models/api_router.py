@@ -1,4 +1,4 @@
-"""GET /v1/models: the base model, and every adapter (the key may use) with its aliases and versions."""
+"""GET /v1/models: what the key may call: the base model, its adapters with their aliases and versions."""
 
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ router = APIRouter()
 
 
 def model_list(r: RoutingTable, key: domain.ApiKeyInfo | None = None) -> ModelList:
-    """The base, and each adapter ``key`` may use (all of them when auth is off)."""
-    data = [ModelCard(id=r.base_model_id, created=r.started_at)]
+    """What ``key`` may call (everything when auth is off): the base with the ``base`` scope,
+    each of its adapters with its aliases, and their versions with the ``versions`` scope."""
+    data = []
+    if key is None or key.has("base"):
+        data.append(ModelCard(id=r.base_model_id, created=r.started_at))
+    pinned = key is None or key.has("versions")
     for a in r.snapshot.adapters.values():
         if key is not None and not key.allows(a.name):
             continue
@@ -29,6 +33,7 @@ def model_list(r: RoutingTable, key: domain.ApiKeyInfo | None = None) -> ModelLi
                 template_matches=r.template_matches(v),
             )
             for v in a.versions
+            if pinned
         ]
         data.append(
             ModelCard(

@@ -2,16 +2,16 @@
 
 Cheap enough for the event loop: each request appends one tuple (token counts from the
 engine's usage, whether the answer parsed as JSON, whether it was a refusal or empty);
-feedback appends its rating. At scrape time :class:`DriftCollector` compares the window
-with the profile of the version's training split (``data prepare``) and exports the
-figures, plus the latest stored ``loraflow drift`` report (embedding drift, computed in a
-job because it needs torch).
+feedback sets its rating (one per request and key: a repeated rating replaces the
+earlier). At scrape time :class:`DriftCollector` compares the window with the profile of
+the version's training split (``data prepare``) and exports the figures, plus the latest
+stored ``loraflow drift`` report (embedding drift, computed in a job because it needs torch).
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,20 +30,26 @@ class LiveDrift:
         self.settings = settings
         self.clock = clock
         self.answers: dict[VersionKey, deque[Answer]] = {}
-        self.ratings: dict[VersionKey, deque[tuple[float, int]]] = {}
+        # (request id, key) -> (when, rating): a key that rates a request again replaces its rating
+        self.ratings: dict[VersionKey, OrderedDict[tuple[str, str | None], tuple[float, int]]] = {}
 
     def observe(self, adapter: str, version: int, text: str, usage: dict[str, Any] | None) -> None:
         window = self.answers.setdefault((adapter, version), deque(maxlen=self.settings.window_max_requests))
         window.append(answer(text, usage, at=self.clock()))
 
-    def observe_feedback(self, adapter: str, version: int, rating: int) -> None:
-        window = self.ratings.setdefault((adapter, version), deque(maxlen=self.settings.window_max_requests))
-        window.append((self.clock(), rating))
+    def observe_feedback(
+        self, adapter: str, version: int, rating: int, *, request_id: str, key: str | None
+    ) -> None:
+        window = self.ratings.setdefault((adapter, version), OrderedDict())
+        window.pop((request_id, key), None)
+        window[(request_id, key)] = (self.clock(), rating)
+        while len(window) > self.settings.window_max_requests:
+            window.popitem(last=False)
 
     def figures(self, key: VersionKey, profile: Profile | None) -> dict[str, float | None]:
         since = self.clock() - self.settings.window_s
         answers = [a for a in self.answers.get(key, ()) if a.at >= since]
-        ratings = [r for t, r in self.ratings.get(key, ()) if t >= since]
+        ratings = [r for t, r in self.ratings.get(key, {}).values() if t >= since]
         return window_figures(answers, ratings, profile)
 
     def versions(self) -> list[VersionKey]:

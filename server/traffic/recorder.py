@@ -5,8 +5,11 @@ waits: it decides by a hash of the request id whether the request is sampled (th
 answer on every gateway replica), then either hands the raw exchange to the
 :mod:`~loraflow.server.traffic.writer` (``put_nowait`` on a bounded queue: a full queue drops it
 and counts the drop) or parks it in a bounded in-memory *rescue* buffer for
-``traffic.rescue_window_s``. Errors are always sampled. Feedback for a parked request rescues
-it onto the queue.
+``traffic.rescue_window_s``. Failed requests are sampled at ``traffic.error_sample_rate``.
+Feedback for a parked request rescues it onto the queue. What waits is bounded in records and
+in bytes (``queue_max_bytes``, ``rescue_max_bytes``), and a request larger than
+``record_max_bytes`` is not recorded: a client cannot make the writer spend seconds on one
+record, nor crowd out everyone else's with errors.
 
 The writer hands each batch to the :class:`~loraflow.registry.traffic.TrafficStore`, whose
 write takes only records its redactor (Presidio, keyed pseudonyms) has been through; the
@@ -22,19 +25,46 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from loraflow.registry.errors import NotFoundError
+from loraflow.registry.errors import NotFoundError, OverloadedError
 from loraflow.registry.settings import TrafficSettings
 from loraflow.registry.traffic import Kind, TrafficStore
 from loraflow.server.traffic.writer import Writer, WriterStats
 
 log = logging.getLogger("loraflow.traffic")
 
-DropReason = Literal["queue_full", "write_failed", "writer_down", "rescue_overflow"]
+DropReason = Literal["queue_full", "too_large", "write_failed", "writer_down", "rescue_overflow"]
+
+# Looking up a request another gateway wrote reads the files of the day its id names: on two
+# threads of their own (never the pool the routing refresh uses), at most LOOKUP_MAX_PENDING
+# waiting (then 503), and an id found missing is answered from memory for MISS_TTL_S.
+LOOKUP_THREADS = 2
+LOOKUP_MAX_PENDING = 16
+MISS_TTL_S = 30.0
+MISS_CACHE_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class Served:
+    """Who served a recorded request, and to which key: what feedback on it is checked against."""
+
+    adapter: str
+    version: int
+    key: str | None
+
+
+def unknown_request(request_id: str) -> NotFoundError:
+    """The one answer for a request that was not recorded, or that the caller may not rate."""
+    return NotFoundError(
+        f"no recorded request {request_id!r}: unknown, not sampled and past "
+        "traffic.rescue_window_s, purged, or not yours to rate",
+        param="request_id",
+    )
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -63,6 +93,11 @@ class Exchange:
     usage: dict[str, int] | None = None
     error: str | None = None  # the error code, for a failed request
     key: str | None = None  # the API key's name, never the key
+    size_bytes: int = 0  # what the gateway received and answered, in bytes: the record's size, about
+
+    @property
+    def served(self) -> Served:
+        return Served(self.adapter, self.version, self.key)
 
     def record(self, *, sampled: bool) -> dict[str, Any]:
         return {
@@ -91,6 +126,10 @@ class Feedback:
     correction: str | None
     comment: str | None
     key: str | None
+
+    @property
+    def size_bytes(self) -> int:
+        return 256 + len(self.correction or "") + len(self.comment or "")
 
     def record(self, adapter: str, version: int) -> dict[str, Any]:
         return {
@@ -125,7 +164,16 @@ class TrafficRecorder:
         self.writer = writer
         self.clock = clock
         self.parked: OrderedDict[str, _Parked] = OrderedDict()
-        self.known: OrderedDict[str, tuple[str, int]] = OrderedDict()  # queued here: id -> (adapter, version)
+        self.known: OrderedDict[str, Served] = OrderedDict()  # queued here
+        self._misses: OrderedDict[str, float] = OrderedDict()  # id -> until when it is known missing
+        self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="loraflow-lookup")
+        self._pending_lookups = 0
+        # The size of each record the writer has taken and not finished, oldest first: the writer
+        # finishes them in order, so its counts say which have left.
+        self._queued: deque[int] = deque()
+        self._queued_bytes = 0
+        self._finished = 0  # records of self._queued's past that the writer has finished
+        self._parked_bytes = 0
         self._refused: Counter[DropReason] = Counter()  # by the queue or the rescue buffer, here
         self.rescued = 0
 
@@ -135,63 +183,119 @@ class TrafficRecorder:
         rate = self.settings.rate_for(exchange.adapter)
         if rate <= 0:
             return False  # sampling is off for this adapter: nothing is kept, errors included
-        if exchange.status >= 400 or sampled(exchange.request_id, rate):
-            return self._enqueue("requests", exchange.record(sampled=True), exchange)
+        if exchange.size_bytes > self.settings.record_max_bytes:
+            self._refused["too_large"] += 1
+            return False
+        if exchange.status >= 400:
+            if not sampled(exchange.request_id, self.settings.error_sample_rate):
+                return False
+            return self._enqueue("requests", exchange.record(sampled=True), exchange.size_bytes, exchange)
+        if sampled(exchange.request_id, rate):
+            return self._enqueue("requests", exchange.record(sampled=True), exchange.size_bytes, exchange)
         if self.settings.rescue_window_s > 0 and self.settings.rescue_max_records > 0:
             now = self.clock()
             self._expire(now)
-            self.parked[exchange.request_id] = _Parked(exchange, now + self.settings.rescue_window_s)
-            while len(self.parked) > self.settings.rescue_max_records:
-                self.parked.popitem(last=False)
-                self._refused["rescue_overflow"] += 1
+            self._park(exchange, now)
         return False
+
+    def _park(self, exchange: Exchange, now: float) -> None:
+        if exchange.size_bytes > self.settings.rescue_max_bytes:
+            self._refused["rescue_overflow"] += 1
+            return
+        self.parked[exchange.request_id] = _Parked(exchange, now + self.settings.rescue_window_s)
+        self._parked_bytes += exchange.size_bytes
+        while (
+            len(self.parked) > self.settings.rescue_max_records
+            or self._parked_bytes > self.settings.rescue_max_bytes
+        ):
+            self._unpark(next(iter(self.parked)))
+            self._refused["rescue_overflow"] += 1
+
+    def _unpark(self, request_id: str) -> _Parked | None:
+        parked = self.parked.pop(request_id, None)
+        if parked is not None:
+            self._parked_bytes -= parked.exchange.size_bytes
+        return parked
 
     def _expire(self, now: float) -> None:
         while self.parked:
             oldest = next(iter(self.parked.values()))
             if oldest.expires > now:
                 break
-            self.parked.popitem(last=False)
+            self._unpark(oldest.exchange.request_id)
 
-    def _enqueue(self, kind: Kind, record: dict[str, Any], exchange: Exchange | None = None) -> bool:
+    def _enqueue(
+        self, kind: Kind, record: dict[str, Any], size: int, exchange: Exchange | None = None
+    ) -> bool:
+        if self._queued_bytes + size > self.settings.queue_max_bytes:
+            self._settle()  # what the writer has finished since the last look
+            if self._queued_bytes + size > self.settings.queue_max_bytes:
+                self._refused["queue_full"] += 1
+                return False
         refused = self.writer.put_nowait((kind, record))
         if refused is not None:
             self._refused[refused] += 1
             return False
+        self._queued.append(size)
+        self._queued_bytes += size
         if exchange is not None:
-            self.known[exchange.request_id] = (exchange.adapter, exchange.version)
+            self.known[exchange.request_id] = exchange.served
             while len(self.known) > 10 * self.settings.queue_max_records:
                 self.known.popitem(last=False)
         return True
 
-    async def locate(self, request_id: str) -> tuple[str, int]:
-        """The (adapter, version) that served a recorded request: one this gateway queued or
-        parked, or one any gateway wrote to the sink (looked up in a thread, by the day its id
-        names). Otherwise :class:`NotFoundError`. Changes nothing."""
+    def _settle(self) -> None:
+        stats = self.writer.stats()
+        finished = sum(stats.written.values()) + stats.failed + stats.down
+        while self._finished < finished and self._queued:
+            self._queued_bytes -= self._queued.popleft()
+            self._finished += 1
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of records the writer has taken and not finished (as of its last report)."""
+        self._settle()
+        return self._queued_bytes
+
+    async def locate(self, request_id: str) -> Served:
+        """Who served a recorded request: one this gateway queued or parked, or one any gateway
+        wrote to the sink (looked up on threads of its own, in the files of the day its id
+        names). Otherwise :func:`unknown_request`. Changes nothing."""
         served = self.known.get(request_id)
         if served is not None:
             return served
-        self._expire(self.clock())
+        now = self.clock()
+        self._expire(now)
         parked = self.parked.get(request_id)
         if parked is not None:
-            return parked.exchange.adapter, parked.exchange.version
-        found = await asyncio.to_thread(self.store.find_request, request_id)
-        if found is None:
-            raise NotFoundError(
-                f"no recorded request {request_id!r}: unknown, not sampled and past "
-                "traffic.rescue_window_s, or purged",
-                param="request_id",
+            return parked.exchange.served
+        if self._misses.get(request_id, 0.0) > now:
+            raise unknown_request(request_id)
+        if self._pending_lookups >= LOOKUP_MAX_PENDING:
+            raise OverloadedError("too many feedback lookups in progress; retry shortly")
+        self._pending_lookups += 1
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(
+                self._lookups, self.store.find_request, request_id
             )
-        return found["adapter"], int(found["version"])
+        finally:
+            self._pending_lookups -= 1
+        if found is None:
+            self._misses[request_id] = self.clock() + MISS_TTL_S
+            self._misses.move_to_end(request_id)
+            while len(self._misses) > MISS_CACHE_MAX:
+                self._misses.popitem(last=False)
+            raise unknown_request(request_id)
+        return Served(found["adapter"], int(found["version"]), found.get("key"))
 
-    def add_feedback(self, feedback: Feedback, served: tuple[str, int]) -> None:
+    def add_feedback(self, feedback: Feedback, served: Served) -> None:
         """Queue ``feedback`` for the request :meth:`locate` found; a parked request is rescued with it."""
-        parked = self.parked.pop(feedback.request_id, None)
+        parked = self._unpark(feedback.request_id)
         if parked is not None and self._enqueue(
-            "requests", parked.exchange.record(sampled=False), parked.exchange
+            "requests", parked.exchange.record(sampled=False), parked.exchange.size_bytes, parked.exchange
         ):
             self.rescued += 1
-        self._enqueue("feedback", feedback.record(*served))
+        self._enqueue("feedback", feedback.record(served.adapter, served.version), feedback.size_bytes)
 
     # -- the writer -----------------------------------------------------------------
     def start(self) -> None:
@@ -204,6 +308,7 @@ class TrafficRecorder:
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Write everything queued, then stop the writer (blocks; call it from a thread)."""
+        self._lookups.shutdown(wait=False, cancel_futures=True)
         self.writer.close(timeout_s)
 
     @property

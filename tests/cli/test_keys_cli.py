@@ -95,3 +95,19 @@ def test_import_of_an_empty_or_missing_folder_is_refused(tmp_path: Path) -> None
     (tmp_path / "empty").mkdir()
     assert runner.invoke(app, ["keys", "import", str(tmp_path / "empty")]).exit_code == 2
     assert runner.invoke(app, ["keys", "import", str(tmp_path / "missing")]).exit_code == 2
+
+
+def test_scopes_are_chosen_at_creation_and_a_bad_one_names_itself(tmp_path: Path) -> None:
+    bad = runner.invoke(app, ["keys", "create", "ci", "--scope", "admin"])
+    assert bad.exit_code == 2 and "unknown scope 'admin'" in bad.output and "versions" in bad.output
+    assert json.loads(runner.invoke(app, ["keys", "list", "--json"]).stdout) == []  # nothing written
+    made = runner.invoke(app, ["keys", "create", "ci", "--scope", "versions", "--scope", "base", "--json"])
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["scopes"] == ["base", "versions"]
+    assert json.loads(runner.invoke(app, ["keys", "create", "plain", "--json"]).stdout)["scopes"] == []
+    folder = _secret_dir(tmp_path / "keys", {"reviewer": secrets.token_hex(32)})
+    assert runner.invoke(app, ["keys", "import", str(folder), "--scope", "review"]).exit_code == 0
+    listed = {k["name"]: k for k in json.loads(runner.invoke(app, ["keys", "list", "--json"]).stdout)}
+    assert listed["reviewer"]["scopes"] == ["review"] and not listed["reviewer"]["scopes_migrated"]
+    table = runner.invoke(app, ["keys", "list"])
+    assert "base, versions" in table.stdout and "*" not in table.stdout  # nothing migrated here

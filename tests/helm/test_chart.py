@@ -308,6 +308,13 @@ def test_api_keys_from_a_secret_are_imported_after_install_and_upgrade() -> None
     volume = next(v for v in pod_spec(job)["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == "loraflow-api-keys"
     assert not [d for d in manifests(REQUIRED) if d["kind"] == "Job" and "keys" in d["metadata"]["name"]]
+    assert keys["command"] == ["loraflow", "keys", "import", folder]  # least privilege by default
+    values = production()
+    values["apiKeys"] |= {"adapters": ["support"], "scopes": ["review", "versions"]}
+    scoped = container(one(manifests(values), "Job", "keys"))["command"]
+    assert scoped == [
+        "loraflow", "keys", "import", "--adapter=support", "--scope=review", "--scope=versions", folder
+    ]  # fmt: skip
 
 
 def test_flywheel_cronjobs_one_per_adapter_never_overlapping() -> None:

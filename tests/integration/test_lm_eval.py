@@ -43,7 +43,7 @@ def test_a_task_is_run_per_system_through_the_gateway_and_paired_per_example(
     )
     suites = LmEvalSuites(settings)
     assert suites.keys == {"loraflow_capitals": "exact_match,none"}  # the first per-example metric
-    key, _ = create_key(gateway_setup.registry, "eval")
+    key, _ = create_key(gateway_setup.registry, "eval", scopes=["base"])
     monkeypatch.setenv("OPENAI_API_KEY", "sk-someone-elses")  # lm-eval's default; must not be sent
     client = gateway(gateway_setup, auth=True)
     (engine,) = gateway_setup.engines

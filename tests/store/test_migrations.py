@@ -384,12 +384,17 @@ def populate_0004(w: Writer) -> None:
     w.evaluation("support", 3, production=2, actor="bob")
 
 
+def populate_0005(w: Writer) -> None:
+    populate_0004(w)  # 0005 added drift reports, which nothing here depends on
+
+
 # The revision a database is at -> how that revision's code filled it, and how it stored audit subjects.
 POPULATE: dict[str, tuple[Callable[[Writer], None], str]] = {
     "0001": (populate_0001, "target"),
     "0002": (populate_0002, "target"),
     "0003": (populate_0003, "subject"),
     "0004": (populate_0004, "subject"),
+    "0005": (populate_0005, "subject"),
 }
 
 
@@ -529,6 +534,8 @@ def test_a_populated_database_upgrades_to_head_and_stays_usable(
         assert set(keys) == {"ci-bot", "old-bot"}
         assert keys["ci-bot"].adapters == ["support"] and keys["ci-bot"].revoked_at is None
         assert keys["old-bot"].adapters is None and keys["old-bot"].revoked_at is not None
+        # Keys from before scopes keep what they could do (0006), flagged as given, not chosen.
+        assert all(k.scopes == ["base", "versions"] and k.scopes_migrated for k in keys.values())
     else:
         assert keys == {}
     evaluations = reg.evaluations("support")
@@ -554,7 +561,8 @@ def test_a_populated_database_upgrades_to_head_and_stays_usable(
     assert reg.archive("support", 1).status == "archived"
     v4 = reg.register("support", make_adapter(tmp_path / "new", seed=99), base_model=world.base_id)
     assert v4.version == 4
-    reg.add_api_key(name="after-upgrade", prefix="lf-aftr", key_hash="f" * 64, adapters=None)
+    added_key = reg.add_api_key(name="after-upgrade", prefix="lf-aftr", key_hash="f" * 64, adapters=None)
+    assert added_key.scopes == [] and not added_key.scopes_migrated  # new keys: least privilege
     added = reg.record_evaluation(
         "support",
         4,

@@ -299,7 +299,10 @@ def test_without_a_valid_key_a_bad_body_is_a_401_not_a_400(gw: Gateway, path: st
 def test_requests_past_the_gateways_caps_are_a_400_naming_the_field(
     gw: Gateway, path: str, field: str, value: Any
 ) -> None:
-    body = {"model": "support", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}], field: value}
+    prompt = (
+        {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    body = {"model": "support", **prompt, field: value}
     calls = len(gw.engine.requests)
     error = openai_error(gw.post(path, json.dumps(body).encode()), 400)
     assert error["param"] == field and "server.max_" in error["message"], error
@@ -365,3 +368,44 @@ def test_a_lone_surrogate_in_an_engine_answer_does_not_cost_the_batch_its_write(
     assert stats.written["requests"] == 3 and stats.failed == 0
     contents = sorted(r["response"][0]["content"] for r in store.read("requests"))
     assert contents == ["also fine", "broken \ufffd bytes", "fine"]
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/chat/completions", "chat_template_kwargs"),  # a vLLM extra that changes the prompt: off
+        ("/v1/chat/completions", "prompt_embeds"),
+        ("/v1/completions", "tempreature"),  # a typo is not dropped silently
+        ("/v1/completions", "messages"),  # a chat field sent to completions
+    ],
+)
+def test_a_field_neither_openai_nor_the_settings_define_is_a_400_naming_it(
+    gw: Gateway, path: str, field: str
+) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": "support", **({"prompt": "hi"} if path == "/v1/completions" else chat), field: {}}
+    calls = len(gw.engine.requests)
+    error = openai_error(gw.post(path, json.dumps(body).encode()), 400)
+    assert error["param"] == field and "unrecognized request argument" in error["message"], error
+    assert len(gw.engine.requests) == calls  # nothing reached the engine
+
+
+def test_every_field_of_openais_requests_and_the_allowed_extras_are_forwarded(gw: Gateway) -> None:
+    from openai.types.chat.completion_create_params import CompletionCreateParamsBase
+
+    body = {
+        "model": "support",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "response_format": {"type": "json_object"},
+        "logit_bias": {"1": 1},
+        "top_k": 5,  # vLLM extras in server.engine_extra_fields' default
+        "ignore_eos": False,
+    }
+    assert set(body) - {"top_k", "ignore_eos"} <= set(CompletionCreateParamsBase.__optional_keys__) | {
+        "model",
+        "messages",
+    }
+    assert gw.post("/v1/chat/completions", json.dumps(body).encode()).status_code == 200
+    forwarded = gw.engine.requests[-1]
+    assert {k: forwarded[k] for k in body if k != "model"} == {k: v for k, v in body.items() if k != "model"}

@@ -111,11 +111,11 @@ class Clock:
 def test_unsampled_records_wait_for_feedback_then_expire(tmp_path: Path, redactor: Redactor) -> None:
     clock = Clock()
     store = TrafficStore(str(tmp_path / "traffic"))
-    settings = TrafficSettings(sample_rate=1e-9, rescue_window_s=60)
+    settings = TrafficSettings(sample_rate=1e-9, rescue_window_s=60, error_sample_rate=1.0)
     recorder = TrafficRecorder(settings, store, ThreadWriter(settings, store, redactor), clock=clock)
     kept, expired, error = exchange(), exchange(), exchange(status=503)
     assert not recorder.offer(kept) and not recorder.offer(expired)
-    assert recorder.offer(error)  # errors are always kept
+    assert recorder.offer(error)  # errors are sampled at their own rate, here all
     assert set(recorder.parked) == {kept.request_id, expired.request_id}
 
     async def rate(ex: Exchange, rating: int) -> None:
@@ -326,7 +326,7 @@ def test_feedback_needs_a_key_that_may_use_the_adapter(gateway_setup: Setup) -> 
         body = {"request_id": rid, "rating": 1}
         assert client.post("/v1/feedback", json=body).status_code == 401
         denied = client.post("/v1/feedback", json=body, headers={"authorization": f"Bearer {billing_key}"})
-        assert denied.status_code == 403
+        assert denied.status_code == 404  # to a key that may not use support, the request does not exist
         ok = client.post("/v1/feedback", json=body, headers={"authorization": f"Bearer {support_key}"})
         assert ok.status_code == 200
     (record,) = _records(gateway_setup)
@@ -487,3 +487,42 @@ def test_what_the_audit_found_on_disk_no_longer_reaches_it(tmp_path: Path, redac
         "DATE_OF_BIRTH",
         "EMAIL_ADDRESS",
     }
+
+
+def test_a_record_too_large_is_not_queued_and_errors_are_sampled_at_their_rate(
+    tmp_path: Path, redactor: Redactor
+) -> None:
+    store = TrafficStore(str(tmp_path / "traffic"))
+    settings = TrafficSettings(
+        sample_rate=1.0, record_max_bytes=4096, error_sample_rate=0.1, rescue_window_s=0
+    )
+    recorder = TrafficRecorder(settings, store, ThreadWriter(settings, store, redactor))  # not started
+    big = exchange()
+    big.size_bytes = 4097  # 193 KiB of digits once cost the writer 14.5 s: refused before the queue
+    assert not recorder.offer(big) and recorder.dropped["too_large"] == 1
+    errors = [exchange(status=400) for _ in range(2000)]
+    kept = sum(recorder.offer(e) for e in errors)
+    assert 120 <= kept <= 280, kept  # 10% of 2000, within 4.5 sigma
+    assert recorder.backlog == kept
+
+
+def test_the_queue_is_bounded_in_bytes_and_frees_what_the_writer_finished(
+    tmp_path: Path, redactor: Redactor
+) -> None:
+    store = TrafficStore(str(tmp_path / "traffic"))
+    settings = TrafficSettings(
+        sample_rate=1.0, queue_max_bytes=10 * 1024, record_max_bytes=4096, flush_interval_s=0.05
+    )
+    writer = ThreadWriter(settings, store, redactor)
+    recorder = TrafficRecorder(settings, store, writer)
+    records = [exchange() for _ in range(5)]
+    for r in records:
+        r.size_bytes = 3000
+    assert [recorder.offer(r) for r in records] == [True, True, True, False, False]  # 9000 + 3000 > 10 KiB
+    assert recorder.dropped["queue_full"] == 2 and recorder.queued_bytes == 9000
+    writer.start()
+    try:
+        wait(lambda: recorder.queued_bytes == 0, "the writer to finish the batch")
+        assert recorder.offer(records[3])  # room again
+    finally:
+        recorder.close()

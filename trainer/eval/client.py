@@ -68,7 +68,11 @@ class GatewayClient:
                 f"the gateway at {self.url} refused the API key; set eval.api_key", param="eval.api_key"
             ) from exc
         if found is None:
-            raise EngineUnavailableError(f"the gateway at {self.url} lists no base model")
+            raise EngineUnavailableError(
+                f"the gateway at {self.url} lists no base model to this key: an evaluation calls the "
+                "base and pinned versions, so eval.api_key needs the 'base' and 'versions' scopes "
+                "(loraflow keys create NAME --scope base --scope versions)"
+            )
         return found
 
     def generate(

@@ -40,7 +40,7 @@ from loraflow.registry.redact import redactor_from_settings
 from loraflow.registry.refs import DEFAULT_ALIAS
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from loraflow.registry.traffic import answer_text, request_turns
+from loraflow.registry.traffic import answer_text, current_feedback, request_turns
 from loraflow.trainer.data import Example, validate_records
 from loraflow.trainer.prepare import (
     DATA_FILES,
@@ -161,8 +161,8 @@ def build_dataset(
             param="since",
         )
     ratings: dict[str, dict[str, Any]] = {}
-    for given in sorted(registry.traffic.read("feedback", adapter=name, since=start), key=lambda f: f["at"]):
-        ratings[given["request_id"]] = given  # the latest wins
+    for given in current_feedback(registry.traffic.read("feedback", adapter=name, since=start)):
+        ratings[given["request_id"]] = given  # the latest of the keys allowed to rate it wins
     counts["skipped_corrupt_lines"] = len(registry.traffic.corrupt) - corrupt_before
     served = [r for r in requests if r.get("status") == 200 and not r.get("error")]
     counts["dropped_failed"] = len(requests) - len(served)
