@@ -27,6 +27,7 @@ EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 2,  # the same code Click uses for usage errors
     ErrorCode.TOO_LARGE: 2,  # an input past a size limit: a usage error too
     ErrorCode.TIMEOUT: 10,  # like an overload: try again
+    ErrorCode.RATE_LIMITED: 10,
     ErrorCode.NOT_FOUND: 3,
     ErrorCode.CONFLICT: 4,
     ErrorCode.INVALID_ADAPTER: 5,

@@ -19,6 +19,20 @@ _SCOPE_HELP = (
     + "."
 )
 
+RpmOption = Annotated[
+    int | None, typer.Option("--rpm", help="Requests per minute (default: server.key_rpm).", min=1)
+]
+TpmOption = Annotated[
+    int | None,
+    typer.Option("--tpm", help="Tokens per minute, prompt and completion (default: server.key_tpm).", min=1),
+]
+ConcurrencyOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-concurrency", help="Requests in flight at once (default: server.key_max_concurrency).", min=1
+    ),
+]
+
 app = typer.Typer(name="keys", help="Gateway API keys.", no_args_is_help=True, add_completion=False)
 
 
@@ -31,11 +45,14 @@ def create(
         list[str] | None, typer.Option("--adapter", help="Limit the key to this adapter (repeatable).")
     ] = None,
     scope: Annotated[list[str] | None, typer.Option("--scope", help=_SCOPE_HELP)] = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    max_concurrency: ConcurrencyOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the key and its record as JSON.")] = False,
 ) -> None:
     """Create a key. It is printed once; only its hash is stored.
 
-    Example: loraflow keys create ci-bot --adapter support --scope versions --json
+    Example: loraflow keys create ci-bot --adapter support --scope versions --rpm 600 --json
 
     An --adapter not registered yet is accepted with a warning (a tenant's key may come first)."""
     from loraflow.registry.keys import create_key
@@ -43,7 +60,9 @@ def create(
     registry = state(ctx).registry
     registered = {a.name for a in registry.adapters()}
     unknown = [a for a in adapter or [] if a not in registered]
-    key, info = create_key(registry, name, adapter, scope)
+    key, info = create_key(
+        registry, name, adapter, scope, {"rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency}
+    )
     if unknown:
         err.print(
             f"warning: no adapter named {', '.join(unknown)} is registered yet; the key will be accepted "
@@ -76,6 +95,9 @@ def import_(
         list[str] | None, typer.Option("--adapter", help="Limit the keys to this adapter (repeatable).")
     ] = None,
     scope: Annotated[list[str] | None, typer.Option("--scope", help=_SCOPE_HELP)] = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    max_concurrency: ConcurrencyOption = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Record keys made elsewhere (e.g. a Kubernetes Secret) by their hash; run again, it changes nothing.
@@ -94,7 +116,13 @@ def import_(
         raise InvalidArgumentError(f"{directory} holds no key files", param="DIR")
     from loraflow.registry.keys import import_keys
 
-    outcome = import_keys(state(ctx).registry, keys, adapter, scope)
+    outcome = import_keys(
+        state(ctx).registry,
+        keys,
+        adapter,
+        scope,
+        {"rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency},
+    )
     if as_json:
         print_json(outcome)
         return
@@ -107,6 +135,7 @@ def import_(
 def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List keys (never the keys themselves). A key marked * was made before scopes existed and
     was given `base` and `versions` to keep working: replace it with one made with least privilege.
+    A limit shown as - is the gateways' default (server.key_rpm, key_tpm, key_max_concurrency).
 
     Example: loraflow keys list --json
     """
@@ -114,13 +143,14 @@ def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] =
     if as_json:
         print_json([k.model_dump(mode="json", exclude={"key_hash"}) for k in keys])
         return
-    table = Table("name", "prefix", "adapters", "scopes", "created", "revoked")
+    table = Table("name", "prefix", "adapters", "scopes", "rpm/tpm/in flight", "created", "revoked")
     for k in keys:
         table.add_row(
             escape(k.name),
             escape(k.prefix) + "…",
             escape(", ".join(k.adapters)) if k.adapters else "all",
             (", ".join(k.scopes) or "-") + (" *" if k.scopes_migrated else ""),
+            "/".join(str(v) if v else "-" for v in (k.rpm, k.tpm, k.max_concurrency)),
             f"{k.created_at:%Y-%m-%d}",
             f"{k.revoked_at:%Y-%m-%d}" if k.revoked_at else "-",
         )

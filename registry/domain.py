@@ -6,7 +6,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from loraflow.registry.drift import Profile
 from loraflow.registry.refs import Ref, version_ref
@@ -164,6 +164,16 @@ class History(_Record):
     events: list[AuditInfo]
 
 
+class KeyLimits(_Record):
+    """An API key's own limits; None: the gateways' defaults (server.key_rpm and so on)."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, description="Tokens (prompt and completion) per minute.")
+    max_concurrency: int | None = Field(None, ge=1, description="Requests in flight at once.")
+
+
 class ApiKeyInfo(_Record):
     name: str
     prefix: str
@@ -171,6 +181,9 @@ class ApiKeyInfo(_Record):
     adapters: list[str] | None
     scopes: list[Scope] = []
     scopes_migrated: bool = False  # given LEGACY_SCOPES by the migration, not chosen
+    rpm: int | None = None  # requests per minute; None: server.key_rpm
+    tpm: int | None = None  # tokens (prompt + completion) per minute; None: server.key_tpm
+    max_concurrency: int | None = None  # requests in flight; None: server.key_max_concurrency
     created_by: str
     created_at: datetime
     revoked_at: datetime | None = None

@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "unavailable"
     TOO_LARGE = "request_too_large"
     TIMEOUT = "request_timeout"
+    RATE_LIMITED = "rate_limit_exceeded"
 
 
 class LoraflowError(Exception):
@@ -120,6 +121,16 @@ class RequestTooLargeError(LoraflowError):
     """A request body past ``server.max_body_bytes``: refused before it is read whole."""
 
     code = ErrorCode.TOO_LARGE
+
+
+class RateLimitedError(LoraflowError):
+    """An API key past one of its limits (requests or tokens per minute, requests in flight)."""
+
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after_s: float, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
 
 
 class RequestTimeoutError(LoraflowError):

@@ -6,8 +6,10 @@ import hashlib
 import secrets
 from typing import Literal
 
+from pydantic import ValidationError
+
 from loraflow.registry import domain
-from loraflow.registry.errors import ConflictError, InvalidArgumentError
+from loraflow.registry.errors import ConflictError, InvalidArgumentError, first_error
 from loraflow.registry.refs import check_name
 from loraflow.registry.scopes import SCOPES, Scope
 from loraflow.registry.service import Registry
@@ -22,18 +24,32 @@ def hash_key(key: str) -> str:
 
 
 def create_key(
-    registry: Registry, name: str, adapters: list[str] | None = None, scopes: list[str] | None = None
+    registry: Registry,
+    name: str,
+    adapters: list[str] | None = None,
+    scopes: list[str] | None = None,
+    limits: dict[str, int | None] | None = None,
 ) -> tuple[str, domain.ApiKeyInfo]:
     """Returns (the key, shown only now, and its record). With no ``scopes``, the key may call
-    only its adapters' aliases (least privilege)."""
+    only its adapters' aliases (least privilege). ``limits``: rpm, tpm, max_concurrency."""
     check_name(name, param="name")
     adapters = _checked_adapters(adapters)
     checked = checked_scopes(scopes)
+    own = checked_limits(limits)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     info = registry.add_api_key(
-        name=name, prefix=key[:10], key_hash=hash_key(key), adapters=adapters, scopes=checked
+        name=name, prefix=key[:10], key_hash=hash_key(key), adapters=adapters, scopes=checked, limits=own
     )
     return key, info
+
+
+def checked_limits(limits: dict[str, int | None] | None) -> domain.KeyLimits:
+    """``limits`` as :class:`domain.KeyLimits`, or :class:`InvalidArgumentError` naming the field."""
+    try:
+        return domain.KeyLimits.model_validate(limits or {})
+    except ValidationError as exc:
+        field, message = first_error(exc.errors(), default_field="limits")
+        raise InvalidArgumentError(f"{field}: {message}", param=field) from None
 
 
 def checked_scopes(scopes: list[str] | None) -> list[Scope]:
@@ -57,6 +73,7 @@ def import_keys(
     keys: dict[str, str],
     adapters: list[str] | None = None,
     scopes: list[str] | None = None,
+    limits: dict[str, int | None] | None = None,
 ) -> dict[str, ImportOutcome]:
     """Record keys made elsewhere (a Kubernetes Secret: name -> key), by their hash. Idempotent:
     a key already recorded under its name is ``unchanged``. Everything is checked before anything
@@ -66,6 +83,7 @@ def import_keys(
     scopes: to change them, or to rotate, import the key under a new name and revoke the old."""
     adapters = _checked_adapters(adapters)
     checked = checked_scopes(scopes)
+    own = checked_limits(limits)
     existing = {k.name: k for k in registry.api_keys()}
     by_hash = {k.key_hash: k.name for k in existing.values()}
     plan: dict[str, ImportOutcome] = {}
@@ -103,7 +121,12 @@ def import_keys(
         if outcome == "created":
             key = keys[name].strip()
             registry.add_api_key(
-                name=name, prefix=key[:10], key_hash=hash_key(key), adapters=adapters, scopes=checked
+                name=name,
+                prefix=key[:10],
+                key_hash=hash_key(key),
+                adapters=adapters,
+                scopes=checked,
+                limits=own,
             )
     return plan
 

@@ -226,6 +226,10 @@ class ApiKey(SQLModel, table=True):
     adapters: list[str] | None = _json()  # None: every adapter
     scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     scopes_migrated: bool = Field(default=False, sa_column=Column(Boolean, nullable=False))
+    # Per-key limits; None: server.key_rpm / key_tpm / key_max_concurrency (None there too: none).
+    rpm: int | None = Field(default=None)
+    tpm: int | None = Field(default=None)
+    max_concurrency: int | None = Field(default=None)
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
     revoked_at: datetime | None = Field(
@@ -240,6 +244,9 @@ class ApiKey(SQLModel, table=True):
             adapters=self.adapters,
             scopes=self.scopes,
             scopes_migrated=self.scopes_migrated,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            max_concurrency=self.max_concurrency,
             created_by=self.created_by,
             created_at=self.created_at,
             revoked_at=self.revoked_at,
@@ -319,3 +326,29 @@ class DriftReport(SQLModel, table=True):
             created_by=self.created_by,
             created_at=self.created_at,
         )
+
+
+class RateLease(SQLModel, table=True):
+    """How much of an API key's per-minute budget the gateways have taken, per window (the
+    minute since the epoch) and kind (``requests``, ``tokens``); for ``slots``, window 0 holds
+    the concurrent requests leased now. Gateways take slices of it (server/ratelimit.py), never
+    a row write per request. Not part of the registry's revision: leasing moves no routing."""
+
+    __tablename__ = "rate_lease"
+
+    key_name: str = Field(primary_key=True, max_length=128)
+    kind: str = Field(primary_key=True, max_length=16)
+    window: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    granted: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+
+
+class SlotLease(SQLModel, table=True):
+    """The concurrent-request slots of one key that one gateway process holds, until
+    ``expires_at`` (renewed while it lives): a gateway that dies gives its slots back by expiring."""
+
+    __tablename__ = "slot_lease"
+
+    key_name: str = Field(primary_key=True, max_length=128)
+    holder: str = Field(primary_key=True, max_length=64)
+    slots: int = Field(default=0)
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))

@@ -10,6 +10,7 @@ artifact, never a version without its files.
 from __future__ import annotations
 
 import builtins
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +34,7 @@ from loraflow.registry.settings import Settings
 
 if TYPE_CHECKING:  # SQLAlchemy, SQLModel, Alembic and fsspec load when a store is opened, not on import
     from loraflow.registry.artifacts import ArtifactStore
-    from loraflow.registry.store import MetadataStore
+    from loraflow.registry.store import Lease, LeaseStore, MetadataStore
     from loraflow.registry.traffic import TrafficStore
 
 
@@ -344,6 +345,7 @@ class Registry:
         key_hash: str,
         adapters: builtins.list[str] | None,
         scopes: Sequence[Scope] = (),
+        limits: domain.KeyLimits | None = None,
     ) -> domain.ApiKeyInfo:
         """Record a key by its hash (``registry.keys`` makes or imports the key itself), with
         least privilege unless ``scopes`` say more. A name that exists is a :class:`ConflictError`."""
@@ -353,8 +355,31 @@ class Registry:
             key_hash=key_hash,
             adapters=adapters,
             scopes=sorted(set(scopes)),
+            limits=limits or domain.KeyLimits(),
             actor=self.actor,
         )
+
+    # -- rate-limit leases (server/ratelimit.py) ------------------------------------------
+    def lease_budget(
+        self, *, key: str, kind: str, window: int, want: int, limit: int, previous_weight: float
+    ) -> Lease:
+        """Take a slice of an API key's per-minute budget (see :class:`LeaseStore`)."""
+        return self._leases.lease_budget(
+            key=key, kind=kind, window=window, want=want, limit=limit, previous_weight=previous_weight
+        )
+
+    def lease_slots(self, *, key: str, holder: str, slots: int, limit: int, ttl_s: float) -> int:
+        """Hold ``slots`` of an API key's concurrent requests, as the limit allows."""
+        return self._leases.lease_slots(key=key, holder=holder, slots=slots, limit=limit, ttl_s=ttl_s)
+
+    def renew_slots(self, *, holder: str, ttl_s: float) -> None:
+        self._leases.renew_slots(holder=holder, ttl_s=ttl_s)
+
+    @functools.cached_property
+    def _leases(self) -> LeaseStore:
+        from loraflow.registry.store import LeaseStore
+
+        return LeaseStore(self.store.engine)
 
     def revoke_api_key(self, name: str) -> domain.ApiKeyInfo:
         """Gateways stop accepting the key within a poll interval."""

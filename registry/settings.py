@@ -130,6 +130,30 @@ class ServerSettings(BaseModel):
     max_messages: int = Field(
         1024, ge=1, description="The most chat `messages` in one request; more is a 400."
     )
+    key_rpm: int | None = Field(
+        None, ge=1, description="Requests per minute of an API key without its own (keys create --rpm)."
+    )
+    key_tpm: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per minute (prompt and completion) of an API key without its own (--tpm).",
+    )
+    key_max_concurrency: int | None = Field(
+        None, ge=1, description="Requests in flight of an API key without its own (--max-concurrency)."
+    )
+    rate_lease_share: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="The share of a key's per-minute limit a gateway leases from the registry at a time: "
+        "smaller is fairer between gateways near the limit, larger writes less often.",
+    )
+    slot_lease_ttl_s: float = Field(
+        30.0,
+        ge=3,
+        description="How long a gateway's lease of a key's concurrent-request slots lives unrenewed: "
+        "a gateway that dies gives its slots back after this.",
+    )
     header_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Engine, delete, func, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -34,7 +34,9 @@ from loraflow.registry.models import (
     DatasetVersionRow,
     DriftReport,
     Evaluation,
+    RateLease,
     RegistryState,
+    SlotLease,
     utcnow,
 )
 from loraflow.registry.refs import parse_ref, version_ref
@@ -722,6 +724,7 @@ class MetadataStore:
         key_hash: str,
         adapters: list[str] | None,
         scopes: list[Scope],
+        limits: domain.KeyLimits,
         actor: str,
     ) -> domain.ApiKeyInfo:
         with self._write(actor) as tx:
@@ -734,6 +737,9 @@ class MetadataStore:
                 key_hash=key_hash,
                 adapters=adapters,
                 scopes=list(scopes),
+                rpm=limits.rpm,
+                tpm=limits.tpm,
+                max_concurrency=limits.max_concurrency,
                 created_by=actor,
             )
             s.add(row)
@@ -741,7 +747,12 @@ class MetadataStore:
                 "key.create",
                 "api_key",
                 name,
-                after={"adapters": adapters, "scopes": list(scopes), "prefix": prefix},
+                after={
+                    "adapters": adapters,
+                    "scopes": list(scopes),
+                    "prefix": prefix,
+                    **limits.model_dump(exclude_none=True),
+                },
             )
             s.flush()
             return row.to_domain()
@@ -763,3 +774,156 @@ class MetadataStore:
             tx.audit("key.revoke", "api_key", name, before={"revoked": False}, after={"revoked": True})
             s.flush()
             return row.to_domain()
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What :meth:`MetadataStore.lease_budget` granted, and the window's totals it saw."""
+
+    granted: int
+    total: int  # granted in this window, this lease included
+    previous: int  # granted in the window before
+
+
+# A lease that loses a race with another gateway's tries again this many times, then grants 0.
+_LEASE_TRIES = 5
+
+
+class LeaseStore:
+    """Budget slices of API keys' limits (server/ratelimit.py): compare-and-swap updates of one
+    row per key, kind and window, so that concurrent gateways never grant more than the limit,
+    on SQLite and PostgreSQL alike. Outside the registry's revision: leasing moves no routing."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            try:
+                yield session
+                session.commit()
+            except OperationalError as exc:
+                session.rollback()
+                if busy(exc.orig):
+                    raise ConflictError("the registry is busy; try again") from exc
+                raise
+            except BaseException:
+                session.rollback()
+                raise
+
+    def lease_budget(
+        self, *, key: str, kind: str, window: int, want: int, limit: int, previous_weight: float
+    ) -> Lease:
+        """Take up to ``want`` of ``key``'s per-minute budget of ``kind`` in ``window``: what
+        ``limit`` leaves after what was granted in it and ``previous_weight`` of the window
+        before (a sliding minute). Grants 0 when nothing is left."""
+        lease = Lease(0, 0, 0)
+        for _ in range(_LEASE_TRIES):
+            with self._tx() as s:
+                rows = s.exec(
+                    select(RateLease).where(
+                        RateLease.key_name == key,
+                        RateLease.kind == kind,
+                        col(RateLease.window).in_([window - 1, window]),
+                    )
+                ).all()
+                by_window = {r.window: r.granted for r in rows}
+                previous, seen = by_window.get(window - 1, 0), by_window.get(window)
+                room = limit - int(previous * previous_weight + 0.999999) - (seen or 0)
+                grant = max(0, min(want, room))
+                lease = Lease(0, seen or 0, previous)
+                if grant == 0:
+                    return lease
+                if seen is None:
+                    s.add(RateLease(key_name=key, kind=kind, window=window, granted=grant))
+                    try:
+                        s.flush()
+                    except SAIntegrityError:
+                        s.rollback()  # another gateway opened the window first: read it again
+                        continue
+                else:
+                    moved = s.execute(
+                        update(RateLease)
+                        .where(
+                            col(RateLease.key_name) == key,
+                            col(RateLease.kind) == kind,
+                            col(RateLease.window) == window,
+                            col(RateLease.granted) == seen,
+                        )
+                        .values(granted=seen + grant)
+                    )
+                    if moved.rowcount != 1:  # type: ignore[attr-defined]
+                        s.rollback()
+                        continue
+                    s.execute(
+                        delete(RateLease).where(
+                            col(RateLease.key_name) == key,
+                            col(RateLease.kind) == kind,
+                            col(RateLease.window) < window - 1,
+                        )
+                    )
+                return Lease(grant, (seen or 0) + grant, previous)
+        return lease
+
+    def lease_slots(self, *, key: str, holder: str, slots: int, limit: int, ttl_s: float) -> int:
+        """Make ``holder`` hold ``slots`` of ``key``'s concurrent requests, or as many as
+        ``limit`` leaves beside the other holders' leases (expired ones are reclaimed first).
+        ``slots`` below what it holds gives the rest back. Returns what it holds now."""
+        for _ in range(_LEASE_TRIES):
+            with self._tx() as s:
+                now = utcnow()
+                total_row = s.get(RateLease, (key, "slots", 0))
+                seen = total_row.granted if total_row is not None else None
+                leases = s.exec(select(SlotLease).where(SlotLease.key_name == key)).all()
+                mine = next((lease for lease in leases if lease.holder == holder), None)
+                expired = [
+                    lease for lease in leases if lease.holder != holder and _aware(lease.expires_at) < now
+                ]
+                others = (seen or 0) - sum(lease.slots for lease in expired) - (mine.slots if mine else 0)
+                new = max(0, min(slots, limit - others))
+                if seen is None:
+                    s.add(RateLease(key_name=key, kind="slots", window=0, granted=others + new))
+                    try:
+                        s.flush()
+                    except SAIntegrityError:
+                        s.rollback()
+                        continue
+                else:
+                    moved = s.execute(
+                        update(RateLease)
+                        .where(
+                            col(RateLease.key_name) == key,
+                            col(RateLease.kind) == "slots",
+                            col(RateLease.window) == 0,
+                            col(RateLease.granted) == seen,
+                        )
+                        .values(granted=others + new)
+                    )
+                    if moved.rowcount != 1:  # type: ignore[attr-defined]
+                        s.rollback()
+                        continue
+                for lease in expired:
+                    s.delete(lease)
+                expires = now + timedelta(seconds=ttl_s)
+                if mine is None:
+                    s.add(SlotLease(key_name=key, holder=holder, slots=new, expires_at=expires))
+                else:
+                    mine.slots, mine.expires_at = new, expires
+                    s.add(mine)
+                return new
+        return 0
+
+    def renew_slots(self, *, holder: str, ttl_s: float) -> None:
+        """Keep ``holder``'s leases alive for ``ttl_s`` more (a gateway that dies stops renewing)."""
+        with self._tx() as s:
+            s.execute(
+                update(SlotLease)
+                .where(col(SlotLease.holder) == holder)
+                .values(expires_at=utcnow() + timedelta(seconds=ttl_s))
+            )
+
+
+def _aware(at: datetime) -> datetime:
+    """SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

@@ -32,6 +32,7 @@ from loraflow.server.gateway import Gateway
 from loraflow.server.health import api_router as health
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.models import api_router as models
+from loraflow.server.ratelimit import KeyLimiter
 from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
 from loraflow.server.routing import RoutingTable
@@ -149,8 +150,16 @@ def create_app(
     )
     live = LiveDrift(settings.drift)
     metrics = GatewayMetrics(routes, supervised, recorder=recorder, live=live, shared=shared_metrics)
+    limiter = KeyLimiter(server, registry) if server.auth else None  # limits belong to keys
     gateway = Gateway(
-        server, routes, replicas, metrics, traffic_settings=settings.traffic, recorder=recorder, live=live
+        server,
+        routes,
+        replicas,
+        metrics,
+        traffic_settings=settings.traffic,
+        recorder=recorder,
+        live=live,
+        limiter=limiter,
     )
     recycler = (
         Recycler(
@@ -188,6 +197,8 @@ def create_app(
             loops.append(recycler.run())
         if shared_metrics is not None:
             loops.append(shared_metrics.publish_every(metrics.state))
+        if limiter is not None:
+            loops.append(limiter.run())
         tasks = [asyncio.create_task(loop) for loop in loops]
         try:
             yield
@@ -201,6 +212,8 @@ def create_app(
             if recorder is not None:
                 await asyncio.to_thread(recorder.close)  # writes what is queued: nothing is lost
             await replicas.aclose()
+            if limiter is not None:
+                limiter.close()
             for process in supervised or []:
                 await process.stop()
             if shared_metrics is not None:

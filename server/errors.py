@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from loraflow.registry.errors import ErrorCode, LoraflowError
+from loraflow.registry.errors import ErrorCode, LoraflowError, RateLimitedError
 from loraflow.server.engine.protocol import EngineRequestError
 
 # The `code` of an error nobody anticipated. Its message never carries the exception's text.
@@ -30,6 +31,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_ARGUMENT: 400,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.TIMEOUT: 408,
+    ErrorCode.RATE_LIMITED: 429,
     ErrorCode.INVALID_ADAPTER: 400,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CONFLICT: 409,
@@ -98,6 +100,8 @@ def from_exception(exc: LoraflowError, *, retry_after_s: int = 5) -> JSONRespons
         return error_response(exc.status, exc.message, param=exc.param, code=str(exc.status))
     status = HTTP_STATUS.get(exc.code, 500)
     code = "model_not_found" if exc.code == ErrorCode.NOT_FOUND and exc.param == "model" else exc.code.value
+    if isinstance(exc, RateLimitedError):  # it knows when the key's budget frees up
+        retry_after_s = max(1, math.ceil(exc.retry_after_s))
     headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
     return error_response(status, exc.message, param=exc.param, code=code, headers=headers)
 

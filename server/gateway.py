@@ -58,6 +58,7 @@ from loraflow.server.errors import (
 )
 from loraflow.server.http import TimedStreamingResponse
 from loraflow.server.metrics import GatewayMetrics
+from loraflow.server.ratelimit import Admission, KeyLimiter
 from loraflow.server.replicas import Replica, ReplicaSet
 from loraflow.server.routing import RoutingTable, Target
 from loraflow.server.traffic.live import LiveDrift
@@ -133,6 +134,7 @@ class _Call:
     body_bytes: int = 0
     target: Target | None = None
     key: domain.ApiKeyInfo | None = None
+    admission: Admission | None = None  # what the key's limits charged it
     transcript: Transcript = field(default_factory=Transcript)
 
 
@@ -157,6 +159,7 @@ class Gateway:
         traffic_settings: TrafficSettings,
         recorder: TrafficRecorder | None = None,
         live: LiveDrift | None = None,
+        limiter: KeyLimiter | None = None,
     ):
         self.settings = settings
         self.routes = routes
@@ -165,6 +168,7 @@ class Gateway:
         self.traffic_settings = traffic_settings
         self.recorder = recorder
         self.live = live
+        self.limiter = limiter
         self.in_flight = 0
         self._extras = frozenset(settings.engine_extra_fields)
 
@@ -253,6 +257,10 @@ class Gateway:
             target = self.routes.resolve(body["model"])
             labels = (target.adapter or "-", f"v{target.version}" if target.version else "-")
             call.target = target  # authorized: from here on, the request is recorded
+            if key is not None and self.limiter is not None:
+                call.admission = await self.limiter.admit(
+                    key, self.limiter.estimate_tokens(body, call.body_bytes)
+                )
             response = await self._serve(body, target, path, labels, started, call)
         except LoraflowError as exc:
             response = from_exception(exc, retry_after_s=self.settings.retry_after_s)
@@ -267,12 +275,18 @@ class Gateway:
             error = INTERNAL_ERROR_CODE
         self.metrics.requests.labels(*labels, path, str(response.status_code)).inc()
         response.headers[REQUEST_ID_HEADER] = call.request_id
+        if call.admission is not None:
+            response.headers.update(call.admission.headers)
         if not isinstance(response, StreamingResponse):  # a stream is finished by its relay
             self._finish(call, response.status_code, error)
         return response
 
     def _finish(self, call: _Call, status: int, error: str | None) -> None:
         """The request is over: feed the drift window and offer it to the recorder (O(1), never waits)."""
+        usage = call.transcript.usage
+        if call.admission is not None and self.limiter is not None:
+            used = (usage or {}).get("prompt_tokens", 0) + (usage or {}).get("completion_tokens", 0)
+            self.limiter.settle(call.admission, used if usage else None)
         target = call.target
         if target is None or target.adapter is None or target.version is None:
             return  # the base model, or never got as far as a version
@@ -280,7 +294,6 @@ class Gateway:
             self.live.observe(target.adapter, target.version, call.transcript.text, call.transcript.usage)
         if self.recorder is None or not call.record:
             return
-        usage = call.transcript.usage
         self.recorder.offer(
             Exchange(
                 request_id=call.request_id,
@@ -309,9 +322,12 @@ class Gateway:
         started: float,
         call: _Call,
     ) -> Response:
-        stack = AsyncExitStack()  # admission, then the replica's in-flight count; a stream's relay owns it
-        await stack.enter_async_context(self._admitted())
+        # The key's slot, admission, then the replica's in-flight count; a stream's relay owns them.
+        stack = AsyncExitStack()
         try:
+            if call.key is not None and self.limiter is not None:
+                await stack.enter_async_context(self.limiter.in_flight(call.key))
+            await stack.enter_async_context(self._admitted())
             adapter_name = target.engine_model if target.adapter else None
             body = body | {"model": target.engine_model}
             wants_usage = False

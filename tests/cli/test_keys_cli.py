@@ -109,5 +109,15 @@ def test_scopes_are_chosen_at_creation_and_a_bad_one_names_itself(tmp_path: Path
     assert runner.invoke(app, ["keys", "import", str(folder), "--scope", "review"]).exit_code == 0
     listed = {k["name"]: k for k in json.loads(runner.invoke(app, ["keys", "list", "--json"]).stdout)}
     assert listed["reviewer"]["scopes"] == ["review"] and not listed["reviewer"]["scopes_migrated"]
-    table = runner.invoke(app, ["keys", "list"])
-    assert "base, versions" in table.stdout and "*" not in table.stdout  # nothing migrated here
+    table = runner.invoke(app, ["keys", "list"], env={"COLUMNS": "200"})
+    assert "base, versions" in table.stdout and " *" not in table.stdout  # nothing migrated here
+
+
+def test_limits_are_set_on_the_key_and_a_bad_one_is_refused() -> None:
+    made = runner.invoke(app, ["keys", "create", "ci", "--rpm", "600", "--max-concurrency", "4", "--json"])
+    assert made.exit_code == 0, made.output
+    record = json.loads(made.stdout)
+    assert (record["rpm"], record["tpm"], record["max_concurrency"]) == (600, None, 4)
+    bad = runner.invoke(app, ["keys", "create", "ci2", "--rpm", "0"])
+    assert bad.exit_code == 2 and "--rpm" in bad.output
+    assert "600/-/4" in runner.invoke(app, ["keys", "list"], env={"COLUMNS": "200"}).stdout

@@ -275,11 +275,20 @@ class Writer:
             Event("version.archive", "adapter", name, version=version, before=before, after=after), actor
         )
 
-    def key(self, name: str, adapters: list[str] | None, actor: str, *, revoked: bool = False) -> None:
+    def key(
+        self,
+        name: str,
+        adapters: list[str] | None,
+        actor: str,
+        *,
+        revoked: bool = False,
+        scopes: list[str] | None = None,  # from 0006 on
+    ) -> None:
         self._bump()
         insert(
             self.conn,
             "api_key",
+            **({} if scopes is None else {"scopes": scopes, "scopes_migrated": False}),
             name=name,
             prefix=f"lf-{name[:4]}",
             key_hash=name.encode().hex().ljust(64, "0")[:64],
@@ -388,6 +397,13 @@ def populate_0005(w: Writer) -> None:
     populate_0004(w)  # 0005 added drift reports, which nothing here depends on
 
 
+def populate_0006(w: Writer) -> None:
+    _history(w)
+    w.key("ci-bot", ["support"], "alice", scopes=["versions"])
+    w.key("old-bot", None, "alice", revoked=True, scopes=[])
+    w.evaluation("support", 3, production=2, actor="bob")
+
+
 # The revision a database is at -> how that revision's code filled it, and how it stored audit subjects.
 POPULATE: dict[str, tuple[Callable[[Writer], None], str]] = {
     "0001": (populate_0001, "target"),
@@ -395,6 +411,7 @@ POPULATE: dict[str, tuple[Callable[[Writer], None], str]] = {
     "0003": (populate_0003, "subject"),
     "0004": (populate_0004, "subject"),
     "0005": (populate_0005, "subject"),
+    "0006": (populate_0006, "subject"),
 }
 
 
@@ -534,8 +551,11 @@ def test_a_populated_database_upgrades_to_head_and_stays_usable(
         assert set(keys) == {"ci-bot", "old-bot"}
         assert keys["ci-bot"].adapters == ["support"] and keys["ci-bot"].revoked_at is None
         assert keys["old-bot"].adapters is None and keys["old-bot"].revoked_at is not None
-        # Keys from before scopes keep what they could do (0006), flagged as given, not chosen.
-        assert all(k.scopes == ["base", "versions"] and k.scopes_migrated for k in keys.values())
+        if int(revision) < 6:  # keys from before scopes keep what they could do, flagged as given
+            assert all(k.scopes == ["base", "versions"] and k.scopes_migrated for k in keys.values())
+        else:
+            assert keys["ci-bot"].scopes == ["versions"] and not keys["ci-bot"].scopes_migrated
+        assert all(k.rpm is None and k.tpm is None and k.max_concurrency is None for k in keys.values())
     else:
         assert keys == {}
     evaluations = reg.evaluations("support")
