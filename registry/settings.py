@@ -331,10 +331,14 @@ class TrafficSettings(BaseModel):
         10_000, ge=0, description="Unsampled records kept for rescue; the oldest go first beyond this."
     )
     queue_max_records: int = Field(
-        10_000, ge=1, description="Records waiting to be written; beyond this they are dropped (and counted)."
+        2_000,
+        ge=1,
+        description="Records waiting to be written; beyond this they are dropped (and counted). Short, "
+        "because the queue is what a gateway killed outright loses, and what the writer must finish "
+        "in the shutdown budget (about 1 ms each).",
     )
     queue_max_bytes: int = Field(
-        32 * 1024 * 1024,
+        8 * 1024 * 1024,
         ge=1024,
         description="Bytes of records waiting to be written (as the gateway received them); beyond this "
         "they are dropped and counted.",
@@ -343,7 +347,7 @@ class TrafficSettings(BaseModel):
         32 * 1024 * 1024, ge=0, description="Bytes of unsampled records kept for rescue; the oldest go first."
     )
     record_max_bytes: int = Field(
-        256 * 1024,
+        64 * 1024,
         ge=1024,
         description="A request and its answer larger than this are not recorded (counted as too_large): "
         "redacting them would cost the writer seconds, and training could not use them whole.",
@@ -354,6 +358,12 @@ class TrafficSettings(BaseModel):
         le=1,
         description="Share of failed requests recorded (of adapters whose sampling is on): enough to debug "
         "with, not so many that a client causing errors on purpose crowds the others' records out.",
+    )
+    close_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a stopping gateway waits for the writer to write what is queued; what "
+        "is left then is recorded as lost (traffic/_losses/).",
     )
     batch_max_records: int = Field(500, ge=1, description="Records per written file at most.")
     flush_interval_s: float = Field(

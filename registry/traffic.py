@@ -226,6 +226,31 @@ class TrafficStore:
         else:
             self.fs.pipe_file(path, data)
 
+    # -- losses ------------------------------------------------------------------
+    def record_loss(self, *, records: int, at: datetime, reason: str) -> str:
+        """Note that ``records`` records a gateway accepted were never written (it died with them
+        queued): a count under ``_losses/``, so that what is missing is known, not guessed."""
+        self._seq += 1
+        stamp = at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        day = at.astimezone(UTC).date().isoformat()
+        path = f"{self.root}/_losses/date={day}/loss-{stamp}-{self.writer}-{self._seq:06d}.json"
+        body = {"at": at.isoformat(), "records": records, "reason": reason}
+        self._put(path, json.dumps(body).encode())
+        return path
+
+    def losses(self, *, since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
+        """The losses :meth:`record_loss` noted in ``[since, until)``, oldest first."""
+        out = []
+        for path in sorted(str(p) for p in self.fs.glob(f"{self.root}/_losses/date=*/loss-*.json")):
+            try:
+                loss = json.loads(self.fs.cat_file(path))
+                at = datetime.fromisoformat(loss["at"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                continue
+            if (since is None or at >= since) and (until is None or at < until):
+                out.append(loss)
+        return out
+
     # -- reading -----------------------------------------------------------------
     def partitions(self, adapter: str | None = None) -> list[tuple[str, date, str]]:
         """(adapter, day, path) of every partition, oldest first."""

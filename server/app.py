@@ -210,7 +210,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             if recorder is not None:
-                await asyncio.to_thread(recorder.close)  # writes what is queued: nothing is lost
+                await asyncio.to_thread(recorder.close)  # writes what is queued, or counts it lost
             await replicas.aclose()
             if limiter is not None:
                 limiter.close()

@@ -172,6 +172,9 @@ def drift_report(
             f"{len(corrupt)} traffic lines that are not records were skipped "
             f"(the first: {corrupt[0].path} line {corrupt[0].line})"
         )
+    lost = sum(int(loss["records"]) for loss in registry.traffic.losses(since=since, until=now))
+    if lost:
+        notes.append(f"{lost} sampled records of the window were lost (a gateway died with them queued)")
     if embedder is not None and version.dataset and served:
         from loraflow.trainer.prepare import load_split
 

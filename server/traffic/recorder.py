@@ -22,13 +22,14 @@ writes whatever is queued before it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from loraflow.registry.errors import NotFoundError, OverloadedError
@@ -306,10 +307,16 @@ class TrafficRecorder:
         """Block until the writer can redact; raises what stops it (e.g. a missing spaCy model)."""
         self.writer.wait_ready(timeout_s)
 
-    def close(self, timeout_s: float = 60.0) -> None:
-        """Write everything queued, then stop the writer (blocks; call it from a thread)."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Write everything queued, then stop the writer (blocks; call it from a thread). What it
+        could not write within ``timeout_s`` (``traffic.close_timeout_s``) is recorded as lost."""
         self._lookups.shutdown(wait=False, cancel_futures=True)
-        self.writer.close(timeout_s)
+        self.writer.close(self.settings.close_timeout_s if timeout_s is None else timeout_s)
+        left = self.writer.backlog
+        if left > 0:
+            log.error("the traffic writer did not finish: %d records lost", left)
+            with contextlib.suppress(Exception):
+                self.store.record_loss(records=left, at=datetime.now(UTC), reason="shutdown timed out")
 
     @property
     def backlog(self) -> int:

@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue as ProcessQueue
 from pathlib import Path
@@ -122,13 +123,15 @@ class WriterLoop:
         self.report = report
         self._stats = WriterStats()
         self._lock = threading.Lock()
+        self.received = 0  # records taken off the queue
 
     def snapshot(self) -> WriterStats:
         with self._lock:
             return self._stats.copy()
 
-    def run(self, inbox: Any, *, alive: Callable[[], bool] = lambda: True) -> None:
-        """Until the stop marker (or ``alive()`` turns false while the queue is empty)."""
+    def run(self, inbox: Any, *, alive: Callable[[], bool] = lambda: True) -> bool:
+        """Until the stop marker (True), or ``alive()`` turns false while the queue is empty
+        (False: the gateway died; everything that reached the queue has been written)."""
         stopping = False
         while not stopping:
             batch: list[Item] = []
@@ -142,17 +145,19 @@ class WriterLoop:
                     stopping = True
                     break
                 batch.append(item)
+                self.received += 1
             if batch:
                 self.write(batch)
             elif not alive():
                 log.error("the gateway is gone; the traffic writer stops")
-                return
+                return False
         while True:  # anything put after the stop marker (a late feedback)
             try:
                 item = inbox.get_nowait()
             except queue.Empty:
-                return
+                return True
             if item is not _STOP:
+                self.received += 1
                 self.write([item])
 
     def write(self, batch: list[Item]) -> None:
@@ -274,6 +279,9 @@ class ProcessWriter:
         self._error: LoraflowError | None = None
         self._up = False
         self._accepted = 0
+        # What the running child's gateway side has accepted, in shared memory: a child whose
+        # gateway died compares it with what it received and records the difference as lost.
+        self._shared_accepted: Any = None
         self._lock = threading.Lock()
         self._base = WriterStats()  # figures of children that have exited
         self._current = WriterStats()  # the running child's latest figures
@@ -304,6 +312,7 @@ class ProcessWriter:
         except queue.Full:
             return "queue_full"
         self._accepted += 1
+        self._shared_accepted.value += 1  # only the event loop's thread writes it
         return None
 
     def close(self, timeout_s: float = 60.0) -> None:
@@ -344,9 +353,14 @@ class ProcessWriter:
     def _spawn(self) -> None:
         inbox: ProcessQueue[Item | None] = self._ctx.Queue(maxsize=self.spec.traffic.queue_max_records)
         outbox: ProcessQueue[tuple[str, Any]] = self._ctx.Queue()
+        accepted = self._ctx.Value("q", 0, lock=False)
         proc = self._ctx.Process(
-            target=_child_main, args=(self.spec, inbox, outbox), name="loraflow-traffic-writer", daemon=True
+            target=_child_main,
+            args=(self.spec, inbox, outbox, accepted),
+            name="loraflow-traffic-writer",
+            daemon=True,
         )
+        self._shared_accepted = accepted
         proc.start()
         self._inbox, self._outbox, self._proc = inbox, outbox, proc
         self._up = True
@@ -406,7 +420,7 @@ class ProcessWriter:
             self._done.set()
 
 
-def _child_main(spec: WriterSpec, inbox: Any, outbox: Any) -> None:
+def _child_main(spec: WriterSpec, inbox: Any, outbox: Any, accepted: Any) -> None:
     """The writer process: build the redactor and the store, then run the loop until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C or SIGTERM is the gateway's to handle:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it drains requests, then stops this process
@@ -434,7 +448,15 @@ def _child_main(spec: WriterSpec, inbox: Any, outbox: Any) -> None:
     outbox.put(("ready", None))
     parent = multiprocessing.parent_process()
     loop = WriterLoop(spec.traffic, store, redactor, report=lambda stats: outbox.put(("stats", stats)))
-    loop.run(inbox, alive=lambda: parent is None or parent.is_alive())
+    if not loop.run(inbox, alive=lambda: parent is None or parent.is_alive()):
+        # The gateway died. Everything that reached the queue is written; what it accepted and
+        # never sent (its queue's feeder had not flushed it) is lost: counted, not guessed.
+        lost = accepted.value - loop.received
+        if lost > 0:
+            log.error("the gateway died with %d accepted traffic records unsent; recording the loss", lost)
+            with contextlib.suppress(Exception):
+                store.record_loss(records=lost, at=datetime.now(UTC), reason="gateway died")
+        return
     outbox.put(("done", loop.snapshot()))
 
 

@@ -228,6 +228,10 @@ def test_probes_and_a_graceful_stop() -> None:
     wait = gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
     drain = int(env_of(gateway)["LORAFLOW_SERVER__SHUTDOWN_TIMEOUT_S"]["value"])
     assert wait > 0 and drain > 0 and wait + drain < grace
+    # ... and leave the traffic writer time for a full queue (about 1 ms a record, with room)
+    from loraflow.registry.settings import TrafficSettings
+
+    assert grace - wait - drain >= TrafficSettings().queue_max_records * 0.001 * 5
 
 
 def test_the_network_policy_lets_only_gateways_and_prometheus_reach_the_engines() -> None:

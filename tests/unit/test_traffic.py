@@ -526,3 +526,32 @@ def test_the_queue_is_bounded_in_bytes_and_frees_what_the_writer_finished(
         assert recorder.offer(records[3])  # room again
     finally:
         recorder.close()
+
+
+def test_losses_are_recorded_and_read_back_by_window(tmp_path: Path) -> None:
+    store = TrafficStore(str(tmp_path / "traffic"))
+    t0 = datetime(2026, 12, 2, 10, tzinfo=UTC)
+    store.record_loss(records=7, at=t0, reason="gateway died")
+    store.record_loss(records=3, at=t0 + timedelta(days=1), reason="gateway died")
+    assert [loss["records"] for loss in store.losses()] == [7, 3]
+    assert [loss["records"] for loss in store.losses(since=t0 + timedelta(hours=1))] == [3]
+    assert list(store.read("requests")) == []  # a loss is no record
+
+
+def test_what_the_writer_cannot_write_before_the_close_timeout_is_recorded_as_lost(
+    tmp_path: Path, redactor: Redactor
+) -> None:
+    slow = SlowStore(str(tmp_path / "traffic"))
+    settings = TrafficSettings(
+        sample_rate=1.0, batch_max_records=2, flush_interval_s=0.01, close_timeout_s=0.5
+    )
+    recorder = TrafficRecorder(settings, slow, ThreadWriter(settings, slow, redactor))
+    recorder.start()
+    try:
+        assert all(recorder.offer(exchange()) for _ in range(6))
+        assert slow.entered.wait(30)  # the writer holds its first batch in the sink
+        recorder.close()  # gives up after close_timeout_s
+        left = recorder.backlog
+        assert left == 6 and [loss["records"] for loss in slow.losses()] == [left]
+    finally:
+        slow.release.set()

@@ -185,3 +185,57 @@ def test_the_writer_process_logs_at_the_gateways_level_for_traffic(
     monkeypatch.setattr(logger, "level", logging.INFO)
     writer = writer_from_settings(settings, TrafficStore(str(tmp_path / "traffic")))
     assert isinstance(writer, ProcessWriter) and writer.spec.log_level == logging.INFO
+
+
+KILLED_WITH_A_QUEUE = """
+import os, signal, sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+def main() -> None:
+    from loraflow.registry.settings import Settings, TrafficSettings
+    from loraflow.registry.traffic import TrafficStore, new_request_id
+    from loraflow.server.traffic.recorder import Exchange, TrafficRecorder
+    from loraflow.server.traffic.writer import writer_from_settings
+
+    root = Path(sys.argv[1])
+    settings = Settings(home=root, traffic=TrafficSettings(sample_rate=1.0, queue_max_records=5000))
+    store = TrafficStore(settings.resolved_traffic_uri)
+    recorder = TrafficRecorder(settings.traffic, store, writer_from_settings(settings, store))
+    recorder.start()
+    recorder.wait_ready(60)
+    accepted = 0
+    for i in range(3000):
+        now = datetime.now(UTC)
+        accepted += recorder.offer(Exchange(
+            request_id=new_request_id(now), at=now, adapter="support", version=1,
+            endpoint="/v1/chat/completions",
+            request={"messages": [{"role": "user", "content": f"order {i}"}]},
+            status=200, latency_s=0.01, size_bytes=100,
+        ))
+    print(accepted, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the gateway dies with its queue full
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_records_a_killed_gateway_accepted_are_written_or_counted_as_lost(tmp_path: Path) -> None:
+    script = tmp_path / "gateway.py"
+    script.write_text(KILLED_WITH_A_QUEUE)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    accepted = int(done.stdout.strip())
+    assert accepted > 0
+    store = TrafficStore(Settings(home=tmp_path).resolved_traffic_uri)
+
+    def accounted() -> tuple[int, int]:
+        return len(list(store.read("requests"))), sum(loss["records"] for loss in store.losses())
+
+    # The orphaned writer drains what reached it, then records what never did.
+    wait(lambda: sum(accounted()) == accepted, f"{accepted} records written or counted lost", 120)
+    written, lost = accounted()
+    assert written + lost == accepted  # (a burst: most of it never left the gateway's feeder)

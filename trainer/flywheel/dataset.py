@@ -164,6 +164,9 @@ def build_dataset(
     for given in current_feedback(registry.traffic.read("feedback", adapter=name, since=start)):
         ratings[given["request_id"]] = given  # the latest of the keys allowed to rate it wins
     counts["skipped_corrupt_lines"] = len(registry.traffic.corrupt) - corrupt_before
+    counts["lost_records"] = sum(
+        int(loss["records"]) for loss in registry.traffic.losses(since=start, until=end)
+    )
     served = [r for r in requests if r.get("status") == 200 and not r.get("error")]
     counts["dropped_failed"] = len(requests) - len(served)
 
