@@ -11,6 +11,10 @@ max 4 in flight). Each round runs the calm load alone (**baseline**), then with 
 * slowloris: connections that send a request head one byte every 0.5 s, and bodies that drip;
 * slow readers: streams from the ``flood`` key whose client never reads.
 
+The attackers run in a process of their own, so their client-side work does not delay the
+calm client's event loop; all three (calm client, attackers, gateway) and the engine share
+this machine's cores, so the attackers' CPU is part of what the calm key may notice.
+
 Target (issue 24): ``calm`` gets 0 errors and its p99 under attack stays within 1.5x its p99
 without. Rounds alternate the two phases; p50/p99 are pooled per phase. Also measured: the cost
 of the limits' mechanism, a lease of a budget slice from the registry's database (SQLite here),
@@ -26,9 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -183,18 +190,71 @@ async def slow_readers(port: int, key: str, seconds: float, outcomes: dict[str, 
         sock.close()
 
 
-async def hostile_phase(
-    url: str, port: int, calm_key: str, flood_key: str, args: argparse.Namespace
-) -> tuple[dict[str, Any], dict[str, int]]:
+async def attack(url: str, port: int, flood_key: str, args: argparse.Namespace) -> dict[str, int]:
+    """Every attacker at once, for ``args.seconds``: run in a process of its own (``--attack``),
+    so that the attackers' own work never delays the calm client's event loop."""
     outcomes: dict[str, int] = {}
-    calm, *_ = await asyncio.gather(
-        calm_load(url, calm_key, args.seconds, args.calm_concurrency),
+    await asyncio.gather(
         flood(url, flood_key, args.seconds, args.flood_rate, outcomes),
         oversized(url, flood_key, args.seconds, outcomes),
         slowloris(port, args.seconds, args.slowloris, outcomes),
         slow_readers(port, flood_key, args.seconds, outcomes),
     )
-    return calm, outcomes
+    return outcomes
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (the gateway's writer, the engine's workers)."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def hostile_phase(
+    url: str, port: int, calm_key: str, flood_key: str, args: argparse.Namespace, pids: dict[str, int]
+) -> tuple[dict[str, Any], dict[str, int], dict[str, float]]:
+    before = {name: _cpu_s(pid) for name, pid in pids.items()}
+    mine = psutil.Process().cpu_times()
+    attacker = subprocess.Popen(
+        [sys.executable, __file__, "--attack", url, flood_key, *_passed(args)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    calm = asyncio.run(calm_load(url, calm_key, args.seconds, args.calm_concurrency))
+    attacker_cpu = 0.0
+    with contextlib.suppress(psutil.Error):
+        t = psutil.Process(attacker.pid).cpu_times()
+        attacker_cpu = t.user + t.system
+    out, _ = attacker.communicate(timeout=args.seconds + 120)
+    after = psutil.Process().cpu_times()
+    cpu = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+    cpu["calm client"] = after.user + after.system - mine.user - mine.system
+    cpu["attackers"] = attacker_cpu
+    return calm, json.loads(out.strip().splitlines()[-1]), cpu
+
+
+def baseline_phase(
+    url: str, calm_key: str, args: argparse.Namespace, pids: dict[str, int]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    before = {name: _cpu_s(pid) for name, pid in pids.items()}
+    mine = psutil.Process().cpu_times()
+    calm = asyncio.run(calm_load(url, calm_key, args.seconds, args.calm_concurrency))
+    after = psutil.Process().cpu_times()
+    cpu = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+    cpu["calm client"] = after.user + after.system - mine.user - mine.system
+    return calm, cpu
+
+
+def _passed(args: argparse.Namespace) -> list[str]:
+    return [
+        f"--seconds={args.seconds}",
+        f"--flood-rate={args.flood_rate}",
+        f"--slowloris={args.slowloris}",
+    ]
 
 
 def lease_cost(registry: Registry, n: int = 300) -> dict[str, float]:
@@ -202,9 +262,7 @@ def lease_cost(registry: Registry, n: int = 300) -> dict[str, float]:
     times = []
     for i in range(n):
         started = time.perf_counter()
-        registry.lease_budget(
-            key="bench", kind="requests", window=i, want=1, limit=10**9, previous_weight=0.0
-        )
+        registry.lease_budget(key="bench", kind="requests", bucket=i, span=13, want=1, limit=10**9)
         times.append((time.perf_counter() - started) * 1000)
     return {"p50_ms": round(pct(times, 0.5), 3), "p99_ms": round(pct(times, 0.99), 3)}
 
@@ -254,7 +312,12 @@ def main() -> None:
     parser.add_argument("--flood-rpm", type=int, default=300)
     parser.add_argument("--slowloris", type=int, default=40)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--attack", nargs=2, metavar=("URL", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.attack:  # the attackers' process (see hostile_phase)
+        url, key = args.attack
+        print(json.dumps(asyncio.run(attack(url, int(url.rsplit(":", 1)[1]), key, args))), flush=True)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="loraflow-hostile-"))
     base, env, _ = tiny_registry(root, ["support"])
@@ -276,6 +339,7 @@ def main() -> None:
         send_timeout_s=5,
     )
     try:
+        cost = lease_cost(registry)
         wait_up(gateway, "/ready", 120)
         url, port = gateway.url, int(gateway.url.rsplit(":", 1)[1])
         phases: dict[str, dict[str, Any]] = {
@@ -283,12 +347,17 @@ def main() -> None:
             "hostile": {"latencies": [], "errors": {}},
         }
         attackers: dict[str, int] = {}
+        pids = {"gateway": gateway.popen.pid, "engine": engine.popen.pid}
+        cpu_s: dict[str, dict[str, float]] = {"baseline": {}, "hostile": {}}
         asyncio.run(calm_load(url, calm_key, 2, args.calm_concurrency))  # warm up
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}: baseline", flush=True)
-            base_run = asyncio.run(calm_load(url, calm_key, args.seconds, args.calm_concurrency))
+            base_run, base_cpu = baseline_phase(url, calm_key, args, pids)
             print(f"round {r + 1}/{args.rounds}: hostile", flush=True)
-            hostile_run, outcomes = asyncio.run(hostile_phase(url, port, calm_key, flood_key, args))
+            hostile_run, outcomes, hostile_cpu = hostile_phase(url, port, calm_key, flood_key, args, pids)
+            for name, spent in (("baseline", base_cpu), ("hostile", hostile_cpu)):
+                for who, seconds in spent.items():
+                    cpu_s[name][who] = cpu_s[name].get(who, 0.0) + seconds
             for name, run in (("baseline", base_run), ("hostile", hostile_run)):
                 phases[name]["latencies"] += run["latencies"]
                 for status, count in run["errors"].items():
@@ -308,7 +377,6 @@ def main() -> None:
                 "mean_ms": round(statistics.fmean(ms), 2),
             }
         calm["p99_ratio"] = round(calm["hostile"]["p99_ms"] / calm["baseline"]["p99_ms"], 2)
-        cost = lease_cost(registry)
         slice_size = max(1, -(-args.flood_rpm * Settings().server.rate_lease_share // 1))
         result = {
             "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
@@ -317,6 +385,9 @@ def main() -> None:
             "met": calm["hostile"]["errors"] == 0 and calm["p99_ratio"] <= TARGET_P99_RATIO,
             "calm": calm,
             "attackers": attackers,
+            # CPU seconds per phase (all rounds) of each process, on this machine's shared cores:
+            # what the attackers' own client-side work takes from the gateway's host.
+            "cpu_s": {p: {w: round(v, 1) for w, v in c.items()} for p, c in cpu_s.items()},
             "limits_mechanism": {
                 "what": "leases of budget slices from the registry database (compare-and-swap row update)",
                 "lease_ms_sqlite": cost,

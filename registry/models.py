@@ -329,10 +329,11 @@ class DriftReport(SQLModel, table=True):
 
 
 class RateLease(SQLModel, table=True):
-    """How much of an API key's per-minute budget the gateways have taken, per window (the
-    minute since the epoch) and kind (``requests``, ``tokens``); for ``slots``, window 0 holds
-    the concurrent requests leased now. Gateways take slices of it (server/ratelimit.py), never
-    a row write per request. Not part of the registry's revision: leasing moves no routing."""
+    """How much of an API key's per-minute budget the gateways have taken, per time bucket
+    (``window``: 5-second buckets since the epoch) and kind (``requests``, ``tokens``); for
+    ``slots``, window 0 holds the concurrent requests leased now. Gateways take slices of it
+    (server/ratelimit.py), never a row write per request. Not part of the registry's revision:
+    leasing moves no routing."""
 
     __tablename__ = "rate_lease"
 

@@ -360,13 +360,13 @@ class Registry:
         )
 
     # -- rate-limit leases (server/ratelimit.py) ------------------------------------------
-    def lease_budget(
-        self, *, key: str, kind: str, window: int, want: int, limit: int, previous_weight: float
-    ) -> Lease:
-        """Take a slice of an API key's per-minute budget (see :class:`LeaseStore`)."""
-        return self._leases.lease_budget(
-            key=key, kind=kind, window=window, want=want, limit=limit, previous_weight=previous_weight
-        )
+    def lease_budget(self, *, key: str, kind: str, bucket: int, span: int, want: int, limit: int) -> Lease:
+        """Take a slice of an API key's budget over a sliding window (see :class:`LeaseStore`)."""
+        return self._leases.lease_budget(key=key, kind=kind, bucket=bucket, span=span, want=want, limit=limit)
+
+    def return_budget(self, *, key: str, kind: str, bucket: int, amount: int) -> None:
+        """Give back what a lease into ``bucket`` did not spend there."""
+        self._leases.return_budget(key=key, kind=kind, bucket=bucket, amount=amount)
 
     def lease_slots(self, *, key: str, holder: str, slots: int, limit: int, ttl_s: float) -> int:
         """Hold ``slots`` of an API key's concurrent requests, as the limit allows."""

@@ -778,11 +778,10 @@ class MetadataStore:
 
 @dataclass(frozen=True)
 class Lease:
-    """What :meth:`MetadataStore.lease_budget` granted, and the window's totals it saw."""
+    """What :meth:`LeaseStore.lease_budget` granted, and what the sliding window holds with it."""
 
     granted: int
-    total: int  # granted in this window, this lease included
-    previous: int  # granted in the window before
+    total: int  # granted in the buckets of the window, this lease included
 
 
 # A lease that loses a race with another gateway's tries again this many times, then grants 0.
@@ -791,8 +790,8 @@ _LEASE_TRIES = 5
 
 class LeaseStore:
     """Budget slices of API keys' limits (server/ratelimit.py): compare-and-swap updates of one
-    row per key, kind and window, so that concurrent gateways never grant more than the limit,
-    on SQLite and PostgreSQL alike. Outside the registry's revision: leasing moves no routing."""
+    row per key, kind and time bucket, so that concurrent gateways never grant more than the
+    limit, on SQLite and PostgreSQL alike. Outside the registry's revision: leasing moves no routing."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -812,43 +811,48 @@ class LeaseStore:
                 session.rollback()
                 raise
 
-    def lease_budget(
-        self, *, key: str, kind: str, window: int, want: int, limit: int, previous_weight: float
-    ) -> Lease:
-        """Take up to ``want`` of ``key``'s per-minute budget of ``kind`` in ``window``: what
-        ``limit`` leaves after what was granted in it and ``previous_weight`` of the window
-        before (a sliding minute). Grants 0 when nothing is left."""
-        lease = Lease(0, 0, 0)
+    def lease_budget(self, *, key: str, kind: str, bucket: int, span: int, want: int, limit: int) -> Lease:
+        """Take up to ``want`` of ``key``'s budget of ``kind`` into ``bucket``: what ``limit``
+        leaves after what was granted in the ``span`` buckets ending with it (a sliding window,
+        counted whole: never more than ``limit`` in any window). Grants 0 when nothing is left."""
+        lease = Lease(0, 0)
         for _ in range(_LEASE_TRIES):
             with self._tx() as s:
                 rows = s.exec(
                     select(RateLease).where(
                         RateLease.key_name == key,
                         RateLease.kind == kind,
-                        col(RateLease.window).in_([window - 1, window]),
+                        col(RateLease.window) > bucket - span,
+                        col(RateLease.window) <= bucket,
                     )
                 ).all()
-                by_window = {r.window: r.granted for r in rows}
-                previous, seen = by_window.get(window - 1, 0), by_window.get(window)
-                room = limit - int(previous * previous_weight + 0.999999) - (seen or 0)
-                grant = max(0, min(want, room))
-                lease = Lease(0, seen or 0, previous)
+                seen = next((r.granted for r in rows if r.window == bucket), None)
+                used = sum(r.granted for r in rows)
+                grant = max(0, min(want, limit - used))
+                lease = Lease(0, used)
                 if grant == 0:
                     return lease
                 if seen is None:
-                    s.add(RateLease(key_name=key, kind=kind, window=window, granted=grant))
+                    s.add(RateLease(key_name=key, kind=kind, window=bucket, granted=grant))
                     try:
                         s.flush()
                     except SAIntegrityError:
-                        s.rollback()  # another gateway opened the window first: read it again
+                        s.rollback()  # another gateway opened the bucket first: read it again
                         continue
+                    s.execute(  # buckets that left the window
+                        delete(RateLease).where(
+                            col(RateLease.key_name) == key,
+                            col(RateLease.kind) == kind,
+                            col(RateLease.window) <= bucket - span,
+                        )
+                    )
                 else:
                     moved = s.execute(
                         update(RateLease)
                         .where(
                             col(RateLease.key_name) == key,
                             col(RateLease.kind) == kind,
-                            col(RateLease.window) == window,
+                            col(RateLease.window) == bucket,
                             col(RateLease.granted) == seen,
                         )
                         .values(granted=seen + grant)
@@ -856,15 +860,22 @@ class LeaseStore:
                     if moved.rowcount != 1:  # type: ignore[attr-defined]
                         s.rollback()
                         continue
-                    s.execute(
-                        delete(RateLease).where(
-                            col(RateLease.key_name) == key,
-                            col(RateLease.kind) == kind,
-                            col(RateLease.window) < window - 1,
-                        )
-                    )
-                return Lease(grant, (seen or 0) + grant, previous)
+                return Lease(grant, used + grant)
         return lease
+
+    def return_budget(self, *, key: str, kind: str, bucket: int, amount: int) -> None:
+        """Give back ``amount`` of a lease into ``bucket`` that was not spent in it."""
+        with self._tx() as s:
+            s.execute(
+                update(RateLease)
+                .where(
+                    col(RateLease.key_name) == key,
+                    col(RateLease.kind) == kind,
+                    col(RateLease.window) == bucket,
+                    col(RateLease.granted) >= amount,
+                )
+                .values(granted=col(RateLease.granted) - amount)
+            )
 
     def lease_slots(self, *, key: str, holder: str, slots: int, limit: int, ttl_s: float) -> int:
         """Make ``holder`` hold ``slots`` of ``key``'s concurrent requests, or as many as

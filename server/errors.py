@@ -95,6 +95,12 @@ def client_closed(request: Request) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
+# Answered before the body was read whole (or at all): the client may still be sending it, so
+# the connection is closed rather than its bytes read and thrown away (a 30 MiB body with no
+# key costs the gateway nothing past its headers).
+_BODY_LEFT_UNREAD = frozenset({ErrorCode.UNAUTHENTICATED, ErrorCode.TOO_LARGE, ErrorCode.TIMEOUT})
+
+
 def from_exception(exc: LoraflowError, *, retry_after_s: int = 5) -> JSONResponse:
     if isinstance(exc, EngineRequestError):
         return error_response(exc.status, exc.message, param=exc.param, code=str(exc.status))
@@ -102,8 +108,10 @@ def from_exception(exc: LoraflowError, *, retry_after_s: int = 5) -> JSONRespons
     code = "model_not_found" if exc.code == ErrorCode.NOT_FOUND and exc.param == "model" else exc.code.value
     if isinstance(exc, RateLimitedError):  # it knows when the key's budget frees up
         retry_after_s = max(1, math.ceil(exc.retry_after_s))
-    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
-    return error_response(status, exc.message, param=exc.param, code=code, headers=headers)
+    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else {}
+    if exc.code in _BODY_LEFT_UNREAD:
+        headers["Connection"] = "close"  # the rest of the body is not read: the connection goes
+    return error_response(status, exc.message, param=exc.param, code=code, headers=headers or None)
 
 
 def install(app: FastAPI, *, retry_after_s: int) -> None:

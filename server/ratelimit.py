@@ -7,12 +7,14 @@ mechanism is **leases of budget slices from the registry's database** (``rate_le
 ``slot_lease``; :class:`~loraflow.registry.store.LeaseStore`):
 
 * per minute: a gateway takes a slice (``server.rate_lease_share`` of the limit, 5%) of the
-  key's budget for the current window with one compare-and-swap update, and admits requests
-  from its slice in memory until it is spent; then it leases again. The database never grants
-  more than the limit less what the previous minute's grants weigh at this point of the
-  window (a sliding minute), so the sum over gateways stays within it. What a gateway leased
-  and did not use is lost to the others until the window moves on: near the limit, up to one
-  slice per gateway goes unused.
+  key's budget with one compare-and-swap update, and admits requests from its slice in memory
+  until it is spent; then it leases again. Grants are kept in 5-second buckets; a slice is
+  spent only in the bucket it was granted into, and what is left of it is given back when
+  the next one is leased. The database grants only what the limit leaves after the 13
+  buckets that cover the last minute (counted whole), so no 60 s ever holds more than the
+  limit, summed over gateways; the cost is that an admission counts for 60 to 65 s. A slice
+  a gateway holds and has not spent is lost to the others until it is given back: near the
+  limit, up to one slice per gateway.
 * tokens are charged at admission by an estimate (the body's bytes / 4 plus ``max_tokens``,
   or 256 without one) and corrected by the engine's usage when the answer is over.
 * in flight: a gateway leases slots of the key's concurrency, keeps a slot it no longer uses
@@ -48,6 +50,8 @@ from loraflow.registry.settings import ServerSettings
 log = logging.getLogger("loraflow.gateway")
 
 WINDOW_S = 60.0
+BUCKET_S = 5.0
+SPAN = int(WINDOW_S // BUCKET_S) + 1  # buckets that cover any 60 s: 13
 # A body's bytes per token, about, for the estimate charged before the engine counts.
 BYTES_PER_TOKEN = 4
 DEFAULT_COMPLETION_ESTIMATE = 256
@@ -64,10 +68,9 @@ Kind = Literal["requests", "tokens"]
 class _Budget:
     """What this gateway holds of one key's budget of one kind, in one window."""
 
-    window: int = -1
+    bucket: int = -1  # of the last lease: what was left then is spent in this bucket's window
     left: int = 0  # leased and not yet spent here (negative: tokens used past the estimate)
     total: int = 0  # granted in the window by every gateway, as of this gateway's last lease
-    previous: int = 0  # granted in the window before
     exhausted_until: float = 0.0  # the database had nothing left: refuse here until then
 
 
@@ -84,7 +87,6 @@ class Admission:
     """A request let in: what it was charged, to settle when its usage is known."""
 
     key: str
-    window: int
     tokens_charged: int
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -130,8 +132,7 @@ class KeyLimiter:
         """Charge one request and ``tokens`` to ``key``, or :class:`RateLimitedError` (429)."""
         rpm, tpm, _ = self.limits(key)
         now = self.clock()
-        window = int(now // WINDOW_S)
-        admission = Admission(key.name, window, tokens if tpm else 0)
+        admission = Admission(key.name, tokens if tpm else 0)
         async with self._locks[key.name]:
             checks: tuple[tuple[Kind, int | None, int], ...] = (("requests", rpm, 1), ("tokens", tpm, tokens))
             for kind, limit, cost in checks:
@@ -141,10 +142,9 @@ class KeyLimiter:
                 if budget is None:
                     if kind == "tokens" and rpm is not None:
                         self.budgets[(key.name, "requests")].left += 1  # not admitted: give it back
-                    wait = WINDOW_S - now % WINDOW_S
-                    per = "requests" if kind == "requests" else "tokens"
+                    wait = BUCKET_S - now % BUCKET_S  # when the oldest bucket leaves the window
                     raise RateLimitedError(
-                        f"this API key is past its limit of {limit} {per} per minute; "
+                        f"this API key is past its limit of {limit} {kind} per minute; "
                         f"retry in {math.ceil(wait)} s",
                         retry_after_s=wait,
                     )
@@ -156,33 +156,35 @@ class KeyLimiter:
         if not admission.tokens_charged or used_tokens is None:
             return
         budget = self.budgets[(admission.key, "tokens")]
-        if budget.window == admission.window:
-            budget.left -= used_tokens - admission.tokens_charged  # may go negative: leased next time
+        budget.left -= used_tokens - admission.tokens_charged  # may go negative: leased next time
 
     async def _charge(self, key: str, kind: Kind, limit: int, cost: int, now: float) -> _Budget | None:
         budget = self.budgets[(key, kind)]
-        window = int(now // WINDOW_S)
-        if budget.window != window:
-            budget.window, budget.left, budget.total, budget.exhausted_until = window, 0, 0, 0.0
+        bucket = int(now // BUCKET_S)
+        if budget.bucket != bucket and budget.left > 0:
+            # A slice is spent in the bucket it was granted into: give back what is left of it.
+            left, budget.left = budget.left, 0
+            await self._lease(
+                self.registry.return_budget, key=key, kind=kind, bucket=budget.bucket, amount=left
+            )
         if budget.left < cost and now < budget.exhausted_until:
             return None  # a flood past the limit is refused from memory, not a query each
         if budget.left < cost:
             slice_ = max(1, math.ceil(limit * self.settings.rate_lease_share))
             want = max(cost - budget.left, slice_)
-            weight = 1.0 - (now % WINDOW_S) / WINDOW_S
             lease = await self._lease(
                 self.registry.lease_budget,
                 key=key,
                 kind=kind,
-                window=window,
+                bucket=bucket,
+                span=SPAN,
                 want=want,
                 limit=limit,
-                previous_weight=weight,
             )
             if lease is None:  # the registry is down: admit
                 return budget
             budget.left += lease.granted
-            budget.total, budget.previous = lease.total, lease.previous
+            budget.total, budget.bucket = lease.total, bucket
             if budget.left < cost:
                 budget.exhausted_until = now + EXHAUSTED_RECHECK_S
                 return None
@@ -190,10 +192,8 @@ class KeyLimiter:
         return budget
 
     def _headers(self, kind: Kind, limit: int, budget: _Budget, now: float) -> dict[str, str]:
-        weight = 1.0 - (now % WINDOW_S) / WINDOW_S
-        elsewhere = math.ceil(budget.previous * weight) + budget.total
-        remaining = max(0, limit - elsewhere) + max(0, budget.left)
-        reset = WINDOW_S - now % WINDOW_S
+        remaining = max(0, limit - budget.total) + max(0, budget.left)
+        reset = BUCKET_S - now % BUCKET_S
         return {
             f"x-ratelimit-limit-{kind}": str(limit),
             f"x-ratelimit-remaining-{kind}": str(min(limit, remaining)),

@@ -34,7 +34,7 @@ def test_gateways_leasing_at_once_never_get_more_than_the_limit(
         try:
             while True:
                 lease = own.lease_budget(
-                    key="tenant", kind="requests", window=100, want=7, limit=250, previous_weight=0.0
+                    key="tenant", kind="requests", bucket=100, span=13, want=7, limit=250
                 )
                 if lease.granted == 0:
                     return
@@ -50,31 +50,22 @@ def test_gateways_leasing_at_once_never_get_more_than_the_limit(
         t.join(60)
     assert sum(granted) == 250  # all of it, and not one more
     assert (
-        reg.lease_budget(
-            key="tenant", kind="requests", window=100, want=1, limit=250, previous_weight=0
-        ).granted
-        == 0
+        reg.lease_budget(key="tenant", kind="requests", bucket=100, span=13, want=1, limit=250).granted == 0
     )
-    assert (
-        reg.lease_budget(
-            key="other", kind="requests", window=100, want=1, limit=250, previous_weight=0
-        ).granted
-        == 1
-    )
+    assert reg.lease_budget(key="other", kind="requests", bucket=100, span=13, want=1, limit=250).granted == 1
 
 
-def test_the_previous_minute_weighs_by_how_much_of_it_the_sliding_window_still_covers(reg: Registry) -> None:
-    assert (
-        reg.lease_budget(key="k", kind="tokens", window=7, want=1000, limit=1000, previous_weight=0).granted
-        == 1000
-    )
-    # 15 s into the next window, 75% of the last one is still inside the sliding minute
-    lease = reg.lease_budget(key="k", kind="tokens", window=8, want=1000, limit=1000, previous_weight=0.75)
-    assert (lease.granted, lease.previous) == (250, 1000)
-    assert (
-        reg.lease_budget(key="k", kind="tokens", window=8, want=1, limit=1000, previous_weight=0.75).granted
-        == 0
-    )
+def test_a_grant_counts_until_its_bucket_leaves_the_window_and_what_is_given_back_counts_no_more(
+    reg: Registry,
+) -> None:
+    def lease(bucket: int, want: int) -> int:
+        return reg.lease_budget(key="k", kind="tokens", bucket=bucket, span=13, want=want, limit=1000).granted
+
+    assert lease(7, 600) == 600
+    assert lease(19, 1000) == 400  # bucket 7 is still inside the 13 buckets ending with 19
+    reg.return_budget(key="k", kind="tokens", bucket=7, amount=100)  # 100 of them were not spent
+    assert lease(19, 1000) == 100
+    assert lease(20, 1000) == 500  # bucket 7 has left the window
 
 
 def test_slots_are_shared_given_back_and_reclaimed_from_a_holder_that_stopped_renewing(reg: Registry) -> None:

@@ -146,3 +146,22 @@ def test_a_stream_whose_client_stops_reading_is_cut_off_and_frees_its_slot(gatew
             timeout=10,
         )
         assert ok.status_code == 200  # the one slot is free again
+
+
+def test_an_oversized_body_or_one_without_a_key_is_answered_and_its_connection_closed(
+    gateway_setup: Setup,
+) -> None:
+    engine = FakeVLLM("http://replica-0", str(gateway_setup.base))
+    with _served(gateway_setup, engine, auth=True) as (_, port, _app):
+        for head in (
+            "Content-Length: 31457280\r\n",  # 30 MiB, past max_body_bytes: 413 from the header
+            "Transfer-Encoding: chunked\r\n",  # no key: 401 before a byte of the body is read
+        ):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\n{head}\r\n".encode())
+                closed, answer = _closed_within(sock, 3, drip=b"x" * 65536)
+                assert answer.split(b"\r\n", 1)[0] in (
+                    b"HTTP/1.1 413 Request Entity Too Large",
+                    b"HTTP/1.1 401 Unauthorized",
+                )
+                assert b"connection: close" in answer.lower() and closed  # not read and thrown away
