@@ -83,6 +83,24 @@ def busy(error: BaseException | None) -> bool:
     return getattr(error, "sqlstate", None) in POSTGRES_BUSY_STATES
 
 
+@contextmanager
+def _transaction(engine: Engine) -> Iterator[Session]:
+    """A session committed at the end and rolled back on any error. A write that lost to a
+    concurrent one is a :class:`ConflictError`, told by the driver's error code (:func:`busy`)."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except OperationalError as exc:
+            session.rollback()
+            if busy(exc.orig):
+                raise ConflictError("the registry is busy with another change; try again") from exc
+            raise
+        except BaseException:
+            session.rollback()
+            raise
+
+
 @dataclass
 class _Tx:
     session: Session
@@ -143,25 +161,15 @@ class MetadataStore:
 
     @contextmanager
     def _write(self, actor: str) -> Iterator[_Tx]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            try:
+        try:
+            with _transaction(self.engine) as session:
                 session.execute(update(RegistryState).values(revision=col(RegistryState.revision) + 1))
                 revision = session.exec(select(RegistryState.revision)).one()
                 yield _Tx(session=session, revision=revision, actor=actor)
-                session.commit()
-            except SAIntegrityError as exc:
-                session.rollback()
-                raise ConflictError(
-                    f"a concurrent change conflicted with this one; nothing was changed ({exc.orig})"
-                ) from exc
-            except OperationalError as exc:
-                session.rollback()
-                if busy(exc.orig):
-                    raise ConflictError("the registry is busy with another change; try again") from exc
-                raise
-            except BaseException:
-                session.rollback()
-                raise
+        except SAIntegrityError as exc:
+            raise ConflictError(
+                f"a concurrent change conflicted with this one; nothing was changed ({exc.orig})"
+            ) from exc
 
     def revision(self) -> int:
         with self._read() as s:
@@ -796,28 +804,13 @@ class LeaseStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            try:
-                yield session
-                session.commit()
-            except OperationalError as exc:
-                session.rollback()
-                if busy(exc.orig):
-                    raise ConflictError("the registry is busy; try again") from exc
-                raise
-            except BaseException:
-                session.rollback()
-                raise
-
     def lease_budget(self, *, key: str, kind: str, bucket: int, span: int, want: int, limit: int) -> Lease:
         """Take up to ``want`` of ``key``'s budget of ``kind`` into ``bucket``: what ``limit``
         leaves after what was granted in the ``span`` buckets ending with it (a sliding window,
         counted whole: never more than ``limit`` in any window). Grants 0 when nothing is left."""
         lease = Lease(0, 0)
         for _ in range(_LEASE_TRIES):
-            with self._tx() as s:
+            with _transaction(self.engine) as s:
                 rows = s.exec(
                     select(RateLease).where(
                         RateLease.key_name == key,
@@ -865,7 +858,7 @@ class LeaseStore:
 
     def return_budget(self, *, key: str, kind: str, bucket: int, amount: int) -> None:
         """Give back ``amount`` of a lease into ``bucket`` that was not spent in it."""
-        with self._tx() as s:
+        with _transaction(self.engine) as s:
             s.execute(
                 update(RateLease)
                 .where(
@@ -882,7 +875,7 @@ class LeaseStore:
         ``limit`` leaves beside the other holders' leases (expired ones are reclaimed first).
         ``slots`` below what it holds gives the rest back. Returns what it holds now."""
         for _ in range(_LEASE_TRIES):
-            with self._tx() as s:
+            with _transaction(self.engine) as s:
                 now = utcnow()
                 total_row = s.get(RateLease, (key, "slots", 0))
                 seen = total_row.granted if total_row is not None else None
@@ -927,7 +920,7 @@ class LeaseStore:
 
     def renew_slots(self, *, holder: str, ttl_s: float) -> None:
         """Keep ``holder``'s leases alive for ``ttl_s`` more (a gateway that dies stops renewing)."""
-        with self._tx() as s:
+        with _transaction(self.engine) as s:
             s.execute(
                 update(SlotLease)
                 .where(col(SlotLease.holder) == holder)

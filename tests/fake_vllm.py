@@ -11,6 +11,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ from fastapi.testclient import TestClient
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import ServerSettings, Settings, TrafficSettings
 from loraflow.server.app import create_app
+from loraflow.server.embedded import serve_in_thread
 from loraflow.server.engine.cache import engine_name_of, parse_engine_name
+from loraflow.server.engine.supervisor import free_port
 from loraflow.server.engine.vllm_http import VLLMHttpEngine
 from tests.factories import FORCED, make_adapter
 
@@ -215,3 +218,34 @@ def home_order(client: TestClient, s: Setup, adapter: str, version: int) -> list
     name = engine_name_of(s.registry.get_version(adapter, version))
     urls = [r.url for r in client.app.state.gateway.replicas.home(name)]  # type: ignore[attr-defined]
     return sorted(s.engines, key=lambda e: urls.index(e.url) if e.url in urls else len(urls))
+
+
+@dataclass
+class Served:
+    """A gateway behind a real uvicorn server (sockets, its deadlines), over one fake engine."""
+
+    url: str
+    port: int
+    app: Any
+
+
+@contextmanager
+def served(s: Setup, engine: FakeVLLM, **server: Any) -> Iterator[Served]:
+    """The gateway of ``s`` over ``engine`` on a real uvicorn server (for what TestClient cannot
+    show: connections, partial requests, clients that stop reading), with no traffic writer."""
+    settings = s.settings.model_copy(
+        update={
+            "server": ServerSettings(poll_interval_s=0.05, **server),
+            "traffic": TrafficSettings(sample_rate=0.0),  # no writer: nothing to wait for
+        }
+    )
+    app = create_app(
+        settings,
+        registry=s.registry,
+        engines=[VLLMHttpEngine(engine.url, transport=engine.transport())],
+        base_model=str(s.base),
+        base_model_id=BASE_ID,
+    )
+    port = free_port()
+    with serve_in_thread(app, port, timeout_s=60) as url:
+        yield Served(url, port, app)

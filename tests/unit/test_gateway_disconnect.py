@@ -7,16 +7,11 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from loraflow.registry.settings import ServerSettings, TrafficSettings
-from loraflow.server.app import create_app
-from loraflow.server.embedded import serve_in_thread
-from loraflow.server.engine.vllm_http import VLLMHttpEngine
-from tests.fake_vllm import BASE_ID, FakeVLLM, Setup, wait
+from tests.fake_vllm import FakeVLLM, Served, Setup, served, wait
 from tests.fake_vllm import gateway_setup as gateway_setup
 
 pytestmark = pytest.mark.unit
@@ -24,38 +19,10 @@ pytestmark = pytest.mark.unit
 PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/feedback")
 
 
-@dataclass
-class Served:
-    url: str
-    port: int
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def served(gateway_setup: Setup) -> Iterator[Served]:
-    s = gateway_setup
-    engine = FakeVLLM("http://replica-0", str(s.base))
-    settings = s.settings.model_copy(
-        update={
-            "server": ServerSettings(poll_interval_s=0.05),
-            "traffic": TrafficSettings(sample_rate=0.0),  # no writer: nothing to wait for
-        }
-    )
-    app = create_app(
-        settings,
-        registry=s.registry,
-        engines=[VLLMHttpEngine(engine.url, transport=engine.transport())],
-        base_model=str(s.base),
-        base_model_id=BASE_ID,
-    )
-    port = _free_port()
-    with serve_in_thread(app, port, timeout_s=60) as url:
-        yield Served(url, port)
+@pytest.fixture(name="served")
+def served_gateway(gateway_setup: Setup) -> Iterator[Served]:
+    with served(gateway_setup, FakeVLLM("http://replica-0", str(gateway_setup.base))) as gateway:
+        yield gateway
 
 
 def _leave_mid_body(port: int, path: str) -> None:

@@ -14,11 +14,7 @@ import httpx
 import pytest
 
 from loraflow.registry.keys import create_key
-from loraflow.registry.settings import ServerSettings, TrafficSettings
-from loraflow.server.app import create_app
-from loraflow.server.embedded import serve_in_thread
-from loraflow.server.engine.vllm_http import VLLMHttpEngine
-from tests.fake_vllm import BASE_ID, FakeVLLM, Setup, wait
+from tests.fake_vllm import FakeVLLM, Setup, served, wait
 from tests.fake_vllm import gateway_setup as gateway_setup
 
 pytestmark = pytest.mark.unit
@@ -26,36 +22,11 @@ pytestmark = pytest.mark.unit
 DEADLINE_S = 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _served(s: Setup, engine: FakeVLLM, **server: Any) -> Iterator[tuple[str, int, Any]]:
-    settings = s.settings.model_copy(
-        update={
-            "server": ServerSettings(
-                poll_interval_s=0.05,
-                header_timeout_s=DEADLINE_S,
-                body_timeout_s=DEADLINE_S,
-                send_timeout_s=DEADLINE_S,
-                **server,
-            ),
-            "traffic": TrafficSettings(sample_rate=0.0),
-        }
-    )
-    app = create_app(
-        settings,
-        registry=s.registry,
-        engines=[VLLMHttpEngine(engine.url, transport=engine.transport())],
-        base_model=str(s.base),
-        base_model_id=BASE_ID,
-    )
-    port = _free_port()
-    with serve_in_thread(app, port, timeout_s=60) as url:
-        yield url, port, app
+    deadlines = {"header_timeout_s": DEADLINE_S, "body_timeout_s": DEADLINE_S, "send_timeout_s": DEADLINE_S}
+    with served(s, engine, **deadlines, **server) as gateway:
+        yield gateway.url, gateway.port, gateway.app
 
 
 def _closed_within(sock: socket.socket, seconds: float, *, drip: bytes = b"") -> tuple[bool, bytes]:
