@@ -149,8 +149,10 @@ def create_app(
         else None
     )
     live = LiveDrift(settings.drift)
-    metrics = GatewayMetrics(routes, supervised, recorder=recorder, live=live, shared=shared_metrics)
     limiter = KeyLimiter(server, registry) if server.auth else None  # limits belong to keys
+    metrics = GatewayMetrics(
+        routes, supervised, recorder=recorder, live=live, shared=shared_metrics, limiter=limiter
+    )
     gateway = Gateway(
         server,
         routes,

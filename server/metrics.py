@@ -14,7 +14,7 @@ scrape-time collectors see (:class:`loraflow.server.shared_metrics.SharedMetrics
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,9 +22,10 @@ from prometheus_client.registry import Collector
 
 from loraflow.registry.refs import parse_ref
 from loraflow.server.engine.supervisor import EngineProcess
+from loraflow.server.ratelimit import KeyLimiter
 from loraflow.server.routing import RoutingTable
 from loraflow.server.traffic.live import DriftCollector, LiveDrift
-from loraflow.server.traffic.recorder import TrafficRecorder
+from loraflow.server.traffic.recorder import DropReason, TrafficRecorder
 
 if TYPE_CHECKING:
     from loraflow.server.shared_metrics import SharedMetrics
@@ -149,14 +150,15 @@ class TrafficCollector(Collector):
             written.add_metric([kind], float(stats.written[kind]))
         dropped = CounterMetricFamily(
             "loraflow_traffic_records_dropped",
-            "Records not written: queue_full (the sink is slower than traffic; the request did not "
-            "wait), write_failed (redaction or the sink failed, after retries), writer_down (the "
+            "Records not written: queue_full (the sink is slower than traffic, or the queue is at "
+            "queue_max_bytes; the request did not wait), too_large (past record_max_bytes), "
+            "write_failed (redaction or the sink failed, after retries), writer_down (the "
             "writer process had died; it is restarted), rescue_overflow (an unsampled record pushed "
             "out of the rescue buffer).",
             labels=["reason"],
         )
         drops = recorder.dropped
-        for reason in ("queue_full", "write_failed", "writer_down", "rescue_overflow"):
+        for reason in get_args(DropReason):
             dropped.add_metric([reason], float(drops[reason]))
         rescued = CounterMetricFamily(
             "loraflow_traffic_records_rescued", "Unsampled requests kept because feedback arrived."
@@ -181,6 +183,22 @@ class TrafficCollector(Collector):
         yield from (written, dropped, rescued, backlog, parked, pii, cpu)
 
 
+class LimiterCollector(Collector):
+    """What the per-key limits cost: the registry transactions their leases took."""
+
+    def __init__(self, limiter: KeyLimiter) -> None:
+        self.limiter = limiter
+
+    def collect(self) -> Iterator[Metric]:
+        leases = CounterMetricFamily(
+            "loraflow_ratelimit_leases",
+            "Registry transactions the per-key limits made (leasing, giving back and renewing budget "
+            "slices and slots): one per slice, never one per request.",
+        )
+        leases.add_metric([], float(self.limiter.leases))
+        yield leases
+
+
 class GatewayMetrics:
     def __init__(
         self,
@@ -190,6 +208,7 @@ class GatewayMetrics:
         recorder: TrafficRecorder | None = None,
         live: LiveDrift | None = None,
         shared: SharedMetrics | None = None,
+        limiter: KeyLimiter | None = None,
     ) -> None:
         self.registry = CollectorRegistry()  # everything, as one process exports it
         self.state = CollectorRegistry()  # the scrape-time collectors alone
@@ -199,6 +218,8 @@ class GatewayMetrics:
             collectors.append(SupervisorCollector(supervised))
         if recorder is not None:
             collectors.append(TrafficCollector(recorder))
+        if limiter is not None:
+            collectors.append(LimiterCollector(limiter))
         if live is not None:
             collectors.append(
                 DriftCollector(live, lambda: routes.snapshot.profiles, lambda: routes.snapshot.drift)

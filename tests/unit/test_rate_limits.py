@@ -59,6 +59,12 @@ def test_a_key_past_its_requests_per_minute_gets_429s_across_gateways_and_others
         assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
         assert 1 <= int(refused[0].headers["retry-after"]) <= 60
         assert all(_chat(a, calm).status_code == 200 for _ in range(15))  # another key is untouched
+        leases = next(
+            float(line.split()[-1])
+            for line in a.get("/metrics").text.splitlines()
+            if line.startswith("loraflow_ratelimit_leases_total")
+        )
+        assert 1 <= leases <= 12  # slices of 1 (5% of 10), and a flood refused from memory
 
 
 def test_tokens_per_minute_charge_an_estimate_and_settle_to_the_usage(gateway_setup: Setup) -> None:
