@@ -249,18 +249,17 @@ class Gateway:
             key = call.key = (
                 authenticate(request.headers.get("authorization"), snapshot) if self.settings.auth else None
             )
-            body = call.body = await self._body(
-                request, fields, call
-            )  # after the key: no key, 401, whatever the body
+            # After the key: no key, 401, whatever the body.
+            body = call.body = await self._body(request, fields, call)
             if key is not None:  # before resolving: an unknown name and a forbidden one look alike
                 authorize_model(key, body["model"], self.routes.base_names)
             target = self.routes.resolve(body["model"])
             labels = (target.adapter or "-", f"v{target.version}" if target.version else "-")
-            call.target = target  # authorized: from here on, the request is recorded
             if key is not None and self.limiter is not None:
                 call.admission = await self.limiter.admit(
                     key, self.limiter.estimate_tokens(body, call.body_bytes)
                 )
+            call.target = target  # authorized and within its limits: from here on, it is recorded
             response = await self._serve(body, target, path, labels, started, call)
         except LoraflowError as exc:
             response = from_exception(exc, retry_after_s=self.settings.retry_after_s)
