@@ -107,3 +107,34 @@ def test_requests_in_flight_are_limited_across_gateways_and_given_back(gateway_s
     asyncio.run(scenario())
     one.close()
     two.close()
+
+
+def test_no_minute_admits_more_than_the_limit_and_budget_comes_back_as_the_minute_slides(
+    gateway_setup: Setup,
+) -> None:
+    from loraflow.registry.settings import ServerSettings
+
+    _, info = create_key(gateway_setup.registry, "steady", ["support"], limits={"rpm": 10})
+    now = [6000.0]  # the start of a 5-second bucket
+    limiter = KeyLimiter(ServerSettings(), gateway_setup.registry, clock=lambda: now[0])
+
+    async def admitted(n: int) -> int:
+        ok = 0
+        for _ in range(n):
+            try:
+                await limiter.admit(info, tokens=1)
+                ok += 1
+            except RateLimitedError:
+                pass
+        return ok
+
+    async def scenario() -> None:
+        assert await admitted(15) == 10
+        for later in (5.0, 30.0, 59.9):  # still within the minute of those 10: nothing more
+            now[0] = 6000.0 + later
+            assert await admitted(3) == 0, later
+        now[0] = 6065.0  # their bucket has left every minute that ends now
+        assert await admitted(15) == 10
+
+    asyncio.run(scenario())
+    limiter.close()
