@@ -105,7 +105,7 @@ class KeyLimiter:
         self.holder = uuid4().hex  # this gateway process, in slot_lease
         self.budgets: dict[tuple[str, Kind], _Budget] = defaultdict(_Budget)
         self.slots: dict[str, _Slots] = defaultdict(_Slots)
-        self.leases = 0  # database writes made, for the benchmark and /metrics
+        self.leases = 0  # registry transactions (leases, give-backs, renewals): loraflow_ratelimit_leases
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="loraflow-leases")
         self._warned_at = -math.inf
