@@ -12,11 +12,11 @@ in bytes (``queue_max_bytes``, ``rescue_max_bytes``), and a request larger than
 record, nor crowd out everyone else's with errors.
 
 The writer hands each batch to the :class:`~loraflow.registry.traffic.TrafficStore`, whose
-write takes only records its redactor (Presidio, keyed pseudonyms) has been through; the
-writer runs in a process of its own by default, so nothing unredacted is ever written, and
-redaction never runs in the event loop.
+write takes only records its redactor (Presidio, keyed pseudonyms) has been through (what it
+finds and misses: the README's privacy section); the writer runs in a process of its own by
+default, so redaction never runs in the event loop.
 :meth:`TrafficRecorder.close` (the app's shutdown, after uvicorn has drained the requests)
-writes whatever is queued before it returns.
+writes whatever is queued within ``traffic.close_timeout_s``, and records the rest as lost.
 """
 
 from __future__ import annotations
