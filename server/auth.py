@@ -51,8 +51,7 @@ def authorize_model(key: domain.ApiKeyInfo, model: str, base_names: tuple[str, .
         )
 
 
-def authorize_adapter(key: domain.ApiKeyInfo, adapter: str, missing: LoraflowError) -> None:
-    """For a request about something of ``adapter``'s (feedback): ``missing``, the answer for
-    something that does not exist, unless ``key`` may use the adapter."""
-    if not key.allows(adapter):
-        raise missing
+def may_rate(key: domain.ApiKeyInfo, adapter: str, requested_by: str | None) -> bool:
+    """Whether ``key`` may rate a request to ``adapter`` that the key named ``requested_by``
+    made: its own requests, or any of its adapters' with the ``feedback-any`` scope."""
+    return key.allows(adapter) and (requested_by == key.name or key.has("feedback-any"))

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from loraflow.registry.errors import InvalidArgumentError, NotFoundError, first_error
 from loraflow.registry.refs import version_ref
 from loraflow.registry.settings import ServerSettings
-from loraflow.server.auth import authenticate, authorize_adapter
+from loraflow.server.auth import authenticate, may_rate
 from loraflow.server.body import json_object, read_capped
 from loraflow.server.feedback.protocol import FeedbackRequest, FeedbackResponse
 from loraflow.server.routing import RoutingTable
@@ -62,12 +62,9 @@ class FeedbackService:
                 param="request_id",
             )
         served = await self.recorder.locate(body.request_id)
-        if key is not None:
-            # Only the key that made the request rates it (or one with feedback-any); to any
-            # other key the request does not exist, so ids of other tenants cannot be probed.
-            authorize_adapter(key, served.adapter, unknown_request(body.request_id))
-            if served.key != key.name and not key.has("feedback-any"):
-                raise unknown_request(body.request_id)
+        # To a key that may not rate it, the request does not exist: other tenants' ids cannot be probed.
+        if key is not None and not may_rate(key, served.adapter, served.key):
+            raise unknown_request(body.request_id)
         self.recorder.add_feedback(
             Feedback(
                 request_id=body.request_id,
