@@ -72,8 +72,8 @@ def quiet_libraries() -> Iterator[None]:
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # transformers is untyped here
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         restore += [lambda: hf_logging.set_verbosity(verbosity), hf_logging.enable_progress_bar]
     except ImportError:
         pass
