@@ -9,18 +9,24 @@ from loraflow.registry.refs import parse_ref
 from loraflow.server.routing import Snapshot, model_not_found
 
 
-def authenticate(header: str | None, snapshot: Snapshot) -> domain.ApiKeyInfo:
-    """The key a ``Bearer`` header names; otherwise 401. The header is never echoed: it may be a secret."""
+def bearer_token(header: str | None, what: str = "API key") -> str:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme in any case, as RFC
+    9110 has it); otherwise 401. The header is never echoed: it may be a secret."""
     if not header or not header.strip():
         raise UnauthenticatedError(
-            "missing API key: send 'Authorization: Bearer <key>'", param="authorization"
+            f"missing {what}: send 'Authorization: Bearer <token>'", param="authorization"
         )
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise UnauthenticatedError(
-            "malformed Authorization header: send 'Authorization: Bearer <key>'", param="authorization"
+            "malformed Authorization header: send 'Authorization: Bearer <token>'", param="authorization"
         )
-    key = snapshot.keys.get(hash_key(token.strip()))
+    return token.strip()
+
+
+def authenticate(header: str | None, snapshot: Snapshot) -> domain.ApiKeyInfo:
+    """The key a ``Bearer`` header names; otherwise 401."""
+    key = snapshot.keys.get(hash_key(bearer_token(header)))
     if key is None:
         raise UnauthenticatedError("invalid or revoked API key", param="authorization")
     return key

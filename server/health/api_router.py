@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraflow.registry.errors import UnauthenticatedError
+from loraflow.server.auth import bearer_token
 from loraflow.server.state import gateway
 
 router = APIRouter()
@@ -36,8 +37,8 @@ async def metrics(request: Request) -> Response:
     """
     token = gateway(request).settings.metrics_token
     if token is not None:
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
+        given = bearer_token(request.headers.get("authorization"), "metrics token")
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
             raise UnauthenticatedError("/metrics needs the metrics token (server.metrics_token)")
     return Response(gateway(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 

@@ -285,8 +285,11 @@ def test_metrics_token_keeps_the_replica_detail_private(gateway_setup: Setup) ->
         refused = client.get("/metrics")
         assert refused.status_code == 401 and "replica-0" not in refused.text
         assert client.get("/metrics", headers={"authorization": "Bearer wrong"}).status_code == 401
-        allowed = client.get("/metrics", headers={"authorization": "Bearer scrape-me"})
-        assert allowed.status_code == 200 and 'replica="http://replica-0"' in allowed.text
+        assert client.get("/metrics", headers={"authorization": "Basic scrape-me"}).status_code == 401
+        # The scheme is case-insensitive (RFC 9110), as for API keys; spaces around are not the token.
+        for header in ("Bearer scrape-me", "bearer scrape-me", "BEARER  scrape-me "):
+            allowed = client.get("/metrics", headers={"authorization": header})
+            assert allowed.status_code == 200 and 'replica="http://replica-0"' in allowed.text, header
 
 
 def test_a_load_the_engine_already_finished_counts_as_loaded(gateway_setup: Setup) -> None:
