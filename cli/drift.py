@@ -44,7 +44,8 @@ def drift(
 
     span = parse_duration(window, param="window")
     # The name (and version) first: loading the embedding model takes seconds.
-    app.registry.resolve(parse_ref(model, param="model"))
+    registry = app.existing_registry  # the adapter must be there already: a missing home is named
+    registry.resolve(parse_ref(model, param="model"))
     embedder = None
     if embeddings:
         from loraflow.trainer.embed import Embedder
@@ -52,10 +53,10 @@ def drift(
         embedder = Embedder()
     now = datetime.now(UTC)
     version, report = drift_report(
-        app.registry, app.get_settings().drift, model, window=span, now=now, embedder=embedder
+        registry, app.get_settings().drift, model, window=span, now=now, embedder=embedder
     )
     if store:
-        stored = app.registry.record_drift(
+        stored = registry.record_drift(
             version.adapter, version.version, window_start=now - span, window_end=now, report=report
         )
         report["id"] = stored.id

@@ -70,7 +70,7 @@ def build_dataset(
     app_state = state(ctx)
     settings = app_state.get_settings()
     span, end = _window(since, until, settings.flywheel.since)
-    built = build(app_state.registry, settings, name, since=span, until=end)
+    built = build(app_state.existing_registry, settings, name, since=span, until=end)
     if as_json:
         print_json({"dataset": built.dataset.ref, "created": built.created, **built.report})
         return
@@ -102,8 +102,9 @@ def run(
     app_state = state(ctx)
     settings = app_state.get_settings()
     span, end = _window(since, until, settings.flywheel.since)
-    endpoint = eval_endpoint(settings, app_state.registry)
-    cycle = run_cycle(app_state.registry, settings, name, endpoint=endpoint, since=span, until=end)
+    registry = app_state.existing_registry  # the adapter must be there already: a missing home is named
+    endpoint = eval_endpoint(settings, registry)
+    cycle = run_cycle(registry, settings, name, endpoint=endpoint, since=span, until=end)
     if as_json:
         print_json(cycle.to_json())
         return

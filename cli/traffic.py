@@ -42,16 +42,16 @@ def purge(
 
     Example: loraflow traffic purge --request-id req-20261130-… --json
     """
-    registry = state(ctx).registry
     if before is not None and expired:
         raise InvalidArgumentError("give --before or --expired, not both", param="before")
     day = _day(before) if before is not None else None
-    if expired:
-        day = registry.traffic.expired_before(registry.settings.traffic.retention_days)
-    if day is None and not request_id:
+    if day is None and not expired and not request_id:
         raise InvalidArgumentError(
             "say what to purge: --before DATE, --expired or --request-id", param="before"
         )
+    registry = state(ctx).existing_registry  # a mistyped home has nothing to purge: named, not created
+    if expired:
+        day = registry.traffic.expired_before(registry.settings.traffic.retention_days)
     purged = registry.traffic.purge(before=day, request_ids=request_id or [])
     if as_json:
         print_json(
@@ -79,7 +79,7 @@ def show(
 
     Example: loraflow traffic show req-20260101-0123abcd
     """
-    registry = state(ctx).registry
+    registry = state(ctx).existing_registry
     record = registry.traffic.find_request(request_id)
     if record is None:
         raise NotFoundError(f"no recorded request {request_id!r}", param="request_id")

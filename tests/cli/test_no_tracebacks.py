@@ -225,6 +225,11 @@ def test_a_mistyped_home_creates_no_registry(isolated_env: Path, tmp_path: Path)
         ("adapters", "show", "x"),
         ("adapters", "history", "x"),
         ("keys", "list"),
+        ("traffic", "show", "req-20260101-0123abcd"),
+        ("traffic", "purge", "--request-id", "req-20260101-0123abcd"),
+        ("drift", "x", "--no-embeddings"),
+        ("flywheel", "build-dataset", "x"),
+        ("flywheel", "run", "x"),
     ):
         done = loraflow(*args, cwd=isolated_env, env={"LORAFLOW_HOME": str(typo)})
         assert done.returncode == NOT_FOUND, done.stderr

@@ -13,6 +13,7 @@ from typer.testing import CliRunner, Result
 
 from loraflow.cli.main import app
 from loraflow.registry.redact import Redactor
+from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings, load_settings
 from loraflow.registry.traffic import TrafficStore, new_request_id
 from tests.factories import run_loraflow, write_traffic
@@ -56,7 +57,9 @@ def feedback(req: dict[str, Any], at: datetime, rating: int, correction: str | N
 
 
 def sink(tmp_path: Path) -> TrafficStore:
-    return TrafficStore(Settings(home=tmp_path / "home").resolved_traffic_uri)
+    settings = Settings(home=tmp_path / "home")
+    Registry.open(settings).close()  # the gateway that wrote the traffic had its registry there
+    return TrafficStore(settings.resolved_traffic_uri)
 
 
 def assert_one_line_error(result: Result, code: int) -> None:
