@@ -33,7 +33,7 @@ from typing import Literal
 import httpx
 
 from loraflow.registry.errors import EngineUnavailableError
-from loraflow.registry.settings import ServerSettings, Settings
+from loraflow.registry.settings import CONFIG_FILE_ENV, ServerSettings, Settings
 
 log = logging.getLogger("loraflow.engine")
 
@@ -116,6 +116,8 @@ def vllm_command(
 
 
 # Variables an engine never inherits: loraflow's own (the resolver's are set explicitly) and libpq's.
+# What an engine's settings read as their config file: nothing (see the file).
+ENGINE_CONFIG_FILE = Path(__file__).with_name("engine.toml")
 _NOT_FOR_ENGINES = ("LORAFLOW_", "PGPASSWORD", "PGPASSFILE", "PGSERVICEFILE")
 
 
@@ -126,7 +128,8 @@ def engine_env(settings: Settings, device: Device, *, index: int = 0) -> dict[st
 
     An engine gets only what vLLM and the resolver need: none of the caller's ``LORAFLOW_*``
     variables (the database URL, the pseudonym key, the metrics token, the config file's name)
-    nor libpq's, only the resolver's own settings below. The rest of the environment (PATH, the
+    nor libpq's, only the resolver's own settings below, and an empty config file rather than the
+    caller's ./loraflow.toml. The rest of the environment (PATH, the
     accelerator's and the object store's variables, e.g. ``AWS_*``) passes, since vLLM and
     the artifact store's client read it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_ENGINES)}
@@ -138,7 +141,9 @@ def engine_env(settings: Settings, device: Device, *, index: int = 0) -> dict[st
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    # Resolved values, so the engine reads the same store and cache whatever its working directory.
+    # Resolved values, so the engine reads the same store and cache whatever its working directory;
+    # and no config file but an empty one, not the ./loraflow.toml of whoever started it.
+    env[CONFIG_FILE_ENV] = str(ENGINE_CONFIG_FILE)
     env["LORAFLOW_ENGINE__RESOLVER"] = "true"
     env["LORAFLOW_ARTIFACT_URI"] = settings.resolved_artifact_uri
     env["LORAFLOW_ENGINE__CACHE_DIR"] = str(settings.resolved_engine_cache)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from loraflow.cli.main import app
-from loraflow.registry.settings import EngineSettings, ServerSettings, Settings
+from loraflow.registry.settings import EngineSettings, ServerSettings, Settings, load_settings
 from loraflow.server.engine.supervisor import detect_device, engine_env, engine_slice, vllm_command
 
 pytestmark = pytest.mark.unit
@@ -66,6 +67,7 @@ def test_an_engine_inherits_none_of_the_gateways_secrets(
     for name, value in {**secrets, "AWS_SECRET_ACCESS_KEY": "s3-secret", "PATH": "/usr/bin"}.items():
         monkeypatch.setenv(name, value)
     env = engine_env(Settings(home=tmp_path, artifact_uri="s3://bucket/art"), "cpu")
+    assert env.pop("LORAFLOW_CONFIG") != secrets["LORAFLOW_CONFIG"]  # its own, empty (next test)
     assert not set(secrets) & set(env), sorted(set(secrets) & set(env))
     assert not [
         v for v in env.values() if any(s in v for s in ("hunter2", "pseudonym-secret", "metrics-secret"))
@@ -78,6 +80,26 @@ def test_an_engine_inherits_none_of_the_gateways_secrets(
         "LORAFLOW_ENGINE__RESOLVER",
     ]
     assert env["AWS_SECRET_ACCESS_KEY"] == "s3-secret" and env["PATH"] == "/usr/bin"  # the store's client
+
+
+def test_an_engine_reads_no_config_file_of_the_process_that_started_it(
+    isolated_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's ./loraflow.toml (the engine starts in the gateway's working directory) holds
+    secrets too; the engine's settings come from its environment alone."""
+    (isolated_env / "loraflow.toml").write_text(
+        'database_url = "postgresql://loraflow:hunter2@db/loraflow"\n[engine]\ncache_max_bytes = 7\n'
+    )
+    assert load_settings().database_url is not None  # what the gateway reads here
+    env = engine_env(Settings(home=tmp_path, artifact_uri="s3://bucket/art"), "cpu")
+    for key in [k for k in os.environ if k.startswith("LORAFLOW_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    engine = load_settings()  # what the resolver plugin reads in the engine
+    assert engine.database_url is None
+    assert engine.engine.cache_max_bytes == Settings().engine.cache_max_bytes  # the default, not 7
+    assert engine.engine.resolver and engine.resolved_artifact_uri == "s3://bucket/art"
 
 
 def test_several_supervised_engines_get_disjoint_gpus_or_cores(monkeypatch: pytest.MonkeyPatch) -> None:
