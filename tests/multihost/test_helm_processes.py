@@ -232,6 +232,7 @@ def test_rendered_engine_and_gateway_come_up_and_serve(
     # vLLM gets the resolver's settings and nothing else of loraflow's (no database URL, no secrets).
     assert sorted(k for k in execed["env"] if k.startswith("LORAFLOW_")) == [
         "LORAFLOW_ARTIFACT_URI",
+        "LORAFLOW_CONFIG",  # the engine's own, empty config file: not the caller's ./loraflow.toml
         "LORAFLOW_ENGINE__CACHE_DIR",
         "LORAFLOW_ENGINE__CACHE_MAX_BYTES",
         "LORAFLOW_ENGINE__RESOLVER",
