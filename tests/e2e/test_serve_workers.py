@@ -126,14 +126,19 @@ def test_two_workers_share_the_port_and_answer_metrics_for_both(
         workers = set(re.findall(r"Started server process \[(\d+)\]", log.read_text()))
         assert len(workers) == 2, log.read_text()[-3000:]
         up_pattern = re.compile(r'^loraflow_replica_up\{replica="[^"]+",worker="(\d+)"\} 1\.0$', re.M)
-        deadline = time.monotonic() + 10  # each worker publishes its replica view every second
-        while set(up_pattern.findall(httpx.get(f"{url}/metrics", timeout=10).text)) != workers:
-            assert time.monotonic() < deadline, httpx.get(f"{url}/metrics", timeout=10).text
-            time.sleep(0.2)
-        for _ in range(6):  # several scrapes, so both workers answer some (a new connection each)
+        # Each worker publishes its view every second, so a scrape answered by the other worker
+        # shows a worker's first routing snapshot up to a period late. Once both are in, every
+        # scrape, whichever worker answers it (a new connection each), must show both.
+        deadline, good = time.monotonic() + 30, 0
+        while good < 6:
             text = httpx.get(f"{url}/metrics", timeout=10).text
-            assert requests_counted(text) == REQUESTS, text
-            assert set(up_pattern.findall(text)) == workers, text
+            ok = set(up_pattern.findall(text)) == workers
+            good = good + 1 if ok else 0
+            assert ok or time.monotonic() < deadline, text
+            if ok:
+                assert requests_counted(text) == REQUESTS, text
+            else:
+                time.sleep(0.2)
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(60)
