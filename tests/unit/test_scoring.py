@@ -12,6 +12,7 @@ from loraflow.trainer.eval.scoring import (
     Reference,
     ScoredSystem,
     Task,
+    answer_match,
     exact_match,
     token_f1,
 )
@@ -37,6 +38,18 @@ def test_token_f1() -> None:
     assert token_f1("", "") == 1.0
 
 
+def test_answer_match_finds_the_reference_in_the_first_sentence_only() -> None:
+    assert answer_match("The capital of France is Paris.", "Paris") == 1.0
+    assert answer_match("2 + 3 = 5", "5") == 1.0
+    assert answer_match("The largest mammal is the Blue Whale. It is big.", "blue whale") == 1.0
+    assert answer_match("The boiling point is about 100.0 degrees.", "100") == 1.0  # "100.0" ends nothing
+    assert answer_match("A year has 365 days. So 12 months.", "12") == 0.0  # said later, not first
+    assert answer_match("No, 9 is not an even number.", "no") == 1.0
+    assert answer_match("Nothing here", "no") == 0.0  # words, not substrings
+    assert answer_match("It is 15.", "5") == 0.0
+    assert answer_match("whale blue", "blue whale") == 0.0  # in order and adjacent
+
+
 def test_task_inference_picks_metrics_from_the_references() -> None:
     json_task = Task.infer([Reference('{"a": 1}'), Reference("[1]")])
     assert json_task.json and "json_valid" in json_task.metrics and "label_accuracy" not in json_task.metrics
@@ -45,6 +58,8 @@ def test_task_inference_picks_metrics_from_the_references() -> None:
     assert "json_valid" not in labels.metrics
     text = Task.infer([Reference("hello", label="greeting")])  # a label that is not the answer
     assert not text.labels and text.primary_default == "exact_match"
+    assert "answer_match" not in text.metrics  # only when named
+    assert Task.infer([Reference("x")], metrics=["answer_match"]).metrics == ("answer_match",)
     with pytest.raises(InvalidArgumentError) as info:
         Task.infer([Reference("x")], metrics=["exact_match", "bleu"])
     assert info.value.param == "eval.metrics" and "bleu" in info.value.message

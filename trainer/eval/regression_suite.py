@@ -2,7 +2,11 @@
 
 Small and offline (``trainer/eval/regression/general.jsonl``, shipped with the package).
 Each system answers the suite's prompts as written, without the task's system
-prompt or few-shot examples; the score is token F1 against the reference.
+prompt or few-shot examples. The score is ``answer_match``: the reference appears in
+the answer's first sentence, since a chat model answers "The capital of France is
+Paris." to a one-word question. Every item is one SmolLM2-135M-Instruct answers right
+when prompted (``tests/integration/test_regression_suite.py`` checks each), so a
+candidate that forgets general ability loses points here.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from loraflow.trainer.eval.scoring import Bootstrap
 
 SUITE_FILE = Path(__file__).parent / "regression" / "general.jsonl"
 SUITE_NAME = "builtin-general"
-SUITE_METRIC = "token_f1"
+SUITE_METRIC = "answer_match"
 
 
 @dataclass(frozen=True)

@@ -353,7 +353,7 @@ def _regression(
     suite: list[Any], generations: dict[str, list[Generation]], bootstrap: Bootstrap
 ) -> dict[str, Any]:
     refs = [Reference(text=item.reference) for item in suite]
-    task = Task.infer(refs, metrics=["exact_match", SUITE_METRIC])
+    task = Task.infer(refs, metrics=[SUITE_METRIC])
     values = {
         key: [s[SUITE_METRIC] for s in ScoredSystem(task, refs, gens).scores]
         for key, gens in generations.items()

@@ -9,6 +9,10 @@ Per example:
 - ``exact_match``: the output equals the reference after whitespace is collapsed;
   when both parse as JSON, the parsed values are compared instead of the text
 - ``token_f1``: SQuAD-style bag-of-words F1 over lowercase word tokens
+- ``answer_match``: the reference's words appear, adjacent and in order, in the
+  answer's first sentence ("The capital of France is Paris." matches "Paris").
+  For short factual answers from a chat model that answers in sentences. Only
+  when named: the built-in regression suite uses it
 - ``rouge_l``: ROUGE-L F-measure from Google's ``rouge-score``
 - ``json_valid``: the output parses as a JSON object or array (tasks whose
   references are JSON; a bare number or string does not count)
@@ -38,6 +42,7 @@ from loraflow.registry.errors import InvalidArgumentError, MissingDependencyErro
 MetricName = Literal[
     "exact_match",
     "token_f1",
+    "answer_match",
     "rouge_l",
     "json_valid",
     "schema_valid",
@@ -53,6 +58,8 @@ _NEITHER: dict[str, bool | None] = {"output_tokens": None, "latency_s": False}
 HIGHER_IS_BETTER: dict[str, bool | None] = {m: _NEITHER.get(m, True) for m in ALL_METRICS}
 _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)|\n")  # "3.5" does not end one
+_ONLY_WHEN_NAMED = ("answer_match",)
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,18 @@ def exact_match(output: str, reference: str) -> float:
     if a is not _NOT_JSON and b is not _NOT_JSON:
         return float(a == b)
     return float(_norm(output) == _norm(reference))
+
+
+def answer_match(output: str, reference: str) -> float:
+    """1.0 when the reference's word tokens occur as a contiguous run in the output's first sentence.
+
+    Only the first sentence counts, so an answer that states something else and mentions the
+    reference later ("A year has 365 days. ... 12 ...") does not match."""
+    first = _SENTENCE_END.split(output.strip(), maxsplit=1)[0]
+    pred, gold = _tokens(first), _tokens(reference)
+    if not gold:
+        return float(not pred)
+    return float(any(pred[i : i + len(gold)] == gold for i in range(len(pred) - len(gold) + 1)))
 
 
 def token_f1(output: str, reference: str) -> float:
@@ -148,7 +167,8 @@ class Task:
             chosen = tuple(
                 m
                 for m in ALL_METRICS
-                if not (m == "json_valid" and not is_json)
+                if m not in _ONLY_WHEN_NAMED
+                and not (m == "json_valid" and not is_json)
                 and not (m == "schema_valid" and schema is None)
                 and not (m in ("label_accuracy", "label_macro_f1") and not has_labels)
             )
@@ -188,6 +208,8 @@ class Task:
                 value = exact_match(out, ref)
             elif metric == "token_f1":
                 value = token_f1(out, ref)
+            elif metric == "answer_match":
+                value = answer_match(out, ref)
             elif metric == "rouge_l":
                 value = float(self._rouge.score(ref, out)["rougeL"].fmeasure)
             elif metric == "json_valid":
