@@ -11,7 +11,10 @@
   the tokenizer (max_length) then too. A bad dataset never reaches the model.
 - The base model's validation loss is measured before training (LoRA starts as
   the identity). Then training evaluates every ``eval_steps``, stops early on
-  validation loss, and keeps the best checkpoint.
+  validation loss, and keeps the best checkpoint. A run shorter than
+  ``eval_steps`` evaluates once, after training, and writes no checkpoint: the
+  final model is the only candidate, so evaluating and saving it inside the
+  loop (what transformers does at the last step) would only cost time.
 - Only after everything succeeded is the adapter registered. Any failure
   registers nothing.
 """
@@ -273,12 +276,37 @@ def _lora_config(config: TrainConfig) -> Any:
     )
 
 
-def _sft_args(config: TrainConfig, *, output_dir: Path, max_length: int, on_gpu: bool) -> Any:
+def _total_steps(config: TrainConfig, train_examples: int) -> int:
+    """The optimizer steps a run takes, counted as transformers' ``Trainer`` counts them."""
+    if config.max_steps > 0:
+        return config.max_steps
+    batches = math.ceil(train_examples / config.batch_size)
+    per_epoch = max(batches // config.grad_accum + int(batches % config.grad_accum > 0), 1)
+    return math.ceil(config.epochs * per_epoch)
+
+
+def _sft_args(
+    config: TrainConfig, *, output_dir: Path, max_length: int, on_gpu: bool, periodic_eval: bool = True
+) -> Any:
     """TRL's SFTConfig for a run: the schedule from the config, evaluation and a checkpoint every
-    ``eval_steps`` keeping the best by validation loss, loss on completions only, and on CPU fp32
-    without pinned memory."""
+    ``eval_steps`` keeping the best by validation loss (without ``periodic_eval``, neither),
+    loss on completions only, and on CPU fp32 without pinned memory."""
     from trl.trainer.sft_config import SFTConfig
 
+    periodic: dict[str, Any] = (
+        {
+            "eval_strategy": "steps",
+            "eval_steps": config.eval_steps,
+            "save_strategy": "steps",
+            "save_steps": config.eval_steps,
+            "save_total_limit": 2,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+        }
+        if periodic_eval
+        else {"eval_strategy": "no", "save_strategy": "no"}
+    )
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=config.epochs,
@@ -289,14 +317,7 @@ def _sft_args(config: TrainConfig, *, output_dir: Path, max_length: int, on_gpu:
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        eval_strategy="steps",
-        eval_steps=config.eval_steps,
-        save_strategy="steps",
-        save_steps=config.eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
+        **periodic,
         logging_steps=config.logging_steps,
         seed=config.seed,
         data_seed=config.seed,
@@ -363,7 +384,10 @@ def train(
     model = _load_model(base.path, qlora=config.qlora)
     lora = _lora_config(config)
     on_gpu = torch.cuda.is_available()
-    args = _sft_args(config, output_dir=output_dir, max_length=max_length, on_gpu=on_gpu)
+    periodic_eval = config.eval_steps < _total_steps(config, len(splits["train"]))
+    args = _sft_args(
+        config, output_dir=output_dir, max_length=max_length, on_gpu=on_gpu, periodic_eval=periodic_eval
+    )
     start_step = _StartStep()
     trainer = SFTTrainer(
         model=model,
@@ -373,7 +397,7 @@ def train(
         processing_class=tokenizer,
         peft_config=lora,
         callbacks=[
-            EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
+            *([EarlyStoppingCallback(config.early_stopping_patience)] if periodic_eval else []),
             _progress_callback(progress),
             start_step.callback(),
         ],
@@ -394,7 +418,10 @@ def train(
     train_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resuming else None)
     train_seconds = time.perf_counter() - train_started
-    eval_loss = float(trainer.evaluate()["eval_loss"])
+    # With periodic evaluation the loop evaluated its last step and reloaded the best checkpoint,
+    # whose loss is best_metric: evaluating it again would repeat a pass over the validation split.
+    best = trainer.state.best_metric if periodic_eval else None
+    eval_loss = float(best) if best is not None else float(trainer.evaluate()["eval_loss"])
     if not math.isfinite(eval_loss):
         raise InvalidArgumentError(
             f"training diverged (eval_loss={eval_loss}); lower learning_rate", param="learning_rate"

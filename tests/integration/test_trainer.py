@@ -84,9 +84,15 @@ def recording_trainers() -> Iterator[list[Any]]:
     trainers: list[Any] = []
 
     class Recording(sft.SFTTrainer):  # type: ignore[misc]
+        evaluations = 0  # passes over the validation split, inside the loop or not
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             trainers.append(self)
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            self.evaluations += 1
+            return super().evaluate(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sft, "SFTTrainer", Recording)
@@ -508,8 +514,35 @@ def test_early_stopping_keeps_the_best_checkpoint(workspace: dict[str, Any]) -> 
     assert m["steps"] < planned  # stopped early
     curve = [loss for _, loss in m["eval_curve"]]
     assert m["best_eval_loss"] == min(curve)
-    assert m["eval_loss"] == m["best_eval_loss"]  # the best checkpoint was reloaded
+    assert m["eval_loss"] == m["best_eval_loss"]
     assert int(m["best_checkpoint"].split("-")[1]) < m["steps"]
+    # The best checkpoint was reloaded: what is registered is its adapter, not the last step's.
+    from safetensors.torch import load_file
+
+    registered = workspace["registry"].fetch(run.version, workspace["root"] / "fetched-early")
+    best = workspace["root"] / "run-early" / m["best_checkpoint"]
+    import torch
+
+    for key, tensor in load_file(str(best / "adapter_model.safetensors")).items():
+        torch.testing.assert_close(load_file(str(registered / "adapter_model.safetensors"))[key], tensor)
+
+
+def test_a_run_shorter_than_eval_steps_evaluates_once_after_training(workspace: dict[str, Any]) -> None:
+    """No evaluation or checkpoint inside the loop (the final model is the only candidate); the
+    validation loss is measured once after training, and the run still learned."""
+    from loraflow.trainer.train import train
+
+    with recording_trainers() as trainers:
+        run = train(
+            _config(workspace, adapter="short", max_steps=6, eval_steps=20, eval_generations=0),
+            registry=workspace["registry"],
+            settings=workspace["settings"],
+        )
+    m = run.metrics
+    assert m["steps"] == 6 and m["eval_curve"] == [[6, m["eval_loss"]]] and m["best_checkpoint"] is None
+    assert not list((workspace["root"] / "run-short").glob("checkpoint-*"))
+    assert trainers[0].evaluations == 2  # the base model's, then the adapter's
+    assert m["eval_loss"] < m["base_eval_loss"]
 
 
 def test_cli_train_and_tiny_model(workspace: dict[str, Any], tmp_path: Path) -> None:
