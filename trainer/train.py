@@ -382,6 +382,7 @@ def train(
     output_dir = config.output_dir or settings.home / "runs" / config.adapter
     output_dir.mkdir(parents=True, exist_ok=True)
     model = _load_model(base.path, qlora=config.qlora)
+    base_weights_bytes = int(model.get_memory_footprint())  # NF4 under QLoRA: what it saves
     lora = _lora_config(config)
     on_gpu = torch.cuda.is_available()
     periodic_eval = config.eval_steps < _total_steps(config, len(splits["train"]))
@@ -443,6 +444,7 @@ def train(
         "tokens_per_second": round(train_tokens * epochs_done / train_seconds, 1) if train_seconds else None,
         "peak_memory_bytes": memory.peak_bytes(),
         "peak_memory_scope": memory.scope,
+        "base_weights_bytes": base_weights_bytes,
         "wall_time_s": None,  # filled below
         "resumed": resuming,
         "resumed_from_step": start_step.step if resuming else None,

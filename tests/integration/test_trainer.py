@@ -269,7 +269,7 @@ def _is_order_json(text: str) -> bool:
     return isinstance(value, dict) and set(value) == {"name", "city", "qty"}
 
 
-def test_qlora_run(workspace: dict[str, Any]) -> None:
+def test_qlora_run(workspace: dict[str, Any], lora_run: Any) -> None:
     import torch
     from bitsandbytes.nn import Linear4bit, Params4bit
 
@@ -295,6 +295,7 @@ def test_qlora_run(workspace: dict[str, Any]) -> None:
     assert m["eval_loss"] < m["base_eval_loss"]
     assert rep["adapter"]["json_valid"] >= 0.75 and rep["base"]["json_valid"] == 0.0
     assert rep["adapter"]["stop_rate"] >= 0.9
+    assert m["base_weights_bytes"] < lora_run.metrics["base_weights_bytes"]  # NF4 weights held
 
 
 def test_invalid_dataset_is_refused_before_weights_load(
