@@ -25,12 +25,13 @@ FORCED = "bench: random adapters have no eval report"
 
 
 def tiny_registry(
-    root: Path, adapters: list[str], *, rank: int = 8
+    root: Path, adapters: list[str], *, rank: int = 8, base: Path | None = None
 ) -> tuple[Path, dict[str, str], dict[str, str]]:
-    """The tiny base model, and a SQLite registry in ``root`` with one random adapter version per name,
-    each promoted to production. Returns the base, the environment that points `loraflow`
-    processes at this registry, and each adapter's engine name (``NAME@v1+DIGEST``)."""
-    base = build_tiny_model(root / "base")
+    """The tiny base model (or ``base``, a model folder such as `loraflow dev smollm2` writes), and a
+    SQLite registry in ``root`` with one random adapter version per name, each promoted to
+    production. Returns the base, the environment that points `loraflow` processes at this
+    registry, and each adapter's engine name (``NAME@v1+DIGEST``)."""
+    base = base.resolve() if base is not None else build_tiny_model(root / "base")
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LORAFLOW_")},
         "LORAFLOW_DATABASE_URL": f"sqlite:///{root / 'registry.db'}",
