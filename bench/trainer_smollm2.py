@@ -224,8 +224,9 @@ def plot(result: dict[str, Any], out: Path) -> None:
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 3.6))
     speed.barh(names, [runs[n]["tokens_per_second"] for n in names], color=colors)
     speed.set_xlabel("train tokens / s (higher is better)")
-    memory.barh(names, [runs[n]["peak_memory_bytes"] / 2**20 for n in names], color=colors)
-    memory.set_xlabel("peak resident memory of the run, MiB")
+    memory.barh(names, [runs[n]["peak_memory_bytes"] / 2**20 for n in names], color=colors, alpha=0.45)
+    memory.barh(names, [runs[n]["model_footprint_bytes"] / 2**20 for n in names], color=colors)
+    memory.set_xlabel("MiB: the run's peak RSS (light), the base's weights (dark)")
     fig.suptitle(
         f"loraflow vs TRL + PEFT, same LoRA config and batch, SmolLM2-135M-Instruct on {result['machine']}",
         fontsize=9,
