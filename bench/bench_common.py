@@ -24,6 +24,19 @@ from tests.multihost.cluster import Proc, _spawn, start_engine, wait_up  # noqa:
 FORCED = "bench: random adapters have no eval report"
 
 
+def peak_reset() -> None:
+    """Make this process's peak resident set (VmHWM) its current one (Linux ``clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    """This process's peak resident set since start or the last :func:`peak_reset`, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def tiny_registry(
     root: Path, adapters: list[str], *, rank: int = 8, base: Path | None = None
 ) -> tuple[Path, dict[str, str], dict[str, str]]:

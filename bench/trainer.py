@@ -41,21 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_common import save  # noqa: E402
+from bench_common import peak_reset, peak_rss, save  # noqa: E402
 
 SYSTEMS = ("loraflow_lora", "loraflow_qlora", "loraflow_lora_eval_off", "trl_default", "trl_default_lora")
 ROWS = 500
-
-
-def _peak_reset() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def prepare_world(root: Path) -> None:
@@ -99,11 +88,11 @@ def worker(system: str, root: Path) -> dict[str, Any]:
                 # eval_off: no validation pass (nor checkpoint) during training: the steps alone.
                 **({"eval_steps": 10**6} if system.endswith("eval_off") else {}),
             )
-            _peak_reset()
+            peak_reset()
             run = train(config, registry=registry, settings=settings)
             return {
                 "tokens_per_second": run.metrics["tokens_per_second"],
-                "peak_memory_bytes": _peak(),
+                "peak_memory_bytes": peak_rss(),
                 "steps": run.metrics["steps"],
                 "epochs": run.metrics["epochs"],
                 "eval_loss": run.metrics["eval_loss"],
@@ -133,7 +122,7 @@ def _trl(system: str, root: Path, registry: Any, settings: Any) -> dict[str, Any
         system_prompt=settings.trainer.system_prompt,
     )
     tokens = sum(int(count(r["prompt"] + r["completion"])) for r in rows)
-    _peak_reset()
+    peak_reset()
     trainer = SFTTrainer(
         model=str(root / "base"),
         # TRL's defaults, but for the one setting it refuses to start without on a machine with no GPU.
@@ -148,7 +137,7 @@ def _trl(system: str, root: Path, registry: Any, settings: Any) -> dict[str, Any
     epochs = float(trainer.state.epoch or 0.0)
     return {
         "tokens_per_second": round(tokens * epochs / seconds, 1),
-        "peak_memory_bytes": _peak(),
+        "peak_memory_bytes": peak_rss(),
         "steps": int(trainer.state.global_step),
         "epochs": round(epochs, 3),
         "train_loss": round(float(trainer.state.log_history[-1].get("train_loss", float("nan"))), 6),

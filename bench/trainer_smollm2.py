@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_common import save  # noqa: E402
+from bench_common import peak_reset, peak_rss, save  # noqa: E402
 
 SYSTEMS = ("loraflow_lora", "trl_peft_lora", "loraflow_qlora", "trl_peft_qlora")
 ROWS = 120
@@ -54,17 +54,6 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 LEARNING_RATE = 2e-4
 MAX_LENGTH = 256
 SEED = 0
-
-
-def _peak_reset() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
-
-
-def _peak() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def prepare_world(root: Path, model: Path) -> None:
@@ -116,11 +105,11 @@ def worker(system: str, root: Path, model: Path, steps: int, batch: int) -> dict
                 eval_generations=0,
                 output_dir=root / system,
             )
-            _peak_reset()
+            peak_reset()
             run = train(config, registry=registry, settings=settings)
             return {
                 "tokens_per_second": run.metrics["tokens_per_second"],
-                "peak_memory_bytes": _peak(),
+                "peak_memory_bytes": peak_rss(),
                 "model_footprint_bytes": run.metrics["base_weights_bytes"],
                 "steps": run.metrics["steps"],
                 "epochs": run.metrics["epochs"],
@@ -155,7 +144,7 @@ def _trl(
         system_prompt=settings.trainer.system_prompt,
     )
     tokens = sum(count(r["prompt"] + r["completion"]) for r in rows)
-    _peak_reset()
+    peak_reset()
     if system.endswith("qlora"):
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -204,7 +193,7 @@ def _trl(
     epochs = float(trainer.state.epoch or 0.0)
     return {
         "tokens_per_second": round(tokens * epochs / seconds, 1),
-        "peak_memory_bytes": _peak(),
+        "peak_memory_bytes": peak_rss(),
         "model_footprint_bytes": footprint,
         "steps": int(trainer.state.global_step),
         "epochs": round(epochs, 3),
