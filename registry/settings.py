@@ -61,6 +61,11 @@ class TrainerSettings(BaseModel):
     base_model: str | None = Field(None, description="Default base model for data and train commands.")
     max_length: int = Field(1024, ge=8, description="Longest example, in tokens, after the chat template.")
     system_prompt: str | None = Field(None, description="Put into every example that has no system message.")
+    cache_dir: Path | None = Field(
+        None,
+        description="Keep trained adapters here by config, data digest and base model, and register a kept "
+        "one instead of training again (loraflow.trainer.cache). Unset: every run trains.",
+    )
 
 
 # vLLM flags that loraflow sets from its own settings (or always sets itself). server.engine_args
@@ -474,6 +479,11 @@ class FlywheelSettings(BaseModel):
     )
     test_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of new examples added to the test split."
+    )
+    warm_start: bool = Field(
+        False,
+        description="Train the candidate on from production's adapter weights (init_from) rather than from "
+        "a new adapter: fewer steps to learn what the new traffic adds.",
     )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of new examples added to the val split.")
     min_examples: int = Field(10, ge=1, description="Fewer usable new examples than this: no dataset.")

@@ -1,8 +1,8 @@
 """Identical training runs happen once per test run.
 
-Training is seeded, so a run is a function of its recipe: the training config (less the adapter's
-name, the dataset's name, the task and the output folder), the settings it falls back on, the
-exact rows of the dataset's splits and the base model's files. ``training_cache`` (a session
+Training is seeded, so a run is a function of its recipe (``loraflow.trainer.cache.run_key``): the
+training config (less the adapter's name, the dataset's name, the task and the output folder), the
+settings it falls back on, the dataset's content and the base model's files. ``training_cache`` (a session
 fixture, registered in ``tests/conftest.py`` through ``pytest_plugins``) keeps the adapter files
 and the recorded metrics and eval report of each run by the sha256 of that recipe. A second run of
 the same recipe, in any registry, registers the kept files with the same records (the version's
@@ -16,8 +16,6 @@ change is always trained on at least once.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +28,6 @@ if TYPE_CHECKING:
     from loraflow.registry.settings import Settings
     from loraflow.trainer.config import TrainConfig
     from loraflow.trainer.train import TrainResult
-
-# What a config names that does not change the weights a run produces.
-NOT_IN_RECIPE = ("adapter", "data", "task", "output_dir")
 
 
 @dataclass(frozen=True)
@@ -53,10 +48,6 @@ def _resolved(config: TrainConfig, settings: Settings) -> dict[str, Any]:
     }
 
 
-def _sha256(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 @dataclass
 class TrainingCache:
     root: Path
@@ -65,22 +56,15 @@ class TrainingCache:
     reused: int = 0
 
     def recipe(self, config: TrainConfig, *, registry: Registry, settings: Settings) -> str:
-        """The sha256 of everything a seeded run's result depends on."""
-        from loraflow.registry.artifacts import sha256_file
+        """The sha256 of everything a seeded run's result depends on (the trainer's own cache key)."""
         from loraflow.registry.basemodel import resolve_base_model
-        from loraflow.trainer.prepare import SPLITS, load_split
+        from loraflow.trainer.cache import run_key, split_digests
 
-        dataset = registry.get_dataset(config.data)
-        base = resolve_base_model(config.base)
-        values = {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_IN_RECIPE}
-        return _sha256(
-            {
-                "config": values,
-                "settings": _resolved(config, settings),
-                "splits": {s: _sha256(load_split(registry, dataset, s)) for s in SPLITS},
-                "base": base.fingerprint,
-                "weights": {p.name: sha256_file(p) for p in sorted(base.path.glob("*.safetensors"))},
-            }
+        return run_key(
+            config,
+            split_digests(registry, registry.get_dataset(config.data)),
+            resolve_base_model(config.base),
+            **_resolved(config, settings),
         )
 
     def train(

@@ -37,6 +37,17 @@ class TrainConfig(BaseModel):
     max_length: int | None = Field(None, ge=8, description="Default: trainer.max_length from settings.")
     system_prompt: str | None = Field(None, description="Default: trainer.system_prompt from settings.")
     seed: int = 0
+    init_from: str | None = Field(
+        None,
+        description="Start from this registered version's adapter weights (NAME@vN or NAME:ALIAS) instead "
+        "of a new adapter: continued training. Its rank and alpha must equal r and alpha.",
+    )
+    self_replay: int = Field(
+        0,
+        ge=0,
+        description="Mix this many general prompts, answered by the base model itself (greedy), into the "
+        "training split, against forgetting (loraflow.trainer.replay; none is in the regression suite).",
+    )
 
     eval_steps: int = Field(20, ge=1, description="Evaluate on the validation split every N steps.")
     early_stopping_patience: int = Field(

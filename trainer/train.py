@@ -39,14 +39,16 @@ from loraflow.registry.errors import (
     MissingDependencyError,
     NotFoundError,
 )
-from loraflow.registry.refs import check_name
+from loraflow.registry.refs import check_name, parse_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
+from loraflow.trainer.cache import CachedRun, keep, lookup, run_key, split_digests
 from loraflow.trainer.config import TrainConfig
 from loraflow.trainer.data import validate_records
 from loraflow.trainer.eval.heldout import generation_report
 from loraflow.trainer.model import load_tokenizer, locate_base_model, token_counter
 from loraflow.trainer.prepare import load_split
+from loraflow.trainer.replay import replay_prompts, self_replay_rows
 
 BASE_EVAL_FILE = "loraflow_base_eval.json"
 
@@ -262,6 +264,36 @@ def preflight(
     return base, dataset
 
 
+def _base_eval_loss(trainer: Any, *, continued: bool) -> float:
+    """The base model's validation loss: a new LoRA starts as the identity, so the model as built;
+    a continued one is switched off for it."""
+    if not continued:
+        return float(trainer.evaluate()["eval_loss"])
+    with trainer.model.disable_adapter():
+        return float(trainer.evaluate()["eval_loss"])
+
+
+def _init_version(
+    config: TrainConfig, *, registry: Registry, base: BaseModelInfo
+) -> domain.VersionInfo | None:
+    """The version ``config.init_from`` names, checked against the run: the same base, rank and alpha."""
+    if config.init_from is None:
+        return None
+    version = registry.resolve(parse_ref(config.init_from, param="init_from"))
+    registered_on = registry.get(version.adapter).base_model_fingerprint
+    if registered_on != base.fingerprint:
+        raise InvalidArgumentError(
+            f"init_from {version.ref} is an adapter of another base model, not {base.id}", param="init_from"
+        )
+    if (version.rank, version.alpha) != (config.r, config.alpha):
+        raise InvalidArgumentError(
+            f"init_from {version.ref} has r={version.rank} and alpha={version.alpha:g}; set r and alpha to "
+            f"those (this run asks for r={config.r}, alpha={config.alpha})",
+            param="init_from",
+        )
+    return version
+
+
 def _lora_config(config: TrainConfig) -> Any:
     """The PEFT adapter to train: rank, alpha, dropout, target modules (TrainConfig's LoRA fields)."""
     from peft import LoraConfig
@@ -342,6 +374,9 @@ def train(
     """Train, evaluate on the validation split, and register the adapter as the next version.
     ``progress`` is told (steps done, steps in all) as training goes; unset, a terminal gets a bar."""
     base, dataset = preflight(config, registry=registry, settings=settings)
+    init = _init_version(config, registry=registry, base=base)
+    if init is not None:  # recorded (and keyed) as the version it resolved to, never an alias
+        config = config.model_copy(update={"init_from": init.ref})
     try:
         import peft  # noqa: F401  (checked here: _lora_config builds the adapter with it)
         import torch
@@ -357,6 +392,20 @@ def train(
     system_prompt = (
         config.system_prompt if config.system_prompt is not None else settings.trainer.system_prompt
     )
+    cache_dir = settings.trainer.cache_dir
+    key = ""
+    if cache_dir is not None:
+        digests = split_digests(registry, dataset)
+        key = run_key(
+            config,
+            digests,
+            base,
+            max_length=max_length,
+            system_prompt=system_prompt,
+            init_digest=init.digest if init is not None else None,
+        )
+        if not resume and (kept := lookup(cache_dir, key)) is not None:
+            return _register_kept(config, kept, key=key, registry=registry, dataset=dataset)
 
     # 1. Everything that can be checked without weights (preflight above, and the data).
     tokenizer = load_tokenizer(base)
@@ -376,6 +425,7 @@ def train(
         raise InvalidArgumentError(
             f"dataset {dataset.ref} has no validation split; prepare it with --val-fraction > 0", param="data"
         )
+    replay = replay_prompts(config.self_replay, seed=config.seed)
 
     # 2. The model.
     set_seed(config.seed)
@@ -383,7 +433,18 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     model = _load_model(base.path, qlora=config.qlora)
     base_weights_bytes = int(model.get_memory_footprint())  # NF4 under QLoRA: what it saves
-    lora = _lora_config(config)
+    # Self-replay: the base's own answers, generated before the adapter exists (loraflow.trainer.replay).
+    replayed = self_replay_rows(
+        model, tokenizer, replay, system_prompt=system_prompt, max_new_tokens=config.max_new_tokens
+    )
+    splits["train"] = splits["train"] + replayed
+    if init is not None:  # continued training: the version's adapter, trainable, instead of a new one
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(
+            model, str(registry.fetch(init, output_dir / "init-adapter")), is_trainable=True
+        )
+    lora = _lora_config(config) if init is None else None  # continued: the loaded adapter is trained
     on_gpu = torch.cuda.is_available()
     periodic_eval = config.eval_steps < _total_steps(config, len(splits["train"]))
     args = _sft_args(
@@ -409,11 +470,16 @@ def train(
     base_eval_file = output_dir / BASE_EVAL_FILE
     checkpoints = sorted(output_dir.glob("checkpoint-*"))
     resuming = resume and bool(checkpoints) and base_eval_file.is_file()
+    # Continued training (init_from): the base is the model with the adapter off, and the loss the
+    # run starts from is the version's.
     if resuming:
-        base_eval_loss = json.loads(base_eval_file.read_text())["base_eval_loss"]
+        start = json.loads(base_eval_file.read_text())
     else:
-        base_eval_loss = float(trainer.evaluate()["eval_loss"])
-        base_eval_file.write_text(json.dumps({"base_eval_loss": base_eval_loss}))
+        start = {"base_eval_loss": _base_eval_loss(trainer, continued=init is not None)}
+        if init is not None:
+            start["init_eval_loss"] = float(trainer.evaluate()["eval_loss"])
+        base_eval_file.write_text(json.dumps(start))
+    base_eval_loss = float(start["base_eval_loss"])
 
     # 4. Train (or resume), keeping the best checkpoint.
     train_started = time.perf_counter()
@@ -433,6 +499,7 @@ def train(
     epochs_done = float(trainer.state.epoch or 0.0)
     metrics: dict[str, Any] = {
         "base_eval_loss": round(base_eval_loss, 6),
+        **({"init_from": init.ref, "init_eval_loss": round(start["init_eval_loss"], 6)} if init else {}),
         "eval_loss": round(eval_loss, 6),
         "best_eval_loss": round(float(trainer.state.best_metric or eval_loss), 6),
         "train_loss": round(float(result.training_loss), 6),
@@ -445,6 +512,7 @@ def train(
         "peak_memory_bytes": memory.peak_bytes(),
         "peak_memory_scope": memory.scope,
         "base_weights_bytes": base_weights_bytes,
+        "self_replay_examples": len(replayed),
         "wall_time_s": None,  # filled below
         "resumed": resuming,
         "resumed_from_step": start_step.step if resuming else None,
@@ -462,16 +530,41 @@ def train(
         adapter_dir = Path(tmp) / "adapter"
         peft_model: Any = trainer.model
         peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        recorded = {"max_length": max_length, "system_prompt": system_prompt}
+        template = template_hash(str(tokenizer.chat_template))
         version = registry.register(
             config.adapter,
             adapter_dir,
             base_model=config.base,
             task=config.task,
             dataset=dataset.ref,
-            training_config=config.model_dump(mode="json")
-            | {"max_length": max_length, "system_prompt": system_prompt},
+            training_config=config.model_dump(mode="json") | recorded,
             metrics=metrics,
             eval_report=eval_report,
-            chat_template_hash=template_hash(str(tokenizer.chat_template)),
+            chat_template_hash=template,
         )
+        if cache_dir is not None:
+            kept_as = recorded | {"metrics": metrics, "eval_report": eval_report, "trained_as": version.ref}
+            keep(cache_dir, key, adapter_dir, kept_as | {"chat_template_hash": template})
     return TrainResult(version=version, metrics=metrics, eval_report=eval_report)
+
+
+def _register_kept(
+    config: TrainConfig, kept: CachedRun, *, key: str, registry: Registry, dataset: domain.DatasetVersionInfo
+) -> TrainResult:
+    """Register a kept run (same config, data and base: loraflow.trainer.cache) as the next version."""
+    record = kept.record
+    metrics = dict(record["metrics"]) | {"reused_from": record["trained_as"], "cache_key": key}
+    version = registry.register(
+        config.adapter,
+        kept.adapter_dir,
+        base_model=config.base,
+        task=config.task,
+        dataset=dataset.ref,
+        training_config=config.model_dump(mode="json")
+        | {"max_length": record["max_length"], "system_prompt": record["system_prompt"]},
+        metrics=metrics,
+        eval_report=record["eval_report"],
+        chat_template_hash=record["chat_template_hash"],
+    )
+    return TrainResult(version=version, metrics=metrics, eval_report=record["eval_report"])

@@ -35,6 +35,7 @@ batch_size = 8
 learning_rate = 1e-3
 eval_steps = 100
 eval_generations = 0
+self_replay = 8
 """
 
 
@@ -83,6 +84,7 @@ def test_smollm2_trained_served_and_asked_with_its_own_template(smollm2: RealMod
         ).stdout
     )
     assert trained["metrics"]["eval_loss"] < trained["metrics"]["base_eval_loss"]
+    assert trained["metrics"]["self_replay_examples"] >= 4  # the base's own answers, mixed in
     cli("adapters", "promote", "orders", "v1", *FORCE)
 
     port = free_port()

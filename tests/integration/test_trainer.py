@@ -595,3 +595,77 @@ def test_recorded_template_hash_matches_the_base_folder(workspace: dict[str, Any
     from loraflow.registry.basemodel import chat_template_hash
 
     assert lora_run.version.chat_template_hash == chat_template_hash(workspace["base"])
+
+
+def test_trainer_cache_registers_a_kept_run_instead_of_training_again(
+    workspace: dict[str, Any], tmp_path: Path
+) -> None:
+    """``trainer.cache_dir``: the same recipe under another adapter and output folder is registered
+    from the kept files (no trainer is built); a changed recipe, or an entry whose record was never
+    written (a copy cut short), trains."""
+    from loraflow.trainer.train import train
+
+    settings: Settings = workspace["settings"]
+    kept = tmp_path / "kept"
+    cached = settings.model_copy(update={"trainer": settings.trainer.model_copy(update={"cache_dir": kept})})
+    reg = workspace["registry"]
+    config = _config(workspace, adapter="kept-a", max_steps=3, eval_steps=20, eval_generations=0)
+    with recording_trainers() as trainers:
+        first = train(config, registry=reg, settings=cached)
+        again = _config(
+            workspace,
+            adapter="kept-b",
+            max_steps=3,
+            eval_steps=20,
+            eval_generations=0,
+            output_dir=tmp_path / "b",
+        )
+        second = train(again, registry=reg, settings=cached)
+        assert len(trainers) == 1
+        assert second.version.digest == first.version.digest  # the same adapter files
+        assert second.metrics["reused_from"] == first.version.ref == "kept-a@v1"
+        assert second.metrics["eval_loss"] == first.metrics["eval_loss"]
+        assert second.version.training_config is not None
+        assert second.version.training_config["adapter"] == "kept-b"
+        assert second.version.chat_template_hash == first.version.chat_template_hash
+
+        train(again.model_copy(update={"learning_rate": 1e-3}), registry=reg, settings=cached)
+        assert len(trainers) == 2  # another recipe
+        entry = kept / second.metrics["cache_key"]
+        (entry / "run.json").unlink()
+        # (Under a third name: the same seeded run gives kept-b's files, which it holds already.)
+        third = train(again.model_copy(update={"adapter": "kept-c"}), registry=reg, settings=cached)
+        assert len(trainers) == 3 and "reused_from" not in third.metrics
+        assert (entry / "run.json").is_file()  # kept again
+    unset = train(again.model_copy(update={"adapter": "kept-d"}), registry=reg, settings=settings)
+    assert "reused_from" not in unset.metrics  # no cache_dir: it trains
+
+
+def test_init_from_continues_training_from_a_registered_version(
+    workspace: dict[str, Any], lora_run: Any
+) -> None:
+    """``init_from``: the run starts from the version's weights (its first loss is that version's
+    validation loss), the base loss is measured with the adapter off, and the version records the
+    one it started from, by number even when named by alias. A rank that differs is refused first."""
+    from loraflow.trainer.train import train
+
+    reg, settings = workspace["registry"], workspace["settings"]
+    start = lora_run.version
+    with pytest.raises(InvalidArgumentError) as err:
+        train(_config(workspace, adapter="warm", init_from=start.ref, r=8), registry=reg, settings=settings)
+    assert err.value.param == "init_from"
+    with pytest.raises(NotFoundError):
+        reg.get("warm")  # nothing registered
+    run = train(
+        _config(
+            workspace, adapter="warm", init_from=start.ref, max_steps=2, eval_steps=20, eval_generations=0
+        ),
+        registry=reg,
+        settings=settings,
+    )
+    m = run.metrics
+    assert m["init_from"] == start.ref and run.version.training_config is not None
+    assert run.version.training_config["init_from"] == start.ref
+    assert m["init_eval_loss"] == pytest.approx(lora_run.metrics["eval_loss"], abs=1e-3)
+    assert m["base_eval_loss"] == pytest.approx(lora_run.metrics["base_eval_loss"], abs=1e-4)
+    assert m["init_eval_loss"] < m["base_eval_loss"]  # it did not start from a new adapter

@@ -105,7 +105,10 @@ def run(
             )
         recorded = {k: v for k, v in recorded.items() if k in TrainConfig.model_fields}
         recorded.pop("output_dir", None)
-        config = TrainConfig.model_validate(recorded | settings.flywheel.train | {"data": built.dataset.ref})
+        start = f"{name}@v{production}" if settings.flywheel.warm_start and production is not None else None
+        config = TrainConfig.model_validate(
+            recorded | settings.flywheel.train | {"data": built.dataset.ref, "init_from": start}
+        )
         with bar(f"train on {built.dataset.ref}") as report:
             result = train(config, registry=registry, settings=settings, progress=report)
         candidate = result.version
