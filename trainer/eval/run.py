@@ -136,6 +136,8 @@ class Endpoint:
     url: str
     api_key: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # A memo of greedy answers shared by the evaluations through this endpoint (GatewayClient).
+    answers: dict[tuple[str, str, int], Generation] | None = field(default=None, compare=False)
 
 
 # A base model -> a context in which a gateway serves it and its adapters. The trainer never starts
@@ -155,6 +157,7 @@ def _client(settings: Settings, endpoint: Endpoint) -> Iterator[GatewayClient]:
         timeout_s=e.request_timeout_s,
         concurrency=e.concurrency,
         headers=opt_out,
+        answers=endpoint.answers,
     )
 
 
@@ -358,8 +361,21 @@ def _regression(
         key: [s[SUITE_METRIC] for s in ScoredSystem(task, refs, gens).scores]
         for key, gens in generations.items()
     }
+    items = [
+        {
+            "prompt": item.messages[-1]["content"],
+            "reference": item.reference,
+            "outputs": {key: gens[i].text for key, gens in generations.items()},
+        }
+        for i, item in enumerate(suite)
+    ]
     return suite_entry(
-        SUITE_NAME, SUITE_METRIC, values, bootstrap, skills=sorted({item.skill for item in suite})
+        SUITE_NAME,
+        SUITE_METRIC,
+        values,
+        bootstrap,
+        skills=sorted({item.skill for item in suite}),
+        items=items,
     )
 
 
