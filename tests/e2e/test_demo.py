@@ -1,4 +1,5 @@
-"""`loraflow demo` end to end, as a user runs it: a subprocess in an empty folder, its own engine.
+"""`loraflow demo --tiny` end to end, as a user runs it: a subprocess in an empty folder, its own
+engine. (The default run, on SmolLM2, takes about ten minutes: its figures are in the README.)
 
 What it must show happened, checked in the registry it leaves behind rather than in its wording:
 v1 passed the gate and was promoted; the traffic was sampled with its PII redacted (no raw address
@@ -16,8 +17,10 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
+from markupsafe import escape
 
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
@@ -43,7 +46,12 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLOW_")}
     done = subprocess.run(
-        [str(BIN / "loraflow"), "demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        [str(BIN / "loraflow"), "demo", "--tiny"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
@@ -90,3 +98,18 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     assert len(links.hrefs) == 4, links.hrefs  # v1, v2, v3 and the shifted slice's drift
     for href in links.hrefs:
         assert (page.parent / href).is_file(), href
+    # Real answers side by side: v1's against the prompted base's, on held-out orders.
+    v1_report = registry_report(home, 1)
+    first = v1_report["examples"][0]
+    html = page.read_text()
+    assert "demo-orders@v1 against the prompted base" in html
+    for answer in first["outputs"].values():
+        assert escape(answer["text"]) in html, answer["text"]
+
+
+def registry_report(home: Path, version: int) -> dict[str, Any]:
+    registry = Registry.open(Settings(home=home))
+    try:
+        return registry.evaluations("demo-orders", version)[-1].report
+    finally:
+        registry.close()
