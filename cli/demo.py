@@ -147,7 +147,7 @@ def flavor(*, tiny: bool) -> Flavor:
         served_name="smollm2",
         instruction=HOUSE_INSTRUCTION,
         # Exact match: a site code is right or wrong. The regression allowance is what self-replay
-        # keeps on 135M parameters: the suite drops from 1.00 to 0.72-0.78 with it (five recipes
+        # keeps on 135M parameters: the suite drops from 1.00 to 0.72-0.78 with it (six recipes
         # measured, transformers, greedy), to about 0 without it, which this refuses.
         gate={"primary_metric": "exact_match", "min_json_valid": 0.95, "max_regression_drop": 0.35},
         # The fairest prompt we found for the base (measured: EM 0.03 with 3 shots alone, 0.18 with
