@@ -58,13 +58,16 @@ class TrainingCache:
     def recipe(self, config: TrainConfig, *, registry: Registry, settings: Settings) -> str:
         """The sha256 of everything a seeded run's result depends on (the trainer's own cache key)."""
         from loraflow.registry.basemodel import resolve_base_model
+        from loraflow.registry.refs import parse_ref
         from loraflow.trainer.cache import run_key, split_digests
 
+        init = registry.resolve(parse_ref(config.init_from)) if config.init_from else None
         return run_key(
             config,
             split_digests(registry, registry.get_dataset(config.data)),
             resolve_base_model(config.base),
             **_resolved(config, settings),
+            init_digest=init.digest if init is not None else None,
         )
 
     def train(
