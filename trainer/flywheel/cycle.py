@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraflow.registry import domain
 from loraflow.registry.errors import GateRefusedError, NotFoundError
-from loraflow.registry.refs import DEFAULT_ALIAS
+from loraflow.registry.refs import DEFAULT_ALIAS, version_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from loraflow.trainer.flywheel.dataset import build_dataset
@@ -105,7 +105,9 @@ def run(
             )
         recorded = {k: v for k, v in recorded.items() if k in TrainConfig.model_fields}
         recorded.pop("output_dir", None)
-        start = f"{name}@v{production}" if settings.flywheel.warm_start and production is not None else None
+        start = (
+            version_ref(name, production) if settings.flywheel.warm_start and production is not None else None
+        )
         config = TrainConfig.model_validate(
             recorded | settings.flywheel.train | {"data": built.dataset.ref, "init_from": start}
         )
