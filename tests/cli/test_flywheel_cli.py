@@ -181,3 +181,29 @@ def test_build_dataset_from_rated_and_corrected_traffic(
     again = CliRunner().invoke(app, args, env={"LORAFLOW_FLYWHEEL__MIN_EXAMPLES": "4"})
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout) | {"created": True} == built and not json.loads(again.stdout)["created"]
+
+
+@pytest.mark.integration
+def test_the_same_traffic_in_another_arrival_order_builds_the_same_dataset(
+    tmp_path: Path, tiny: Tiny, redactor: Redactor
+) -> None:
+    """Requests served concurrently are written in any order: the split must not depend on it."""
+    from loraflow.trainer.flywheel.dataset import build_dataset
+    from loraflow.trainer.prepare import SPLITS, load_split
+
+    rows = {}
+    for run, order in (("first", TOPICS), ("second", TOPICS[::-1])):
+        settings = Settings(home=tmp_path / run, flywheel={"min_examples": 4, "test_fraction": 0.3})
+        reg = Registry.open(settings)
+        try:
+            reg.register("support", tiny.adapter(1), base_model=str(tiny.base))
+            requests = [request("support", NOW - timedelta(minutes=40 - i), t) for i, t in enumerate(order)]
+            store = TrafficStore(settings.resolved_traffic_uri)
+            write_traffic(store, "requests", requests, redactor)
+            write_traffic(store, "feedback", [feedback(r, 1) for r in requests], redactor)
+            built = build_dataset(reg, settings, "support", since=timedelta(hours=2), until=NOW)
+            rows[run] = {s: load_split(reg, built.dataset, s) for s in SPLITS}
+        finally:
+            reg.close()
+    assert [len(rows["first"][s]) for s in SPLITS] == [5, 1, 3]  # 9 examples, 0.3 test, 0.1 val
+    assert rows["first"] == rows["second"]

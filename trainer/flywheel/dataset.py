@@ -253,6 +253,9 @@ def build_dataset(
         _too_few(name, len(fresh), fw.min_examples, counts, _window_text(start, end, defaulted=until is None))
 
     # 6. Split the new examples; carry the old test split whole; replay some of the old train split.
+    # The split is seeded over the examples in content order, not arrival order: requests served
+    # concurrently are written in any order, and the same traffic must give the same dataset.
+    fresh = [e.model_copy(update={"line": i}) for i, e in enumerate(sorted(fresh, key=fingerprint), 1)]
     new = split(fresh, val_fraction=fw.val_fraction, test_fraction=fw.test_fraction, seed=fw.seed)
     replay_n = min(len(old["train"]), round(len(new["train"]) * fw.replay_share / (1 - fw.replay_share)))
     replay = random.Random(fw.seed).sample(old["train"], replay_n) if replay_n else []
