@@ -4,9 +4,11 @@ Training is seeded, so a run is a function of its recipe (``loraflow.trainer.cac
 training config (less the adapter's name, the dataset's name, the task and the output folder), the
 settings it falls back on, the dataset's content and the base model's files. ``training_cache`` (a session
 fixture, registered in ``tests/conftest.py`` through ``pytest_plugins``) keeps the adapter files
-and the recorded metrics and eval report of each run by the sha256 of that recipe. A second run of
-the same recipe, in any registry, registers the kept files with the same records (the version's
-own config names this run's adapter and output folder) instead of training again.
+and the recorded metrics and eval report of each run by the sha256 of that recipe, the way
+``trainer.cache_dir`` keeps them (``loraflow.trainer.cache``). A second run of the same recipe, in any
+registry, registers the kept files as ``train()`` registers a kept run (the version's own config names
+this run's adapter and output folder; its metrics add ``reused_from`` and ``cache_key``) instead of
+training again.
 
 ``reuse=False`` always trains (a test that inspects the trainer or the run itself); its result
 is still kept for later runs of the same recipe. The cache lives for one test run only: a trainer
@@ -15,9 +17,9 @@ change is always trained on at least once.
 
 from __future__ import annotations
 
-import copy
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +30,6 @@ if TYPE_CHECKING:
     from loraflow.registry.settings import Settings
     from loraflow.trainer.config import TrainConfig
     from loraflow.trainer.train import TrainResult
-
-
-@dataclass(frozen=True)
-class _Run:
-    files: Path
-    metrics: dict[str, Any]
-    eval_report: dict[str, Any]
-    chat_template_hash: str | None
 
 
 def _resolved(config: TrainConfig, settings: Settings) -> dict[str, Any]:
@@ -51,7 +45,6 @@ def _resolved(config: TrainConfig, settings: Settings) -> dict[str, Any]:
 @dataclass
 class TrainingCache:
     root: Path
-    runs: dict[str, _Run] = field(default_factory=dict)
     trained: int = 0
     reused: int = 0
 
@@ -79,44 +72,31 @@ class TrainingCache:
         reuse: bool = True,
         run: Callable[..., TrainResult] | None = None,
     ) -> TrainResult:
-        """``loraflow.trainer.train.train(config, registry=…, settings=…)``, or its earlier result."""
-        from loraflow.trainer.train import TrainResult
+        """``loraflow.trainer.train.train(config, registry=…, settings=…)``, or its earlier result,
+        kept and registered again the way ``trainer.cache_dir`` does (:mod:`loraflow.trainer.cache`)."""
+        from loraflow.trainer.cache import keep, lookup
+        from loraflow.trainer.train import register_kept
         from loraflow.trainer.train import train as real_train
 
         key = self.recipe(config, registry=registry, settings=settings)
-        kept = self.runs.get(key)
+        kept = lookup(self.root, key)
         if kept is None or not reuse:
             result = (run or real_train)(config, registry=registry, settings=settings)
             self.trained += 1
-            self._keep(key, result, registry)
+            if kept is None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    files = registry.fetch(result.version, Path(tmp) / "adapter")
+                    record = _resolved(config, settings) | {
+                        "metrics": result.metrics,
+                        "eval_report": result.eval_report,
+                        "trained_as": result.version.ref,
+                        "chat_template_hash": result.version.chat_template_hash,
+                    }
+                    keep(self.root, key, files, record)
             return result
         self.reused += 1
-        dataset = registry.get_dataset(config.data)
-        training_config = config.model_dump(mode="json") | _resolved(config, settings)  # as train() records
-        version = registry.register(
-            config.adapter,
-            kept.files,
-            base_model=config.base,
-            task=config.task,
-            dataset=dataset.ref,
-            training_config=training_config,
-            metrics=copy.deepcopy(kept.metrics),
-            eval_report=copy.deepcopy(kept.eval_report),
-            chat_template_hash=kept.chat_template_hash,
-        )
-        return TrainResult(
-            version=version, metrics=copy.deepcopy(kept.metrics), eval_report=copy.deepcopy(kept.eval_report)
-        )
-
-    def _keep(self, key: str, result: TrainResult, registry: Registry) -> None:
-        if key in self.runs:
-            return
-        files = registry.fetch(result.version, self.root / key)
-        self.runs[key] = _Run(
-            files=files,
-            metrics=copy.deepcopy(result.metrics),
-            eval_report=copy.deepcopy(result.eval_report),
-            chat_template_hash=result.version.chat_template_hash,
+        return register_kept(
+            config, kept, key=key, registry=registry, dataset=registry.get_dataset(config.data)
         )
 
 

@@ -405,7 +405,7 @@ def train(
             init_digest=init.digest if init is not None else None,
         )
         if not resume and (kept := lookup(cache_dir, key)) is not None:
-            return _register_kept(config, kept, key=key, registry=registry, dataset=dataset)
+            return register_kept(config, kept, key=key, registry=registry, dataset=dataset)
 
     # 1. Everything that can be checked without weights (preflight above, and the data).
     tokenizer = load_tokenizer(base)
@@ -549,7 +549,7 @@ def train(
     return TrainResult(version=version, metrics=metrics, eval_report=eval_report)
 
 
-def _register_kept(
+def register_kept(
     config: TrainConfig, kept: CachedRun, *, key: str, registry: Registry, dataset: domain.DatasetVersionInfo
 ) -> TrainResult:
     """Register a kept run (same config, data and base: loraflow.trainer.cache) as the next version."""

@@ -76,8 +76,10 @@ def test_the_same_recipe_trains_once(tmp_path: Path) -> None:
     reused = cache.train(again, registry=second, settings=second.settings, run=fake)
     assert (fake.calls, cache.trained, cache.reused) == (1, 1, 1)
     assert reused.version.digest == trained.version.digest and reused.version.ref == "support@v1"
-    assert (reused.metrics, reused.eval_report) == (trained.metrics, trained.eval_report)
-    assert reused.version.dataset == "tickets@v1" and reused.version.metrics == trained.metrics
+    key = cache.recipe(config, registry=first, settings=first.settings)
+    said = {"reused_from": "orders@v1", "cache_key": key}  # as train() says of a run it found kept
+    assert (reused.metrics, reused.eval_report) == (trained.metrics | said, trained.eval_report)
+    assert reused.version.dataset == "tickets@v1" and reused.version.metrics == trained.metrics | said
     recorded = reused.version.training_config or {}
     assert (recorded["adapter"], recorded["output_dir"], recorded["max_length"]) == (
         "support",
