@@ -3,6 +3,7 @@ HTML page, with links to every report it wrote and real answers side by side."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,16 @@ class Summary:
         ]
         self.examples.append(SideBySide(title, labels, rows))
 
+    def to_json(self, name: str) -> dict[str, Any]:
+        """The steps and their times, for scripts (``bench/demo_time.py`` reads it)."""
+        return {
+            "adapter": name,
+            "model": self.model,
+            "steps": [{"step": s, "outcome": o, "seconds": round(t, 1)} for s, o, t in self.rows],
+            "total_s": round(time.monotonic() - self.started, 1),
+            "written": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
     def table(self) -> Table:
         table = Table("step", "outcome", "time", title="loraflow demo")
         for step, outcome, seconds in self.rows:
@@ -74,7 +85,8 @@ class Summary:
 
 
 def write_demo_report(path: Path, *, name: str, summary: Summary) -> Path:
-    """Write the page next to the reports it links (links are relative, so the folder can move)."""
+    """Write the page next to the reports it links (links are relative, so the folder can move),
+    and the steps' times beside it as ``demo.json``."""
     from jinja2 import Environment, PackageLoader
 
     # autoescape=True: select_autoescape() matches *.html, never this *.html.j2, and the page shows
@@ -91,4 +103,5 @@ def write_demo_report(path: Path, *, name: str, summary: Summary) -> Path:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html)
+    (path.parent / "demo.json").write_text(json.dumps(summary.to_json(name), indent=2) + "\n")
     return path

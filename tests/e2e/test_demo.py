@@ -11,6 +11,7 @@ libraries' own bars and warnings.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -98,6 +99,10 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     assert len(links.hrefs) == 4, links.hrefs  # v1, v2, v3 and the shifted slice's drift
     for href in links.hrefs:
         assert (page.parent / href).is_file(), href
+    # The steps' times, for scripts: the table's rows.
+    timing = json.loads((page.parent / "demo.json").read_text())
+    assert [s["step"] for s in timing["steps"]][:3] == ["base model", "dataset", "train + evaluate + gate v1"]
+    assert len(timing["steps"]) == 9 and sum(s["seconds"] for s in timing["steps"]) <= timing["total_s"]
     # Real answers side by side: v1's against the prompted base's, on held-out orders.
     v1_report = registry_report(home, 1)
     first = v1_report["examples"][0]
