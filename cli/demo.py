@@ -156,15 +156,18 @@ def flavor(*, tiny: bool) -> Flavor:
         rows=160,
         test_fraction=0.25,
         v1={"learning_rate": 1e-3, "epochs": 2, "batch_size": 8, "eval_steps": 1000, "self_replay": 64},
-        # The next version starts from production's weights (warm_start) for one epoch over the
-        # reviewed traffic and 30% of v1's data again. The e-mails are written from a few templates:
-        # at the default cluster_threshold (0.5) they would count as one frequent request.
+        # The next version starts from production's weights (warm_start) for two epochs over the
+        # reviewed traffic and 30% of v1's data again. Measured on the same traffic (transformers,
+        # greedy, 72 held-out examples; v1 right on 47): one epoch 54, with churn on the orders
+        # v1 had right (7 lost); one epoch at lr 2e-3 43; two epochs 67, one order or e-mail lost.
+        # The e-mails are written from a few templates: at the default cluster_threshold (0.5)
+        # they would count as one frequent request.
         flywheel={
             "replay_share": 0.3,
             "test_fraction": 0.3,
             "cluster_threshold": 0.9,
             "warm_start": True,
-            "train": {"epochs": 1},
+            "train": {"epochs": 2},
         },
         sabotage={"learning_rate": 3e-3, "max_steps": 8, "batch_size": 8, "eval_steps": 1000},
         # v1's data without self-replay, at three times the learning rate (at v1's rate, 24 steps
