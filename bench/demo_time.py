@@ -98,11 +98,19 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="time `loraflow demo --tiny` instead")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()), help="each run's output")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="run in this empty folder and keep it (its registry, pages)"
+    )
     args = parser.parse_args()
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="demo-time-") as tmp:
         folder = Path(tmp)
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            if any(args.keep.iterdir()):
+                raise SystemExit(f"--keep: {args.keep} is not empty")
+            folder = args.keep
         for i in range(args.runs):
             label = "cold" if i == 0 else f"run {i + 1}, adapters kept"
             run = one_run(folder, tiny=args.tiny, log=args.logs / f"demo_time_run{i + 1}.log")
