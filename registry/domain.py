@@ -164,6 +164,90 @@ class History(_Record):
     events: list[AuditInfo]
 
 
+RolloutState = Literal["running", "paused", "succeeded", "rolled_back", "aborted"]
+ACTIVE_ROLLOUT_STATES: tuple[RolloutState, ...] = ("running", "paused")
+
+
+class RolloutStep(BaseModel):
+    """One step of a rollout: a share of production's requests shadowed to the candidate (its
+    answers never returned), or a share of ``model=NAME`` requests answered by it (a canary).
+    Argo Rollouts' ``setWeight`` and Flagger's ``stepWeight`` are the canary's weight."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    shadow: float = Field(0.0, ge=0, le=100, description="Percent of production's requests shadowed.")
+    canary: float = Field(0.0, ge=0, le=100, description="Percent of requests the candidate answers.")
+
+    def __str__(self) -> str:
+        parts = ([f"shadow {self.shadow:g}%"] if self.shadow else []) + (
+            [f"canary {self.canary:g}%"] if self.canary else []
+        )
+        return " + ".join(parts) or "nothing"
+
+
+class RolloutDecision(BaseModel):
+    """One move of a rollout, with who made it and the figures it rests on (the audit log has it too)."""
+
+    model_config = {"frozen": True}
+
+    at: datetime
+    action: str  # start, advance, hold, pause, resume, rollback, abort, succeed
+    actor: str
+    step: int  # the step it was taken at (index into steps)
+    reason: str | None = None
+    figures: dict[str, Any] | None = None
+
+
+class RolloutInfo(_Record):
+    """A rollout of one adapter from production (``baseline``) to ``candidate``, step by step.
+
+    ``seq`` goes up by one at every change: a change names the ``seq`` it was decided on
+    (compare-and-swap), so two controllers, or a controller and an operator, never both act."""
+
+    id: int
+    adapter: str
+    candidate: int
+    baseline: int  # the production version when it started; production stays there until success
+    policy: str
+    steps: list[RolloutStep]
+    step: int
+    state: RolloutState
+    seq: int
+    decisions: list[RolloutDecision]
+    started_at: datetime
+    step_started_at: datetime
+    ended_at: datetime | None = None
+    controller: str | None = None  # the gateway process holding the controller lease
+    lease_until: datetime | None = None
+    created_by: str
+    created_at: datetime
+
+    @field_validator("started_at", "step_started_at", "ended_at", "lease_until", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_ROLLOUT_STATES
+
+    @property
+    def current(self) -> RolloutStep:
+        return self.steps[self.step]
+
+    @property
+    def candidate_ref(self) -> str:
+        return version_ref(self.adapter, self.candidate)
+
+    @property
+    def baseline_ref(self) -> str:
+        return version_ref(self.adapter, self.baseline)
+
+    @property
+    def last_step(self) -> bool:
+        return self.step == len(self.steps) - 1
+
+
 class KeyLimits(_Record):
     """An API key's own limits; None: the gateways' defaults (server.key_rpm and so on)."""
 

@@ -328,6 +328,62 @@ class DriftReport(SQLModel, table=True):
         )
 
 
+class Rollout(SQLModel, table=True):
+    """A rollout of one adapter from its production version (``baseline``) to ``candidate``.
+
+    At most one per adapter is active (running or paused); the store checks it inside the write
+    transaction, which the revision bump serializes. ``seq`` counts the rollout's own changes, the
+    compare-and-swap condition of each. ``controller`` and ``lease_until`` are the lease of the one
+    gateway process that decides for it; taking or renewing it moves no routing, so it does not
+    bump the registry revision."""
+
+    __tablename__ = "rollout"
+    __table_args__ = (Index("ix_rollout_adapter_state", "adapter_id", "state"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapter.id")
+    candidate: int
+    baseline: int
+    policy: str = Field(max_length=64)
+    steps: list[dict[str, Any]] = _json(nullable=False)
+    step: int = 0
+    state: str = Field(max_length=16)
+    seq: int = 0
+    decisions: list[dict[str, Any]] = _json(nullable=False)
+    started_at: datetime = _ts()
+    step_started_at: datetime = _ts()
+    ended_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    controller: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    created_by: str = Field(max_length=256)
+    created_at: datetime = _ts()
+
+    def to_domain(self, *, adapter: str) -> domain.RolloutInfo:
+        if self.id is None:
+            raise RuntimeError("Rollout has no primary key yet")
+        return domain.RolloutInfo(
+            id=self.id,
+            adapter=adapter,
+            candidate=self.candidate,
+            baseline=self.baseline,
+            policy=self.policy,
+            steps=[domain.RolloutStep.model_validate(s) for s in self.steps],
+            step=self.step,
+            state=self.state,
+            seq=self.seq,
+            decisions=[domain.RolloutDecision.model_validate(d) for d in self.decisions],
+            started_at=self.started_at,
+            step_started_at=self.step_started_at,
+            ended_at=self.ended_at,
+            controller=self.controller,
+            lease_until=self.lease_until,
+            created_by=self.created_by,
+            created_at=self.created_at,
+        )
+
+
 class RateLease(SQLModel, table=True):
     """How much of an API key's per-minute budget the gateways have taken, per time bucket
     (``window``: 5-second buckets since the epoch) and kind (``requests``, ``tokens``); for

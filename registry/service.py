@@ -297,6 +297,88 @@ class Registry:
             )
         return self.store.delete_alias(name=name, alias=alias, actor=self.actor)
 
+    # -- rollouts ----------------------------------------------------------------
+    def start_rollout(
+        self,
+        name: str,
+        version: int,
+        *,
+        policy: str = "default",
+        steps: builtins.list[domain.RolloutStep] | None = None,
+        force: bool = False,
+        reason: str | None = None,
+    ) -> domain.RolloutInfo:
+        """Start rolling ``version`` out from production, by ``steps`` (default: the policy's). The
+        offline gate applies as for ``promote`` to production: a refusal is GateRefusedError unless
+        ``force`` with a ``reason``; the decision is recorded with the rollout's start."""
+        if force and not (reason or "").strip():
+            raise InvalidArgumentError(
+                "--force needs --reason: say why the gate is overridden", param="reason"
+            )
+        if reason is not None and not force:
+            raise InvalidArgumentError("--reason goes with --force", param="reason")
+        chosen = self.settings.rollout.policy(policy)
+        production = self._alias_version(name, DEFAULT_ALIAS)
+        decision = self._gate(name, version, alias=DEFAULT_ALIAS, production=production)
+        if not decision.passed and not force:
+            raise GateRefusedError(decision.message(), param="version")
+        note: dict[str, Any] = {"gate": decision.to_json()} | (
+            {"forced": True, "reason": reason} if force else {}
+        )
+        return self.store.start_rollout(
+            name=name,
+            candidate=version,
+            policy=policy,
+            steps=builtins.list(steps or chosen.steps),
+            actor=self.actor,
+            note=note,
+        )
+
+    def rollout(self, name: str) -> domain.RolloutInfo | None:
+        """The adapter's running or paused rollout, if any."""
+        return next((r for r in reversed(self.store.rollouts(name)) if r.active), None)
+
+    def rollouts(self, name: str | None = None) -> builtins.list[domain.RolloutInfo]:
+        """Every rollout of ``name``, oldest first; without a name, every active one."""
+        return self.store.rollouts(name) if name is not None else self.store.active_rollouts()
+
+    def advance_rollout(
+        self, name: str, *, expect_seq: int | None = None, figures: dict[str, Any] | None = None
+    ) -> domain.RolloutInfo:
+        """To the next step, or (from a last step at canary 100%) production to the candidate."""
+        return self.store.advance_rollout(name=name, expect_seq=expect_seq, actor=self.actor, figures=figures)
+
+    def roll_back_rollout(
+        self, name: str, *, reason: str, expect_seq: int | None = None, figures: dict[str, Any] | None = None
+    ) -> domain.RolloutInfo:
+        """End the rollout because the candidate failed its guards; production is unchanged."""
+        return self.store.end_rollout(
+            name=name,
+            state="rolled_back",
+            expect_seq=expect_seq,
+            actor=self.actor,
+            reason=reason,
+            figures=figures,
+        )
+
+    def abort_rollout(self, name: str, *, reason: str | None = None) -> domain.RolloutInfo:
+        """End the rollout at an operator's word; production is unchanged."""
+        return self.store.end_rollout(
+            name=name, state="aborted", expect_seq=None, actor=self.actor, reason=reason
+        )
+
+    def pause_rollout(self, name: str) -> domain.RolloutInfo:
+        """Hold the weights where they are; nothing advances or rolls back on its own."""
+        return self.store.pause_rollout(name=name, expect_seq=None, actor=self.actor)
+
+    def resume_rollout(self, name: str, *, to: float | None = None) -> domain.RolloutInfo:
+        """Decide on its own again; ``to`` adds a canary step up to that percent."""
+        return self.store.resume_rollout(name=name, to=to, expect_seq=None, actor=self.actor)
+
+    def claim_rollout(self, rollout: domain.RolloutInfo, *, holder: str, ttl_s: float) -> bool:
+        """Take or renew the one controller lease of ``rollout`` (see MetadataStore.claim_rollout)."""
+        return self.store.claim_rollout(rollout_id=rollout.id, holder=holder, ttl_s=ttl_s)
+
     def archive(self, name: str, version: int) -> domain.VersionInfo:
         """Mark a version archived: never served again. Refused while an alias points at it."""
         return self.store.archive(name=name, version=version, actor=self.actor)

@@ -32,6 +32,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from loraflow.registry.domain import RolloutStep
 from loraflow.registry.errors import InvalidArgumentError, first_error
 from loraflow.registry.urls import mask_url
 
@@ -644,6 +645,57 @@ class GateSettings(BaseModel):
         return GatePolicy.model_validate(self.default.model_dump() | self.adapters.get(adapter, {}))
 
 
+def _default_steps() -> list[RolloutStep]:
+    return [RolloutStep(shadow=10), RolloutStep(canary=5), RolloutStep(canary=25), RolloutStep(canary=100)]
+
+
+class RolloutPolicy(BaseModel):
+    """How a rollout moves: its steps (Flagger's ``stepWeight``s, Argo Rollouts' ``setWeight``s)."""
+
+    model_config = {"extra": "forbid"}
+
+    steps: list[RolloutStep] = Field(
+        default_factory=_default_steps,
+        min_length=1,
+        description="The steps, in order, e.g. [{shadow = 10}, {canary = 5}, {canary = 25}, {canary = 100}]; "
+        "a last step at canary 100 promotes the candidate when it passes, a lower one holds there.",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_move(cls, steps: list[RolloutStep]) -> list[RolloutStep]:
+        for i, step in enumerate(steps):
+            if not step.shadow and not step.canary:
+                raise ValueError(f"step {i + 1} sends the candidate nothing: give it shadow or canary")
+        return steps
+
+
+class RolloutSettings(BaseModel):
+    """Progressive delivery: `adapters rollout start` and the gateways' controller."""
+
+    model_config = {"extra": "forbid"}
+
+    policies: dict[str, RolloutPolicy] = Field(
+        default_factory=lambda: {"default": RolloutPolicy()},
+        description="Named policies ([rollout.policies.NAME]); `default` unless --policy names one.",
+    )
+
+    @model_validator(mode="after")
+    def _has_default(self) -> RolloutSettings:
+        self.policies.setdefault("default", RolloutPolicy())
+        return self
+
+    def policy(self, name: str) -> RolloutPolicy:
+        """The policy named ``name``; InvalidArgumentError lists those there are."""
+        if name not in self.policies:
+            raise InvalidArgumentError(
+                f"no rollout policy named {name!r}; policies: {', '.join(sorted(self.policies))} "
+                "([rollout.policies.NAME] in loraflow.toml)",
+                param="policy",
+            )
+        return self.policies[name]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORAFLOW_",
@@ -671,6 +723,7 @@ class Settings(BaseSettings):
     traffic: TrafficSettings = Field(default_factory=TrafficSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
 
     @field_validator("database_url")
     @classmethod

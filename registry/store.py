@@ -36,10 +36,11 @@ from loraflow.registry.models import (
     Evaluation,
     RateLease,
     RegistryState,
+    Rollout,
     SlotLease,
     utcnow,
 )
-from loraflow.registry.refs import parse_ref, version_ref
+from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref, version_ref
 from loraflow.registry.scopes import Scope
 
 
@@ -375,6 +376,7 @@ class MetadataStore:
         promotion's reason) goes into the audit event."""
         with self._write(actor) as tx:
             adapter = self._adapter_row(tx.session, name)
+            self._refuse_during_rollout(tx.session, adapter, f"moving {name}:{alias}")
             return self._move_alias(tx, adapter, alias, version, expect=expect, reason="promote", note=note)
 
     def rollback_alias(self, *, name: str, alias: str, actor: str) -> domain.AliasMoveInfo:
@@ -387,6 +389,7 @@ class MetadataStore:
         with self._write(actor) as tx:
             s = tx.session
             adapter = self._adapter_row(s, name)
+            self._refuse_during_rollout(s, adapter, f"rolling back {name}:{alias}")
             row = self._alias_row(s, adapter, alias)
             moves = s.exec(
                 select(AliasMove)
@@ -421,6 +424,7 @@ class MetadataStore:
         with self._write(actor) as tx:
             s = tx.session
             adapter = self._adapter_row(s, name)
+            self._refuse_during_rollout(s, adapter, f"deleting {name}:{alias}")
             row = self._alias_row(s, adapter, alias)
             version = row.version
             s.delete(row)
@@ -488,6 +492,7 @@ class MetadataStore:
         with self._write(actor) as tx:
             s = tx.session
             adapter = self._adapter_row(s, name)
+            self._refuse_during_rollout(s, adapter, f"archiving {version_ref(name, version)}")
             row = self._version_row(s, adapter, version)
             pointing = s.exec(
                 select(Alias.name).where(Alias.adapter_id == adapter.id, Alias.version == version)
@@ -512,6 +517,271 @@ class MetadataStore:
             )
             s.flush()
             return self._version_info(s, adapter, row)
+
+    # -- rollouts ----------------------------------------------------------------
+    @staticmethod
+    def _active_rollout_row(s: Session, adapter: Adapter) -> Rollout | None:
+        return s.exec(
+            select(Rollout).where(
+                Rollout.adapter_id == adapter.id, col(Rollout.state).in_(domain.ACTIVE_ROLLOUT_STATES)
+            )
+        ).first()
+
+    def _refuse_during_rollout(self, s: Session, adapter: Adapter, what: str) -> None:
+        """Aliases and versions of an adapter in rollout belong to the rollout until it ends."""
+        row = self._active_rollout_row(s, adapter)
+        if row is not None:
+            info = row.to_domain(adapter=adapter.name)
+            raise ConflictError(
+                f"{what} is refused: {adapter.name} is in rollout #{info.id} ({info.baseline_ref} -> "
+                f"{info.candidate_ref}, {info.state}); end it first with "
+                f"`adapters rollout abort {adapter.name}`. Nothing was changed",
+                param="name",
+            )
+
+    def _rollout_row(self, s: Session, adapter: Adapter, *, expect_seq: int | None) -> Rollout:
+        """The adapter's active rollout; with ``expect_seq``, only if nothing changed it since."""
+        row = self._active_rollout_row(s, adapter)
+        if row is None:
+            raise NotFoundError(f"{adapter.name} has no rollout running or paused", param="name")
+        if expect_seq is not None and row.seq != expect_seq:
+            raise ConflictError(
+                f"rollout #{row.id} of {adapter.name} changed since it was read (change {row.seq}, "
+                f"not {expect_seq}); someone else acted first. Nothing was changed",
+                param="expect",
+            )
+        return row
+
+    def start_rollout(
+        self,
+        *,
+        name: str,
+        candidate: int,
+        policy: str,
+        steps: list[domain.RolloutStep],
+        actor: str,
+        note: dict[str, Any] | None = None,
+    ) -> domain.RolloutInfo:
+        """Start rolling ``candidate`` out from the production version, at ``steps[0]``. Refused
+        while another rollout of the adapter is active, without a production version, or for the
+        version production already serves."""
+        if not steps:
+            raise InvalidArgumentError("a rollout needs at least one step", param="steps")
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            running = self._active_rollout_row(s, adapter)
+            if running is not None:
+                raise ConflictError(
+                    f"{name} is already in rollout #{running.id} (v{running.baseline} -> "
+                    f"v{running.candidate}, {running.state}); end it first with "
+                    f"`adapters rollout abort {name}`",
+                    param="name",
+                )
+            production = s.exec(
+                select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == DEFAULT_ALIAS)
+            ).first()
+            if production is None:
+                raise ConflictError(
+                    f"{name} has no {DEFAULT_ALIAS} version to compare {version_ref(name, candidate)} "
+                    f"with; a first version is promoted (`adapters promote {version_ref(name, candidate)}`)",
+                    param="version",
+                )
+            target = self._version_row(s, adapter, candidate)
+            if target.status == "archived":
+                raise ConflictError(f"{version_ref(name, candidate)} is archived; it cannot be served")
+            if production.version == candidate:
+                raise ConflictError(f"{name}:{DEFAULT_ALIAS} already points at v{candidate}", param="version")
+            now = utcnow()
+            row = Rollout(
+                adapter_id=_pk(adapter),
+                candidate=candidate,
+                baseline=production.version,
+                policy=policy,
+                steps=[step.model_dump() for step in steps],
+                state="running",
+                decisions=[],
+                started_at=now,
+                step_started_at=now,
+                created_by=actor,
+            )
+            self._decide(tx, row, adapter, "start", figures=note)
+            return row.to_domain(adapter=name)
+
+    def _decide(
+        self,
+        tx: _Tx,
+        row: Rollout,
+        adapter: Adapter,
+        action: str,
+        *,
+        reason: str | None = None,
+        figures: dict[str, Any] | None = None,
+    ) -> None:
+        """Record one change of a rollout: its decision (in the row and the audit log), ``seq`` + 1."""
+        decision = domain.RolloutDecision(
+            at=utcnow(), action=action, actor=tx.actor, step=row.step, reason=reason, figures=figures
+        )
+        row.decisions = [*row.decisions, decision.model_dump(mode="json")]
+        row.seq += 1
+        tx.session.add(row)
+        tx.session.flush()
+        tx.audit(
+            f"rollout.{action}",
+            "adapter",
+            adapter.name,
+            version=row.candidate,
+            after={
+                "rollout": row.id,
+                "state": row.state,
+                "step": row.step,
+                "weights": row.steps[row.step],
+                "baseline": row.baseline,
+                "reason": reason,
+                "figures": figures,
+            },
+        )
+
+    def active_rollouts(self) -> list[domain.RolloutInfo]:
+        """Every running or paused rollout (what gateways route by)."""
+        with self._read() as s:
+            rows = s.exec(
+                select(Rollout, Adapter)
+                .join(Adapter, col(Adapter.id) == col(Rollout.adapter_id))
+                .where(col(Rollout.state).in_(domain.ACTIVE_ROLLOUT_STATES))
+                .order_by(col(Rollout.id))
+            ).all()
+            return [row.to_domain(adapter=adapter.name) for row, adapter in rows]
+
+    def rollouts(self, name: str) -> list[domain.RolloutInfo]:
+        """Every rollout of an adapter, oldest first."""
+        with self._read() as s:
+            adapter = self._adapter_row(s, name)
+            rows = s.exec(select(Rollout).where(Rollout.adapter_id == adapter.id).order_by(col(Rollout.id)))
+            return [row.to_domain(adapter=name) for row in rows.all()]
+
+    def advance_rollout(
+        self, *, name: str, expect_seq: int | None, actor: str, figures: dict[str, Any] | None = None
+    ) -> domain.RolloutInfo:
+        """The current step passed: go to the next one, or, from a last step at canary 100%,
+        succeed (production moves to the candidate, compare-and-swap on the baseline, in the
+        same transaction). A last step below 100% holds: ConflictError."""
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            row = self._rollout_row(s, adapter, expect_seq=expect_seq)
+            if row.state != "running":
+                raise ConflictError(f"rollout #{row.id} of {name} is {row.state}", param="name")
+            if row.step + 1 < len(row.steps):
+                row.step += 1
+                row.step_started_at = utcnow()
+                self._decide(tx, row, adapter, "advance", figures=figures)
+            elif row.steps[row.step].get("canary") == 100:
+                self._move_alias(
+                    tx,
+                    adapter,
+                    DEFAULT_ALIAS,
+                    row.candidate,
+                    expect=row.baseline,
+                    reason="promote",
+                    note={"rollout": row.id, "figures": figures},
+                )
+                row.state, row.ended_at = "succeeded", utcnow()
+                self._decide(tx, row, adapter, "succeed", figures=figures)
+            else:
+                raise ConflictError(
+                    f"rollout #{row.id} of {name} is held at its last step "
+                    f"({domain.RolloutStep.model_validate(row.steps[row.step])}); "
+                    f"`adapters rollout resume {name} --to 100` takes it further",
+                    param="to",
+                )
+            return row.to_domain(adapter=name)
+
+    def end_rollout(
+        self,
+        *,
+        name: str,
+        state: domain.RolloutState,
+        expect_seq: int | None,
+        actor: str,
+        reason: str | None = None,
+        figures: dict[str, Any] | None = None,
+    ) -> domain.RolloutInfo:
+        """End the active rollout with production unchanged: ``rolled_back`` (the guards said
+        so) or ``aborted`` (an operator did)."""
+        if state not in ("rolled_back", "aborted"):
+            raise InvalidArgumentError(f"a rollout ends rolled_back or aborted, not {state!r}", param="state")
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            row = self._rollout_row(s, adapter, expect_seq=expect_seq)
+            row.state, row.ended_at = state, utcnow()
+            row.controller, row.lease_until = None, None
+            self._decide(
+                tx,
+                row,
+                adapter,
+                "rollback" if state == "rolled_back" else "abort",
+                reason=reason,
+                figures=figures,
+            )
+            return row.to_domain(adapter=name)
+
+    def pause_rollout(self, *, name: str, expect_seq: int | None, actor: str) -> domain.RolloutInfo:
+        """Hold the rollout where it is: the weights stay, nothing advances or rolls back on its own."""
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            row = self._rollout_row(s, adapter, expect_seq=expect_seq)
+            if row.state == "paused":
+                raise ConflictError(f"rollout #{row.id} of {name} is already paused", param="name")
+            row.state = "paused"
+            self._decide(tx, row, adapter, "pause")
+            return row.to_domain(adapter=name)
+
+    def resume_rollout(
+        self, *, name: str, to: float | None, expect_seq: int | None, actor: str
+    ) -> domain.RolloutInfo:
+        """Let the rollout decide on its own again; ``to`` (a canary percent above the last step's)
+        adds a step it may advance to when the current one passes."""
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            row = self._rollout_row(s, adapter, expect_seq=expect_seq)
+            if to is not None:
+                top = max(float(step.get("canary") or 0) for step in row.steps)
+                if to <= top:
+                    raise InvalidArgumentError(
+                        f"--to {to:g}: the rollout already goes to canary {top:g}%; give a higher percent",
+                        param="to",
+                    )
+                row.steps = [*row.steps, domain.RolloutStep(canary=to).model_dump()]
+            elif row.state == "running":
+                raise ConflictError(
+                    f"rollout #{row.id} of {name} is running; --to PCT takes it further", param="name"
+                )
+            row.state = "running"
+            self._decide(tx, row, adapter, "resume", figures={"to": to} if to is not None else None)
+            return row.to_domain(adapter=name)
+
+    def claim_rollout(self, *, rollout_id: int, holder: str, ttl_s: float) -> bool:
+        """Take or renew the controller lease of an active rollout: granted when nobody holds it,
+        ``holder`` does, or the holder's lease ran out. One conditional UPDATE, so two gateways
+        never both hold it. Moves no routing: the revision stays."""
+        now = utcnow()
+        with _transaction(self.engine) as s:
+            moved = s.execute(
+                update(Rollout)
+                .where(
+                    col(Rollout.id) == rollout_id,
+                    col(Rollout.state).in_(domain.ACTIVE_ROLLOUT_STATES),
+                    (col(Rollout.controller).is_(None))
+                    | (col(Rollout.controller) == holder)
+                    | (col(Rollout.lease_until) < now),
+                )
+                .values(controller=holder, lease_until=now + timedelta(seconds=ttl_s))
+            )
+            return bool(moved.rowcount == 1)  # type: ignore[attr-defined]
 
     # -- evaluations -------------------------------------------------------------
     def add_evaluation(

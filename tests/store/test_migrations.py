@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 from loraflow.registry.adapter_files import ADAPTER_FILES
 from loraflow.registry.artifacts import ArtifactStore
 from loraflow.registry.basemodel import resolve_base_model
-from loraflow.registry.errors import GateRefusedError
+from loraflow.registry.errors import ConflictError, GateRefusedError
 from loraflow.registry.refs import Ref, version_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
@@ -283,12 +283,14 @@ class Writer:
         *,
         revoked: bool = False,
         scopes: list[str] | None = None,  # from 0006 on
+        limits: dict[str, int | None] | None = None,  # from 0007 on: rpm, tpm, max_concurrency
     ) -> None:
         self._bump()
         insert(
             self.conn,
             "api_key",
             **({} if scopes is None else {"scopes": scopes, "scopes_migrated": False}),
+            **(limits or {}),
             name=name,
             prefix=f"lf-{name[:4]}",
             key_hash=name.encode().hex().ljust(64, "0")[:64],
@@ -404,6 +406,24 @@ def populate_0006(w: Writer) -> None:
     w.evaluation("support", 3, production=2, actor="bob")
 
 
+def populate_0007(w: Writer) -> None:
+    _history(w)
+    w.key(
+        "ci-bot",
+        ["support"],
+        "alice",
+        scopes=["versions"],
+        limits={"rpm": 60, "tpm": None, "max_concurrency": 4},
+    )
+    w.key("old-bot", None, "alice", revoked=True, scopes=[])
+    w.evaluation("support", 3, production=2, actor="bob")
+    w.conn.execute(  # a gateway's lease of ci-bot's budget, as 0007's rate limiter wrote it
+        sa.text(
+            "INSERT INTO rate_lease (key_name, kind, \"window\", granted) VALUES ('ci-bot', 'requests', 7, 5)"
+        )
+    )
+
+
 # The revision a database is at -> how that revision's code filled it, and how it stored audit subjects.
 POPULATE: dict[str, tuple[Callable[[Writer], None], str]] = {
     "0001": (populate_0001, "target"),
@@ -412,6 +432,7 @@ POPULATE: dict[str, tuple[Callable[[Writer], None], str]] = {
     "0004": (populate_0004, "subject"),
     "0005": (populate_0005, "subject"),
     "0006": (populate_0006, "subject"),
+    "0007": (populate_0007, "subject"),
 }
 
 
@@ -555,7 +576,11 @@ def test_a_populated_database_upgrades_to_head_and_stays_usable(
             assert all(k.scopes == ["base", "versions"] and k.scopes_migrated for k in keys.values())
         else:
             assert keys["ci-bot"].scopes == ["versions"] and not keys["ci-bot"].scopes_migrated
-        assert all(k.rpm is None and k.tpm is None and k.max_concurrency is None for k in keys.values())
+        limits = {name: (k.rpm, k.tpm, k.max_concurrency) for name, k in keys.items()}
+        if int(revision) >= 7:
+            assert limits == {"ci-bot": (60, None, 4), "old-bot": (None, None, None)}
+        else:
+            assert set(limits.values()) == {(None, None, None)}
     else:
         assert keys == {}
     evaluations = reg.evaluations("support")
@@ -595,3 +620,12 @@ def test_a_populated_database_upgrades_to_head_and_stays_usable(
     assert added.id == len(evaluations) + 1
     assert reg.get("support").aliases == {"production": 2, "staging": 3}
     assert reg.revision() == last + 6
+
+    # Rollouts (0008) start empty and work on the upgraded rows: v4's report is against production v2.
+    assert reg.rollouts("support") == [] and reg.rollouts() == []
+    rollout = reg.start_rollout("support", 4)
+    assert (rollout.baseline, rollout.candidate, rollout.id) == (2, 4, 1)
+    with pytest.raises(ConflictError, match="in rollout #1"):
+        reg.rollback("support")
+    assert reg.abort_rollout("support").state == "aborted"
+    assert reg.revision() == last + 8
