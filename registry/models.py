@@ -384,6 +384,21 @@ class Rollout(SQLModel, table=True):
         )
 
 
+class RolloutTally(SQLModel, table=True):
+    """What one gateway process (``holder``) counted for one arm of one step of a rollout, whole
+    (it rewrites its row, so a retried write never counts twice). The controller sums the rows of
+    every holder. Outside the registry's revision: counting moves no routing."""
+
+    __tablename__ = "rollout_tally"
+
+    rollout_id: int = Field(foreign_key="rollout.id", primary_key=True)
+    holder: str = Field(primary_key=True, max_length=64)
+    step: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    arm: str = Field(primary_key=True, max_length=16)
+    counts: dict[str, Any] = _json(nullable=False)
+    updated_at: datetime = _ts()
+
+
 class RateLease(SQLModel, table=True):
     """How much of an API key's per-minute budget the gateways have taken, per time bucket
     (``window``: 5-second buckets since the epoch) and kind (``requests``, ``tokens``); for

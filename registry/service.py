@@ -29,6 +29,7 @@ from loraflow.registry.errors import (
 )
 from loraflow.registry.gate import GateDecision
 from loraflow.registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
+from loraflow.registry.rollouts import ARMS, Arm, Tally
 from loraflow.registry.scopes import Scope
 from loraflow.registry.settings import Settings
 
@@ -378,6 +379,25 @@ class Registry:
     def claim_rollout(self, rollout: domain.RolloutInfo, *, holder: str, ttl_s: float) -> bool:
         """Take or renew the one controller lease of ``rollout`` (see MetadataStore.claim_rollout)."""
         return self.store.claim_rollout(rollout_id=rollout.id, holder=holder, ttl_s=ttl_s)
+
+    def put_tallies(
+        self, rollout: domain.RolloutInfo, *, holder: str, step: int, tallies: dict[str, Tally]
+    ) -> None:
+        """Record what this gateway process (``holder``) counted in ``step`` so far, per arm."""
+        self.store.put_tallies(
+            rollout_id=rollout.id,
+            holder=holder,
+            step=step,
+            counts={arm: tally.to_json() for arm, tally in tallies.items()},
+        )
+
+    def tallies(self, rollout: domain.RolloutInfo) -> dict[Arm, Tally]:
+        """What every gateway counted in the rollout's current step, summed per arm."""
+        total: dict[str, Tally] = {arm: Tally() for arm in ARMS}
+        for arm, counts in self.store.tallies(rollout_id=rollout.id, step=rollout.step):
+            if arm in total:  # an arm a later release added is not this one's to judge
+                total[arm].add(Tally.from_json(counts))
+        return {arm: total[arm] for arm in ARMS}
 
     def archive(self, name: str, version: int) -> domain.VersionInfo:
         """Mark a version archived: never served again. Refused while an alias points at it."""

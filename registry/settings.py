@@ -661,6 +661,47 @@ class RolloutPolicy(BaseModel):
         "a last step at canary 100 promotes the candidate when it passes, a lower one holds there.",
     )
 
+    min_requests: int = Field(
+        200, ge=1, description="Requests the candidate answers (or shadows) in a step before it may advance."
+    )
+    min_seconds: float = Field(60.0, ge=0, description="Time a step lasts at least before it may advance.")
+    max_error_rate_increase: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Error rate the candidate may add to production's (5xx, broken streams).",
+    )
+    max_format_invalid_increase: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of answers that are not valid JSON the candidate may add, for adapters whose "
+        "training answers are JSON (their profile's JSON share at least half).",
+    )
+    max_negative_feedback_increase: float = Field(
+        0.05, ge=0, le=1, description="Negative-feedback rate the candidate may add (canary steps)."
+    )
+    min_ratings: int = Field(
+        30,
+        ge=1,
+        description="Ratings of canary answers below which negative feedback does not hold a step back "
+        "(a clearly worse rate still rolls back).",
+    )
+    max_p99_latency_ratio: float = Field(
+        1.5,
+        gt=0,
+        description="The candidate's p99 latency over a canary step, at most this times production's.",
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Coverage of the always-valid intervals the rate guards use."
+    )
+    effect_scale: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="The difference in rates the sequential test detects soonest (its mixture's spread).",
+    )
+
     @field_validator("steps")
     @classmethod
     def _steps_move(cls, steps: list[RolloutStep]) -> list[RolloutStep]:
@@ -678,6 +719,13 @@ class RolloutSettings(BaseModel):
     policies: dict[str, RolloutPolicy] = Field(
         default_factory=lambda: {"default": RolloutPolicy()},
         description="Named policies ([rollout.policies.NAME]); `default` unless --policy names one.",
+    )
+
+    interval_s: float = Field(
+        5.0, gt=0, description="How often a gateway's controller looks at its rollouts."
+    )
+    lease_ttl_s: float = Field(
+        20.0, gt=0, description="A controller that stops renewing its lease loses it after this long."
     )
 
     @model_validator(mode="after")

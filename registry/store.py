@@ -37,6 +37,7 @@ from loraflow.registry.models import (
     RateLease,
     RegistryState,
     Rollout,
+    RolloutTally,
     SlotLease,
     utcnow,
 )
@@ -782,6 +783,27 @@ class MetadataStore:
                 .values(controller=holder, lease_until=now + timedelta(seconds=ttl_s))
             )
             return bool(moved.rowcount == 1)  # type: ignore[attr-defined]
+
+    def put_tallies(
+        self, *, rollout_id: int, holder: str, step: int, counts: dict[str, dict[str, Any]]
+    ) -> None:
+        """Write what ``holder`` has counted so far in ``step``, per arm, over its earlier rows."""
+        with _transaction(self.engine) as s:
+            for arm, data in counts.items():
+                row = s.get(RolloutTally, (rollout_id, holder, step, arm))
+                if row is None:
+                    row = RolloutTally(rollout_id=rollout_id, holder=holder, step=step, arm=arm, counts=data)
+                else:
+                    row.counts, row.updated_at = data, utcnow()
+                s.add(row)
+
+    def tallies(self, *, rollout_id: int, step: int) -> list[tuple[str, dict[str, Any]]]:
+        """Every holder's (arm, counts) for one step of a rollout."""
+        with self._read() as s:
+            rows = s.exec(
+                select(RolloutTally).where(RolloutTally.rollout_id == rollout_id, RolloutTally.step == step)
+            ).all()
+            return [(row.arm, row.counts) for row in rows]
 
     # -- evaluations -------------------------------------------------------------
     def add_evaluation(

@@ -196,3 +196,25 @@ def test_one_controller_holds_the_lease_until_it_lapses(reg: Registry) -> None:
     assert reg.rollout("support").controller == "gw-b"  # type: ignore[union-attr]
     reg.abort_rollout("support")
     assert not reg.claim_rollout(rollout, holder="gw-b", ttl_s=5)  # an ended rollout has no controller
+
+
+def test_tallies_of_several_gateways_add_up_per_step_and_arm(reg: Registry) -> None:
+    from loraflow.registry.rollouts import Tally
+
+    rollout = reg.start_rollout("support", 2, steps=STEPS)
+    revision = reg.revision()
+    reg.put_tallies(
+        rollout, holder="gw-a", step=0, tallies={"production": Tally(requests=5), "shadow": Tally(requests=1)}
+    )
+    reg.put_tallies(
+        rollout, holder="gw-a", step=0, tallies={"production": Tally(requests=9, errors=1)}
+    )  # rewritten whole
+    reg.put_tallies(rollout, holder="gw-b", step=0, tallies={"production": Tally(requests=3)})
+    reg.put_tallies(
+        rollout, holder="gw-b", step=1, tallies={"candidate": Tally(requests=100)}
+    )  # another step
+    seen = reg.tallies(rollout)
+    assert (seen["production"].requests, seen["production"].errors) == (12, 1)
+    assert seen["shadow"].requests == 1 and seen["candidate"].requests == 0
+    assert reg.revision() == revision  # counting moves no routing
+    assert reg.tallies(reg.advance_rollout("support"))["candidate"].requests == 100

@@ -5,7 +5,8 @@ Revises: 0007
 
 One row per rollout of an adapter: its steps, the step it is at, its state, the decisions taken
 (with the figures each rests on), a compare-and-swap counter, and the lease of the gateway process
-that decides for it. Nothing existing changes: a database upgraded from 0007 has no rollouts.
+that decides for it; and `rollout_tally`, what each gateway process counted per step and arm,
+which the controller sums. Nothing existing changes: a database upgraded from 0007 has no rollouts.
 """
 
 from __future__ import annotations
@@ -44,9 +45,20 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('rollout', schema=None) as batch_op:
         batch_op.create_index('ix_rollout_adapter_state', ['adapter_id', 'state'], unique=False)
+    op.create_table('rollout_tally',
+    sa.Column('rollout_id', sa.Integer(), nullable=False),
+    sa.Column('holder', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('step', sa.Integer(), autoincrement=False, nullable=False),
+    sa.Column('arm', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('counts', sa.JSON(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['rollout_id'], ['rollout.id'], ),
+    sa.PrimaryKeyConstraint('rollout_id', 'holder', 'step', 'arm')
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('rollout_tally')
     with op.batch_alter_table('rollout', schema=None) as batch_op:
         batch_op.drop_index('ix_rollout_adapter_state')
     op.drop_table('rollout')
