@@ -13,6 +13,7 @@ the other figures are reported and not gated.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
@@ -35,6 +36,14 @@ LATENCY_EDGES: tuple[float, ...] = tuple(0.005 * 1.2**i for i in range(65))
 
 # Counters a tally holds (each a count of requests), besides the latency histograms.
 COUNTS = ("requests", "errors", "answered", "json_ok", "refusals", "rated", "negative")
+
+
+def split_point(rollout_id: int, key: str) -> float:
+    """Where ``key`` falls in [0, 100) for rollout ``rollout_id``: a request whose point is below the
+    canary's weight goes to the candidate. The same on every gateway (a hash, no state), sticky for
+    a key (an end user's ``user``), and salted by the rollout, so each rollout picks other users."""
+    digest = hashlib.sha256(f"{rollout_id}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100
 
 
 @dataclass
@@ -62,7 +71,9 @@ class Tally:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Tally:
-        tally = cls(**{name: int(data.get(name) or 0) for name in COUNTS})
+        tally = cls()
+        for name in COUNTS:
+            setattr(tally, name, int(data.get(name) or 0))
         for name in ("latency", "ttft"):
             counts = list(data.get(name) or [])
             if len(counts) == len(LATENCY_EDGES) + 1:

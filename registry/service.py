@@ -381,7 +381,7 @@ class Registry:
         return self.store.claim_rollout(rollout_id=rollout.id, holder=holder, ttl_s=ttl_s)
 
     def put_tallies(
-        self, rollout: domain.RolloutInfo, *, holder: str, step: int, tallies: dict[str, Tally]
+        self, rollout: domain.RolloutInfo, *, holder: str, step: int, tallies: dict[Arm, Tally]
     ) -> None:
         """Record what this gateway process (``holder``) counted in ``step`` so far, per arm."""
         self.store.put_tallies(

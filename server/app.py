@@ -35,6 +35,7 @@ from loraflow.server.models import api_router as models
 from loraflow.server.ratelimit import KeyLimiter
 from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
+from loraflow.server.rollouts import Rollouts
 from loraflow.server.routing import RoutingTable
 from loraflow.server.shared_metrics import SharedMetrics
 from loraflow.server.traffic.live import LiveDrift
@@ -153,6 +154,7 @@ def create_app(
     metrics = GatewayMetrics(
         routes, supervised, recorder=recorder, live=live, shared=shared_metrics, limiter=limiter
     )
+    rollouts = Rollouts(settings.rollout, registry, routes)
     gateway = Gateway(
         server,
         routes,
@@ -162,6 +164,7 @@ def create_app(
         recorder=recorder,
         live=live,
         limiter=limiter,
+        rollouts=rollouts,
     )
     recycler = (
         Recycler(
@@ -192,7 +195,7 @@ def create_app(
             raise
         if discovery is not None:
             await discovery.refresh(replicas)  # the first members before the first health check
-        loops = [routes.run()]
+        loops = [routes.run(), rollouts.run()]
         if discovery is not None:
             loops.append(discovery.run(replicas))
         if recycler is not None:
@@ -228,7 +231,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    app.state.feedback = FeedbackService(server, routes, recorder, live)
+    app.state.feedback = FeedbackService(server, routes, recorder, live, rollouts)
     app.state.startup_error = None
     app.state.supervised = list(supervised or [])
     app.state.recycler = recycler

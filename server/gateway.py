@@ -60,6 +60,7 @@ from loraflow.server.http import TimedStreamingResponse
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.ratelimit import Admission, KeyLimiter
 from loraflow.server.replicas import Replica, ReplicaSet
+from loraflow.server.rollouts import Rollouts
 from loraflow.server.routing import RoutingTable, Target
 from loraflow.server.traffic.live import LiveDrift
 from loraflow.server.traffic.recorder import Exchange, TrafficRecorder
@@ -81,6 +82,15 @@ _RECORDED_FIELDS = (
     "tool_choice",
 )
 log = logging.getLogger("loraflow.gateway")
+
+
+def split_key(body: dict[str, Any], key: domain.ApiKeyInfo | None, request_id: str) -> str:
+    """What a rollout's split hashes: the request's ``user`` (an end user stays on one side), else
+    the key and the request id (each request on its own)."""
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return f"user\x00{user}"
+    return f"request\x00{key.name if key else ''}\x00{request_id}"
 
 
 @dataclass
@@ -136,6 +146,7 @@ class _Call:
     key: domain.ApiKeyInfo | None = None
     admission: Admission | None = None  # what the key's limits charged it
     transcript: Transcript = field(default_factory=Transcript)
+    ttft_s: float | None = None  # a stream's first token, seconds after arrival
 
 
 @dataclass
@@ -160,6 +171,7 @@ class Gateway:
         recorder: TrafficRecorder | None = None,
         live: LiveDrift | None = None,
         limiter: KeyLimiter | None = None,
+        rollouts: Rollouts | None = None,
     ):
         self.settings = settings
         self.routes = routes
@@ -169,6 +181,7 @@ class Gateway:
         self.recorder = recorder
         self.live = live
         self.limiter = limiter
+        self.rollouts = rollouts
         self.in_flight = 0
         self._extras = frozenset(settings.engine_extra_fields)
 
@@ -253,7 +266,7 @@ class Gateway:
             body = call.body = await self._body(request, fields, call)
             if key is not None:  # before resolving: an unknown name and a forbidden one look alike
                 authorize_model(key, body["model"], self.routes.base_names)
-            target = self.routes.resolve(body["model"])
+            target = self.routes.resolve(body["model"], split_key=split_key(body, key, call.request_id))
             labels = (target.adapter or "-", f"v{target.version}" if target.version else "-")
             if key is not None and self.limiter is not None:
                 call.admission = await self.limiter.admit(
@@ -289,6 +302,15 @@ class Gateway:
         target = call.target
         if target is None or target.adapter is None or target.version is None:
             return  # the base model, or never got as far as a version
+        if self.rollouts is not None and target.rollout is not None:
+            self.rollouts.observe(
+                target,
+                status=status,
+                failed=error is not None and status < 400,
+                text=call.transcript.text,
+                latency_s=time.perf_counter() - call.started,
+                ttft_s=call.ttft_s,
+            )
         if status == 200 and error is None and self.live is not None:
             self.live.observe(target.adapter, target.version, call.transcript.text, call.transcript.usage)
         if self.recorder is None or not call.record:
@@ -446,7 +468,8 @@ class Gateway:
                     if out is None:
                         continue
                     if first_token:
-                        self.metrics.ttft.labels(*labels).observe(time.perf_counter() - started)
+                        call.ttft_s = time.perf_counter() - started
+                        self.metrics.ttft.labels(*labels).observe(call.ttft_s)
                         first_token = False
                     yield out + b"\n\n"
                 chunk = await anext(chunks, None)

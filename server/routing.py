@@ -33,6 +33,7 @@ from loraflow.registry.basemodel import template_matches
 from loraflow.registry.drift import Profile
 from loraflow.registry.errors import LoraflowError, NotFoundError, UnavailableError
 from loraflow.registry.refs import DEFAULT_ALIAS, parse_ref, version_ref
+from loraflow.registry.rollouts import Arm, split_point
 from loraflow.registry.service import Registry
 from loraflow.server.engine import cache
 from loraflow.server.engine.protocol import EngineDown
@@ -50,6 +51,8 @@ class Target:
     engine_model: str  # what the engine is asked for
     adapter: str | None = None
     version: int | None = None
+    rollout: domain.RolloutInfo | None = None  # the rollout whose split chose it (bare NAME only)
+    arm: Arm | None = None  # production or candidate, with a rollout
 
 
 @dataclass(frozen=True)
@@ -60,15 +63,15 @@ class Snapshot:
     keys: dict[str, domain.ApiKeyInfo] = field(default_factory=dict)  # sha256 -> active key
     profiles: dict[str, Profile] = field(default_factory=dict)  # "NAME@vN" -> training profile
     drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # "NAME@vN" -> latest drift report
+    rollouts: dict[str, domain.RolloutInfo] = field(default_factory=dict)  # adapter -> its active rollout
 
     @cached_property
     def aliased(self) -> set[str]:
-        """Engine names of every version an alias points at."""
-        return {
-            cache.engine_name_of(self.versions[version_ref(a.name, v)])
-            for a in self.adapters.values()
-            for v in a.aliases.values()
-        }
+        """Engine names of every version an alias points at, and of every rollout's candidate:
+        both are preloaded before the snapshot serves."""
+        refs = {version_ref(a.name, v) for a in self.adapters.values() for v in a.aliases.values()}
+        refs |= {r.candidate_ref for r in self.rollouts.values()}
+        return {cache.engine_name_of(self.versions[ref]) for ref in refs if ref in self.versions}
 
 
 def model_not_found(model: str) -> NotFoundError:
@@ -110,7 +113,10 @@ class RoutingTable:
         """What names the base model: its public id, and the engine's name for it."""
         return (self.base_model_id, self.engine_base_name)
 
-    def resolve(self, model: str) -> Target:
+    def resolve(self, model: str, *, split_key: str | None = None) -> Target:
+        """The version that answers ``model``. A bare ``NAME`` whose adapter is in rollout goes to the
+        candidate when ``split_key``'s point is below the canary's weight (:func:`split_point`);
+        ``NAME@vN`` and ``NAME:ALIAS`` name their version and bypass the split."""
         if model in self.base_names:
             return Target(public=self.base_model_id, engine_model=self.engine_base_name)
         snap = self.snapshot
@@ -121,8 +127,15 @@ class RoutingTable:
         adapter = snap.adapters.get(ref.name)
         if adapter is None:
             raise model_not_found(model)
+        rollout: domain.RolloutInfo | None = None
+        arm: Arm | None = None
         if ref.version is not None:
             version = ref.version
+        elif ref.alias is None and (rollout := snap.rollouts.get(ref.name)) is not None:
+            canary = rollout.current.canary
+            to_candidate = canary > 0 and split_point(rollout.id, split_key or "") < canary
+            arm = "candidate" if to_candidate else "production"
+            version = rollout.candidate if to_candidate else rollout.baseline
         else:
             alias = ref.alias or DEFAULT_ALIAS
             if alias not in adapter.aliases:
@@ -137,7 +150,14 @@ class RoutingTable:
         if info is None or info.status == "archived":
             state = "archived" if info else "unknown"
             raise NotFoundError(f"the model {model!r} does not exist: {name} is {state}", param="model")
-        return Target(public=name, engine_model=cache.engine_name_of(info), adapter=ref.name, version=version)
+        return Target(
+            public=name,
+            engine_model=cache.engine_name_of(info),
+            adapter=ref.name,
+            version=version,
+            rollout=rollout,
+            arm=arm,
+        )
 
     # -- placement ---------------------------------------------------------------
     def pinned(self, replica: Replica, snap: Snapshot | None = None) -> frozenset[str]:
@@ -169,8 +189,15 @@ class RoutingTable:
             if profile:
                 profiles[ref] = profile
         drift = {ref: info.report for ref, info in self.registry.drift_reports().items()}
+        rollouts = {r.adapter: r for r in self.registry.rollouts()}
         return Snapshot(
-            revision=revision, adapters=adapters, versions=versions, keys=keys, profiles=profiles, drift=drift
+            revision=revision,
+            adapters=adapters,
+            versions=versions,
+            keys=keys,
+            profiles=profiles,
+            drift=drift,
+            rollouts=rollouts,
         )
 
     def _profile(self, dataset: str) -> Profile | None:

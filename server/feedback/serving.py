@@ -21,6 +21,7 @@ from loraflow.registry.settings import ServerSettings
 from loraflow.server.auth import authenticate, may_rate
 from loraflow.server.body import json_object, read_capped
 from loraflow.server.feedback.protocol import FeedbackRequest, FeedbackResponse
+from loraflow.server.rollouts import Rollouts
 from loraflow.server.routing import RoutingTable
 from loraflow.server.traffic.live import LiveDrift
 from loraflow.server.traffic.recorder import Feedback, TrafficRecorder, unknown_request
@@ -42,11 +43,13 @@ class FeedbackService:
         routes: RoutingTable,
         recorder: TrafficRecorder | None,
         live: LiveDrift | None,
+        rollouts: Rollouts | None = None,
     ) -> None:
         self.settings = settings
         self.routes = routes
         self.recorder = recorder
         self.live = live
+        self.rollouts = rollouts
 
     async def handle(self, request: Request) -> FeedbackResponse:
         key = (
@@ -84,6 +87,8 @@ class FeedbackService:
                 request_id=body.request_id,
                 key=key.name if key else None,
             )
+        if self.rollouts is not None:
+            self.rollouts.observe_feedback(served.adapter, served.version, body.rating)
         return FeedbackResponse(
             request_id=body.request_id, model=version_ref(served.adapter, served.version), rating=body.rating
         )

@@ -1,0 +1,196 @@
+"""This gateway process's part in progressive delivery.
+
+Every gateway counts what each arm of a rollout's current step answered (:meth:`Rollouts.observe`,
+O(1) on the request path) and writes its counts to the registry every ``rollout.interval_s``.
+The one gateway process holding a rollout's controller lease then reads every gateway's counts,
+asks :func:`registry.rollouts.decide`, and acts: advance, or roll back, each a compare-and-swap on
+the rollout's ``seq`` with an audit event citing the figures. A gateway that dies stops renewing;
+another takes the lease over within ``rollout.lease_ttl_s`` and goes on from the registry's state,
+so a rollout survives gateway restarts. Which version answers a request is the routing table's
+concern (:meth:`RoutingTable.resolve`); this module only counts and decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from loraflow.registry import domain
+from loraflow.registry.drift import is_refusal_or_empty, json_valid
+from loraflow.registry.errors import ConflictError, LoraflowError, NotFoundError
+from loraflow.registry.refs import version_ref
+from loraflow.registry.rollouts import Arm, Decision, Tally, decide
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import RolloutSettings
+from loraflow.server.routing import RoutingTable, Target
+
+log = logging.getLogger("loraflow.rollouts")
+
+JSON_FORMAT_SHARE = 0.5  # a training split whose answers are at least this much JSON: format is gated
+
+
+@dataclass(frozen=True)
+class Acted:
+    """A decision this controller carried out, for logs and metrics."""
+
+    adapter: str
+    rollout: int
+    decision: Decision
+
+
+class Rollouts:
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        registry: Registry,
+        routes: RoutingTable,
+        *,
+        holder: str | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.routes = routes
+        self.holder = holder or uuid.uuid4().hex[:16]  # this gateway process
+        self.now = now
+        self.counts: dict[tuple[int, int, Arm], Tally] = {}  # (rollout id, step, arm) -> counts
+        self.acted: list[Acted] = []  # what this process decided, newest last (bounded)
+        self.decisions = 0
+
+    # -- counting (request path) ----------------------------------------------------
+    def _tally(self, rollout: domain.RolloutInfo, arm: Arm) -> Tally:
+        return self.counts.setdefault((rollout.id, rollout.step, arm), Tally())
+
+    def observe(
+        self,
+        target: Target,
+        *,
+        status: int,
+        failed: bool,
+        text: str,
+        latency_s: float,
+        ttft_s: float | None,
+    ) -> None:
+        """One finished request the split sent to ``target.arm``. ``failed``: a 5xx, or a stream that
+        broke; a client's own error (4xx) is not the version's and is not counted."""
+        if target.rollout is None or target.arm is None or (400 <= status < 500 and not failed):
+            return
+        tally = self._tally(target.rollout, target.arm)
+        tally.requests += 1
+        if failed or status >= 500:
+            tally.errors += 1
+        else:
+            tally.answered += 1
+            tally.json_ok += json_valid(text)
+            tally.refusals += is_refusal_or_empty(text)
+        tally.latency[Tally.bucket(latency_s)] += 1
+        tally.ttft[Tally.bucket(ttft_s if ttft_s is not None else latency_s)] += 1
+
+    def observe_feedback(self, adapter: str, version: int, rating: int) -> None:
+        """A rating of an answer of ``adapter``'s candidate or production version, while in rollout."""
+        rollout = self.routes.snapshot.rollouts.get(adapter)
+        if rollout is None or not rollout.current.canary:
+            return
+        arm: Arm | None = (
+            "candidate"
+            if version == rollout.candidate
+            else "production"
+            if version == rollout.baseline
+            else None
+        )
+        if arm is not None:
+            tally = self._tally(rollout, arm)
+            tally.rated += 1
+            tally.negative += rating < 0
+
+    # -- the loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        """Every ``rollout.interval_s``: write this process's counts, then decide for the rollouts
+        whose lease it holds. A registry hiccup is logged and tried again next round."""
+        while True:
+            try:
+                await asyncio.to_thread(self.tick)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("rollout round failed: %s", exc)
+            await asyncio.sleep(self.settings.interval_s)
+
+    def tick(self) -> list[Acted]:
+        """One round (blocking: the loop runs it in a thread)."""
+        self.flush()
+        acted = []
+        for rollout in self.registry.rollouts():
+            if not self.registry.claim_rollout(rollout, holder=self.holder, ttl_s=self.settings.lease_ttl_s):
+                continue  # another gateway decides for it
+            if rollout.state != "running":
+                continue  # paused: its weights stay, nothing moves on its own
+            done = self._decide(rollout)
+            if done is not None:
+                acted.append(done)
+        return acted
+
+    def flush(self) -> None:
+        """Write this process's counts for every rollout step it saw traffic of."""
+        by_step: dict[tuple[int, int], dict[Arm, Tally]] = {}
+        for (rollout_id, step, arm), tally in self.counts.items():
+            by_step.setdefault((rollout_id, step), {})[arm] = tally
+        active = {r.id: r for r in self.routes.snapshot.rollouts.values()}
+        for (rollout_id, step), tallies in by_step.items():
+            rollout = active.get(rollout_id)
+            if rollout is None:  # ended: its counts are of no further use
+                for arm in tallies:
+                    self.counts.pop((rollout_id, step, arm), None)
+                continue
+            self.registry.put_tallies(rollout, holder=self.holder, step=step, tallies=tallies)
+
+    def _format_gated(self, rollout: domain.RolloutInfo) -> bool:
+        profile = self.routes.snapshot.profiles.get(version_ref(rollout.adapter, rollout.baseline))
+        share = profile.json_share if profile is not None else None
+        return share is not None and share >= JSON_FORMAT_SHARE
+
+    def _decide(self, rollout: domain.RolloutInfo) -> Acted | None:
+        policy = self.settings.policies.get(rollout.policy)
+        if policy is None:
+            log.warning(
+                "rollout #%d of %s names policy %r, which this gateway's settings lack; using default",
+                rollout.id,
+                rollout.adapter,
+                rollout.policy,
+            )
+            policy = self.settings.policy("default")
+        decision = decide(
+            rollout,
+            self.registry.tallies(rollout),
+            policy,
+            now=self.now(),
+            format_gated=self._format_gated(rollout),
+        )
+        try:
+            if decision.action == "rollback":
+                self.registry.roll_back_rollout(
+                    rollout.adapter, reason=decision.reason, expect_seq=rollout.seq, figures=decision.figures
+                )
+            elif decision.action == "advance":
+                self.registry.advance_rollout(
+                    rollout.adapter, expect_seq=rollout.seq, figures=decision.figures
+                )
+            else:
+                return None  # wait or hold: nothing to record
+        except (ConflictError, NotFoundError) as exc:  # an operator or another controller acted first
+            log.info(
+                "rollout #%d of %s: %s not carried out: %s", rollout.id, rollout.adapter, decision.action, exc
+            )
+            return None
+        except LoraflowError as exc:
+            log.warning("rollout #%d of %s: %s failed: %s", rollout.id, rollout.adapter, decision.action, exc)
+            return None
+        log.info("rollout #%d of %s: %s (%s)", rollout.id, rollout.adapter, decision.action, decision.reason)
+        acted = Acted(rollout.adapter, rollout.id, decision)
+        self.acted = [*self.acted[-99:], acted]
+        self.decisions += 1
+        return acted
