@@ -195,12 +195,7 @@ class Registry:
         """Point ``alias`` at ``version``. A gated alias (``gate.aliases``) first checks the version's
         latest eval report; ``force`` with a ``reason`` overrides a refusal, and both are audited."""
         check_alias(alias)
-        if force and not (reason or "").strip():
-            raise InvalidArgumentError(
-                "--force needs --reason: say why the gate is overridden", param="reason"
-            )
-        if reason is not None and not force:
-            raise InvalidArgumentError("--reason goes with --force", param="reason")
+        _check_forced(force, reason)
         note: dict[str, Any] | None = {"forced": True, "reason": reason} if force else None
         condition: domain.AliasExpect = domain.AliasState.ANY if expect is None else expect
         if alias in self.settings.gate.aliases:
@@ -312,12 +307,7 @@ class Registry:
         """Start rolling ``version`` out from production, by ``steps`` (default: the policy's). The
         offline gate applies as for ``promote`` to production: a refusal is GateRefusedError unless
         ``force`` with a ``reason``; the decision is recorded with the rollout's start."""
-        if force and not (reason or "").strip():
-            raise InvalidArgumentError(
-                "--force needs --reason: say why the gate is overridden", param="reason"
-            )
-        if reason is not None and not force:
-            raise InvalidArgumentError("--reason goes with --force", param="reason")
+        _check_forced(force, reason)
         chosen = self.settings.rollout.policy(policy)
         production = self._alias_version(name, DEFAULT_ALIAS)
         decision = self._gate(name, version, alias=DEFAULT_ALIAS, production=production)
@@ -522,6 +512,14 @@ class Registry:
         """The JSONL file of one split of a registered dataset version, read from the artifact
         store and verified against the version's digest."""
         return self.artifacts.read_bytes(version.digest, f"{split}.jsonl")
+
+
+def _check_forced(force: bool, reason: str | None) -> None:
+    """Going past the gate needs a reason, and a reason only goes with going past it."""
+    if force and not (reason or "").strip():
+        raise InvalidArgumentError("--force needs --reason: say why the gate is overridden", param="reason")
+    if reason is not None and not force:
+        raise InvalidArgumentError("--reason goes with --force", param="reason")
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

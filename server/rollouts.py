@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from loraflow.registry import domain
-from loraflow.registry.drift import is_refusal_or_empty, json_valid
+from loraflow.registry.drift import answer
 from loraflow.registry.errors import ConflictError, LoraflowError, NotFoundError
 from loraflow.registry.refs import version_ref
 from loraflow.registry.rollouts import Arm, Decision, Tally, decide
@@ -35,7 +35,7 @@ JSON_FORMAT_SHARE = 0.5  # a training split whose answers are at least this much
 
 @dataclass(frozen=True)
 class Acted:
-    """A decision this controller carried out, for logs and metrics."""
+    """A decision this controller carried out (what :meth:`Rollouts.tick` returns)."""
 
     adapter: str
     rollout: int
@@ -58,8 +58,6 @@ class Rollouts:
         self.holder = holder or uuid.uuid4().hex[:16]  # this gateway process
         self.now = now
         self.counts: dict[tuple[int, int, Arm], Tally] = {}  # (rollout id, step, arm) -> counts
-        self.acted: list[Acted] = []  # what this process decided, newest last (bounded)
-        self.decisions = 0
 
     # -- counting (request path) ----------------------------------------------------
     def _tally(self, rollout: domain.RolloutInfo, arm: Arm) -> Tally:
@@ -84,9 +82,10 @@ class Rollouts:
         if failed or status >= 500:
             tally.errors += 1
         else:
+            checked = answer(text, None, at=0.0)  # drift's own checks of an answer, not a second set
             tally.answered += 1
-            tally.json_ok += json_valid(text)
-            tally.refusals += is_refusal_or_empty(text)
+            tally.json_ok += checked.json_ok
+            tally.refusals += checked.refusal
         tally.latency[Tally.bucket(latency_s)] += 1
         tally.ttft[Tally.bucket(ttft_s if ttft_s is not None else latency_s)] += 1
 
@@ -124,7 +123,9 @@ class Rollouts:
         """One round (blocking: the loop runs it in a thread)."""
         self.flush()
         acted = []
-        for rollout in self.registry.rollouts():
+        # The routing snapshot's rollouts (reloaded when the revision moves): a state it has not
+        # caught up with yet only makes a move lose its compare-and-swap, and no read is added.
+        for rollout in list(self.routes.snapshot.rollouts.values()):
             if not self.registry.claim_rollout(rollout, holder=self.holder, ttl_s=self.settings.lease_ttl_s):
                 continue  # another gateway decides for it
             if rollout.state != "running":
@@ -142,11 +143,11 @@ class Rollouts:
         active = {r.id: r for r in self.routes.snapshot.rollouts.values()}
         for (rollout_id, step), tallies in by_step.items():
             rollout = active.get(rollout_id)
-            if rollout is None:  # ended: its counts are of no further use
+            if rollout is not None:
+                self.registry.put_tallies(rollout, holder=self.holder, step=step, tallies=tallies)
+            if rollout is None or step < rollout.step:  # ended, or a step left behind: written for good
                 for arm in tallies:
                     self.counts.pop((rollout_id, step, arm), None)
-                continue
-            self.registry.put_tallies(rollout, holder=self.holder, step=step, tallies=tallies)
 
     def _format_gated(self, rollout: domain.RolloutInfo) -> bool:
         profile = self.routes.snapshot.profiles.get(version_ref(rollout.adapter, rollout.baseline))
@@ -190,7 +191,4 @@ class Rollouts:
             log.warning("rollout #%d of %s: %s failed: %s", rollout.id, rollout.adapter, decision.action, exc)
             return None
         log.info("rollout #%d of %s: %s (%s)", rollout.id, rollout.adapter, decision.action, decision.reason)
-        acted = Acted(rollout.adapter, rollout.id, decision)
-        self.acted = [*self.acted[-99:], acted]
-        self.decisions += 1
-        return acted
+        return Acted(rollout.adapter, rollout.id, decision)
