@@ -34,8 +34,11 @@ Verdict = Literal["pass", "fail", "pending", "insufficient"]
 # several gateways add up; quantiles of them would not.
 LATENCY_EDGES: tuple[float, ...] = tuple(0.005 * 1.2**i for i in range(65))
 
+# A baseline whose training answers are at least this much JSON has its candidates' format gated.
+JSON_FORMAT_SHARE = 0.5
+
 # Counters a tally holds (each a count of requests), besides the latency histograms.
-COUNTS = ("requests", "errors", "answered", "json_ok", "refusals", "rated", "negative")
+COUNTS = ("requests", "errors", "answered", "json_ok", "refusals", "truncated", "agreed", "rated", "negative")
 
 
 def split_point(rollout_id: int, key: str) -> float:
@@ -55,6 +58,8 @@ class Tally:
     answered: int = 0  # answered in full (what format validity and refusals are over)
     json_ok: int = 0
     refusals: int = 0
+    truncated: int = 0  # answers cut off at max_tokens (finish_reason "length"): the eval's `stopped`
+    agreed: int = 0  # shadow answers identical to production's answer to the same request
     rated: int = 0
     negative: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES) + 1))
@@ -96,6 +101,11 @@ class Tally:
             if seen >= q * total:
                 return LATENCY_EDGES[i] if i < len(LATENCY_EDGES) else None
         return None
+
+
+def format_gated(json_share: float | None) -> bool:
+    """Whether the format guard applies: the baseline's training split is mostly JSON answers."""
+    return json_share is not None and json_share >= JSON_FORMAT_SHARE
 
 
 def summed(tallies: Iterable[Tally]) -> Tally:
@@ -214,6 +224,17 @@ def figures_of(
                 policy=policy,
             )
         )
+    guards.append(
+        rate_guard(
+            "truncated",
+            cand.truncated,
+            cand.answered,
+            prod.truncated,
+            prod.answered,
+            margin=policy.max_truncated_increase,
+            policy=policy,
+        )
+    )
     if step.canary:  # users see a canary's answers, so they can rate them; not a shadow's
         guards.append(
             rate_guard(
@@ -234,6 +255,7 @@ def figures_of(
             "error_rate": t.errors / t.requests if t.requests else None,
             "json_valid": t.json_ok / t.answered if t.answered else None,
             "refusal_rate": t.refusals / t.answered if t.answered else None,
+            "truncated_rate": t.truncated / t.answered if t.answered else None,
             "negative_feedback": t.negative / t.rated if t.rated else None,
             "latency_p50_s": Tally.quantile(t.latency, 0.5),
             "latency_p99_s": Tally.quantile(t.latency, 0.99),
@@ -241,11 +263,14 @@ def figures_of(
             "ttft_p99_s": Tally.quantile(t.ttft, 0.99),
         }
 
-    return guards, {
+    reported: dict[str, Any] = {
         "candidate": arm(cand),
         "production": arm(prod),
         "arm": "canary" if step.canary else "shadow",
     }
+    if not step.canary:  # both answers of the same request: how often they are the same
+        reported["agreement"] = cand.agreed / cand.answered if cand.answered else None
+    return guards, reported
 
 
 def decide(
@@ -283,7 +308,12 @@ def decide(
             figures,
         )
     p99_c, p99_p = cand["latency_p99_s"], figures["production"]["latency_p99_s"]
-    slow = p99_c is not None and p99_p is not None and p99_c > p99_p * policy.max_p99_latency_ratio
+    slow = (
+        p99_c is not None
+        and p99_p is not None
+        and p99_c > p99_p * policy.max_p99_latency_ratio
+        and p99_c - p99_p > policy.p99_latency_slack_s
+    )
     if figures["arm"] == "canary" and slow:
         return Decision(
             "rollback",

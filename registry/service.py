@@ -10,9 +10,10 @@ artifact, never a version without its files.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from loraflow.registry.errors import (
 )
 from loraflow.registry.gate import GateDecision
 from loraflow.registry.refs import DEFAULT_ALIAS, Ref, check_alias, check_name, parse_ref
-from loraflow.registry.rollouts import ARMS, Arm, Tally
+from loraflow.registry.rollouts import ARMS, Arm, Decision, Tally, decide, format_gated
 from loraflow.registry.scopes import Scope
 from loraflow.registry.settings import Settings
 
@@ -309,6 +310,13 @@ class Registry:
         ``force`` with a ``reason``; the decision is recorded with the rollout's start."""
         _check_forced(force, reason)
         chosen = self.settings.rollout.policy(policy)
+        steps = steps or chosen.steps
+        if steps[0].canary >= 100:
+            raise InvalidArgumentError(
+                "a rollout that starts at canary 100% leaves production no traffic to compare the "
+                "candidate with: start lower (e.g. --canary 10), or use `adapters promote`",
+                param="canary",
+            )
         production = self._alias_version(name, DEFAULT_ALIAS)
         decision = self._gate(name, version, alias=DEFAULT_ALIAS, production=production)
         if not decision.passed and not force:
@@ -320,7 +328,7 @@ class Registry:
             name=name,
             candidate=version,
             policy=policy,
-            steps=builtins.list(steps or chosen.steps),
+            steps=builtins.list(steps),
             actor=self.actor,
             note=note,
         )
@@ -334,23 +342,40 @@ class Registry:
         return self.store.rollouts(name) if name is not None else self.store.active_rollouts()
 
     def advance_rollout(
-        self, name: str, *, expect_seq: int | None = None, figures: dict[str, Any] | None = None
+        self,
+        name: str,
+        *,
+        expect_seq: int | None = None,
+        figures: dict[str, Any] | None = None,
+        controller: str | None = None,
     ) -> domain.RolloutInfo:
-        """To the next step, or (from a last step at canary 100%) production to the candidate."""
-        return self.store.advance_rollout(name=name, expect_seq=expect_seq, actor=self.actor, figures=figures)
+        """To the next step, or (from a last step at canary 100%) production to the candidate.
+        ``controller``: the gateway's controller that decided it, recorded as the actor with ours."""
+        return self.store.advance_rollout(
+            name=name, expect_seq=expect_seq, actor=self._actor_for(controller), figures=figures
+        )
 
     def roll_back_rollout(
-        self, name: str, *, reason: str, expect_seq: int | None = None, figures: dict[str, Any] | None = None
+        self,
+        name: str,
+        *,
+        reason: str,
+        expect_seq: int | None = None,
+        figures: dict[str, Any] | None = None,
+        controller: str | None = None,
     ) -> domain.RolloutInfo:
         """End the rollout because the candidate failed its guards; production is unchanged."""
         return self.store.end_rollout(
             name=name,
             state="rolled_back",
             expect_seq=expect_seq,
-            actor=self.actor,
+            actor=self._actor_for(controller),
             reason=reason,
             figures=figures,
         )
+
+    def _actor_for(self, controller: str | None) -> str:
+        return f"{self.actor} (rollout controller {controller})" if controller else self.actor
 
     def abort_rollout(self, name: str, *, reason: str | None = None) -> domain.RolloutInfo:
         """End the rollout at an operator's word; production is unchanged."""
@@ -382,12 +407,42 @@ class Registry:
         )
 
     def tallies(self, rollout: domain.RolloutInfo) -> dict[Arm, Tally]:
-        """What every gateway counted in the rollout's current step, summed per arm."""
-        total: dict[str, Tally] = {arm: Tally() for arm in ARMS}
-        for arm, counts in self.store.tallies(rollout_id=rollout.id, step=rollout.step):
+        """What every gateway counted in the rollout's current step, summed per arm. At canary
+        100% production answers nothing in the step, so its arm is the latest earlier step's in
+        which it answered: the nearest window the candidate can be compared on."""
+        total = self._step_tallies(rollout.id, rollout.step)
+        if rollout.current.canary >= 100:
+            for step in range(rollout.step - 1, -1, -1):
+                earlier = self._step_tallies(rollout.id, step)["production"]
+                if earlier.requests:
+                    total["production"] = earlier
+                    break
+        return total
+
+    def rollout_verdict(self, rollout: domain.RolloutInfo, *, now: datetime | None = None) -> Decision:
+        """What the rollout's figures say now, as its controller would decide (``adapters rollout
+        status`` shows it). The policy is this process's settings' (the default if it lacks it)."""
+        policy = self.settings.rollout.policies.get(rollout.policy) or self.settings.rollout.policy("default")
+        share = None
+        baseline = self.get_version(rollout.adapter, rollout.baseline)
+        if baseline.dataset:
+            with contextlib.suppress(NotFoundError):
+                profile = self.get_dataset(baseline.dataset).profile
+                share = profile.json_share if profile is not None else None
+        return decide(
+            rollout,
+            self.tallies(rollout),
+            policy,
+            now=now or datetime.now(UTC),
+            format_gated=format_gated(share),
+        )
+
+    def _step_tallies(self, rollout_id: int, step: int) -> dict[Arm, Tally]:
+        total: dict[Arm, Tally] = {arm: Tally() for arm in ARMS}
+        for arm, counts in self.store.tallies(rollout_id=rollout_id, step=step):
             if arm in total:  # an arm a later release added is not this one's to judge
                 total[arm].add(Tally.from_json(counts))
-        return {arm: total[arm] for arm in ARMS}
+        return total
 
     def archive(self, name: str, version: int) -> domain.VersionInfo:
         """Mark a version archived: never served again. Refused while an alias points at it."""

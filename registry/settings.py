@@ -681,6 +681,13 @@ class RolloutPolicy(BaseModel):
     max_negative_feedback_increase: float = Field(
         0.05, ge=0, le=1, description="Negative-feedback rate the candidate may add (canary steps)."
     )
+    max_truncated_increase: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of answers cut off at max_tokens the candidate may add: the eval's `stopped` "
+        "scorer, live.",
+    )
     min_ratings: int = Field(
         30,
         ge=1,
@@ -691,6 +698,12 @@ class RolloutPolicy(BaseModel):
         1.5,
         gt=0,
         description="The candidate's p99 latency over a canary step, at most this times production's.",
+    )
+    p99_latency_slack_s: float = Field(
+        0.05,
+        ge=0,
+        description="A p99 this much above production's or less never fails the latency guard, whatever "
+        "the ratio: below it, a p99 of a few milliseconds is scheduling noise.",
     )
     confidence: float = Field(
         0.95, gt=0.5, lt=1, description="Coverage of the always-valid intervals the rate guards use."
@@ -726,6 +739,15 @@ class RolloutSettings(BaseModel):
     )
     lease_ttl_s: float = Field(
         20.0, gt=0, description="A controller that stops renewing its lease loses it after this long."
+    )
+    shadow_max_in_flight: int = Field(
+        4,
+        ge=1,
+        description="Shadow calls one gateway keeps in flight per engine replica; past it, and on a "
+        "replica that is saturated with clients' requests, shadows are dropped and counted.",
+    )
+    shadow_timeout_s: float = Field(
+        120.0, gt=0, description="A shadow call still unanswered after this long is counted as an error."
     )
 
     @model_validator(mode="after")

@@ -218,3 +218,47 @@ def test_tallies_of_several_gateways_add_up_per_step_and_arm(reg: Registry) -> N
     assert seen["shadow"].requests == 1 and seen["candidate"].requests == 0
     assert reg.revision() == revision  # counting moves no routing
     assert reg.tallies(reg.advance_rollout("support"))["candidate"].requests == 100
+
+
+CRASH = """
+import os, sys
+from pathlib import Path
+from loraflow.registry.service import Registry
+from loraflow.registry.settings import Settings
+from loraflow.registry.store import MetadataStore
+
+home, url = sys.argv[1], sys.argv[2]
+decide = MetadataStore._decide
+
+def crash(self, tx, row, adapter, action, **kw):
+    if action == "succeed":  # production has moved in this transaction; it never commits
+        os._exit(9)
+    return decide(self, tx, row, adapter, action, **kw)
+
+MetadataStore._decide = crash
+reg = Registry.open(Settings(home=Path(home), database_url=url))
+r = reg.rollout("support")
+reg.advance_rollout("support", expect_seq=r.seq)
+"""
+
+
+def test_a_controller_that_dies_mid_move_leaves_production_and_the_rollout_as_they_were(
+    reg: Registry, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    reg.start_rollout("support", 2, steps=[RolloutStep(canary=50), RolloutStep(canary=100)])
+    at_last = reg.advance_rollout("support", expect_seq=1)
+    revision = reg.revision()
+    url = reg.settings.resolved_database_url
+    done = subprocess.run(
+        [sys.executable, "-c", CRASH, str(reg.settings.home), url], capture_output=True, timeout=120
+    )
+    assert done.returncode == 9, done.stderr.decode()[-2000:]  # it died inside the transaction
+    after = reg.rollout("support")
+    assert after == at_last  # still at its last step, same seq: nothing of the move was kept
+    assert reg.get("support").aliases["production"] == 1 and reg.revision() == revision
+    assert not [e for e in reg.history("support").events if e.action == "rollout.succeed"]
+    done_now = reg.advance_rollout("support", expect_seq=at_last.seq)  # another controller goes on
+    assert done_now.state == "succeeded" and reg.get("support").aliases["production"] == 2

@@ -102,6 +102,7 @@ def test_a_good_canary_advances_once_its_minimums_are_met() -> None:
     assert {g["name"]: g["verdict"] for g in ready.figures["guards"]} == {
         "error_rate": "pass",
         "format_invalid": "pass",
+        "truncated": "pass",
         "negative_feedback": "insufficient",  # nobody rated the canary: it does not hold the step back
     }
     rated = tally(500)
@@ -144,6 +145,28 @@ def test_a_slow_canary_is_rolled_back_at_the_end_of_its_step() -> None:
     assert decision.action == "rollback" and decision.reason.startswith("latency:")
 
 
+def test_milliseconds_of_scheduling_noise_are_not_a_slow_canary() -> None:
+    """3 ms against 20 ms is a ratio of 7 but 17 ms of difference: under p99_latency_slack_s."""
+    tallies = {"production": tally(2000, latency_s=0.003), "candidate": tally(500, latency_s=0.02)}
+    assert (
+        decide(CANARY, tallies, POLICY, now=T0 + timedelta(seconds=60), format_gated=True).action == "advance"
+    )
+    slow = {"production": tally(2000, latency_s=0.003), "candidate": tally(500, latency_s=0.2)}
+    assert (
+        decide(CANARY, slow, POLICY, now=T0 + timedelta(seconds=60), format_gated=True).action == "rollback"
+    )
+
+
+def test_answers_cut_off_at_max_tokens_roll_back_like_the_evals_stopped_scorer() -> None:
+    cut = tally(500)
+    cut.truncated = 100  # one answer in five hits max_tokens; production's never do
+    decision = decide(
+        CANARY, {"production": tally(2000), "candidate": cut}, POLICY, now=T0, format_gated=False
+    )
+    assert decision.action == "rollback" and decision.reason.startswith("truncated")
+    assert decision.figures["candidate"]["truncated_rate"] == 0.2
+
+
 def test_a_last_step_below_100_holds_and_a_shadow_step_is_judged_on_shadow_answers() -> None:
     held = rollout([RolloutStep(canary=20)])
     tallies = {"production": tally(2000), "candidate": tally(500)}
@@ -155,6 +178,7 @@ def test_a_last_step_below_100_holds_and_a_shadow_step_is_judged_on_shadow_answe
     assert [g["name"] for g in decision.figures["guards"]] == [
         "error_rate",
         "format_invalid",
+        "truncated",
     ]  # no ratings in shadow
 
 
