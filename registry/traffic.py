@@ -43,7 +43,7 @@ _PARTITION = re.compile(r"adapter=(?P<adapter>[^/]+)/date=(?P<date>\d{4}-\d{2}-\
 _REQUEST_ID = re.compile(r"^req-(?P<date>\d{8})-[0-9a-f]{32}$")
 # The fields of a record that hold what people wrote or models answered: each is redacted whole.
 FREE_TEXT: dict[Kind, tuple[str, ...]] = {
-    "requests": ("request", "response"),
+    "requests": ("request", "response", "shadow"),  # shadow: a rollout candidate's answer
     "feedback": ("correction", "comment"),
 }
 _SEALED = object()

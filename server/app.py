@@ -37,6 +37,7 @@ from loraflow.server.recycle import Recycler
 from loraflow.server.replicas import ReplicaSet
 from loraflow.server.rollouts import Rollouts
 from loraflow.server.routing import RoutingTable
+from loraflow.server.shadow import Shadow
 from loraflow.server.shared_metrics import SharedMetrics
 from loraflow.server.traffic.live import LiveDrift
 from loraflow.server.traffic.recorder import TrafficRecorder
@@ -151,10 +152,17 @@ def create_app(
     )
     live = LiveDrift(settings.drift)
     limiter = KeyLimiter(server, registry) if server.auth else None  # limits belong to keys
-    metrics = GatewayMetrics(
-        routes, supervised, recorder=recorder, live=live, shared=shared_metrics, limiter=limiter
-    )
     rollouts = Rollouts(settings.rollout, registry, routes)
+    shadow = Shadow(settings.rollout, routes, replicas, rollouts, recorder)
+    metrics = GatewayMetrics(
+        routes,
+        supervised,
+        recorder=recorder,
+        live=live,
+        shared=shared_metrics,
+        limiter=limiter,
+        rollouts=(rollouts, shadow),
+    )
     gateway = Gateway(
         server,
         routes,
@@ -165,6 +173,7 @@ def create_app(
         live=live,
         limiter=limiter,
         rollouts=rollouts,
+        shadow=shadow,
     )
     recycler = (
         Recycler(
@@ -214,6 +223,7 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await shadow.aclose()  # the pairs in flight, before the recorder's last write
             if recorder is not None:
                 await asyncio.to_thread(recorder.close)  # writes what is queued, or counts it lost
             await replicas.aclose()
@@ -232,6 +242,7 @@ def create_app(
     )
     app.state.gateway = gateway
     app.state.feedback = FeedbackService(server, routes, recorder, live, rollouts)
+    app.state.rollouts = rollouts
     app.state.startup_error = None
     app.state.supervised = list(supervised or [])
     app.state.recycler = recycler

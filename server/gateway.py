@@ -62,8 +62,10 @@ from loraflow.server.ratelimit import Admission, KeyLimiter
 from loraflow.server.replicas import Replica, ReplicaSet
 from loraflow.server.rollouts import Rollouts
 from loraflow.server.routing import RoutingTable, Target
+from loraflow.server.shadow import Shadow
 from loraflow.server.traffic.live import LiveDrift
 from loraflow.server.traffic.recorder import Exchange, TrafficRecorder
+from loraflow.server.transcript import Transcript
 
 MODEL_HEADER = "x-loraflow-model"
 REQUEST_ID_HEADER = "x-request-id"
@@ -94,44 +96,6 @@ def split_key(body: dict[str, Any], key: domain.ApiKeyInfo | None, request_id: s
 
 
 @dataclass
-class Transcript:
-    """The answer of one request, per choice, from the engine's JSON or assembled from its stream
-    events as they are relayed (no extra pass over the engine)."""
-
-    choices: dict[int, dict[str, Any]] = field(default_factory=dict)
-    usage: dict[str, Any] | None = None
-
-    def _choice(self, index: int) -> dict[str, Any]:
-        return self.choices.setdefault(index, {"index": index, "content": "", "finish_reason": None})
-
-    def add_response(self, data: dict[str, Any]) -> None:
-        for c in data.get("choices") or []:
-            choice = self._choice(int(c.get("index") or 0))
-            message = c.get("message")
-            choice["content"] = (message or {}).get("content") if isinstance(message, dict) else c.get("text")
-            choice["content"] = choice["content"] or ""
-            choice["finish_reason"] = c.get("finish_reason")
-        self.usage = data.get("usage") or self.usage
-
-    def add_chunk(self, data: dict[str, Any]) -> None:
-        for c in data.get("choices") or []:
-            choice = self._choice(int(c.get("index") or 0))
-            delta = c.get("delta")
-            piece = (delta or {}).get("content") if isinstance(delta, dict) else c.get("text")
-            if piece:
-                choice["content"] += piece
-            if c.get("finish_reason"):
-                choice["finish_reason"] = c["finish_reason"]
-        if data.get("usage"):
-            self.usage = data["usage"]
-
-    @property
-    def text(self) -> str:
-        first = self.choices.get(0)
-        return str(first["content"]) if first else ""
-
-
-@dataclass
 class _Call:
     """One request, from its arrival to its last byte: what recording and drift need."""
 
@@ -147,6 +111,7 @@ class _Call:
     admission: Admission | None = None  # what the key's limits charged it
     transcript: Transcript = field(default_factory=Transcript)
     ttft_s: float | None = None  # a stream's first token, seconds after arrival
+    split_key: str = ""  # what a rollout's split and shadow share hash (see split_key())
 
 
 @dataclass
@@ -172,6 +137,7 @@ class Gateway:
         live: LiveDrift | None = None,
         limiter: KeyLimiter | None = None,
         rollouts: Rollouts | None = None,
+        shadow: Shadow | None = None,
     ):
         self.settings = settings
         self.routes = routes
@@ -182,6 +148,7 @@ class Gateway:
         self.live = live
         self.limiter = limiter
         self.rollouts = rollouts
+        self.shadow = shadow
         self.in_flight = 0
         self._extras = frozenset(settings.engine_extra_fields)
 
@@ -266,7 +233,8 @@ class Gateway:
             body = call.body = await self._body(request, fields, call)
             if key is not None:  # before resolving: an unknown name and a forbidden one look alike
                 authorize_model(key, body["model"], self.routes.base_names)
-            target = self.routes.resolve(body["model"], split_key=split_key(body, key, call.request_id))
+            call.split_key = split_key(body, key, call.request_id)
+            target = self.routes.resolve(body["model"], split_key=call.split_key)
             labels = (target.adapter or "-", f"v{target.version}" if target.version else "-")
             if key is not None and self.limiter is not None:
                 call.admission = await self.limiter.admit(
@@ -308,14 +276,16 @@ class Gateway:
                 status=status,
                 failed=error is not None and status < 400,
                 text=call.transcript.text,
+                finish_reason=call.transcript.finish_reason,
                 latency_s=time.perf_counter() - call.started,
                 ttft_s=call.ttft_s,
             )
-        if status == 200 and error is None and self.live is not None:
+        served = status == 200 and error is None
+        if served and self.live is not None:
             self.live.observe(target.adapter, target.version, call.transcript.text, call.transcript.usage)
-        if self.recorder is None or not call.record:
-            return
-        self.recorder.offer(
+        if not call.record:
+            return  # opted out: neither recorded nor shadowed
+        exchange = (
             Exchange(
                 request_id=call.request_id,
                 at=call.at,
@@ -332,7 +302,24 @@ class Gateway:
                 key=call.key.name if call.key else None,
                 size_bytes=call.body_bytes + sum(len(c["content"]) for c in call.transcript.choices.values()),
             )
+            if self.recorder is not None
+            else None
         )
+        shadow_target = self.routes.shadow_of(target, call.split_key) if served and self.shadow else None
+        if (
+            shadow_target is not None
+            and self.shadow is not None
+            and self.shadow.offer(
+                shadow_target,
+                path=call.endpoint,
+                body=call.body,
+                production=call.transcript,
+                exchange=exchange,
+            )
+        ):
+            return  # recorded with the candidate's answer beside production's, once it arrives
+        if exchange is not None and self.recorder is not None:
+            self.recorder.offer(exchange)
 
     async def _serve(
         self,

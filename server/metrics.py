@@ -23,7 +23,9 @@ from prometheus_client.registry import Collector
 from loraflow.registry.refs import parse_ref
 from loraflow.server.engine.supervisor import EngineProcess
 from loraflow.server.ratelimit import KeyLimiter
+from loraflow.server.rollouts import Rollouts
 from loraflow.server.routing import RoutingTable
+from loraflow.server.shadow import Shadow
 from loraflow.server.traffic.live import DriftCollector, LiveDrift
 from loraflow.server.traffic.recorder import DropReason, TrafficRecorder
 
@@ -199,6 +201,67 @@ class LimiterCollector(Collector):
         yield leases
 
 
+class RolloutCollector(Collector):
+    """Progressive delivery: each active rollout's step and weights (from the routing snapshot, the
+    same on every gateway), what this gateway counted per arm, the moves its controller made, and
+    its shadow calls and drops. ``loraflow_rollout_decisions_total{action="rollback"}`` is what the
+    chart's PrometheusRule alerts on."""
+
+    def __init__(self, routes: RoutingTable, rollouts: Rollouts, shadow: Shadow) -> None:
+        self.routes = routes
+        self.rollouts = rollouts
+        self.shadow = shadow
+
+    def collect(self) -> Iterator[Metric]:
+        step = GaugeMetricFamily(
+            "loraflow_rollout_step",
+            "The step (1-based) each active rollout is at; labelled with its candidate and baseline.",
+            labels=["adapter", "candidate", "baseline", "state"],
+        )
+        weight = GaugeMetricFamily(
+            "loraflow_rollout_weight_percent",
+            "The current step's weights: canary (share of requests answered by the candidate) and "
+            "shadow (share of production's requests also sent to it).",
+            labels=["adapter", "kind"],
+        )
+        for rollout in self.routes.snapshot.rollouts.values():
+            step.add_metric(
+                [rollout.adapter, f"v{rollout.candidate}", f"v{rollout.baseline}", rollout.state],
+                float(rollout.step + 1),
+            )
+            weight.add_metric([rollout.adapter, "canary"], rollout.current.canary)
+            weight.add_metric([rollout.adapter, "shadow"], rollout.current.shadow)
+        requests = CounterMetricFamily(
+            "loraflow_rollout_requests",
+            "Requests of a rollout this gateway counted, by arm (production, candidate, shadow) and "
+            "outcome (error: a 5xx or broken stream; for shadow, any error).",
+            labels=["adapter", "arm", "outcome"],
+        )
+        for (adapter, arm, outcome), count in sorted(self.rollouts.observed.items()):
+            requests.add_metric([adapter, arm, outcome], float(count))
+        decisions = CounterMetricFamily(
+            "loraflow_rollout_decisions",
+            "Moves this gateway's controller made on its own: advance, or rollback (the candidate "
+            "failed a guard; production is unchanged).",
+            labels=["adapter", "action"],
+        )
+        for (adapter, action), count in sorted(self.rollouts.decisions.items()):
+            decisions.add_metric([adapter, action], float(count))
+        dropped = CounterMetricFamily(
+            "loraflow_rollout_shadow_dropped",
+            "Shadow calls not made: replica_busy (rollout.shadow_max_in_flight reached on the replica), "
+            "saturated (the replica is full of clients' requests), no_replica.",
+            labels=["adapter", "reason"],
+        )
+        for (adapter, reason), count in sorted(self.shadow.dropped.items()):
+            dropped.add_metric([adapter, reason], float(count))
+        in_flight = GaugeMetricFamily(
+            "loraflow_rollout_shadow_in_flight", "Shadow calls this gateway has in flight."
+        )
+        in_flight.add_metric([], float(sum(self.shadow.in_flight.values())))
+        yield from (step, weight, requests, decisions, dropped, in_flight)
+
+
 class GatewayMetrics:
     def __init__(
         self,
@@ -209,6 +272,7 @@ class GatewayMetrics:
         live: LiveDrift | None = None,
         shared: SharedMetrics | None = None,
         limiter: KeyLimiter | None = None,
+        rollouts: tuple[Rollouts, Shadow] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()  # everything, as one process exports it
         self.state = CollectorRegistry()  # the scrape-time collectors alone
@@ -224,6 +288,8 @@ class GatewayMetrics:
             collectors.append(
                 DriftCollector(live, lambda: routes.snapshot.profiles, lambda: routes.snapshot.drift)
             )
+        if rollouts is not None:
+            collectors.append(RolloutCollector(routes, *rollouts))
         for collector in collectors:
             self.registry.register(collector)
             self.state.register(collector)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,14 +24,12 @@ from loraflow.registry import domain
 from loraflow.registry.drift import answer
 from loraflow.registry.errors import ConflictError, LoraflowError, NotFoundError
 from loraflow.registry.refs import version_ref
-from loraflow.registry.rollouts import Arm, Decision, Tally, decide
+from loraflow.registry.rollouts import Arm, Decision, Tally, decide, format_gated
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import RolloutSettings
 from loraflow.server.routing import RoutingTable, Target
 
 log = logging.getLogger("loraflow.rollouts")
-
-JSON_FORMAT_SHARE = 0.5  # a training split whose answers are at least this much JSON: format is gated
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,10 @@ class Rollouts:
         self.holder = holder or uuid.uuid4().hex[:16]  # this gateway process
         self.now = now
         self.counts: dict[tuple[int, int, Arm], Tally] = {}  # (rollout id, step, arm) -> counts
+        # For /metrics (this process's, since it started): requests per (adapter, arm, ok|error),
+        # and the moves this controller made per (adapter, action).
+        self.observed: Counter[tuple[str, Arm, str]] = Counter()
+        self.decisions: Counter[tuple[str, str]] = Counter()
 
     # -- counting (request path) ----------------------------------------------------
     def _tally(self, rollout: domain.RolloutInfo, arm: Arm) -> Tally:
@@ -70,22 +73,29 @@ class Rollouts:
         status: int,
         failed: bool,
         text: str,
+        finish_reason: str | None,
         latency_s: float,
         ttft_s: float | None,
+        agreed: bool = False,
     ) -> None:
-        """One finished request the split sent to ``target.arm``. ``failed``: a 5xx, or a stream that
-        broke; a client's own error (4xx) is not the version's and is not counted."""
+        """One finished request the split sent to ``target.arm`` (or a shadow call: ``agreed`` says
+        its answer was production's, word for word). ``failed``: a 5xx, or a stream that broke; a
+        client's own error (4xx) is not the version's and is not counted."""
         if target.rollout is None or target.arm is None or (400 <= status < 500 and not failed):
             return
         tally = self._tally(target.rollout, target.arm)
         tally.requests += 1
-        if failed or status >= 500:
+        error = failed or status >= 500
+        self.observed[(target.rollout.adapter, target.arm, "error" if error else "ok")] += 1
+        if error:
             tally.errors += 1
         else:
             checked = answer(text, None, at=0.0)  # drift's own checks of an answer, not a second set
             tally.answered += 1
             tally.json_ok += checked.json_ok
             tally.refusals += checked.refusal
+            tally.truncated += finish_reason == "length"
+            tally.agreed += agreed
         tally.latency[Tally.bucket(latency_s)] += 1
         tally.ttft[Tally.bucket(ttft_s if ttft_s is not None else latency_s)] += 1
 
@@ -151,8 +161,7 @@ class Rollouts:
 
     def _format_gated(self, rollout: domain.RolloutInfo) -> bool:
         profile = self.routes.snapshot.profiles.get(version_ref(rollout.adapter, rollout.baseline))
-        share = profile.json_share if profile is not None else None
-        return share is not None and share >= JSON_FORMAT_SHARE
+        return format_gated(profile.json_share if profile is not None else None)
 
     def _decide(self, rollout: domain.RolloutInfo) -> Acted | None:
         policy = self.settings.policies.get(rollout.policy)
@@ -174,11 +183,15 @@ class Rollouts:
         try:
             if decision.action == "rollback":
                 self.registry.roll_back_rollout(
-                    rollout.adapter, reason=decision.reason, expect_seq=rollout.seq, figures=decision.figures
+                    rollout.adapter,
+                    reason=decision.reason,
+                    expect_seq=rollout.seq,
+                    figures=decision.figures,
+                    controller=self.holder,
                 )
             elif decision.action == "advance":
                 self.registry.advance_rollout(
-                    rollout.adapter, expect_seq=rollout.seq, figures=decision.figures
+                    rollout.adapter, expect_seq=rollout.seq, figures=decision.figures, controller=self.holder
                 )
             else:
                 return None  # wait or hold: nothing to record
@@ -190,5 +203,6 @@ class Rollouts:
         except LoraflowError as exc:
             log.warning("rollout #%d of %s: %s failed: %s", rollout.id, rollout.adapter, decision.action, exc)
             return None
+        self.decisions[(rollout.adapter, decision.action)] += 1
         log.info("rollout #%d of %s: %s (%s)", rollout.id, rollout.adapter, decision.action, decision.reason)
         return Acted(rollout.adapter, rollout.id, decision)

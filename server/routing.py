@@ -52,7 +52,7 @@ class Target:
     adapter: str | None = None
     version: int | None = None
     rollout: domain.RolloutInfo | None = None  # the rollout whose split chose it (bare NAME only)
-    arm: Arm | None = None  # production or candidate, with a rollout
+    arm: Arm | None = None  # production or candidate, with a rollout; shadow for a shadow call
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,27 @@ class RoutingTable:
             version=version,
             rollout=rollout,
             arm=arm,
+        )
+
+    def shadow_of(self, target: Target, split_key: str) -> Target | None:
+        """The candidate to shadow a request to, when ``target`` is production's side of a rollout
+        whose step shadows and ``split_key`` falls in the shadowed share (a point of its own,
+        salted apart from the canary's, so the shadowed share is not one end of the canary's)."""
+        rollout = target.rollout
+        if rollout is None or target.arm != "production" or rollout.current.shadow <= 0:
+            return None
+        if split_point(rollout.id, f"shadow\x00{split_key}") >= rollout.current.shadow:
+            return None
+        info = self.snapshot.versions.get(rollout.candidate_ref)
+        if info is None or info.status == "archived":
+            return None
+        return Target(
+            public=rollout.candidate_ref,
+            engine_model=cache.engine_name_of(info),
+            adapter=rollout.adapter,
+            version=rollout.candidate,
+            rollout=rollout,
+            arm="shadow",
         )
 
     # -- placement ---------------------------------------------------------------

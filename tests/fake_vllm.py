@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loraflow.registry.service import Registry
-from loraflow.registry.settings import ServerSettings, Settings, TrafficSettings
+from loraflow.registry.settings import RolloutSettings, ServerSettings, Settings, TrafficSettings
 from loraflow.server.app import create_app
 from loraflow.server.embedded import serve_in_thread
 from loraflow.server.engine.cache import engine_name_of, parse_engine_name
@@ -51,6 +51,8 @@ class FakeVLLM:
     resolved: list[str] = field(default_factory=list)  # every load, in order
     load_delay_s: float = 0.0  # how long a load of a name it does not hold takes
     answer: Callable[[dict[str, Any]], str] | None = None  # request body -> reply; default "from URL"
+    fail_if: Callable[[dict[str, Any]], bool] | None = None  # request body -> answer it with a 500
+    delay: Callable[[dict[str, Any]], float] | None = None  # request body -> seconds before answering
     usage: Any = field(
         default_factory=lambda: {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     )
@@ -92,12 +94,14 @@ class FakeVLLM:
         if path == "/v1/unload_lora_adapter":
             self.loaded.discard(body["lora_name"])
             return httpx.Response(200, text="ok")
+        if self.delay is not None:
+            await asyncio.sleep(self.delay(body))
         return self._complete(request, body)
 
     def _complete(self, request: httpx.Request, body: dict[str, Any]) -> httpx.Response:
         model = body["model"]
         self.requests.append(body)
-        if self.fail == "500":
+        if self.fail == "500" or (self.fail_if is not None and self.fail_if(body)):
             return httpx.Response(500, json={"error": {"message": "CUDA error: an illegal memory access"}})
         if self.fail == "html500":
             return httpx.Response(500, text="<html>Internal Server Error</html>")
@@ -188,7 +192,12 @@ def wait(predicate: Any, what: str, timeout_s: float = 10) -> None:
 
 
 def gateway(
-    s: Setup, n_replicas: int = 1, *, traffic: dict[str, Any] | None = None, **server: Any
+    s: Setup,
+    n_replicas: int = 1,
+    *,
+    traffic: dict[str, Any] | None = None,
+    rollout: RolloutSettings | None = None,
+    **server: Any,
 ) -> TestClient:
     s.engines = [FakeVLLM(f"http://replica-{i}", str(s.base)) for i in range(n_replicas)]
     validated = ServerSettings.model_validate(s.settings.server.model_dump() | server)
@@ -197,6 +206,8 @@ def gateway(
     # would cost each test seconds. The process writer has tests of its own (test_traffic_writer).
     traffic = {"writer": "thread"} | (traffic or {})
     update["traffic"] = TrafficSettings.model_validate(s.settings.traffic.model_dump() | traffic)
+    if rollout is not None:
+        update["rollout"] = rollout
     settings = s.settings.model_copy(update=update)
     app = create_app(
         settings,

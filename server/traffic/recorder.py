@@ -95,13 +95,17 @@ class Exchange:
     error: str | None = None  # the error code, for a failed request
     key: str | None = None  # the API key's name, never the key
     size_bytes: int = 0  # what the gateway received and answered, in bytes: the record's size, about
+    # A rollout's candidate's answer to the same request, never returned to the client (shadow):
+    # version, response, status, latency_s, error. Redacted with the rest; datasets never read it.
+    shadow: dict[str, Any] | None = None
 
     @property
     def served(self) -> Served:
         return Served(self.adapter, self.version, self.key)
 
     def record(self, *, sampled: bool) -> dict[str, Any]:
-        return {
+        shadow = {"shadow": self.shadow} if self.shadow is not None else {}
+        return shadow | {
             "request_id": self.request_id,
             "at": self.at.isoformat(),
             "adapter": self.adapter,
@@ -115,7 +119,7 @@ class Exchange:
             "error": self.error,
             "stream": self.stream,
             "key": self.key,
-            "sampled": sampled,  # False: kept because feedback rescued it
+            "sampled": sampled,  # False: kept because feedback rescued it, or because it was shadowed
         }
 
 
@@ -180,13 +184,18 @@ class TrafficRecorder:
 
     # -- the event loop's side: O(1), never waits ---------------------------------
     def offer(self, exchange: Exchange) -> bool:
-        """Take a finished exchange. True if it was queued to be written now."""
+        """Take a finished exchange. True if it was queued to be written now. A shadowed exchange
+        (a rollout's pair of answers) is written whatever the sampling rate: the pair is what the
+        rollout is scored on."""
         rate = self.settings.rate_for(exchange.adapter)
-        if rate <= 0:
+        if rate <= 0 and exchange.shadow is None:
             return False  # sampling is off for this adapter: nothing is kept, errors included
         if exchange.size_bytes > self.settings.record_max_bytes:
             self._refused["too_large"] += 1
             return False
+        if exchange.shadow is not None:
+            record = exchange.record(sampled=sampled(exchange.request_id, rate))
+            return self._enqueue("requests", record, exchange.size_bytes, exchange)
         if exchange.status >= 400:
             if not sampled(exchange.request_id, self.settings.error_sample_rate):
                 return False

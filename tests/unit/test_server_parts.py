@@ -13,10 +13,11 @@ from loraflow.registry import domain
 from loraflow.registry.errors import EngineUnavailableError, NotFoundError, OverloadedError
 from loraflow.server.engine.cache import engine_name_of
 from loraflow.server.engine.protocol import EngineFailure
-from loraflow.server.gateway import Gateway, Transcript
+from loraflow.server.gateway import Gateway
 from loraflow.server.metrics import GatewayMetrics
 from loraflow.server.replicas import Replica, ReplicaSet
 from loraflow.server.routing import RoutingTable, Snapshot, Target
+from loraflow.server.transcript import Transcript
 
 pytestmark = pytest.mark.unit
 
