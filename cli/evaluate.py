@@ -31,8 +31,8 @@ def evaluate(
 
     Example: loraflow eval support@v3 --html report.html
     """
-    from loraflow.cli.adapters import adapter_ref
     from loraflow.cli.endpoint import eval_endpoint
+    from loraflow.cli.refs import adapter_ref
     from loraflow.trainer.eval.run import evaluate as run_eval
 
     ref = str(adapter_ref(ctx, ref, param="NAME@vN", version_first=True))  # @vN, :ALIAS: default_adapter
