@@ -420,3 +420,28 @@ def open_objects(schema: dict[str, Any], path: str = "") -> list[str]:
     for key, sub in schema.get("properties", {}).items():
         found.extend(open_objects(sub, f"{path}/{key}"))
     return found
+
+
+def test_rollout_policies_from_values_reach_loraflow_toml_and_a_rollback_alerts() -> None:
+    import tomllib
+
+    from loraflow.registry.settings import RolloutSettings
+
+    values = merged(
+        production(),
+        {
+            "rollout": {
+                "policies": {"careful": {"steps": [{"shadow": 50}, {"canary": 10}], "min_requests": 500}}
+            },
+            "config": {"rollout": {"interval_s": 2}},
+        },
+    )
+    config = one(manifests(values), "ConfigMap", "config")
+    parsed = RolloutSettings(**tomllib.loads(config["data"]["loraflow.toml"])["rollout"])
+    assert parsed.interval_s == 2 and parsed.lease_ttl_s == 20  # config's table wins; the rest stays
+    assert parsed.policy("careful").min_requests == 500 and parsed.policy("default").min_seconds == 60
+    assert [s.canary for s in parsed.policy("default").steps] == [0, 5, 25, 100]
+    rules = one(manifests(values), "PrometheusRule")["spec"]["groups"][0]["rules"]
+    (alert,) = [r for r in rules if r["alert"] == "LoraflowRolloutRolledBack"]
+    assert 'action="rollback"' in alert["expr"] and "[1h]" in alert["expr"]
+    assert "stepz" in render_error(merged(REQUIRED, {"rollout": {"policies": {"x": {"stepz": []}}}}))
