@@ -85,6 +85,8 @@ class Shadow:
             return self._drop(adapter, "saturated")
         call = {k: v for k, v in body.items() if k not in _DELIVERY_FIELDS} | {"model": target.engine_model}
         self.in_flight[replica.url] += 1
+        if exchange is not None and self.recorder is not None:
+            self.recorder.expect(exchange)  # feedback on it is taken before its record is written
         task = asyncio.get_running_loop().create_task(
             self._call(replica, target, path, call, production, exchange)
         )

@@ -249,10 +249,18 @@ class TrafficRecorder:
         self._queued.append(size)
         self._queued_bytes += size
         if exchange is not None:
-            self.known[exchange.request_id] = exchange.served
-            while len(self.known) > 10 * self.settings.queue_max_records:
-                self.known.popitem(last=False)
+            self._remember(exchange)
         return True
+
+    def _remember(self, exchange: Exchange) -> None:
+        self.known[exchange.request_id] = exchange.served
+        while len(self.known) > 10 * self.settings.queue_max_records:
+            self.known.popitem(last=False)
+
+    def expect(self, exchange: Exchange) -> None:
+        """A request whose record comes later (a shadowed one, once the candidate has answered too):
+        feedback on it is taken meanwhile, as for a queued one."""
+        self._remember(exchange)
 
     def _settle(self) -> None:
         stats = self.writer.stats()

@@ -296,7 +296,7 @@ def test_shadow_calls_do_not_count_against_the_clients_rate_limit(setup: Setup) 
 
 def test_shadow_is_bounded_per_replica_dropped_under_load_and_each_drop_counted(setup: Setup) -> None:
     settings = _settings().model_copy(update={"shadow_max_in_flight": 2})
-    with gateway(setup, traffic={"sample_rate": 0.0}, rollout=settings) as client:
+    with gateway(setup, traffic={"sample_rate": 1e-9}, rollout=settings) as client:
         ready(client)
         _engines_answer(setup, lambda body: GOOD)
         release = threading.Event()
@@ -314,6 +314,11 @@ def test_shadow_is_bounded_per_replica_dropped_under_load_and_each_drop_counted(
         shadow = client.app.state.gateway.shadow  # type: ignore[attr-defined]
         assert sum(shadow.in_flight.values()) == 2
         metrics = client.get("/metrics").text
+        # A shadowed request's record waits for the candidate; feedback on it is taken meanwhile.
+        rated = client.post(
+            "/v1/feedback", json={"request_id": answers[0].headers["x-request-id"], "rating": 1}
+        )
+        assert rated.status_code == 200, rated.text
         release.set()
     assert 'loraflow_rollout_shadow_dropped_total{adapter="intake",reason="replica_busy"} 10.0' in metrics
     assert "loraflow_rollout_shadow_in_flight 2.0" in metrics
