@@ -13,8 +13,11 @@ ships); ``--tiny`` runs the same loop on a tiny random Llama in about two minute
    and compute drift for ordinary traffic and for a shifted slice (long e-mails);
 7. run the flywheel: that traffic becomes a dataset, the next version is trained and evaluated
    against v1, on the held-out e-mails too;
-8. promote it through the gate: the running gateway serves it with no restart;
-9. train a sabotaged candidate (answers shuffled) and watch the gate refuse it.
+8. roll it out on live traffic, past the gate: shadow, then a canary, then all traffic; the
+   gateway's controller advances it on the live figures and moves production by itself, and the
+   running gateway serves it with no restart;
+9. train a sabotaged candidate (answers shuffled) and watch the gate refuse it; forced past the
+   gate into a rollout, the live guards (the reviewer's ratings of its canary answers) roll it back.
 
 On the real model, right after v1, a candidate trained the quick way (v1's data alone, without
 v1's self-replay) answers the orders better than v1 but forgets how to answer anything else:
@@ -23,8 +26,8 @@ the regression suite refuses it.
 It ends with a summary table and writes one HTML page that links every report it made and shows
 real answers side by side. Trained adapters are kept by config, data and base
 (``trainer.cache_dir``), so a second run reuses them. The demo's adapter gets its own gate policy
-and sampling rate (``gate.adapters.NAME``, ``traffic.adapters.NAME``); everything else comes from
-the settings as loaded.
+and sampling rate (``gate.adapters.NAME``, ``traffic.adapters.NAME``) and a ``demo`` rollout policy
+(:func:`demo_policy`); everything else comes from the settings as loaded.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -55,7 +60,7 @@ from loraflow.registry.errors import (
 from loraflow.registry.refs import parse_ref
 
 if TYPE_CHECKING:  # the registry (SQLAlchemy) and pydantic models load when the demo runs
-    from loraflow.registry.domain import VersionInfo
+    from loraflow.registry.domain import RolloutInfo, VersionInfo
     from loraflow.registry.service import Registry
     from loraflow.registry.settings import Settings
     from loraflow.registry.traffic import Kind
@@ -245,8 +250,12 @@ def demo_settings(settings: Settings, name: str, chosen: Flavor, *, cache: Path)
     fw = chosen.flywheel
     flywheel = settings.flywheel.model_copy(update=fw | {"train": fw["train"] | settings.flywheel.train})
     trainer = settings.trainer.model_copy(update={"cache_dir": settings.trainer.cache_dir or cache})
+    rollout = settings.rollout.model_copy(
+        update={"policies": settings.rollout.policies | {DEMO_POLICY: demo_policy()}, "interval_s": 0.5}
+    )
     return settings.model_copy(
         update={
+            "rollout": rollout,
             "gate": gate,
             "traffic": traffic,
             "server": server,
@@ -254,6 +263,32 @@ def demo_settings(settings: Settings, name: str, chosen: Flavor, *, cache: Path)
             "flywheel": flywheel,
             "trainer": trainer,
         }
+    )
+
+
+DEMO_POLICY = "demo"
+DEMO_BATCHES = 30  # batches of live traffic a demo rollout may take before the demo gives up on it
+
+
+def demo_policy() -> Any:
+    """The demo's rollout policy: a shadow step, a canary at 50%, then all traffic, each decided on
+    about 16 requests. So few requests only bound a difference of rates to about 25 points
+    (always-valid intervals pay for being looked at continuously), so its margins are that wide;
+    the default policy decides on 200 or more requests with margins of 2 to 5 points."""
+    from loraflow.registry.domain import RolloutStep
+    from loraflow.registry.settings import RolloutPolicy
+
+    return RolloutPolicy(
+        steps=[RolloutStep(shadow=100), RolloutStep(canary=50), RolloutStep(canary=100)],
+        min_requests=16,
+        min_seconds=0,
+        max_error_rate_increase=0.25,
+        max_format_invalid_increase=0.25,
+        max_truncated_increase=0.25,
+        max_negative_feedback_increase=0.25,
+        min_ratings=16,
+        max_p99_latency_ratio=2.0,
+        effect_scale=0.2,
     )
 
 
@@ -304,7 +339,7 @@ class Demo:
             self.ask()
             self.traffic()
             candidate = self.flywheel()
-            self.promote_next(candidate)
+            self.roll_out(candidate)
             self.sabotage(candidate)
         self.finish()
 
@@ -524,14 +559,23 @@ class Demo:
     def _ask_and_review(self, rows: list[dict[str, object]], what: str) -> int:
         """Send ``rows`` as users would, then rate each answer as a reviewer would: +1 when right,
         else -1 with the right answer (``/v1/feedback``). How many were corrected."""
+        replies = self._send([f"{self.flavor.instruction}\n\n{r['input']}" for r in rows], what)
+        with self.bars.step("feedback from a reviewer", len(rows)) as report:
+            corrected = self._review(rows, replies, report)
+        say(f"{what}: {len(rows) - corrected} answers rated +1; {corrected} rated -1 and corrected")
+        return corrected
+
+    def _review(
+        self,
+        rows: list[dict[str, object]],
+        replies: list[tuple[str, str, str]],
+        report: Callable[[int, int], None] = lambda done, of: None,
+    ) -> int:
+        """Rate each reply to ``rows`` through ``/v1/feedback``; how many were wrong (and corrected)."""
         import httpx
 
-        replies = self._send([f"{self.flavor.instruction}\n\n{r['input']}" for r in rows], what)
         corrected = 0
-        with (
-            httpx.Client(base_url=self.url, timeout=60) as http,
-            self.bars.step("feedback from a reviewer", len(rows)) as report,
-        ):
+        with httpx.Client(base_url=self.url, timeout=60) as http:
             for i, ((_, answer, request_id), row) in enumerate(zip(replies, rows, strict=True)):
                 right = _same_json(answer, str(row["output"]))
                 body: dict[str, Any] = {"request_id": request_id, "rating": 1 if right else -1}
@@ -540,7 +584,6 @@ class Demo:
                     corrected += 1
                 http.post("/v1/feedback", json=body).raise_for_status()
                 report(i + 1, len(rows))
-        say(f"{what}: {len(rows) - corrected} answers rated +1; {corrected} rated -1 and corrected")
         return corrected
 
     def _send(self, prompts: list[str], what: str) -> list[tuple[str, str, str]]:
@@ -672,19 +715,83 @@ class Demo:
                 low, high = paired["ci"]
                 say(f"  candidate - {key}: {paired['diff']:+.2f} [{low:+.2f}, {high:+.2f}]")
 
-    def promote_next(self, candidate: VersionInfo) -> None:
-        self.header(f"promote {candidate.ref} through the gate, under the running gateway")
-        question = f"{self.flavor.instruction}\n\nOrder: 4 items for grace in oslo."
-        before = self.chat(question)
-        outcome = self._promote(candidate)
-        if self.registry.get(self.name).aliases.get("production") == candidate.version:
+    def roll_out(self, candidate: VersionInfo) -> None:
+        """The flywheel's candidate goes to production the careful way: a rollout on live traffic,
+        advanced by the gateway's controller on the figures, with no one promoting it."""
+        self.header(f"roll {candidate.ref} out on live traffic: shadow, then canary; the gateway decides")
+        decision = self.registry.gate(self.name, candidate.version)
+        say(decision.message())
+        try:
+            rollout = self.registry.start_rollout(self.name, candidate.version, policy=DEMO_POLICY)
+        except GateRefusedError:
+            say(f"adapters rollout start {candidate.ref}: refused by the gate")
+            self.summary.done(f"roll out {candidate.ref}", f"{candidate.ref}: refused by the gate")
+            return
+        ended = self._live(rollout, f"roll out {candidate.ref}")
+        outcome = f"{candidate.ref}: {self._ended_text(ended)}"
+        if ended.state == "succeeded":
             swap = self.wait_served(candidate)
-            after = self.chat(question)
-            say(f"before: {before[0]}: {before[1]}")
-            say(f"after:  {after[0]}: {after[1]}")
-            say(f"the same client was served {candidate.ref} {swap:.2f} s after the promote, with no restart")
-            outcome += f"; served {swap:.2f} s later, no restart"
-        self.summary.done(f"promote {candidate.ref}", outcome)
+            outcome += f", served {swap:.2f} s after, no restart"
+        self.summary.done(f"roll out {candidate.ref}", outcome)
+
+    def _live(self, rollout: RolloutInfo, what: str) -> RolloutInfo:
+        """Send live traffic (orders and e-mails, rated by a reviewer) until the controller ends
+        ``rollout``; say each step's weights and each of its moves. The ended rollout."""
+        steps = ", ".join(str(step) for step in rollout.steps)
+        say(
+            f"adapters rollout start {rollout.candidate_ref} --policy {DEMO_POLICY}: {steps}; "
+            f"production v{rollout.baseline} meanwhile"
+        )
+        say("  (the demo's policy decides on about 16 requests a step, so its margins are 25 points;")
+        say("   the default policy decides on 200 or more, with margins of 2 to 5 points)")
+        seen = 1  # the start
+        for batch in range(DEMO_BATCHES):
+            current = self.registry.rollouts(self.name)[-1]
+            for move in current.decisions[seen:]:
+                where = {
+                    "advance": f"to {current.steps[move.step]}",
+                    "succeed": f"production -> {current.candidate_ref}",
+                    "rollback": f"production stays v{current.baseline}",
+                }.get(move.action, "")
+                say(f"  controller: {move.action} {where} ({move.reason or ''})")
+            seen = len(current.decisions)
+            if not current.active:
+                self._show_guards(current)
+                return current
+            rows = self.flavor.orders(6, 500 + batch) + self.flavor.emails(6, 700 + batch)
+            prompts = [f"{self.flavor.instruction}\n\n{r['input']}" for r in rows]
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(self.chat, prompts))
+            wrong = self._review(rows, replies)
+            served = Counter(model for model, _, _ in replies)
+            by = ", ".join(f"{model} {n}" for model, n in sorted(served.items()))
+            say(f"  {current.current}: {len(rows)} requests ({by}); the reviewer rated {wrong} of them -1")
+        self.registry.abort_rollout(
+            self.name, reason=f"the demo sent {DEMO_BATCHES} batches without a decision"
+        )
+        say(f"{what}: no decision after {DEMO_BATCHES} batches of traffic; aborted, production unchanged")
+        return self.registry.rollouts(self.name)[-1]
+
+    def _show_guards(self, ended: RolloutInfo) -> None:
+        last = ended.decisions[-1]
+        figures = last.figures or {}
+        for guard in figures.get("guards", []):
+            interval = guard["interval"]
+            shown = f"[{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else "-"
+            rates = "  ".join(
+                f"{who} {rate:.2f} of {n}" if rate is not None else f"{who} - of {n}"
+                for who, rate, n in (
+                    (f"v{ended.candidate}", guard["candidate"], guard["n"][0]),
+                    (f"v{ended.baseline}", guard["production"], guard["n"][1]),
+                )
+            )
+            say(f"  {guard['name']:<18} {rates}   difference {shown}   {guard['verdict']}")
+
+    def _ended_text(self, ended: RolloutInfo) -> str:
+        if ended.state == "succeeded":
+            return "shadow and canary passed; production moved by the controller"
+        reason = ended.decisions[-1].reason or ""
+        return f"{ended.state.replace('_', ' ')} by the controller ({reason.split(':')[0]})"
 
     def sabotage(self, production: VersionInfo) -> None:
         from loraflow.trainer.data import validate_file
@@ -708,6 +815,17 @@ class Demo:
         candidate = self.train(bad.ref, label="sabotaged", **self.flavor.sabotage)
         self.evaluate(candidate, dataset)  # on production's own sealed test split, not its poisoned one
         outcome = self._promote(candidate)
+        # Past the gate on purpose, to show the live guards catch what the offline gate caught.
+        say("forced past the gate on purpose, to show that the live guards catch it too:")
+        rollout = self.registry.start_rollout(
+            self.name,
+            candidate.version,
+            policy=DEMO_POLICY,
+            force=True,
+            reason="demo: the sabotaged candidate, past the gate, to show the live guards",
+        )
+        ended = self._live(rollout, f"roll out {candidate.ref}")
+        outcome += f"; forced into a rollout: {self._ended_text(ended)}"
         say(f"production stays {self.registry.resolve(parse_ref(self.name)).ref}")
         self.summary.done("sabotaged candidate", outcome)
 

@@ -326,4 +326,8 @@ def decide(
         return Decision("wait", f"not yet conclusive: {', '.join(pending)}", figures)
     if rollout.last_step and rollout.current.canary < 100:
         return Decision("hold", f"held at {rollout.current}: every guard passes", figures)
-    return Decision("advance", "every guard passes", figures)
+    return Decision(
+        "advance",
+        f"every guard passes, on {cand['requests']} of the candidate's requests in {seconds:.0f} s",
+        figures,
+    )

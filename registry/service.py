@@ -346,13 +346,18 @@ class Registry:
         name: str,
         *,
         expect_seq: int | None = None,
+        reason: str | None = None,
         figures: dict[str, Any] | None = None,
         controller: str | None = None,
     ) -> domain.RolloutInfo:
         """To the next step, or (from a last step at canary 100%) production to the candidate.
         ``controller``: the gateway's controller that decided it, recorded as the actor with ours."""
         return self.store.advance_rollout(
-            name=name, expect_seq=expect_seq, actor=self._actor_for(controller), figures=figures
+            name=name,
+            expect_seq=expect_seq,
+            actor=self._actor_for(controller),
+            reason=reason,
+            figures=figures,
         )
 
     def roll_back_rollout(

@@ -662,7 +662,13 @@ class MetadataStore:
             return [row.to_domain(adapter=name) for row in rows.all()]
 
     def advance_rollout(
-        self, *, name: str, expect_seq: int | None, actor: str, figures: dict[str, Any] | None = None
+        self,
+        *,
+        name: str,
+        expect_seq: int | None,
+        actor: str,
+        reason: str | None = None,
+        figures: dict[str, Any] | None = None,
     ) -> domain.RolloutInfo:
         """The current step passed: go to the next one, or, from a last step at canary 100%,
         succeed (production moves to the candidate, compare-and-swap on the baseline, in the
@@ -676,7 +682,7 @@ class MetadataStore:
             if row.step + 1 < len(row.steps):
                 row.step += 1
                 row.step_started_at = utcnow()
-                self._decide(tx, row, adapter, "advance", figures=figures)
+                self._decide(tx, row, adapter, "advance", reason=reason, figures=figures)
             elif row.steps[row.step].get("canary") == 100:
                 self._move_alias(
                     tx,
@@ -688,7 +694,7 @@ class MetadataStore:
                     note={"rollout": row.id, "figures": figures},
                 )
                 row.state, row.ended_at = "succeeded", utcnow()
-                self._decide(tx, row, adapter, "succeed", figures=figures)
+                self._decide(tx, row, adapter, "succeed", reason=reason, figures=figures)
             else:
                 raise ConflictError(
                     f"rollout #{row.id} of {name} is held at its last step "

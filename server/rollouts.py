@@ -191,7 +191,11 @@ class Rollouts:
                 )
             elif decision.action == "advance":
                 self.registry.advance_rollout(
-                    rollout.adapter, expect_seq=rollout.seq, figures=decision.figures, controller=self.holder
+                    rollout.adapter,
+                    expect_seq=rollout.seq,
+                    reason=decision.reason,
+                    figures=decision.figures,
+                    controller=self.holder,
                 )
             else:
                 return None  # wait or hold: nothing to record

@@ -4,9 +4,11 @@ engine. (The default run, on SmolLM2, takes about ten minutes: its figures are i
 What it must show happened, checked in the registry it leaves behind rather than in its wording:
 v1 passed the gate and was promoted; the traffic was sampled with its PII redacted (no raw address
 or phone number anywhere under the data folder); feedback was given; drift was recorded; the
-flywheel's v2 was trained on a dataset built from that traffic and took production through the gate;
-the sabotaged v3 was refused and production stayed v2. And its output carries none of the
-libraries' own bars and warnings.
+flywheel's v2 was trained on a dataset built from that traffic, passed the gate, and took production
+through a rollout on live traffic that the gateway's controller advanced on its own (shadow, canary,
+all traffic); the sabotaged v3 was refused by the gate and, forced into a rollout, rolled back by the
+controller on live figures, so production stayed v2. And its output carries none of the libraries'
+own bars and warnings.
 """
 
 from __future__ import annotations
@@ -83,6 +85,14 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
         assert registry.evaluations("demo-orders", 3)[-1].dataset == v2.dataset  # production's test split
         drift = registry.drift_reports()
         assert drift["demo-orders@v1"].report["verdict"] in ("watch", "act")
+        good, bad = registry.rollouts("demo-orders")
+        assert (good.candidate, good.state, bad.candidate, bad.state) == (2, "succeeded", 3, "rolled_back")
+        assert [d.action for d in good.decisions] == ["start", "advance", "advance", "succeed"]
+        assert all("rollout controller" in d.actor for d in good.decisions[1:])  # nobody else moved it
+        assert good.decisions[0].figures["gate"]["passed"]  # type: ignore[index]
+        assert bad.decisions[0].figures["forced"] and bad.decisions[-1].action == "rollback"  # type: ignore[index]
+        failed = [g for g in (bad.decisions[-1].figures or {})["guards"] if g["verdict"] == "fail"]
+        assert failed, bad.decisions[-1]  # the figures that decided it
     finally:
         registry.close()
 
