@@ -67,6 +67,21 @@ MESSAGES = [
 OUT = ROOT / "bench" / "results" / "rollout.json"
 
 
+def _two_versions(root: Path, base: Path | None) -> tuple[Path, dict[str, str], Registry]:
+    """A registry with support@v1 in production and a random support@v2 (the candidate)."""
+    base_dir, env, _ = tiny_registry(root, ["support"], base=base)
+    settings = Settings(
+        home=root / "client", database_url=env["LORAFLOW_DATABASE_URL"], artifact_uri=str(root / "artifacts")
+    )
+    registry = Registry.open(settings)
+    registry.register(
+        "support",
+        random_lora_adapter(base_dir, root / "adapters" / "v2", seed=99, r=8),
+        base_model=str(base_dir),
+    )
+    return base_dir, env, registry
+
+
 # -- 1. shadow on vLLM --------------------------------------------------------------------------
 
 
@@ -134,16 +149,7 @@ def _set_level(registry: Registry, level: int, url: str) -> None:
 def shadow_cells(
     root: Path, base: Path | None, seconds: float, rounds: int, max_tokens: int
 ) -> dict[str, Any]:
-    base_dir, env, _ = tiny_registry(root, ["support"], base=base)
-    settings = Settings(
-        home=root / "client", database_url=env["LORAFLOW_DATABASE_URL"], artifact_uri=str(root / "artifacts")
-    )
-    registry = Registry.open(settings)
-    registry.register(
-        "support",
-        random_lora_adapter(base_dir, root / "adapters" / "v2", seed=99, r=8),
-        base_model=str(base_dir),
-    )
+    base_dir, env, registry = _two_versions(root, base)
     env = env | {
         "LORAFLOW_ROLLOUT__POLICIES": json.dumps({"default": {"min_requests": 10**9}}),  # hold: never move
         "LORAFLOW_ROLLOUT__SHADOW_MAX_IN_FLIGHT": "8",
@@ -214,16 +220,7 @@ def split_cost(root: Path, n: int = 200_000) -> dict[str, Any]:
     from loraflow.server.replicas import ReplicaSet
     from loraflow.server.routing import RoutingTable
 
-    base_dir, env, _ = tiny_registry(root, ["support"])
-    settings = Settings(
-        home=root / "client", database_url=env["LORAFLOW_DATABASE_URL"], artifact_uri=str(root / "artifacts")
-    )
-    registry = Registry.open(settings)
-    registry.register(
-        "support",
-        random_lora_adapter(base_dir, root / "adapters" / "v2", seed=99, r=8),
-        base_model=str(base_dir),
-    )
+    base_dir, _, registry = _two_versions(root, None)
     routes = RoutingTable(
         registry,
         ReplicaSet([], max_resident=4),

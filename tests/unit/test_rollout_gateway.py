@@ -131,20 +131,32 @@ def _drive(client: TestClient, s: Setup, *, limit: int, until: Callable[[], bool
     return limit
 
 
-def test_a_canary_that_answers_errors_is_rolled_back_within_40_of_its_requests(setup: Setup) -> None:
+def _canary(setup: Setup, candidate: str, *, failing: bool = False) -> RolloutInfo:
+    """A canary at 50% whose candidate answers ``candidate`` (or a 500), under requests until the
+    rollout ends (400 at most); the ended rollout."""
     with gateway(setup, rollout=_settings()) as client:
         ready(client)
-        _engines_answer(setup, lambda body: GOOD)
-        for engine in setup.engines:
-            engine.fail_if = lambda body: body["model"].startswith("intake@v2")
+        _engines_answer(setup, lambda body: candidate)
+        if failing:
+            for engine in setup.engines:
+                engine.fail_if = lambda body: body["model"].startswith(version_ref("intake", 2))
         rollout = _start(setup, RolloutStep(canary=50), RolloutStep(canary=100))
         _in_rollout(client, rollout)
         _drive(client, setup, limit=400, until=lambda: setup.registry.rollout("intake") is None)
     ended = _ended(setup)
     assert ended.state == "rolled_back" and setup.registry.get("intake").aliases["production"] == 1
-    decision = ended.decisions[-1]
+    return ended
+
+
+def _guard(decision: Any, name: str) -> dict[str, Any]:
+    (guard,) = [g for g in decision.figures["guards"] if g["name"] == name]
+    return guard  # type: ignore[no-any-return]
+
+
+def test_a_canary_that_answers_errors_is_rolled_back_within_40_of_its_requests(setup: Setup) -> None:
+    decision = _canary(setup, GOOD, failing=True).decisions[-1]
     assert decision.action == "rollback" and decision.reason and decision.reason.startswith("error_rate")
-    (errors,) = [g for g in decision.figures["guards"] if g["name"] == "error_rate"]  # type: ignore[index]
+    errors = _guard(decision, "error_rate")
     assert errors["verdict"] == "fail" and errors["n"][0] <= 40  # the candidate's requests it took
     assert decision.figures["candidate"]["error_rate"] == 1.0  # type: ignore[index]
     events = [e for e in setup.registry.history("intake").events if e.action == "rollout.rollback"]
@@ -152,16 +164,8 @@ def test_a_canary_that_answers_errors_is_rolled_back_within_40_of_its_requests(s
 
 
 def test_a_canary_that_answers_prose_instead_of_json_is_rolled_back_on_format(setup: Setup) -> None:
-    with gateway(setup, rollout=_settings()) as client:
-        ready(client)
-        _engines_answer(setup, lambda body: "Sure! I have refunded order 1234.")
-        rollout = _start(setup, RolloutStep(canary=50), RolloutStep(canary=100))
-        _in_rollout(client, rollout)
-        _drive(client, setup, limit=400, until=lambda: setup.registry.rollout("intake") is None)
-    ended = _ended(setup)
-    assert ended.state == "rolled_back" and setup.registry.get("intake").aliases["production"] == 1
-    decision = ended.decisions[-1]
-    (fmt,) = [g for g in decision.figures["guards"] if g["name"] == "format_invalid"]  # type: ignore[index]
+    decision = _canary(setup, "Sure! I have refunded order 1234.").decisions[-1]
+    fmt = _guard(decision, "format_invalid")
     assert fmt["verdict"] == "fail" and fmt["n"][0] <= 40
     assert decision.figures["candidate"]["json_valid"] == 0.0  # type: ignore[index]
 
