@@ -148,7 +148,8 @@ class Rollouts:
     def flush(self) -> None:
         """Write this process's counts for every rollout step it saw traffic of."""
         by_step: dict[tuple[int, int], dict[Arm, Tally]] = {}
-        for (rollout_id, step, arm), tally in self.counts.items():
+        # A copy made at once (under the GIL): the event loop goes on counting into the dict.
+        for (rollout_id, step, arm), tally in list(self.counts.items()):
             by_step.setdefault((rollout_id, step), {})[arm] = tally
         active = {r.id: r for r in self.routes.snapshot.rollouts.values()}
         for (rollout_id, step), tallies in by_step.items():

@@ -57,8 +57,7 @@ class Shadow:
         self.rollouts = rollouts
         self.recorder = recorder
         self.in_flight: Counter[str] = Counter()  # replica URL -> shadow calls of this gateway
-        # For /metrics: calls made per (adapter, ok|error), and drops per (adapter, reason).
-        self.sent: Counter[tuple[str, str]] = Counter()
+        # For /metrics, drops per (adapter, reason); the calls made are the rollout's shadow arm.
         self.dropped: Counter[tuple[str, ShadowDrop]] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -128,7 +127,6 @@ class Shadow:
             self.in_flight[replica.url] -= 1
         latency = time.perf_counter() - started
         ok = error is None
-        self.sent[(target.adapter or "-", "ok" if ok else "error")] += 1
         self.rollouts.observe(
             target,
             status=status,
