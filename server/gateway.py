@@ -1,7 +1,7 @@
 """The serving path shared by /v1/chat/completions and /v1/completions.
 
 auth (the key, then whether it may call ``model``: README, "Keys and scopes") -> resolve
-``model`` to an immutable version -> admission (429) -> pick a
+``model`` to an immutable version (a rollout's split for a bare ``NAME``) -> admission (429) -> pick a
 replica -> make sure the version is resident -> forward with the engine's name
 for the version -> rewrite the response's ``model`` to ``NAME@vN`` and add the
 ``x-loraflow-model`` header. Streams are passed through event by event, as
@@ -262,7 +262,9 @@ class Gateway:
         return response
 
     def _finish(self, call: _Call, status: int, error: str | None) -> None:
-        """The request is over: feed the drift window and offer it to the recorder (O(1), never waits)."""
+        """The request is over: settle the key's tokens, feed the drift window and the rollout's
+        counts, and offer the exchange to the recorder, or to the shadow when the rollout shadows
+        it (O(1), never waits)."""
         usage = call.transcript.usage
         if call.admission is not None and self.limiter is not None:
             used = (usage or {}).get("prompt_tokens", 0) + (usage or {}).get("completion_tokens", 0)
