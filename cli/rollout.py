@@ -184,6 +184,8 @@ def status(ctx: typer.Context, name: NameArg = None, as_json: JsonFlag = False) 
     The figures are those the controller decides on: every gateway's counts of the current step,
     each rate guard with its always-valid interval of candidate minus production, and what they
     say now (advance, rollback, wait, hold). Without a running rollout, the adapter's last one.
+    The policy's margins are read from this command's settings, so keep [rollout.policies] the
+    same on the gateways and where you run it.
 
     Example: loraflow adapters rollout status support --json
     """

@@ -6,9 +6,10 @@ The figures are checked continuously (every few seconds, for as long as a step l
 fixed-n interval re-checked each time would be wrong: it crosses any margin by chance sooner or
 later. The rates are compared with an *always-valid* interval instead, the normal-mixture
 sequential test of Johari et al., "Always valid inference" (mSPRT): at every n at once, the
-difference of two rates lies in it with the stated confidence. Latency gets a plain guard at the
-end of a step (the candidate's p99 against production's, over the step's window, with a margin);
-the other figures are reported and not gated.
+difference of two rates lies in it with the stated confidence. Latency gets a plain guard once a
+step's minimums are met (the candidate's p99 against production's, over the step's window, with a
+ratio and an absolute slack); it is not a sequential test. The other figures are reported and not
+gated.
 """
 
 from __future__ import annotations
@@ -173,11 +174,11 @@ def rate_guard(
     """A rate that is bad when high (errors, invalid JSON, negative feedback): ``fail`` once the
     candidate is worse than production by more than ``margin`` with the policy's confidence,
     ``pass`` once it is within ``margin`` with that confidence, else ``pending`` (or
-    ``insufficient`` while the candidate has fewer than ``min_n`` observations)."""
+    ``insufficient`` while either side has fewer than ``min_n`` observations: nothing to compare)."""
     found = always_valid_difference(
         bad_c, n_c, bad_b, n_b, confidence=policy.confidence, scale=policy.effect_scale
     )
-    few: Verdict = "insufficient" if n_c < min_n else "pending"
+    few: Verdict = "insufficient" if min(n_c, n_b) < min_n else "pending"
     if found is None:
         return Guard(name, None, None, n_c, n_b, None, margin, few)
     _, lower, upper = found

@@ -400,6 +400,10 @@ class Registry:
         """Take or renew the one controller lease of ``rollout`` (see MetadataStore.claim_rollout)."""
         return self.store.claim_rollout(rollout_id=rollout.id, holder=holder, ttl_s=ttl_s)
 
+    def release_rollout(self, rollout: domain.RolloutInfo, *, holder: str) -> None:
+        """Give up ``holder``'s controller lease of ``rollout`` (if it holds it), for another to take."""
+        self.store.release_rollout(rollout_id=rollout.id, holder=holder)
+
     def put_tallies(
         self, rollout: domain.RolloutInfo, *, holder: str, step: int, tallies: dict[Arm, Tally]
     ) -> None:
@@ -417,9 +421,12 @@ class Registry:
         which it answered: the nearest window the candidate can be compared on."""
         total = self._step_tallies(rollout.id, rollout.step)
         if rollout.current.canary >= 100:
+            # Its own counts are stragglers (a request or a rating of the step before, finished
+            # after the move): they join the earlier window instead of standing for it.
             for step in range(rollout.step - 1, -1, -1):
                 earlier = self._step_tallies(rollout.id, step)["production"]
                 if earlier.requests:
+                    earlier.add(total["production"])
                     total["production"] = earlier
                     break
         return total

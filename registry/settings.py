@@ -691,8 +691,8 @@ class RolloutPolicy(BaseModel):
     min_ratings: int = Field(
         30,
         ge=1,
-        description="Ratings of canary answers below which negative feedback does not hold a step back "
-        "(a clearly worse rate still rolls back).",
+        description="Ratings, of the candidate's or of production's answers, below which negative feedback "
+        "does not hold a step back.",
     )
     max_p99_latency_ratio: float = Field(
         1.5,

@@ -790,6 +790,15 @@ class MetadataStore:
             )
             return bool(moved.rowcount == 1)  # type: ignore[attr-defined]
 
+    def release_rollout(self, *, rollout_id: int, holder: str) -> None:
+        """Give up ``holder``'s controller lease of a rollout, if it holds it (a gateway stopping)."""
+        with _transaction(self.engine) as s:
+            s.execute(
+                update(Rollout)
+                .where(col(Rollout.id) == rollout_id, col(Rollout.controller) == holder)
+                .values(controller=None, lease_until=None)
+            )
+
     def put_tallies(
         self, *, rollout_id: int, holder: str, step: int, counts: dict[str, dict[str, Any]]
     ) -> None:

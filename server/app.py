@@ -224,6 +224,10 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await shadow.aclose()  # the pairs in flight, before the recorder's last write
+            try:
+                await asyncio.to_thread(rollouts.close)  # the last counts; the leases let go
+            except Exception as exc:  # the registry is gone: the leases lapse by themselves
+                log.warning("could not write the rollouts' last counts: %s", exc)
             if recorder is not None:
                 await asyncio.to_thread(recorder.close)  # writes what is queued, or counts it lost
             await replicas.aclose()

@@ -50,6 +50,7 @@ from loraflow.server.auth import authenticate, authorize_model
 from loraflow.server.body import json_object, read_capped
 from loraflow.server.engine.protocol import EngineDown, EngineFailure, EngineRequestError
 from loraflow.server.errors import (
+    CLIENT_CLOSED_REQUEST,
     INTERNAL_ERROR_CODE,
     client_closed,
     error_response,
@@ -446,6 +447,7 @@ class Gateway:
     ) -> AsyncIterator[bytes]:
         replica, chunks = opened.replica, opened.chunks
         buffer, first_token = b"", True
+        ended = False  # the stream ran to its end (or to an error event): not a client gone mid-way
         error: str | None = None
         try:
             chunk: bytes | None = opened.first
@@ -465,6 +467,7 @@ class Gateway:
             if buffer.strip():
                 yield buffer
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+            ended = True
         except Exception as exc:
             # The status line has gone out; the error becomes the stream's last event.
             if isinstance(exc, LoraflowError):
@@ -485,7 +488,9 @@ class Gateway:
             yield b"data: [DONE]\n\n"
         finally:
             await stack.aclose()
-            self._finish(call, 200, error)
+            # A client that left mid-stream got part of an answer: nginx's 499, so that part is
+            # neither counted as the version's answer nor shadowed, nor recorded as a good one.
+            self._finish(call, 200 if ended or error else CLIENT_CLOSED_REQUEST, error)
 
     def _rewrite(
         self, event: bytes, target: Target, labels: tuple[str, str], wants_usage: bool, transcript: Transcript

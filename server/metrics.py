@@ -13,6 +13,7 @@ scrape-time collectors see (:class:`loraflow.server.shared_metrics.SharedMetrics
 
 from __future__ import annotations
 
+from collections import Counter as Counts
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, get_args
 
@@ -32,6 +33,7 @@ from loraflow.server.traffic.recorder import DropReason, TrafficRecorder
 if TYPE_CHECKING:
     from loraflow.server.shared_metrics import SharedMetrics
 
+ACTIONS = ("advance", "rollback")  # what a rollout controller does on its own
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -245,12 +247,18 @@ class RolloutCollector(Collector):
             "failed a guard; production is unchanged).",
             labels=["adapter", "action"],
         )
-        for (adapter, action), count in sorted(self.rollouts.decisions.items()):
+        # Every adapter in rollout has both series from its start, at 0: Prometheus's increase()
+        # sees a first rollback only on a series that existed before it.
+        moves = Counts({(r.adapter, a): 0 for r in self.routes.snapshot.rollouts.values() for a in ACTIONS})
+        moves.update(self.rollouts.decisions)
+        for (adapter, action), count in sorted(moves.items()):
             decisions.add_metric([adapter, action], float(count))
         dropped = CounterMetricFamily(
             "loraflow_rollout_shadow_dropped",
-            "Shadow calls not made: replica_busy (rollout.shadow_max_in_flight reached on the replica), "
-            "saturated (the replica is full of clients' requests), no_replica.",
+            "Shadow calls dropped: replica_busy (this process's rollout.shadow_max_in_flight reached "
+            "on the replica), saturated (the replica is full), not_resident (it does not hold the "
+            "candidate), no_replica; after the call, lost_adapter and replica_failed (not counted "
+            "against the candidate).",
             labels=["adapter", "reason"],
         )
         for (adapter, reason), count in sorted(self.shadow.dropped.items()):

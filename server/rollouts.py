@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +30,8 @@ from loraflow.registry.settings import RolloutSettings
 from loraflow.server.routing import RoutingTable, Target
 
 log = logging.getLogger("loraflow.rollouts")
+
+RATED_MEMORY = 100_000  # request ids remembered as rated, per gateway process
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class Rollouts:
         self.holder = holder or uuid.uuid4().hex[:16]  # this gateway process
         self.now = now
         self.counts: dict[tuple[int, int, Arm], Tally] = {}  # (rollout id, step, arm) -> counts
+        # (rollout id, step) whose counts changed since they were last written. Marked after the
+        # counts moved, and swapped out whole by the writer's thread, so no change goes unwritten.
+        self._dirty: set[tuple[int, int]] = set()
+        self._rated: OrderedDict[str, None] = OrderedDict()  # request ids already rated (one each)
         # For /metrics (this process's, since it started): requests per (adapter, arm, ok|error),
         # and the moves this controller made per (adapter, action).
         self.observed: Counter[tuple[str, Arm, str]] = Counter()
@@ -98,12 +104,17 @@ class Rollouts:
             tally.agreed += agreed
         tally.latency[Tally.bucket(latency_s)] += 1
         tally.ttft[Tally.bucket(ttft_s if ttft_s is not None else latency_s)] += 1
+        self._dirty.add((target.rollout.id, target.rollout.step))
 
-    def observe_feedback(self, adapter: str, version: int, rating: int) -> None:
-        """A rating of an answer of ``adapter``'s candidate or production version, while in rollout."""
+    def observe_feedback(self, adapter: str, version: int, rating: int, *, request_id: str) -> None:
+        """A rating of an answer of ``adapter``'s candidate or production version, while in rollout.
+        A request counts once, at its first rating: rating one answer again and again moves nothing."""
         rollout = self.routes.snapshot.rollouts.get(adapter)
-        if rollout is None or not rollout.current.canary:
+        if rollout is None or not rollout.current.canary or request_id in self._rated:
             return
+        self._rated[request_id] = None
+        while len(self._rated) > RATED_MEMORY:
+            self._rated.popitem(last=False)
         arm: Arm | None = (
             "candidate"
             if version == rollout.candidate
@@ -115,6 +126,7 @@ class Rollouts:
             tally = self._tally(rollout, arm)
             tally.rated += 1
             tally.negative += rating < 0
+            self._dirty.add((rollout.id, rollout.step))
 
     # -- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -146,19 +158,31 @@ class Rollouts:
         return acted
 
     def flush(self) -> None:
-        """Write this process's counts for every rollout step it saw traffic of."""
-        by_step: dict[tuple[int, int], dict[Arm, Tally]] = {}
-        # A copy made at once (under the GIL): the event loop goes on counting into the dict.
-        for (rollout_id, step, arm), tally in list(self.counts.items()):
-            by_step.setdefault((rollout_id, step), {})[arm] = tally
+        """Write this process's counts of every rollout step that changed since the last write.
+        Each write is the step's whole count so far (a late request of a step already left, a
+        stream or a shadow still running when the step moved, adds to it); the counts of a
+        rollout that ended are dropped."""
+        dirty, self._dirty = self._dirty, set()
         active = {r.id: r for r in self.routes.snapshot.rollouts.values()}
+        by_step: dict[tuple[int, int], dict[Arm, Tally]] = {}
+        for (rollout_id, step, arm), tally in list(self.counts.items()):  # a copy: the loop counts on
+            if rollout_id not in active:
+                self.counts.pop((rollout_id, step, arm), None)
+            elif (rollout_id, step) in dirty:
+                by_step.setdefault((rollout_id, step), {})[arm] = Tally.from_json(tally.to_json())
         for (rollout_id, step), tallies in by_step.items():
-            rollout = active.get(rollout_id)
-            if rollout is not None:
-                self.registry.put_tallies(rollout, holder=self.holder, step=step, tallies=tallies)
-            if rollout is None or step < rollout.step:  # ended, or a step left behind: written for good
-                for arm in tallies:
-                    self.counts.pop((rollout_id, step, arm), None)
+            try:
+                self.registry.put_tallies(active[rollout_id], holder=self.holder, step=step, tallies=tallies)
+            except Exception:
+                self._dirty.add((rollout_id, step))  # written next round
+                raise
+
+    def close(self) -> None:
+        """At shutdown (blocking): write the last counts, and let go of this process's leases so
+        another gateway takes its rollouts over at once instead of after ``lease_ttl_s``."""
+        self.flush()
+        for rollout in list(self.routes.snapshot.rollouts.values()):
+            self.registry.release_rollout(rollout, holder=self.holder)
 
     def _format_gated(self, rollout: domain.RolloutInfo) -> bool:
         profile = self.routes.snapshot.profiles.get(version_ref(rollout.adapter, rollout.baseline))

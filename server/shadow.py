@@ -4,10 +4,15 @@ The gateway offers a request to :meth:`Shadow.offer` once production's answer is
 handed to the server (a stream: after its last event). ``offer`` is O(1) and never waits: it
 picks the replica, and either starts the call as a task of its own or drops it, counting why:
 
-- ``replica_busy``: this gateway already has ``rollout.shadow_max_in_flight`` shadow calls on the
-  replica the candidate would run on;
-- ``saturated``: that replica is at ``server.replica_max_in_flight`` with clients' requests;
-- ``no_replica``: no replica is available at all.
+- ``replica_busy``: this gateway process already has ``rollout.shadow_max_in_flight`` shadow calls
+  on the replica the candidate would run on (the bound is per gateway process and replica);
+- ``saturated``: that replica is at ``server.replica_max_in_flight`` with requests in flight;
+- ``not_resident``: the replica does not hold the candidate (a shadow never loads a version, nor
+  evicts one clients use);
+- ``no_replica``: no replica is available at all;
+- and after the call, ``lost_adapter`` (the engine no longer held the candidate; it is forgotten
+  there) and ``replica_failed`` (the replica was down or overloaded): the replica's failures, not
+  the candidate's, so they are not counted against it.
 
 So shadow never delays, changes or fails what a client gets, and under load it is the first
 thing to go. A shadow call is never streamed and never counted against the client key's limits
@@ -25,9 +30,9 @@ from collections import Counter
 from dataclasses import replace
 from typing import Any, Literal
 
-from loraflow.registry.errors import EngineUnavailableError, LoraflowError
+from loraflow.registry.errors import EngineUnavailableError, LoraflowError, OverloadedError
 from loraflow.registry.settings import RolloutSettings
-from loraflow.server.engine.protocol import EngineRequestError
+from loraflow.server.engine.protocol import EngineDown, EngineRequestError
 from loraflow.server.replicas import Replica, ReplicaSet
 from loraflow.server.rollouts import Rollouts
 from loraflow.server.routing import RoutingTable, Target
@@ -36,7 +41,9 @@ from loraflow.server.transcript import Transcript
 
 log = logging.getLogger("loraflow.shadow")
 
-ShadowDrop = Literal["replica_busy", "saturated", "no_replica"]
+ShadowDrop = Literal[
+    "replica_busy", "saturated", "not_resident", "no_replica", "lost_adapter", "replica_failed"
+]
 # Fields of a request that only shape how the answer is delivered: a shadow call is plain JSON.
 _DELIVERY_FIELDS = ("stream", "stream_options")
 CLOSE_TIMEOUT_S = 10.0
@@ -82,6 +89,8 @@ class Shadow:
             return self._drop(adapter, "replica_busy")
         if replica.busy >= self.replicas.max_in_flight:
             return self._drop(adapter, "saturated")
+        if target.engine_model not in replica.resident:  # never a load (and an eviction) for a shadow
+            return self._drop(adapter, "not_resident")
         call = {k: v for k, v in body.items() if k not in _DELIVERY_FIELDS} | {"model": target.engine_model}
         self.in_flight[replica.url] += 1
         if exchange is not None and self.recorder is not None:
@@ -109,17 +118,29 @@ class Shadow:
         started = time.perf_counter()
         answer = Transcript()
         status, error = 200, None
+        adapter = target.adapter or "-"
         try:
             async with replica.using(target.engine_model):
                 await asyncio.wait_for(
                     self._post(replica, target, path, body, answer), self.settings.shadow_timeout_s
                 )
-        except EngineRequestError as exc:  # the engine refused the request: the version's or the input's
-            status, error = exc.status, exc.code.value
+        except EngineRequestError as exc:
+            if exc.status == 404:  # the replica lost the version: not the candidate's doing
+                replica.forget(target.engine_model)
+                self._drop(adapter, "lost_adapter")
+                return self._record(exchange, None)
+            status, error = exc.status, exc.code.value  # production answered this very body
+        except (EngineDown, OverloadedError) as exc:  # the replica, not the version: a drop
+            log.info("shadow call to %s on %s not made: %s", target.public, replica.url, exc.message)
+            self._drop(adapter, "replica_failed")
+            return self._record(exchange, None)
         except TimeoutError:
             status, error = 504, "timeout"
-        except LoraflowError as exc:  # the replica failed: counted against the candidate, never retried
+        except LoraflowError as exc:  # the engine failed on the candidate's request (a 5xx)
             status, error = 503, exc.code.value
+        except asyncio.CancelledError:  # the gateway is stopping: production's record alone
+            self._record(exchange, None)
+            raise
         except Exception:
             log.exception("shadow call to %s on %s failed", target.public, replica.url)
             status, error = 500, "internal_error"
@@ -137,8 +158,6 @@ class Shadow:
             ttft_s=None,
             agreed=ok and answer.text == production.text,
         )
-        if exchange is None or self.recorder is None:
-            return
         shadow = {
             "version": target.version,
             "response": [answer.choices[i] for i in sorted(answer.choices)],
@@ -146,8 +165,19 @@ class Shadow:
             "error": error,
             "latency_s": round(latency, 6),
         }
-        size = exchange.size_bytes + sum(len(c["content"]) for c in answer.choices.values())
-        self.recorder.offer(replace(exchange, shadow=shadow, size_bytes=size))
+        self._record(exchange, (shadow, sum(len(c["content"]) for c in answer.choices.values())))
+
+    def _record(self, exchange: Exchange | None, shadow: tuple[dict[str, Any], int] | None) -> None:
+        """Offer production's exchange to the recorder with the candidate's answer beside it, or
+        alone when there is none or the pair would pass ``traffic.record_max_bytes``."""
+        if exchange is None or self.recorder is None:
+            return
+        if shadow is not None:
+            size = exchange.size_bytes + shadow[1]
+            if size <= self.recorder.settings.record_max_bytes:
+                self.recorder.offer(replace(exchange, shadow=shadow[0], size_bytes=size))
+                return
+        self.recorder.offer(exchange)
 
     async def _post(
         self, replica: Replica, target: Target, path: str, body: dict[str, Any], answer: Transcript

@@ -88,7 +88,9 @@ class FeedbackService:
                 key=key.name if key else None,
             )
         if self.rollouts is not None:
-            self.rollouts.observe_feedback(served.adapter, served.version, body.rating)
+            self.rollouts.observe_feedback(
+                served.adapter, served.version, body.rating, request_id=body.request_id
+            )
         return FeedbackResponse(
             request_id=body.request_id, model=version_ref(served.adapter, served.version), rating=body.rating
         )

@@ -220,6 +220,23 @@ def test_tallies_of_several_gateways_add_up_per_step_and_arm(reg: Registry) -> N
     assert reg.tallies(reg.advance_rollout("support"))["candidate"].requests == 100
 
 
+def test_at_canary_100_production_is_the_window_before_with_its_stragglers(reg: Registry) -> None:
+    from loraflow.registry.rollouts import Tally
+
+    rollout = reg.start_rollout("support", 2, steps=[RolloutStep(canary=50), RolloutStep(canary=100)])
+    reg.put_tallies(rollout, holder="gw", step=0, tallies={"production": Tally(requests=40, rated=20)})
+    at_100 = reg.advance_rollout("support")
+    # One production request of step 1 ended after the move: it joins step 1's window, not replaces it.
+    reg.put_tallies(
+        at_100,
+        holder="gw",
+        step=1,
+        tallies={"production": Tally(requests=1), "candidate": Tally(requests=30)},
+    )
+    seen = reg.tallies(at_100)
+    assert (seen["production"].requests, seen["production"].rated, seen["candidate"].requests) == (41, 20, 30)
+
+
 CRASH = """
 import os, sys
 from pathlib import Path

@@ -69,7 +69,12 @@ def _chat(client: TestClient, **extra: Any) -> Any:
 def _in_rollout(client: TestClient, rollout: RolloutInfo) -> None:
     """Wait until the gateway routes by the rollout (its routing snapshot has it)."""
     routes = client.app.state.gateway.routes  # type: ignore[attr-defined]
-    wait(lambda: routes.snapshot.rollouts.get("intake") == rollout, "the rollout in the routing table")
+
+    def routed() -> bool:
+        now = routes.snapshot.rollouts.get("intake")
+        return now is not None and (now.id, now.seq) == (rollout.id, rollout.seq)
+
+    wait(routed, "the rollout in the routing table")
 
 
 def _ended(s: Setup) -> RolloutInfo:
@@ -214,7 +219,9 @@ def test_killing_the_controllers_gateway_hands_the_lease_over_and_the_rollout_go
         assert first is not None and first.step == 0
         controller = a if holders[first.controller or ""] == "a" else b
         survivor = b if controller is a else a
-        controller.__exit__(None, None, None)  # that gateway is gone: it renews its lease no more
+        # That gateway is killed: no last write, no lease let go (a graceful stop lets it go at once).
+        controller.app.state.rollouts.close = lambda: None  # type: ignore[attr-defined]
+        controller.__exit__(None, None, None)
         # The survivor takes the lease within lease_ttl_s and carries the rollout to its end.
         survivor_holder = survivor.app.state.rollouts.holder  # type: ignore[attr-defined]
         wait(
@@ -327,3 +334,37 @@ def test_shadow_is_bounded_per_replica_dropped_under_load_and_each_drop_counted(
     assert 'loraflow_rollout_shadow_dropped_total{adapter="intake",reason="replica_busy"} 10.0' in metrics
     assert "loraflow_rollout_shadow_in_flight 2.0" in metrics
     assert 'loraflow_rollout_weight_percent{adapter="intake",kind="shadow"} 100.0' in metrics
+    # The rollback series exists at 0 before any rollback, so Prometheus's increase() sees the first.
+    assert 'loraflow_rollout_decisions_total{action="rollback",adapter="intake"} 0.0' in metrics
+
+
+def test_counts_are_written_whole_late_requests_included_and_a_request_is_rated_once(setup: Setup) -> None:
+    from loraflow.server.routing import Target
+
+    with gateway(setup, traffic={"sample_rate": 0.0}, rollout=_settings()) as client:
+        ready(client)
+        rollouts = client.app.state.rollouts  # type: ignore[attr-defined]
+        first = _start(setup, RolloutStep(canary=50), RolloutStep(canary=100))
+        _in_rollout(client, first)
+        late = Target("intake@v2", "x", adapter="intake", version=2, rollout=first, arm="candidate")
+
+        def answered() -> None:
+            rollouts.observe(
+                late, status=200, failed=False, text=GOOD, finish_reason="stop", latency_s=0.1, ttft_s=None
+            )
+
+        for _ in range(5):
+            answered()
+        for _ in range(3):  # one request rated three times counts once
+            rollouts.observe_feedback("intake", 2, -1, request_id="req-1")
+        rollouts.flush()
+        moved = setup.registry.advance_rollout("intake", expect_seq=first.seq)
+        _in_rollout(client, moved)
+        answered()  # a request of step 1 that finished after the rollout moved on
+        rollouts.flush()
+        step_one = setup.registry._step_tallies(first.id, 0)["candidate"]
+        assert (step_one.requests, step_one.rated, step_one.negative) == (6, 1, 1)
+        setup.registry.abort_rollout("intake")
+        wait(lambda: "intake" not in client.app.state.gateway.routes.snapshot.rollouts, "the abort")  # type: ignore[attr-defined]
+        rollouts.flush()
+        assert rollouts.counts == {}  # an ended rollout's counts are dropped
