@@ -172,6 +172,12 @@ def summarize(phases: dict[str, list[Phase]]) -> dict[str, Any]:
             ),
         }
     direct = out["direct"]
+    empty = [p.target for ps in phases.values() for p in ps if p.ok == 0]
+    if empty:  # a window shorter than one request: no throughput to compare (a slow model)
+        raise SystemExit(
+            f"a {phases['direct'][0].seconds:g} s phase of {', '.join(sorted(set(empty)))} finished no "
+            "request: give --seconds more than the slowest request takes (the real model: --seconds 60)"
+        )
     for target in phases:
         if target == "direct":
             continue
