@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -202,50 +202,34 @@ def figures_of(
     step = rollout.current
     prod = tallies.get("production", Tally())
     cand = tallies.get("candidate" if step.canary else "shadow", Tally())
-    guards = [
-        rate_guard(
-            "error_rate",
-            cand.errors,
-            cand.requests,
-            prod.errors,
-            prod.requests,
-            margin=policy.max_error_rate_increase,
-            policy=policy,
+
+    def guard(
+        name: str, bad: Callable[[Tally], int], n: Callable[[Tally], int], margin: float, min_n: int = 0
+    ) -> Guard:
+        """``name``'s rate (``bad`` of ``n``) for the candidate against production."""
+        return rate_guard(
+            name, bad(cand), n(cand), bad(prod), n(prod), margin=margin, policy=policy, min_n=min_n
         )
-    ]
+
+    guards = [guard("error_rate", lambda t: t.errors, lambda t: t.requests, policy.max_error_rate_increase)]
     if format_gated:
-        guards.append(
-            rate_guard(
-                "format_invalid",
-                cand.answered - cand.json_ok,
-                cand.answered,
-                prod.answered - prod.json_ok,
-                prod.answered,
-                margin=policy.max_format_invalid_increase,
-                policy=policy,
-            )
+        invalid = guard(
+            "format_invalid",
+            lambda t: t.answered - t.json_ok,
+            lambda t: t.answered,
+            policy.max_format_invalid_increase,
         )
+        guards.append(invalid)
     guards.append(
-        rate_guard(
-            "truncated",
-            cand.truncated,
-            cand.answered,
-            prod.truncated,
-            prod.answered,
-            margin=policy.max_truncated_increase,
-            policy=policy,
-        )
+        guard("truncated", lambda t: t.truncated, lambda t: t.answered, policy.max_truncated_increase)
     )
     if step.canary:  # users see a canary's answers, so they can rate them; not a shadow's
         guards.append(
-            rate_guard(
+            guard(
                 "negative_feedback",
-                cand.negative,
-                cand.rated,
-                prod.negative,
-                prod.rated,
-                margin=policy.max_negative_feedback_increase,
-                policy=policy,
+                lambda t: t.negative,
+                lambda t: t.rated,
+                policy.max_negative_feedback_increase,
                 min_n=policy.min_ratings,
             )
         )

@@ -434,7 +434,7 @@ class Registry:
     def rollout_verdict(self, rollout: domain.RolloutInfo, *, now: datetime | None = None) -> Decision:
         """What the rollout's figures say now, as its controller would decide (``adapters rollout
         status`` shows it). The policy is this process's settings' (the default if it lacks it)."""
-        policy = self.settings.rollout.policies.get(rollout.policy) or self.settings.rollout.policy("default")
+        policy = self.settings.rollout.policy_or_default(rollout.policy)
         share = None
         baseline = self.get_version(rollout.adapter, rollout.baseline)
         if baseline.dataset:

@@ -755,6 +755,11 @@ class RolloutSettings(BaseModel):
         self.policies.setdefault("default", RolloutPolicy())
         return self
 
+    def policy_or_default(self, name: str) -> RolloutPolicy:
+        """The policy a running rollout names, or ``default`` where these settings lack it (a
+        rollout started elsewhere, with other settings)."""
+        return self.policies.get(name) or self.policies["default"]
+
     def policy(self, name: str) -> RolloutPolicy:
         """The policy named ``name``; InvalidArgumentError lists those there are."""
         if name not in self.policies:

@@ -189,19 +189,17 @@ class Rollouts:
         return format_gated(profile.json_share if profile is not None else None)
 
     def _decide(self, rollout: domain.RolloutInfo) -> Acted | None:
-        policy = self.settings.policies.get(rollout.policy)
-        if policy is None:
+        if rollout.policy not in self.settings.policies:
             log.warning(
                 "rollout #%d of %s names policy %r, which this gateway's settings lack; using default",
                 rollout.id,
                 rollout.adapter,
                 rollout.policy,
             )
-            policy = self.settings.policy("default")
         decision = decide(
             rollout,
             self.registry.tallies(rollout),
-            policy,
+            self.settings.policy_or_default(rollout.policy),
             now=self.now(),
             format_gated=self._format_gated(rollout),
         )
