@@ -60,6 +60,7 @@ class DriftReportInfo(_Record):
     window_start: datetime
     window_end: datetime
     report: dict[str, Any]
+    page_digest: str | None = None  # the report's HTML page, in the artifact store
     revision: int
     created_by: str
     created_at: datetime
@@ -102,6 +103,7 @@ class EvaluationInfo(_Record):
     split_digest: str  # sha256 of the split file's bytes
     production_version: int | None  # what production pointed at when the report was made
     report: dict[str, Any]
+    page_digest: str | None = None  # the report's HTML page, in the artifact store
     revision: int
     created_by: str
     created_at: datetime
@@ -277,3 +279,41 @@ class ApiKeyInfo(_Record):
 
     def has(self, scope: Scope) -> bool:
         return grants(self.scopes, scope)
+
+
+class ReviewInfo(_Record):
+    """A person's review of one sampled request (the console's review queue)."""
+
+    id: int
+    adapter: str
+    version: int
+    request_id: str
+    reviewer: str
+    rating: int | None  # +1 or -1
+    correction: str | None  # redacted
+    categories: list[str]
+    revision: int
+    created_at: datetime
+
+    @property
+    def ref(self) -> str:
+        return version_ref(self.adapter, self.version)
+
+
+PairwiseSource = Literal["evaluation", "rollout"]
+PairwiseChoice = Literal["candidate", "baseline", "tie"]
+
+
+class PairwiseVoteInfo(_Record):
+    """One blind pairwise judgement of a candidate's answer against a baseline's."""
+
+    id: int
+    adapter: str
+    source: PairwiseSource
+    source_id: int
+    item: str
+    candidate: int
+    baseline: str
+    choice: PairwiseChoice
+    reviewer: str
+    created_at: datetime

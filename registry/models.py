@@ -271,6 +271,7 @@ class Evaluation(SQLModel, table=True):
     split_digest: str = Field(max_length=64)
     production_version: int | None = None
     report: dict[str, Any] = _json(nullable=False)
+    page_digest: str | None = Field(default=None, max_length=64)  # its HTML page in the artifact store
     revision: int = Field(sa_column=Column(BigInteger, nullable=False))
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
@@ -287,6 +288,7 @@ class Evaluation(SQLModel, table=True):
             split_digest=self.split_digest,
             production_version=self.production_version,
             report=self.report,
+            page_digest=self.page_digest,
             revision=self.revision,
             created_by=self.created_by,
             created_at=self.created_at,
@@ -308,6 +310,7 @@ class DriftReport(SQLModel, table=True):
     window_start: datetime = _ts()
     window_end: datetime = _ts()
     report: dict[str, Any] = _json(nullable=False)
+    page_digest: str | None = Field(default=None, max_length=64)  # its HTML page in the artifact store
     revision: int = Field(sa_column=Column(BigInteger, nullable=False))
     created_by: str = Field(max_length=256)
     created_at: datetime = _ts()
@@ -322,8 +325,85 @@ class DriftReport(SQLModel, table=True):
             window_start=self.window_start,
             window_end=self.window_end,
             report=self.report,
+            page_digest=self.page_digest,
             revision=self.revision,
             created_by=self.created_by,
+            created_at=self.created_at,
+        )
+
+
+class Review(SQLModel, table=True):
+    """A person's review of one sampled request, from the console: a rating, a corrected answer,
+    failure categories. Stored beside the customer's own feedback (in the traffic store), never
+    replacing it; a request may be reviewed again, and the latest review counts."""
+
+    __tablename__ = "review"
+    __table_args__ = (
+        Index("ix_review_version", "adapter_id", "version"),
+        Index("ix_review_request", "request_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapter.id")
+    version: int
+    request_id: str = Field(max_length=64)
+    reviewer: str = Field(max_length=256)
+    rating: int | None = None  # +1 or -1
+    correction: str | None = Field(default=None)  # redacted before it is stored
+    categories: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    revision: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = _ts()
+
+    def to_domain(self, *, adapter: str) -> domain.ReviewInfo:
+        if self.id is None:
+            raise RuntimeError("Review has no primary key yet")
+        return domain.ReviewInfo(
+            id=self.id,
+            adapter=adapter,
+            version=self.version,
+            request_id=self.request_id,
+            reviewer=self.reviewer,
+            rating=self.rating,
+            correction=self.correction,
+            categories=self.categories,
+            revision=self.revision,
+            created_at=self.created_at,
+        )
+
+
+class PairwiseVote(SQLModel, table=True):
+    """One blind pairwise judgement: for an item of an eval report (its example index) or of a
+    shadow rollout (a request id), which of two answers a reviewer preferred. The versions were
+    hidden and the order random; what is stored is the system the pick stands for."""
+
+    __tablename__ = "pairwise_vote"
+    __table_args__ = (UniqueConstraint("source", "source_id", "item", "reviewer", name="uq_pairwise_vote"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapter.id")
+    source: str = Field(max_length=16)  # "evaluation" or "rollout"
+    source_id: int
+    item: str = Field(max_length=64)
+    candidate: int  # the candidate version
+    baseline: str = Field(max_length=64)  # what it was compared with: "production", "base", "NAME@vN"
+    choice: str = Field(max_length=16)  # "candidate", "baseline" or "tie"
+    reviewer: str = Field(max_length=256)
+    revision: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = _ts()
+
+    def to_domain(self, *, adapter: str) -> domain.PairwiseVoteInfo:
+        if self.id is None:
+            raise RuntimeError("PairwiseVote has no primary key yet")
+        return domain.PairwiseVoteInfo(
+            id=self.id,
+            adapter=adapter,
+            source=self.source,
+            source_id=self.source_id,
+            item=self.item,
+            candidate=self.candidate,
+            baseline=self.baseline,
+            choice=self.choice,
+            reviewer=self.reviewer,
             created_at=self.created_at,
         )
 

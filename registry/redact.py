@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import unicodedata
@@ -62,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from loraflow.registry import pii_patterns
 from loraflow.registry.errors import InvalidArgumentError, MissingDependencyError
 from loraflow.registry.keys import KEY_PREFIX
+from loraflow.registry.secrets import home_secret
 
 if TYPE_CHECKING:
     from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerResult
@@ -624,20 +624,7 @@ def pseudonym_key(settings: Settings) -> bytes:
     """``traffic.pseudonym_key``, else a random key made once in ``$home/secrets/pseudonym.key`` (0600)."""
     if settings.traffic.pseudonym_key is not None:
         return settings.traffic.pseudonym_key.get_secret_value().encode()
-    path = settings.home / "secrets" / "pseudonym.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".pseudonym.key.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-        try:
-            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's key
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return path.read_text().strip().encode()
+    return home_secret(settings.home, "pseudonym.key")
 
 
 def redactor_from_settings(settings: Settings) -> Redactor:

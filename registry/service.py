@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +38,10 @@ from loraflow.registry.settings import Settings
 if TYPE_CHECKING:  # SQLAlchemy, SQLModel, Alembic and fsspec load when a store is opened, not on import
     from loraflow.registry.artifacts import ArtifactStore
     from loraflow.registry.store import Lease, LeaseStore, MetadataStore
-    from loraflow.registry.traffic import TrafficStore
+    from loraflow.registry.traffic import TrafficStore, ValueRedactor
+
+PAGE_FILE = "report.html"  # a stored report page: one file, content-addressed like any artifact
+MAX_CORRECTION_CHARS = 20_000
 
 
 class Registry:
@@ -241,9 +245,12 @@ class Registry:
         split_digest: str,
         production_version: int | None,
         report: dict[str, Any],
+        page: str | None = None,
     ) -> domain.EvaluationInfo:
-        """Store an eval report on a version (the version itself stays immutable)."""
+        """Store an eval report on a version (the version itself stays immutable), and its HTML
+        ``page`` in the artifact store first (files before rows), for the console to serve."""
         return self.store.add_evaluation(
+            page_digest=self._put_page(page),
             name=name,
             version=version,
             dataset=dataset,
@@ -258,11 +265,24 @@ class Registry:
         """The stored ``loraflow eval`` reports of an adapter (of one version, if given), oldest first."""
         return self.store.evaluations(name, version)
 
+    def evaluation(self, evaluation_id: int) -> domain.EvaluationInfo:
+        """One stored eval report by its id (NotFoundError)."""
+        return self.store.evaluation(evaluation_id)
+
     def record_drift(
-        self, name: str, version: int, *, window_start: datetime, window_end: datetime, report: dict[str, Any]
+        self,
+        name: str,
+        version: int,
+        *,
+        window_start: datetime,
+        window_end: datetime,
+        report: dict[str, Any],
+        page: str | None = None,
     ) -> domain.DriftReportInfo:
-        """Store a ``loraflow drift`` report; gateways export the latest per version."""
+        """Store a ``loraflow drift`` report (its HTML ``page`` first, in the artifact store);
+        gateways export the latest per version."""
         return self.store.add_drift_report(
+            page_digest=self._put_page(page),
             name=name,
             version=version,
             window_start=window_start,
@@ -274,6 +294,126 @@ class Registry:
     def drift_reports(self) -> dict[str, domain.DriftReportInfo]:
         """The latest drift report of each version that has one, by ``NAME@vN``."""
         return self.store.latest_drift_reports()
+
+    def drift_history(self, name: str, version: int | None = None) -> builtins.list[domain.DriftReportInfo]:
+        """Every stored drift report of an adapter (of one version, if given), oldest first."""
+        return self.store.drift_reports_of(name, version)
+
+    def drift_report(self, report_id: int) -> domain.DriftReportInfo:
+        """One stored drift report by its id (NotFoundError)."""
+        return self.store.drift_report(report_id)
+
+    def _put_page(self, page: str | None) -> str | None:
+        if page is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix="loraflow-page-") as tmp:
+            (Path(tmp) / PAGE_FILE).write_text(page, encoding="utf-8")
+            return self.artifacts.put(Path(tmp), [PAGE_FILE]).digest
+
+    def page(self, digest: str) -> str:
+        """A stored report page (verified against its digest on the way out)."""
+        return self.artifacts.read_bytes(digest, PAGE_FILE).decode("utf-8")
+
+    # -- reviews -----------------------------------------------------------------
+    def add_review(
+        self,
+        request_id: str,
+        *,
+        reviewer: str,
+        redactor: ValueRedactor,
+        rating: int | None = None,
+        correction: str | None = None,
+        categories: Sequence[str] = (),
+        adapter: str | None = None,
+    ) -> domain.ReviewInfo:
+        """A person's review of a sampled request: a rating (+1/-1), a corrected answer (redacted
+        here, like every free text the registry keeps), failure categories from
+        ``console.categories``. The adapter and version are the request record's own; ``adapter``,
+        when given, must be it (a reviewer's key may see only its adapters). Nothing is written
+        when any part is refused."""
+        if rating not in (None, 1, -1):
+            raise InvalidArgumentError(f"rating is +1 or -1, not {rating!r}", param="rating")
+        taxonomy = self.settings.console.categories
+        unknown = [c for c in categories if c not in taxonomy]
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown category {unknown[0]!r}; console.categories: {', '.join(taxonomy)}",
+                param="categories",
+            )
+        if correction is not None:
+            correction = correction.strip() or None
+        if correction is not None and len(correction) > MAX_CORRECTION_CHARS:
+            raise InvalidArgumentError(
+                f"the correction is {len(correction)} characters; at most {MAX_CORRECTION_CHARS}",
+                param="correction",
+            )
+        if rating is None and correction is None and not categories:
+            raise InvalidArgumentError(
+                "a review rates, corrects or tags the answer: it has none of them", param="rating"
+            )
+        record = self.traffic.find_request(request_id)
+        if record is None or (adapter is not None and record.get("adapter") != adapter):
+            raise NotFoundError(f"no sampled request {request_id!r}", param="request_id")
+        if correction is not None:
+            redacted, _ = redactor.redact_value(correction)
+            correction = str(redacted)
+        return self.store.add_review(
+            name=str(record["adapter"]),
+            version=int(record["version"]),
+            request_id=request_id,
+            rating=rating,
+            correction=correction,
+            categories=sorted(set(categories), key=builtins.list(taxonomy).index),
+            actor=reviewer,
+        )
+
+    def reviews(self, name: str, version: int | None = None) -> builtins.list[domain.ReviewInfo]:
+        """Every review of an adapter's requests (of one version, if given), oldest first; what
+        counts for a request is its latest (``registry.reviews.current_reviews``)."""
+        return self.store.reviews(name, version)
+
+    def add_pairwise_vote(
+        self,
+        name: str,
+        *,
+        source: domain.PairwiseSource,
+        source_id: int,
+        item: str,
+        candidate: int,
+        baseline: str,
+        choice: domain.PairwiseChoice,
+        reviewer: str,
+    ) -> domain.PairwiseVoteInfo:
+        """One reviewer's blind pick for one item (ConflictError for a second pick of the same item)."""
+        if choice not in ("candidate", "baseline", "tie"):
+            raise InvalidArgumentError(
+                f"choice is candidate, baseline or tie, not {choice!r}", param="choice"
+            )
+        return self.store.add_pairwise_vote(
+            name=name,
+            source=source,
+            source_id=source_id,
+            item=item,
+            candidate=candidate,
+            baseline=baseline,
+            choice=choice,
+            actor=reviewer,
+        )
+
+    def pairwise_votes(
+        self, source: domain.PairwiseSource, source_id: int
+    ) -> builtins.list[domain.PairwiseVoteInfo]:
+        """The blind picks of an eval report (``evaluation``, its id) or a rollout (its id)."""
+        return self.store.pairwise_votes(source=source, source_id=source_id)
+
+    def with_actor(self, actor: str) -> Registry:
+        """This registry over the same stores, recording ``actor`` in the audit log (the console
+        acts for the person logged in, not for the process's user)."""
+        twin = Registry(
+            self.settings.model_copy(update={"user": actor}), store=self.store, artifacts=self._artifacts
+        )
+        twin._traffic = self._traffic
+        return twin
 
     def rollback(self, name: str, *, alias: str = DEFAULT_ALIAS) -> domain.AliasMoveInfo:
         """Move ``alias`` to the version it pointed at before its last move forward (rollbacks

@@ -44,6 +44,7 @@ ENV_PREFIX = "LORAFLOW_"
 OTHER_ENV = frozenset({CONFIG_FILE_ENV, "LORAFLOW_DEBUG"})
 TOOL_ENV_PREFIXES = ("LORAFLOW_TEST_", "LORAFLOW_BENCH_")
 _DATABASE_URL = re.compile(r"^(sqlite|postgresql)(\+[A-Za-z0-9_]+)?://")
+_CATEGORY = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 # Linear layers vLLM can attach LoRA to on Llama-family models. Anything else
 # (embeddings, lm_head, norms) is refused at register time, not on a request.
@@ -771,6 +772,47 @@ class RolloutSettings(BaseModel):
         return self.policies[name]
 
 
+DEFAULT_CATEGORIES = ("wrong_field", "format", "refusal", "hallucination", "incomplete", "off_topic", "other")
+
+
+class ConsoleSettings(BaseModel):
+    """`loraflow ui`: the web console (the registry, eval, drift and rollout pages, review queues)."""
+
+    model_config = {"extra": "forbid"}
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address `loraflow ui` listens on. Anything but loopback needs server.auth on.",
+    )
+    port: int = Field(8090, ge=1, le=65535, description="Port `loraflow ui` listens on.")
+    categories: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CATEGORIES),
+        min_length=1,
+        description="The failure taxonomy reviewers tag outputs with (lowercase words and _).",
+    )
+    session_ttl_s: int = Field(
+        8 * 3600, gt=0, description="How long a console login lasts (the key is checked on every request)."
+    )
+    secure_cookies: bool | None = Field(
+        None,
+        description="Mark the login cookie Secure; None: when the request came over https "
+        "(set true behind a TLS-terminating proxy that forwards plain http).",
+    )
+    review_window_days: int = Field(
+        30, gt=0, description="How far back the review queue reads sampled traffic."
+    )
+
+    @field_validator("categories")
+    @classmethod
+    def _plain_words(cls, categories: list[str]) -> list[str]:
+        for name in categories:
+            if not _CATEGORY.fullmatch(name):
+                raise ValueError(f"a category is lowercase letters, digits and _, not {name!r}")
+        if len(set(categories)) != len(categories):
+            raise ValueError("categories repeat a name")
+        return categories
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LORAFLOW_",
@@ -799,6 +841,7 @@ class Settings(BaseSettings):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @field_validator("database_url")
     @classmethod

@@ -34,8 +34,10 @@ from loraflow.registry.models import (
     DatasetVersionRow,
     DriftReport,
     Evaluation,
+    PairwiseVote,
     RateLease,
     RegistryState,
+    Review,
     Rollout,
     RolloutTally,
     SlotLease,
@@ -832,6 +834,7 @@ class MetadataStore:
         production_version: int | None,
         report: dict[str, Any],
         actor: str,
+        page_digest: str | None = None,
     ) -> domain.EvaluationInfo:
         with self._write(actor) as tx:
             s = tx.session
@@ -845,6 +848,7 @@ class MetadataStore:
                 split_digest=split_digest,
                 production_version=production_version,
                 report=report,
+                page_digest=page_digest,
                 revision=tx.revision,
                 created_by=actor,
             )
@@ -889,6 +893,7 @@ class MetadataStore:
         window_end: datetime,
         report: dict[str, Any],
         actor: str,
+        page_digest: str | None = None,
     ) -> domain.DriftReportInfo:
         with self._write(actor) as tx:
             s = tx.session
@@ -900,6 +905,7 @@ class MetadataStore:
                 window_start=window_start,
                 window_end=window_end,
                 report=report,
+                page_digest=page_digest,
                 revision=tx.revision,
                 created_by=actor,
             )
@@ -907,6 +913,156 @@ class MetadataStore:
             s.flush()
             tx.audit("version.drift", "adapter", name, version=version, after={"drift_report": row.id})
             return row.to_domain(adapter=adapter.name)
+
+    def evaluation(self, evaluation_id: int) -> domain.EvaluationInfo:
+        with self._read() as s:
+            row = s.get(Evaluation, evaluation_id)
+            if row is None:
+                raise NotFoundError(f"no evaluation {evaluation_id}", param="evaluation")
+            adapter = s.get(Adapter, row.adapter_id)
+            if adapter is None:
+                raise NotFoundError(f"no evaluation {evaluation_id}", param="evaluation")
+            return self._evaluation_info(s, adapter, row)
+
+    def drift_reports_of(self, name: str, version: int | None = None) -> list[domain.DriftReportInfo]:
+        """Oldest first; of one version, or of every version of the adapter."""
+        with self._read() as s:
+            adapter = self._adapter_row(s, name)
+            query = select(DriftReport).where(DriftReport.adapter_id == adapter.id)
+            if version is not None:
+                query = query.where(DriftReport.version == version)
+            rows = s.exec(query.order_by(col(DriftReport.id))).all()
+            return [r.to_domain(adapter=adapter.name) for r in rows]
+
+    def drift_report(self, report_id: int) -> domain.DriftReportInfo:
+        with self._read() as s:
+            row = s.get(DriftReport, report_id)
+            adapter = s.get(Adapter, row.adapter_id) if row is not None else None
+            if row is None or adapter is None:
+                raise NotFoundError(f"no drift report {report_id}", param="drift_report")
+            return row.to_domain(adapter=adapter.name)
+
+    # -- reviews -----------------------------------------------------------------
+    def add_review(
+        self,
+        *,
+        name: str,
+        version: int,
+        request_id: str,
+        rating: int | None,
+        correction: str | None,
+        categories: list[str],
+        actor: str,
+    ) -> domain.ReviewInfo:
+        """A review of one sampled request; audited as ``review.add`` (the correction's text is not
+        copied into the audit log: the review row holds it)."""
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            self._version_row(s, adapter, version)
+            row = Review(
+                adapter_id=_pk(adapter),
+                version=version,
+                request_id=request_id,
+                reviewer=actor,
+                rating=rating,
+                correction=correction,
+                categories=categories,
+                revision=tx.revision,
+            )
+            s.add(row)
+            s.flush()
+            tx.audit(
+                "review.add",
+                "adapter",
+                name,
+                version=version,
+                after={
+                    "review": row.id,
+                    "request_id": request_id,
+                    "rating": rating,
+                    "corrected": correction is not None,
+                    "categories": categories,
+                },
+            )
+            return row.to_domain(adapter=adapter.name)
+
+    def reviews(self, name: str, version: int | None = None) -> list[domain.ReviewInfo]:
+        """Every review of an adapter's requests (of one version, if given), oldest first."""
+        with self._read() as s:
+            adapter = self._adapter_row(s, name)
+            query = select(Review).where(Review.adapter_id == adapter.id)
+            if version is not None:
+                query = query.where(Review.version == version)
+            rows = s.exec(query.order_by(col(Review.id))).all()
+            return [r.to_domain(adapter=adapter.name) for r in rows]
+
+    def add_pairwise_vote(
+        self,
+        *,
+        name: str,
+        source: domain.PairwiseSource,
+        source_id: int,
+        item: str,
+        candidate: int,
+        baseline: str,
+        choice: domain.PairwiseChoice,
+        actor: str,
+    ) -> domain.PairwiseVoteInfo:
+        """One reviewer's blind judgement of one item; a second vote on the same item by the same
+        reviewer is a ConflictError (the unique key), audited as ``review.pairwise``."""
+        with self._write(actor) as tx:
+            s = tx.session
+            adapter = self._adapter_row(s, name)
+            taken = s.exec(
+                select(PairwiseVote.id).where(
+                    PairwiseVote.source == source,
+                    PairwiseVote.source_id == source_id,
+                    PairwiseVote.item == item,
+                    PairwiseVote.reviewer == actor,
+                )
+            ).first()
+            if taken is not None:
+                raise ConflictError(f"{actor} has already judged item {item} of this {source}", param="item")
+            row = PairwiseVote(
+                adapter_id=_pk(adapter),
+                source=source,
+                source_id=source_id,
+                item=item,
+                candidate=candidate,
+                baseline=baseline,
+                choice=choice,
+                reviewer=actor,
+                revision=tx.revision,
+            )
+            s.add(row)
+            s.flush()
+            tx.audit(
+                "review.pairwise",
+                "adapter",
+                name,
+                version=candidate,
+                after={
+                    "vote": row.id,
+                    "source": source,
+                    "source_id": source_id,
+                    "item": item,
+                    "choice": choice,
+                },
+            )
+            return row.to_domain(adapter=adapter.name)
+
+    def pairwise_votes(
+        self, *, source: domain.PairwiseSource, source_id: int
+    ) -> list[domain.PairwiseVoteInfo]:
+        with self._read() as s:
+            rows = s.exec(
+                select(PairwiseVote, Adapter)
+                .join(Adapter, col(Adapter.id) == col(PairwiseVote.adapter_id))
+                .where(PairwiseVote.source == source, PairwiseVote.source_id == source_id)
+                .order_by(col(PairwiseVote.id))
+            ).all()
+            return [row.to_domain(adapter=adapter.name) for row, adapter in rows]
 
     def latest_drift_reports(self) -> dict[str, domain.DriftReportInfo]:
         """The latest drift report of every version that has one, by ``NAME@vN``."""

@@ -2,9 +2,11 @@
 
 Each case builds a database at one revision with Alembic, fills it with raw SQL in exactly the
 shape the code of that revision wrote (adapters, versions, aliases and their moves, audit events,
-a dataset, API keys, evaluations), upgrades it to head as `loraflow db upgrade` does, and then
-reads and writes it through the ``Registry`` facade: list, show, history, resolve, fetch, a gated
-promote, rollback, archive, and new rows (which on PostgreSQL need the id sequences intact).
+a dataset, API keys, evaluations, drift reports, rollouts), upgrades it to head as `loraflow db
+upgrade` does, and then reads and writes it through the ``Registry`` facade: list, show, history,
+resolve, fetch, a gated promote, rollback, archive, and new rows (which on PostgreSQL need the id
+sequences intact): a rollout, a review of a sampled request, an evaluation with its page, a
+pairwise vote.
 
 The rule: every migration gets an upgrade test from a populated database of the revision before
 it. Adding ``versions/0006_x.py`` makes ``test_every_migration_has_a_populated_upgrade_case`` fail
@@ -28,10 +30,13 @@ from loraflow.registry.adapter_files import ADAPTER_FILES
 from loraflow.registry.artifacts import ArtifactStore
 from loraflow.registry.basemodel import resolve_base_model
 from loraflow.registry.errors import ConflictError, GateRefusedError
+from loraflow.registry.redact import Redactor
 from loraflow.registry.refs import Ref, version_ref
+from loraflow.registry.rollouts import LATENCY_EDGES
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from tests.factories import make_adapter, make_base
+from loraflow.registry.traffic import new_request_id
+from tests.factories import make_adapter, make_base, write_traffic
 
 pytestmark = pytest.mark.store
 
@@ -337,6 +342,119 @@ class Writer:
         }
         self._audit(Event("version.evaluate", "adapter", name, version=version, after=after), actor)
 
+    def drift(self, name: str, version: int, actor: str) -> None:
+        """A `loraflow drift` report as 0005's code stored it (no page yet)."""
+        self._bump()
+        report_id = insert(
+            self.conn,
+            "drift_report",
+            adapter_id=self.adapter_ids[name],
+            version=version,
+            window_start=at(self.revision) - timedelta(hours=24),
+            window_end=at(self.revision),
+            report={
+                "adapter": name,
+                "version": version,
+                "verdict": "watch",
+                "figures": {"refusal_rate": 0.06},
+            },
+            revision=self.revision,
+            created_by=actor,
+            created_at=at(self.revision),
+        )
+        after = {"drift_report": report_id}
+        self._audit(Event("version.drift", "adapter", name, version=version, after=after), actor)
+
+    def rollout(self, name: str, candidate: int, baseline: int, actor: str) -> None:
+        """A rollout as 0008's code kept it: started, advanced from shadow to a canary, aborted;
+        each move one revision, audited, with its decision in the row; and two gateways' tallies."""
+        steps = [{"shadow": 10.0, "canary": 0.0}, {"shadow": 0.0, "canary": 25.0}]
+        moves = [
+            ("start", 0, "running", None),
+            ("advance", 1, "running", "pass"),
+            ("abort", 1, "aborted", "ops"),
+        ]
+        decisions: list[dict[str, Any]] = []
+        rollout_id = None
+        for seq, (action, step, state, reason) in enumerate(moves, start=1):
+            self._bump()
+            when = at(self.revision)
+            decisions.append(
+                {
+                    "at": when.isoformat(),
+                    "action": action,
+                    "actor": actor,
+                    "step": step,
+                    "reason": reason,
+                    "figures": None,
+                }
+            )
+            if rollout_id is None:
+                rollout_id = insert(
+                    self.conn,
+                    "rollout",
+                    adapter_id=self.adapter_ids[name],
+                    candidate=candidate,
+                    baseline=baseline,
+                    policy="default",
+                    steps=steps,
+                    step=step,
+                    state=state,
+                    seq=seq,
+                    decisions=decisions,
+                    started_at=when,
+                    step_started_at=when,
+                    created_by=actor,
+                    created_at=when,
+                )
+            else:
+                self.conn.execute(
+                    sa.text(
+                        "UPDATE rollout SET step = :step, state = :state, seq = :seq, "
+                        "decisions = :decisions, step_started_at = :when, ended_at = :ended WHERE id = :id"
+                    ).bindparams(
+                        sa.bindparam("decisions", type_=sa.JSON()),
+                        sa.bindparam("when", type_=sa.DateTime(timezone=True)),
+                        sa.bindparam("ended", type_=sa.DateTime(timezone=True)),
+                    ),
+                    {
+                        "step": step,
+                        "state": state,
+                        "seq": seq,
+                        "decisions": decisions,
+                        "when": when,
+                        "ended": when if state == "aborted" else None,
+                        "id": rollout_id,
+                    },
+                )
+            after = {
+                "rollout": rollout_id,
+                "state": state,
+                "step": step,
+                "weights": steps[step],
+                "baseline": baseline,
+                "reason": reason,
+                "figures": None,
+            }
+            self._audit(Event(f"rollout.{action}", "adapter", name, version=candidate, after=after), actor)
+        latency = [0] * (len(LATENCY_EDGES) + 1)
+        latency[10] = 12
+        for holder in ("gw-a", "gw-b"):
+            for step, arm in ((0, "production"), (0, "shadow"), (1, "production"), (1, "candidate")):
+                counts = {"requests": 6, "errors": 0, "answered": 6, "json_ok": 6, "refusals": 0}
+                counts |= {"truncated": 0, "agreed": 5, "rated": 2, "negative": int(arm == "candidate")}
+                counts |= {"latency": latency, "ttft": latency}
+                self.conn.execute(  # outside the revision, as 0008's gateways wrote them
+                    sa.text(
+                        "INSERT INTO rollout_tally (rollout_id, holder, step, arm, counts, updated_at) "
+                        "VALUES (:r, :h, :s, :a, :c, :t)"
+                    ).bindparams(
+                        sa.bindparam("c", type_=sa.JSON()),
+                        sa.bindparam("t", type_=sa.DateTime(timezone=True)),
+                    ),
+                    {"r": rollout_id, "h": holder, "s": step, "a": arm, "c": counts, "t": at(self.revision)},
+                )
+
 
 def passing_report(name: str, version: int, *, production: int) -> dict[str, Any]:
     """A `loraflow eval` report as 0004's code stored it: the candidate beats base and production."""
@@ -424,6 +542,12 @@ def populate_0007(w: Writer) -> None:
     )
 
 
+def populate_0008(w: Writer) -> None:
+    populate_0007(w)
+    w.drift("support", 2, "bob")
+    w.rollout("support", 3, 2, "bob")  # ended: production is still v2, and a new rollout may start
+
+
 # The revision a database is at -> how that revision's code filled it, and how it stored audit subjects.
 POPULATE: dict[str, tuple[Callable[[Writer], None], str]] = {
     "0001": (populate_0001, "target"),
@@ -433,6 +557,7 @@ POPULATE: dict[str, tuple[Callable[[Writer], None], str]] = {
     "0005": (populate_0005, "subject"),
     "0006": (populate_0006, "subject"),
     "0007": (populate_0007, "subject"),
+    "0008": (populate_0008, "subject"),
 }
 
 
@@ -509,7 +634,11 @@ def upgraded(
 
 @pytest.mark.parametrize("upgraded", sorted(POPULATE), indirect=True)
 def test_a_populated_database_upgrades_to_head_and_stays_usable(
-    upgraded: tuple[Registry, int], world: World, tmp_path: Path, request: pytest.FixtureRequest
+    upgraded: tuple[Registry, int],
+    world: World,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    redactor: Redactor,
 ) -> None:
     reg, last = upgraded
     revision = request.node.callspec.params["upgraded"]
@@ -589,9 +718,42 @@ def test_a_populated_database_upgrades_to_head_and_stays_usable(
             (3, 2, "tickets@v1", "test")
         ]
         assert evaluations[0].report == json.loads(json.dumps(passing_report("support", 3, production=2)))
-        assert reg.history("support").events[-1].action == "version.evaluate"
+        assert evaluations[0].page_digest is None  # pages are stored from 0009 on
+        actions = [e.action for e in reg.history("support").events]
+        assert actions[-1] == ("rollout.abort" if int(revision) >= 8 else "version.evaluate")
     else:
         assert evaluations == []
+    drifts = reg.drift_history("support")
+    if int(revision) >= 8:
+        assert [(d.version, d.report["verdict"], d.page_digest) for d in drifts] == [(2, "watch", None)]
+        assert reg.drift_reports()["support@v2"].report["figures"] == {"refusal_rate": 0.06}
+    else:
+        assert drifts == [] and reg.drift_reports() == {}
+
+    # Rollouts (0008): an ended one of 0008's code reads back whole, with what each gateway counted.
+    old_rollouts = reg.rollouts("support")
+    if int(revision) >= 8:
+        (ended,) = old_rollouts
+        assert (ended.candidate, ended.baseline, ended.state, ended.step, ended.seq) == (
+            3,
+            2,
+            "aborted",
+            1,
+            3,
+        )
+        assert [str(step) for step in ended.steps] == ["shadow 10%", "canary 25%"]
+        assert [(d.action, d.actor, d.reason) for d in ended.decisions] == [
+            ("start", "bob", None),
+            ("advance", "bob", "pass"),
+            ("abort", "bob", "ops"),
+        ]
+        assert ended.ended_at is not None and reg.rollouts() == []  # none active
+        tallies = reg.tallies(ended)  # step 1, summed over the two gateways
+        assert (tallies["candidate"].requests, tallies["candidate"].negative) == (12, 2)
+        assert (tallies["production"].requests, tallies["shadow"].requests) == (12, 0)
+        assert sum(tallies["candidate"].latency) == 24
+    else:
+        assert old_rollouts == []
 
     # Write: a gated promote reads the old evaluation (or refuses without one), rollback walks the old moves,
     # archive, and new rows get fresh ids (PostgreSQL's sequences survived the raw inserts).
@@ -621,11 +783,74 @@ def test_a_populated_database_upgrades_to_head_and_stays_usable(
     assert reg.get("support").aliases == {"production": 2, "staging": 3}
     assert reg.revision() == last + 6
 
-    # Rollouts (0008) start empty and work on the upgraded rows: v4's report is against production v2.
-    assert reg.rollouts("support") == [] and reg.rollouts() == []
+    # A rollout starts on the upgraded rows: v4's report is against production v2.
+    assert reg.rollouts() == []
     rollout = reg.start_rollout("support", 4)
-    assert (rollout.baseline, rollout.candidate, rollout.id) == (2, 4, 1)
-    with pytest.raises(ConflictError, match="in rollout #1"):
+    assert (rollout.baseline, rollout.candidate, rollout.id) == (2, 4, len(old_rollouts) + 1)
+    with pytest.raises(ConflictError, match=f"in rollout #{rollout.id}"):
         reg.rollback("support")
     assert reg.abort_rollout("support").state == "aborted"
     assert reg.revision() == last + 8
+
+    # Reviews and report pages (0009) start empty and work on the upgraded rows.
+    assert reg.reviews("support") == [] and reg.pairwise_votes("evaluation", added.id) == []
+    sampled = {
+        "request_id": new_request_id(T0),
+        "at": T0.isoformat(),
+        "adapter": "support",
+        "version": 2,
+        "endpoint": "/v1/chat/completions",
+        "request": {"messages": [{"role": "user", "content": "Where is my order?"}]},
+        "response": [{"index": 0, "content": "It ships today.", "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 6, "completion_tokens": 4},
+        "latency_s": 0.1,
+        "status": 200,
+        "error": None,
+        "stream": False,
+        "key": None,
+        "sampled": True,
+    }
+    (written,) = write_traffic(reg.traffic, "requests", [sampled], redactor)
+    review = reg.add_review(
+        written["request_id"],
+        reviewer="dana",
+        redactor=redactor,
+        rating=-1,
+        correction="It ships tomorrow.",
+        categories=["wrong_field"],
+    )
+    assert (review.id, review.version, review.correction, review.revision) == (
+        1,
+        2,
+        "It ships tomorrow.",
+        last + 9,
+    )
+    page = "<!DOCTYPE html><html><body><h1>Evaluation of support@v4</h1></body></html>"
+    paged = reg.record_evaluation(
+        "support",
+        4,
+        dataset="tickets@v1",
+        split="test",
+        split_digest="f" * 64,
+        production_version=2,
+        report=passing_report("support", 4, production=2),
+        page=page,
+    )
+    assert paged.id == added.id + 1 and paged.page_digest is not None and reg.page(paged.page_digest) == page
+    vote = reg.add_pairwise_vote(
+        "support",
+        source="evaluation",
+        source_id=paged.id,
+        item="0",
+        candidate=4,
+        baseline="production",
+        choice="candidate",
+        reviewer="dana",
+    )
+    assert vote.id == 1 and reg.pairwise_votes("evaluation", paged.id) == [vote]
+    assert [e.action for e in reg.history("support").events[-3:]] == [
+        "review.add",
+        "version.evaluate",
+        "review.pairwise",
+    ]
+    assert reg.revision() == last + 11
