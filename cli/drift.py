@@ -27,7 +27,8 @@ def drift(
         typer.Option(help="Compute embedding drift of prompts (all-MiniLM-L6-v2; needs the train extra)."),
     ] = True,
     store: Annotated[
-        bool, typer.Option(help="Store the report on the version, for the gateways to export.")
+        bool,
+        typer.Option(help="Store the report and its HTML page on the version (gateways export it)."),
     ] = True,
 ) -> None:
     """Compare the sampled traffic of a version with its training split: PSI of prompt and output lengths,
@@ -37,9 +38,12 @@ def drift(
     """
     from loraflow.registry.drift import figure_verdict  # pydantic: only in the commands that use it
     from loraflow.trainer.drift import drift_report
-    from loraflow.trainer.reports.drift_page import write_html
+    from loraflow.trainer.reports.drift_page import render_html
+    from loraflow.trainer.reports.render import require_page_libraries, write_page
 
     app = state(ctx)
+    if store or html is not None:  # the page is stored with the report: refuse before any work
+        require_page_libraries()
     from loraflow.registry.traffic import parse_duration  # fsspec: only in the commands that use it
 
     span = parse_duration(window, param="window")
@@ -55,13 +59,20 @@ def drift(
     version, report = drift_report(
         registry, app.get_settings().drift, model, window=span, now=now, embedder=embedder
     )
+    # One page, rendered from the report as it is stored: the one kept beside it is the one --html writes.
+    page = render_html(report) if store or html is not None else None
     if store:
         stored = registry.record_drift(
-            version.adapter, version.version, window_start=now - span, window_end=now, report=report
+            version.adapter,
+            version.version,
+            window_start=now - span,
+            window_end=now,
+            report=report,
+            page=page,
         )
         report["id"] = stored.id
-    if html is not None:
-        write_html(report, html)
+    if html is not None and page is not None:
+        write_page(page, html)
     if as_json:
         print_json(report)
         return
@@ -75,6 +86,14 @@ def drift(
         f"{requests['answered']} answered requests sampled in the last {window}, "
         f"{requests['feedback']} feedback; against {report['dataset'] or 'no dataset'}"
     )
+    reviews = report["reviews"]
+    if reviews["reviewed"]:
+        tagged = ", ".join(f"{name} {n}" for name, n in reviews["categories"].items()) or "none"
+        out.print(
+            f"{reviews['reviewed']} requests of {version.ref} reviewed: {reviews['negative']} rated down, "
+            f"{reviews['corrected']} corrected; failure categories: {tagged}",
+            markup=False,
+        )
     for note in report["notes"]:
         out.print(note, markup=False)
     if html is not None:

@@ -21,13 +21,18 @@ def evaluate(
     split: Annotated[str, typer.Option(help="The held-out split to score on.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     html: Annotated[
-        Path | None, typer.Option(help="Also write the report as a self-contained HTML page.")
+        Path | None,
+        typer.Option(
+            help="Also write the report as a self-contained HTML page: the page stored with the report, "
+            "with the promotion gate's verdict of now."
+        ),
     ] = None,
 ) -> None:
     """Generate through vLLM and the gateway, score, compare with intervals, and store the report.
 
     Uses eval.gateway_url when set; otherwise starts an engine and the gateway here, as
-    `loraflow serve` does. The report is what `adapters promote` checks.
+    `loraflow serve` does. The report is what `adapters promote` checks; its HTML page is stored
+    beside it.
 
     Example: loraflow eval support@v3 --html report.html
     """

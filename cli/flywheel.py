@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from loraflow.cli.common import guarded, out, print_json, state
 from loraflow.registry.errors import InvalidArgumentError
@@ -79,7 +80,11 @@ def build_dataset(
     sizes = ", ".join(f"{split} {counts[split]}" for split in ("train", "val", "test"))
     out.print(f"{verb} dataset {built.dataset.ref}: {sizes}")
     for step, count in built.report["counts"].items():
-        out.print(f"  {step}: {count}")
+        out.print(f"  {escape(step)}: {count}")
+    # The failure categories reviewers tagged in the window's requests, per version.
+    for version, tagged in (built.report.get("review_categories") or {}).items():
+        summary = ", ".join(f"{escape(category)} {n}" for category, n in tagged.items()) or "none tagged"
+        out.print(f"  review categories of v{escape(str(version))}: {summary}")
 
 
 @app.command()

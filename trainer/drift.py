@@ -13,7 +13,11 @@ embedded with all-MiniLM-L6-v2 (the model of the dataset profile) and compared b
 
 Each figure gets a verdict (``ok``, ``watch``, ``act``, or ``unknown`` below
 ``drift.min_requests``) from ``[drift]``; the report is stored on the version
-(:meth:`Registry.record_drift`), and the gateways export its embedding figures.
+(:meth:`Registry.record_drift`, with its page from :mod:`loraflow.trainer.reports.drift_page`),
+and the gateways export its embedding figures. Its ``reviews`` section says what people
+reviewing the version's sampled requests in the console found (every review of the version so
+far, not only the window's: :func:`~loraflow.registry.reviews.reviewed_counts` and the failure
+categories, :func:`~loraflow.registry.reviews.category_summary`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from loraflow.registry.drift import (
     window_figures,
 )
 from loraflow.registry.refs import parse_ref
+from loraflow.registry.reviews import category_summary, reviewed_counts
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import DriftSettings
 from loraflow.registry.traffic import answer_text, current_feedback, request_turns
@@ -127,6 +132,17 @@ def _histograms(profile: Profile | None, answers: list[Answer]) -> dict[str, Any
     return out
 
 
+def reviews_section(registry: Registry, version: domain.VersionInfo) -> dict[str, Any]:
+    """What reviewers found in the version's sampled requests: how many they reviewed, rated up or
+    down and corrected (the latest review of each request), and the failure categories they tagged,
+    most frequent first."""
+    reviews = registry.reviews(version.adapter, version.version)
+    counts = reviewed_counts(reviews).get(
+        version.version, {"reviewed": 0, "positive": 0, "negative": 0, "corrected": 0}
+    )
+    return counts | {"categories": category_summary(reviews).get(version.version, {})}
+
+
 def drift_report(
     registry: Registry,
     settings: DriftSettings,
@@ -210,6 +226,7 @@ def drift_report(
         "verdict": overall,
         "thresholds": settings.model_dump(),
         "histograms": _histograms(profile, answers),
+        "reviews": reviews_section(registry, version),
         "notes": notes,
     }
     return version, report

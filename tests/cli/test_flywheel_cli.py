@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -207,3 +208,120 @@ def test_the_same_traffic_in_another_arrival_order_builds_the_same_dataset(
             reg.close()
     assert [len(rows["first"][s]) for s in SPLITS] == [5, 1, 3]  # 9 examples, 0.3 test, 0.1 val
     assert rows["first"] == rows["second"]
+
+
+def reviews(settings: Settings, requests: list[dict[str, Any]], redactor: Redactor) -> dict[str, str]:
+    """Reviews from the console over ``traffic``'s requests, each against what its customer said;
+    returns the reviewers' corrections by request index."""
+    reg = Registry.open(settings)
+    corrections = {
+        1: "Sent to the password team: reset link mailed.",
+        5: "Moved to the sales desk: quote sent.",
+    }
+    try:
+        ids = [r["request_id"] for r in requests]
+        review = functools.partial(reg.add_review, reviewer="dana", redactor=redactor)
+        review(ids[0], rating=-1, categories=["format"])  # customer +1, reviewer -1: dropped
+        review(ids[1], rating=-1, correction=corrections[1])  # customer +1, reviewer's correction
+        review(ids[2], categories=["hallucination", "format"])  # only tags: the customer's +1 decides
+        review(ids[4], rating=-1)  # customer's correction beats a reviewer's rating
+        review(ids[5], correction=corrections[5])  # reviewer's correction beats the customer's
+        review(ids[6], rating=-1)  # customer -1, first reviewed -1 ...
+        review(ids[6], rating=1)  # ... then +1: the latest review counts
+        review(ids[7], rating=1)  # unrated by its customer
+        review(ids[8], rating=-1, categories=["refusal"])  # failed: dropped whatever anyone says
+    finally:
+        reg.close()
+    return {str(i): text for i, text in corrections.items()}
+
+
+@pytest.mark.unit
+def test_reviews_take_precedence_over_customer_feedback_in_the_counts(
+    tmp_path: Path, redactor: Redactor
+) -> None:
+    settings = load_settings()
+    register_fake(settings, tmp_path, "support")
+    requests, _ = traffic(settings, "support", redactor)
+    reviews(settings, requests, redactor)
+    result = CliRunner().invoke(
+        app, ["flywheel", "build-dataset", "support", "--since", "2h", "--until", "now"]
+    )
+    assert result.exit_code == 2, result.output  # 7 usable of 10: refused before the tokenizer loads
+    assert result.stderr.startswith("error: only 7 usable new examples from support's traffic between ")
+    assert (
+        "requests 9, dropped failed 1, review corrected 2, corrected 1, review positive 2, positive 2, "
+        "dropped review negative 1." in result.stderr
+    )
+
+
+@pytest.mark.integration
+def test_build_dataset_prefers_reviews_and_records_their_categories(
+    isolated_env: Path, tiny: Tiny, redactor: Redactor
+) -> None:
+    from loraflow.trainer.prepare import SPLITS, load_split
+
+    settings = load_settings()
+    reg = Registry.open(settings)
+    reg.register("support", tiny.adapter(1), base_model=str(tiny.base))
+    requests, given = traffic(settings, "support", redactor)
+    # A request reviewed but served before the window: its tags are not this dataset's.
+    (old,) = write_traffic(
+        TrafficStore(settings.resolved_traffic_uri),
+        "requests",
+        [request("support", NOW - timedelta(hours=5), "renew the maintenance contract")],
+        redactor,
+    )
+    reg.add_review(old["request_id"], reviewer="dana", redactor=redactor, rating=-1, categories=["off_topic"])
+    corrections = reviews(settings, requests, redactor)
+
+    args = [
+        "flywheel",
+        "build-dataset",
+        "support",
+        "--since",
+        "2h",
+        "--until",
+        (NOW + timedelta(minutes=1)).isoformat(),
+    ]
+    env = {"LORAFLOW_FLYWHEEL__MIN_EXAMPLES": "4"}
+    result = CliRunner().invoke(app, [*args, "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    built = json.loads(result.stdout)
+    counts = built["counts"]
+    assert (counts["requests"], counts["dropped_failed"]) == (9, 1)
+    assert (counts["review_corrected"], counts["corrected"]) == (2, 1)
+    assert (counts["review_positive"], counts["positive"], counts["unrated"]) == (2, 2, 0)
+    assert (counts["dropped_review_negative"], counts["dropped_negative"], counts["dropped_unrated"]) == (
+        1,
+        0,
+        0,
+    )
+    assert counts["new_examples"] == 7
+    categories = {"1": {"format": 2, "hallucination": 1, "refusal": 1}}  # the window's, per version
+    assert built["review_categories"] == categories
+
+    dataset = reg.get_dataset(built["dataset"])
+    assert dataset.lineage["review_categories"] == categories and dataset.lineage["counts"] == counts
+    answers = sorted(row["messages"][-1]["content"] for s in SPLITS for row in load_split(reg, dataset, s))
+    served = [f"Routed to the team for: {t}" for t in TOPICS]
+    expected = [
+        corrections["1"],
+        served[2],
+        served[3],
+        given[4]["correction"],
+        corrections["5"],
+        served[6],
+        served[7],
+    ]
+    assert answers == sorted(
+        expected
+    )  # not request 0 (a reviewer's -1 over its customer's +1) nor 8 (failed)
+    reg.close()
+
+    # The plain view: every count, and the categories per version.
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"found (same splits, by digest) dataset {built['dataset']}: ")
+    assert "  review_corrected: 2" in lines and "  dropped_review_negative: 1" in lines
+    assert "  review categories of v1: format 2, hallucination 1, refusal 1" in lines

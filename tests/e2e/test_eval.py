@@ -157,6 +157,14 @@ def test_trained_adapter_beats_the_prompted_base_and_passes_the_gate(
     (stored,) = reg.evaluations("orders", 1)
     assert stored.id == report["evaluation"] and stored.split_digest == report["split_digest"]
     assert stored.report == {k: v for k, v in report.items() if k not in ("evaluation", "gate")}
+    # Its page is kept beside it: the --html page less the gate's verdict, which is about the moment.
+    from loraflow.trainer.reports.eval_page import render_html
+
+    assert stored.page_digest is not None
+    page = reg.page(stored.page_digest)
+    assert page == render_html(stored.report)
+    assert 'id="gate"' not in page and 'id="gate"' in html.read_text()
+    assert page.split('<section id="summary">')[1] == html.read_text().split('<section id="summary">')[1]
 
     # vLLM through the gateway answers the held-out prompts exactly as PEFT did at the end of training.
     peft = {json.dumps(ex["prompt"]): ex["adapter"]["text"] for ex in trained["v1"].eval_report["examples"]}

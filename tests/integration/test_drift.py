@@ -1,6 +1,6 @@
 """`loraflow drift` on traffic records in a real sink, against a dataset prepared from the tiny model's
 tokenizer with real all-MiniLM-L6-v2 embeddings: same-distribution traffic is not flagged, shifted
-traffic is, and the report is stored, exported by a gateway and rendered as a page."""
+traffic is, and the report is stored (its page beside it), exported by a gateway and rendered."""
 
 from __future__ import annotations
 
@@ -175,6 +175,7 @@ def test_the_cli_stores_the_report_renders_it_and_a_gateway_exports_it(
     assert "<svg" in html and "Drift of orders@v1" in html and "http" not in html.split("<svg")[0]
     stored = world.registry.drift_reports()["orders@v1"]
     assert stored.report["figures"]["embedding_mmd_p_value"] == report["figures"]["embedding_mmd_p_value"]
+    assert stored.page_digest is not None and world.registry.page(stored.page_digest) == html  # the same page
 
     from tests.fake_vllm import Setup, gateway, ready
 

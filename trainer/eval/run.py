@@ -13,7 +13,11 @@
    bootstrap interval. The built-in regression suite, optional lm-eval tasks
    (:mod:`loraflow.trainer.eval.lm_eval_suite`) and an optional judge run too.
 4. The report is stored on the version (with the dataset version, the split's
-   digest, the engine and the settings) for the promotion gate to read.
+   digest, the engine and the settings) for the promotion gate to read, and its HTML
+   page (:mod:`loraflow.trainer.reports.eval_page`, rendered from the same report)
+   beside it in the artifact store, for the console. The stored page has no gate
+   section: the gate's verdict is about now (production moves, the report goes stale),
+   so ``--html`` adds the verdict of the moment to the page it writes.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from loraflow.trainer.eval.scoring import (
     Task,
 )
 from loraflow.trainer.prepare import SPLITS, fingerprint, load_split, split_rows
+from loraflow.trainer.reports.eval_page import render_html
+from loraflow.trainer.reports.render import require_page_libraries
 
 REPORT_SCHEMA = 1
 DEFAULT_BASE_SYSTEM_PROMPT = "Answer exactly in the format the examples show."
@@ -199,6 +205,7 @@ def evaluate(
         raise InvalidArgumentError(
             f"--split must be one of {', '.join(SPLITS)}, not {split!r}", param="split"
         )
+    require_page_libraries()  # the page is stored with the report: refuse before generating, not after
     candidate = registry.resolve(parsed)
     name = candidate.adapter
     adapter = registry.get(name)
@@ -338,6 +345,7 @@ def evaluate(
         split_digest=report["split_digest"],
         production_version=production_version,
         report=report,
+        page=render_html(report),
     )
     return EvalResult(report=report, evaluation=evaluation)
 

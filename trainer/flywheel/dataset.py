@@ -3,10 +3,18 @@
 :func:`build_dataset` turns an adapter's sampled traffic over a window into the next version
 of its training dataset, recording the count after every step in the version's lineage:
 
-1. read the requests the gateways sampled in ``[until - since, until)`` and the feedback
-   given for them (the latest rating per request wins); failed requests are dropped
-2. keep answers rated +1, and corrected answers with the correction as the answer; drop
-   answers rated -1 without a correction, and unrated ones (``flywheel.include_unrated``)
+1. read the requests the gateways sampled in ``[until - since, until)``, the feedback
+   customers gave for them (the latest rating per request wins) and the reviews people gave
+   them in the console (``Registry.reviews``; the latest review of a request counts,
+   :func:`~loraflow.registry.reviews.current_reviews`); failed requests are dropped
+2. choose each answer by who said what, first match wins: a reviewer's correction, the
+   customer's correction (either becomes the answer), the reviewer's rating, the customer's
+   rating (+1 keeps the served answer, -1 drops it: a reviewer's -1 drops an answer its
+   customer rated +1), else unrated (kept only with ``flywheel.include_unrated``). The counts
+   say which source decided (``review_corrected``, ``corrected``, ``review_positive``,
+   ``positive``, ``unrated``, ``dropped_review_negative``, ``dropped_negative``,
+   ``dropped_unrated``), and ``review_categories`` the failure categories reviewers tagged in
+   the window's requests, per version (:func:`~loraflow.registry.reviews.category_summary`)
 3. redact again (the gateway redacted before writing; this is defence in depth), and
    validate every example against the base's tokenizer and chat template
 4. drop duplicates among the new examples (exact, and MinHash near duplicates) and any
@@ -38,6 +46,7 @@ from loraflow.registry.artifacts import digest_of, sha256_file
 from loraflow.registry.errors import InvalidArgumentError, NotFoundError
 from loraflow.registry.redact import redactor_from_settings
 from loraflow.registry.refs import DEFAULT_ALIAS
+from loraflow.registry.reviews import category_summary, current_reviews
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from loraflow.registry.traffic import answer_text, current_feedback, request_turns
@@ -127,8 +136,8 @@ def _cap_clusters(examples: list[Example], *, threshold: float, cap: int) -> tup
 def _too_few(name: str, usable: int, needed: int, counts: dict[str, int], window: str) -> NoReturn:
     raise InvalidArgumentError(
         f"only {usable} usable new examples from {name}'s traffic {window}; flywheel.min_examples is "
-        f"{needed}. Counts: {_counts_text(counts)}. Rate or correct more answers (unrated ones count only "
-        "with flywheel.include_unrated), or widen --since",
+        f"{needed}. Counts: {_counts_text(counts)}. Rate, correct or review more answers (unrated ones count "
+        "only with flywheel.include_unrated), or widen --since",
         param="since",
     )
 
@@ -163,6 +172,14 @@ def build_dataset(
     ratings: dict[str, dict[str, Any]] = {}
     for given in current_feedback(registry.traffic.read("feedback", adapter=name, since=start)):
         ratings[given["request_id"]] = given  # the latest of the keys allowed to rate it wins
+    in_window = {r["request_id"] for r in requests}
+    reviews = {
+        request_id: review
+        for request_id, review in current_reviews(registry.reviews(name)).items()
+        if request_id in in_window
+    }
+    # Per version, as the JSON of the report and the lineage keeps it (keys are strings there).
+    review_categories = {str(v): tags for v, tags in category_summary(reviews.values()).items()}
     counts["skipped_corrupt_lines"] = len(registry.traffic.corrupt) - corrupt_before
     counts["lost_records"] = sum(
         int(loss["records"]) for loss in registry.traffic.losses(since=start, until=end)
@@ -171,12 +188,30 @@ def build_dataset(
     counts["dropped_failed"] = len(requests) - len(served)
 
     rows: list[dict[str, Any]] = []
-    for kind in ("corrected", "positive", "unrated", "dropped_negative", "dropped_unrated", "dropped_shape"):
+    for kind in (
+        "review_corrected",
+        "corrected",
+        "review_positive",
+        "positive",
+        "unrated",
+        "dropped_review_negative",
+        "dropped_negative",
+        "dropped_unrated",
+        "dropped_shape",
+    ):
         counts[kind] = 0
     for record in sorted(served, key=lambda r: (r["at"], r["request_id"])):
+        review = reviews.get(record["request_id"])
         fb = ratings.get(record["request_id"])
-        if fb is not None and fb.get("correction"):
+        if review is not None and review.correction:
+            answer, kind = review.correction, "review_corrected"
+        elif fb is not None and fb.get("correction"):
             answer, kind = fb["correction"], "corrected"
+        elif review is not None and review.rating is not None and review.rating > 0:
+            answer, kind = answer_text(record), "review_positive"
+        elif review is not None and review.rating is not None:
+            counts["dropped_review_negative"] += 1
+            continue
         elif fb is not None and fb["rating"] > 0:
             answer, kind = answer_text(record), "positive"
         elif fb is not None:
@@ -295,7 +330,12 @@ def build_dataset(
         "val_fraction": fw.val_fraction,
         "seed": fw.seed,
     }
-    report = {"source": f"traffic of adapter {name}", "counts": counts, "filters": filters}
+    report = {
+        "source": f"traffic of adapter {name}",
+        "counts": counts,
+        "filters": filters,
+        "review_categories": review_categories,
+    }
     dataset_name = previous.name if previous is not None else f"{name}-traffic"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -311,6 +351,7 @@ def build_dataset(
             "previous": previous.ref if previous is not None else None,
             "filters": filters,
             "counts": counts,
+            "review_categories": review_categories,
         }
         version = registry.register_dataset(
             dataset_name,

@@ -2,7 +2,9 @@
 
 One self-contained file (inline CSS and SVG) from ``templates/drift_report.html.j2``; the
 verdict shown beside each figure is :func:`~loraflow.registry.drift.figure_verdict`, the
-one rule the CLI and the demo print too.
+one rule the CLI and the demo print too. A report's ``reviews`` section (what reviewers found
+in the version's requests, and their failure categories) is a small table; reports stored
+before it existed render without one.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def render_html(report: dict[str, Any]) -> str:
     rows = [
         (name, value, figure_verdict(report["verdicts"], name)) for name, value in report["figures"].items()
     ]
-    return environment().get_template(TEMPLATE).render(report=report, rows=rows, charts=charts)
+    return (
+        environment()
+        .get_template(TEMPLATE)
+        .render(report=report, rows=rows, charts=charts, reviews=report.get("reviews"))
+    )
 
 
 def write_html(report: dict[str, Any], path: Path) -> Path:

@@ -7,6 +7,7 @@ Autoescape is on for every template (``select_autoescape()`` alone would not mat
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,14 @@ if TYPE_CHECKING:
     import jinja2
 
 TEMPLATES = Path(__file__).parent / "templates"
+PAGE_EXTRA = "the HTML report needs pip install 'loraflow[eval]'"
+
+
+def require_page_libraries() -> None:
+    """Refuse now, not at the end of a long run, when a page could not be rendered (Jinja2 and
+    matplotlib come with the ``eval`` extra). Nothing is imported: only looked for."""
+    if any(importlib.util.find_spec(module) is None for module in ("jinja2", "matplotlib")):
+        raise MissingDependencyError(PAGE_EXTRA)
 
 
 def environment() -> jinja2.Environment:
@@ -23,7 +32,7 @@ def environment() -> jinja2.Environment:
     try:
         import jinja2
     except ImportError as exc:
-        raise MissingDependencyError("the HTML report needs pip install 'loraflow[eval]'") from exc
+        raise MissingDependencyError(PAGE_EXTRA) from exc
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2"), default=True),
