@@ -21,6 +21,7 @@ from loraflow.cli import (
     serve,
     traffic,
     train,
+    ui,
 )
 
 app = typer.Typer(
@@ -64,6 +65,7 @@ app.command("drift")(drift.drift)
 app.command("serve")(serve.serve)
 app.command("engine")(engine.engine)
 app.command("demo")(demo.demo)
+app.command("ui")(ui.ui)
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def serve(
             "server.engine_dns): a supervised engine belongs to one gateway process",
             param="workers",
         )
-    _check_port_free(bind_host, bind_port)
+    check_port_free(bind_host, bind_port)
     if n_workers > 1:
         from loraflow.server.workers import run_workers
 
@@ -151,7 +151,7 @@ async def _run(
     return None
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
     """Fail before a minute of engine start-up, not after it."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -190,6 +190,12 @@ CASES = {
         ("d.jsonl:2: invalid JSON", "1 bad lines"),
         setup=_write("d.jsonl", GOOD_LINE.encode() + b"\n{oops\n"),
     ),
+    "the console on the network with auth off": Case(
+        ("ui", "--host", "0.0.0.0"), INVALID, ("--host 0.0.0.0 would open the console", "server.auth")
+    ),
+    "the console on the gateway's port": Case(
+        ("ui", "--port", "8000"), INVALID, ("the gateway's address", "--port")
+    ),
 }
 
 

@@ -74,6 +74,11 @@ def test_wheel_has_only_the_loraflow_package_and_every_module(wheel: Path) -> No
     assert "loraflow/registry/migrations/script.py.mako" in names
     assert "loraflow/trainer/reports/templates/eval_report.html.j2" in names  # the eval report's page
     assert "loraflow/trainer/reports/templates/drift_report.html.j2" in names
+    # The console's pages and assets: nothing is fetched from elsewhere when it opens.
+    assert "loraflow/server/console/templates/review_item.html.j2" in names
+    assert {"loraflow/server/console/static/console.css", "loraflow/server/console/static/console.js"} <= set(
+        names
+    )
     assert "loraflow/trainer/eval/regression/general.jsonl" in names  # the built-in regression suite
     entry_points = (
         zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
@@ -126,6 +131,20 @@ def test_every_module_imports_from_the_installed_wheel_outside_the_repository(
         "from loraflow.trainer.eval.regression_suite import SUITE_FILE\n"
         "from loraflow.trainer.reports.render import TEMPLATES\n"
         "assert SUITE_FILE.is_file() and (TEMPLATES / 'eval_report.html.j2').is_file()\n"
+        # The console from the wheel, offline: its pages and assets come from the installed copy.
+        "from fastapi.testclient import TestClient\n"
+        "from loraflow.registry.service import Registry\n"
+        "from loraflow.registry.settings import Settings\n"
+        "from loraflow.server.console.app import build_console\n"
+        "from loraflow.server.console.context import HERE\n"
+        "assert HERE.resolve().is_relative_to(site)\n"
+        "settings = Settings(home=pathlib.Path('home'))\n"
+        "client = TestClient(build_console(settings, Registry.open(settings)))\n"
+        "home = client.get('/')\n"
+        "assert home.status_code == 200 and 'Adapters' in home.text, home.text\n"
+        "assert 'http://' not in home.text and 'https://' not in home.text, 'the page links elsewhere'\n"
+        "for asset in ('/static/console.css', '/static/console.js'):\n"
+        "    assert client.get(asset).status_code == 200, asset\n"
         "print(len(sys.modules))\n"
     )
     env = os.environ | {"PYTHONPATH": str(site)}
