@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,24 @@ pytestmark = pytest.mark.helm
 KUBE_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}  # validated against their own CRDs, below
 CRD_DIR = Path(__file__).parent / "crd"
-CASES = {"default": lambda: copy.deepcopy(REQUIRED), "production": production}
+# The console (on in production) behind its internal ingress, with TLS.
+CONSOLE_INGRESS: dict[str, Any] = {
+    "console": {
+        "enabled": True,
+        "ingress": {
+            "enabled": True,
+            "className": "internal",
+            "annotations": {"nginx.ingress.kubernetes.io/whitelist-source-range": "10.0.0.0/8"},
+            "host": "loraflow-console.corp.example",
+            "tls": [{"hosts": ["loraflow-console.corp.example"], "secretName": "console-tls"}],
+        },
+    }
+}
+CASES: dict[str, Callable[[], dict[str, Any]]] = {
+    "default": lambda: copy.deepcopy(REQUIRED),
+    "production": production,
+    "console-ingress": lambda: merged(production(), CONSOLE_INGRESS),
+}
 
 
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +365,9 @@ def test_settings_from_values_reach_loraflow_toml() -> None:
 
 
 def test_bitnami_style_names_and_labels() -> None:
-    docs = manifests(merged(REQUIRED, {"fullnameOverride": "lf", "commonLabels": {"team": "ml"}}))
+    values = merged(REQUIRED, {"fullnameOverride": "lf", "commonLabels": {"team": "ml"}})
+    docs = manifests(merged(values, CONSOLE_INGRESS))
+    assert len(console_objects(docs)) == 3
     for doc in docs:
         assert doc["metadata"]["name"].startswith("lf"), doc["metadata"]["name"]
         assert doc["metadata"]["labels"]["team"] == "ml"
@@ -359,6 +379,237 @@ def test_notes_show_the_first_request() -> None:
     notes = render(production())["loraflow/templates/NOTES.txt"]
     assert "kubectl -n ml port-forward svc/rel-loraflow-gateway" in notes
     assert '"model": "orders"' in notes and "/v1/chat/completions" in notes
+    # The console (on in production): how to reach it, and which key logs in.
+    assert "kubectl -n ml port-forward svc/rel-loraflow-console 8090:8090" in notes
+    assert "API key" in notes and "--scope review" in notes and "operator" in notes
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether a matchLabels selector picks an object with these labels."""
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def console_objects(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "console"]
+
+
+def test_the_console_is_off_by_default() -> None:
+    import tomllib
+
+    assert production()["console"]["enabled"] is True  # production opts in; the chart's default does not
+    docs = manifests(REQUIRED)
+    assert console_objects(docs) == []
+    assert not [d for d in docs if "console" in d["metadata"]["name"]]
+    assert "console" not in tomllib.loads(one(docs, "ConfigMap", "config")["data"]["loraflow.toml"])
+    assert "console" not in render(REQUIRED)["loraflow/templates/NOTES.txt"].lower()
+
+
+def test_the_console_runs_loraflow_ui_hardened_with_the_gateways_settings() -> None:
+    docs = manifests(production())
+    deployment = one(docs, "Deployment", "console")
+    service = one(docs, "Service", "console")
+    assert {d["kind"] for d in console_objects(docs)} == {"Deployment", "Service"}  # no ingress by default
+    assert deployment["metadata"]["name"] == service["metadata"]["name"] == "rel-loraflow-console"
+    assert deployment["spec"]["replicas"] == 1
+    console, pod = container(deployment), pod_spec(deployment)
+    assert console["command"] + console["args"] == ["loraflow", "ui", "--host", "0.0.0.0", "--port", "8090"]
+    assert console["ports"] == [{"name": "http", "containerPort": 8090}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert console[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # The gateway's image, service account and settings file; hardened as every container is.
+    gateway_deployment = one(docs, "Deployment", "gateway")
+    gateway, gateway_pod = container(gateway_deployment), pod_spec(gateway_deployment)
+    assert console["image"] == gateway["image"] and console["imagePullPolicy"] == gateway["imagePullPolicy"]
+    assert pod["serviceAccountName"] == gateway_pod["serviceAccountName"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"] == gateway_pod["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert console["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    # With a read-only root, everything it writes goes to emptyDirs; the settings are the ConfigMap.
+    assert console["volumeMounts"] == gateway["volumeMounts"] and pod["volumes"] == gateway_pod["volumes"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in console["volumeMounts"]}
+    assert "emptyDir" in mounts["/tmp"] and "emptyDir" in mounts["/var/lib/loraflow"]
+    assert (
+        mounts["/etc/loraflow"]["configMap"]["name"] == one(docs, "ConfigMap", "config")["metadata"]["name"]
+    )
+    # The same database, artifact (and so traffic) store, S3 credentials and secrets as the gateway...
+    env, gateway_env = env_of(console), env_of(gateway)
+    shared = (
+        "LORAFLOW_CONFIG",
+        "LORAFLOW_HOME",
+        "HOME",
+        "LORAFLOW_DATABASE_URL",
+        "LORAFLOW_ARTIFACT_URI",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "LORAFLOW_TRAFFIC__PSEUDONYM_KEY",
+        "LORAFLOW_SERVER__AUTH",
+    )
+    for name in shared:
+        assert env[name] == gateway_env[name], name
+    assert env["LORAFLOW_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "loraflow",
+        "key": "database-url",
+    }
+    assert env["LORAFLOW_SERVER__AUTH"]["value"] == "true"
+    # ...but nothing that points at the engines (the console never talks to them), and not the
+    # token of the gateways' /metrics, which it does not serve.
+    assert "LORAFLOW_SERVER__ENGINE_DNS" not in env and "LORAFLOW_SERVER__METRICS_TOKEN" in gateway_env
+    assert "LORAFLOW_SERVER__METRICS_TOKEN" not in env
+    # Its own ClusterIP Service on 8090; the gateways' Service, PDB, ServiceMonitor and the engines'
+    # NetworkPolicy never pick console pods, and the console's Service never picks a gateway.
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8090, "targetPort": "http"}]
+    console_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    gateway_labels = gateway_deployment["spec"]["template"]["metadata"]["labels"]
+    assert console_labels["app.kubernetes.io/component"] == "console"
+    assert selects(service["spec"]["selector"], console_labels)
+    assert selects(deployment["spec"]["selector"]["matchLabels"], console_labels)
+    assert not selects(service["spec"]["selector"], gateway_labels)
+    assert not selects(deployment["spec"]["selector"]["matchLabels"], gateway_labels)
+    gateway_selectors = [
+        one(docs, "Service", "gateway")["spec"]["selector"],
+        gateway_deployment["spec"]["selector"]["matchLabels"],
+        one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ]
+    gateway_selectors += [m["spec"]["selector"]["matchLabels"] for m in docs if m["kind"] == "ServiceMonitor"]
+    for selector in gateway_selectors:
+        assert not selects(selector, console_labels), selector
+        assert not selects(selector, service["metadata"]["labels"]), selector
+    policy = one(docs, "NetworkPolicy")
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            if "namespaceSelector" not in peer:  # a peer in this namespace: by pod labels only
+                assert not selects(peer["podSelector"]["matchLabels"], console_labels), peer
+    # It is not behind the gateways' (public) ingress.
+    gateway_ingress = one(docs, "Ingress", "gateway")
+    backends = [
+        p["backend"]["service"]["name"] for r in gateway_ingress["spec"]["rules"] for p in r["http"]["paths"]
+    ]
+    assert backends and service["metadata"]["name"] not in backends
+
+
+def test_the_console_takes_its_values() -> None:
+    values = merged(
+        production(),
+        {
+            "console": {
+                "port": 9000,
+                "resources": {"requests": {"cpu": "1"}},
+                "podAnnotations": {"team": "ml-ops"},
+                "nodeSelector": {"pool": "system"},
+                "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {"podAntiAffinity": {}},
+                "extraEnv": [{"name": "FOO", "value": "bar"}],
+            }
+        },
+    )
+    docs = manifests(values)
+    deployment = one(docs, "Deployment", "console")
+    console, pod = container(deployment), pod_spec(deployment)
+    assert console["args"] == ["--host", "0.0.0.0", "--port", "9000"]
+    assert console["ports"][0]["containerPort"] == 9000
+    assert one(docs, "Service", "console")["spec"]["ports"][0]["port"] == 9000
+    assert console["resources"]["requests"] == {"cpu": "1", "memory": "512Mi"}  # merged over the defaults
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["team"] == "ml-ops"
+    assert "checksum/config" in deployment["spec"]["template"]["metadata"]["annotations"]
+    assert pod["nodeSelector"] == {"pool": "system"} and pod["tolerations"][0]["key"] == "system"
+    assert pod["affinity"] == {"podAntiAffinity": {}}
+    assert env_of(console)["FOO"] == {"name": "FOO", "value": "bar"}
+    for version in KUBE_VERSIONS:
+        for doc in console_objects(docs):
+            kubernetes_validate.validate(doc, version, strict=True)
+    notes = render(values)["loraflow/templates/NOTES.txt"]
+    assert "port-forward svc/rel-loraflow-console 9000:9000" in notes
+
+
+def test_the_console_refuses_to_render_without_api_keys() -> None:
+    message = render_error(merged(production(), {"apiKeys": {"enabled": False}}))
+    assert "console.enabled" in message and "apiKeys.enabled" in message
+    # Without the console, API keys may be off (a trial), and the chart renders.
+    off = merged(production(), {"apiKeys": {"enabled": False}, "console": {"enabled": False}})
+    assert (
+        env_of(container(one(manifests(off), "Deployment", "gateway")))["LORAFLOW_SERVER__AUTH"]["value"]
+        == "false"
+    )
+    # A SQLite registry is a file in the gateway's pod: the console's pod would see another database.
+    sqlite = {
+        "baseModel": "m",
+        "artifacts": {"uri": "s3://b/p"},
+        "registry": {"databaseUrl": "sqlite:////d/r.db"},
+        "gateway": {"replicas": 1},
+    }
+    message = render_error(merged(sqlite, {"console": {"enabled": True}}))
+    assert "console.enabled" in message and "SQLite" in message
+    # Each console pod signs sessions with a key of its own: a second replica would refuse them.
+    message = render_error(merged(production(), {"console": {"replicas": 2}}))
+    assert "console.replicas is 2" in message
+    # An ingress needs the host it answers on.
+    no_host = merged(production(), {"console": {"ingress": {"enabled": True}}})
+    assert "console.ingress.host" in render_error(no_host)
+    # The schema names a misspelt console value.
+    assert "/console" in render_error(merged(production(), {"console": {"replica": 2}}))
+    assert "/console/ingress" in render_error(merged(production(), {"console": {"ingress": {"hosts": []}}}))
+
+
+def test_the_console_ingress_is_its_own_and_tls_makes_its_cookie_secure() -> None:
+    import tomllib
+
+    from loraflow.registry.settings import ConsoleSettings
+
+    docs = manifests(merged(production(), CONSOLE_INGRESS))
+    ingress = one(docs, "Ingress", "console")
+    service = one(docs, "Service", "console")
+    assert ingress["metadata"]["name"] == "rel-loraflow-console"
+    assert ingress["metadata"]["annotations"] == CONSOLE_INGRESS["console"]["ingress"]["annotations"]
+    assert ingress["spec"]["ingressClassName"] == "internal"
+    assert ingress["spec"]["tls"] == CONSOLE_INGRESS["console"]["ingress"]["tls"]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "loraflow-console.corp.example"
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/" and path["pathType"] == "Prefix"
+    assert path["backend"]["service"] == {"name": service["metadata"]["name"], "port": {"name": "http"}}
+    # The gateways' ingress is untouched: it still routes to the gateways only.
+    assert (
+        one(docs, "Ingress", "gateway")["spec"]["rules"]
+        == one(manifests(production()), "Ingress", "gateway")["spec"]["rules"]
+    )
+
+    def console_settings(values: dict[str, Any]) -> dict[str, Any]:
+        config = one(manifests(values), "ConfigMap", "config")
+        table: dict[str, Any] = tomllib.loads(config["data"]["loraflow.toml"]).get("console", {})
+        return table
+
+    # Behind a TLS ingress the console sees plain HTTP: the chart marks its cookie Secure.
+    assert console_settings(merged(production(), CONSOLE_INGRESS)) == {"secure_cookies": True}
+    assert ConsoleSettings(**console_settings(merged(production(), CONSOLE_INGRESS))).secure_cookies is True
+    # Without TLS (or reached by port-forward, production's default) the chart writes no [console].
+    plain = merged(production(), merged(CONSOLE_INGRESS, {"console": {"ingress": {"tls": []}}}))
+    assert console_settings(plain) == {}
+    assert console_settings(production()) == {}
+    # A `console` table in config wins, as for [rollout] (TLS ended by a load balancer, say).
+    ended_elsewhere = merged(plain, {"config": {"console": {"secure_cookies": True}}})
+    assert console_settings(ended_elsewhere) == {"secure_cookies": True}
+    opted_out = merged(
+        production(), merged(CONSOLE_INGRESS, {"config": {"console": {"secure_cookies": False}}})
+    )
+    assert console_settings(opted_out) == {"secure_cookies": False}
+    # The ConfigMap's checksum on the console's pods rolls them when [console] changes.
+    checksums = {
+        one(manifests(v), "Deployment", "console")["spec"]["template"]["metadata"]["annotations"][
+            "checksum/config"
+        ]
+        for v in (plain, merged(production(), CONSOLE_INGRESS))
+    }
+    assert len(checksums) == 2
+    notes = render(merged(production(), CONSOLE_INGRESS))["loraflow/templates/NOTES.txt"]
+    assert "https://loraflow-console.corp.example" in notes
 
 
 def test_every_value_is_documented() -> None:

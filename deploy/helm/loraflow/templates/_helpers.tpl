@@ -90,6 +90,18 @@ workload, so `helm template` and `helm install` refuse the same things.
 {{- if and .Values.ingress.enabled (not (and .Values.existingSecret .Values.secretKeys.metricsToken)) -}}
 {{- fail "ingress.enabled publishes the gateways' /metrics (every tenant's adapters, the engines' private addresses) unless it needs a token: set secretKeys.metricsToken (a key of existingSecret), or keep ingress.enabled=false" -}}
 {{- end -}}
+{{- if and .Values.console.enabled (not .Values.apiKeys.enabled) -}}
+{{- fail "console.enabled needs apiKeys.enabled=true: the console logs in with an API key, and without server.auth it refuses to listen beyond loopback. Set apiKeys.enabled=true, or keep console.enabled=false" -}}
+{{- end -}}
+{{- if and .Values.console.enabled (include "loraflow.isSqlite" .) -}}
+{{- fail "console.enabled needs the registry in PostgreSQL (the database URL in existingSecret): a SQLite registry.databaseUrl is a file inside the gateway's pod, which the console's pod cannot read. Keep console.enabled=false for a SQLite trial" -}}
+{{- end -}}
+{{- if and .Values.console.enabled (gt (int .Values.console.replicas) 1) -}}
+{{- fail (printf "console.replicas is %d, but each console pod signs its logins with a key it makes for itself (in its own LORAFLOW_HOME), so one replica would refuse another's sessions and forms: keep console.replicas=1" (int .Values.console.replicas)) -}}
+{{- end -}}
+{{- if and .Values.console.enabled .Values.console.ingress.enabled (not .Values.console.ingress.host) -}}
+{{- fail "console.ingress.enabled needs console.ingress.host: the internal host name the console answers on" -}}
+{{- end -}}
 {{- if include "loraflow.isSqlite" . -}}
 {{- $replicas := int .Values.gateway.replicas -}}
 {{- if .Values.gateway.autoscaling.enabled -}}{{- $replicas = int .Values.gateway.autoscaling.maxReplicas -}}{{- end -}}
