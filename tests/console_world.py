@@ -20,8 +20,10 @@ from typing import Any
 from loraflow.registry import domain
 from loraflow.registry.keys import create_key
 from loraflow.registry.redact import Redactor
+from loraflow.registry.refs import version_ref
 from loraflow.registry.service import Registry
 from loraflow.registry.traffic import new_request_id
+from loraflow.trainer.reports.eval_page import render_html
 from tests.factories import write_traffic
 
 TOPICS = [
@@ -87,48 +89,85 @@ def request_record(
 
 
 def eval_report(version: int, production: int) -> dict[str, Any]:
-    examples = [
-        {
-            "index": i,
-            "prompt": f"Route: {topic}",
-            "reference": f'{{"team": "support", "topic": "{topic}"}}',
-            "label": None,
-            "outputs": {
-                "candidate": {"text": f'{{"team": "support", "topic": "{topic}"}}'},
-                "production": {
-                    "text": f'{{"team": "billing", "topic": "{topic}"}}'
-                    if i % 4
-                    else f'{{"team": "support", "topic": "{topic}"}}'
+    """A `loraflow eval` report as the eval run writes it: 8 examples, on 2 of which production
+    already answers like the candidate (so a blind round has 6 pairs)."""
+    texts = {
+        "candidate": lambda i, topic: f'{{"team": "support", "topic": "{topic}"}}',
+        "production": lambda i, topic: (
+            f'{{"team": "{"billing" if i % 4 else "support"}", "topic": "{topic}"}}'
+        ),
+        "base": lambda i, topic: "I am not sure which team handles this.",
+    }
+    examples = []
+    for i, topic in enumerate(TOPICS[:8]):
+        reference = f'{{"team": "support", "topic": "{topic}"}}'
+        outputs = {}
+        for key, text_of in texts.items():
+            text = text_of(i, topic)
+            outputs[key] = {
+                "text": text,
+                "finish_reason": "stop",
+                "output_tokens": 12,
+                "latency_s": 0.4,
+                "scores": {
+                    "exact_match": float(text == reference),
+                    "json_valid": float(text.startswith("{")),
                 },
-                "base": {"text": "I am not sure."},
-            },
-        }
-        for i, topic in enumerate(TOPICS[:8])
-    ]
-    stats = {"exact_match": {"mean": 0.9, "ci": [0.8, 1.0]}}
+            }
+        examples.append(
+            {
+                "index": i,
+                "prompt": f"Route: {topic}",
+                "reference": reference,
+                "label": None,
+                "outputs": outputs,
+            }
+        )
+
+    def stats(key: str, metric: str) -> dict[str, Any]:
+        values = [e["outputs"][key]["scores"][metric] for e in examples]
+        mean = sum(values) / len(values)
+        return {"mean": mean, "ci": [max(0.0, mean - 0.2), min(1.0, mean + 0.2)]}
+
+    metrics = ["exact_match", "json_valid"]
+    systems = {
+        key: {"label": label, "model": model, "metrics": {m: stats(key, m) for m in metrics}}
+        for key, label, model in (
+            ("base", "prompted base (3-shot)", "base"),
+            ("production", f"production support v{production}", f"support:production (v{production})"),
+            ("candidate", f"candidate support v{version}", f"support v{version}"),
+        )
+    }
+
+    def compare(key: str) -> dict[str, Any]:
+        out = {}
+        for m in metrics:
+            diff = systems["candidate"]["metrics"][m]["mean"] - systems[key]["metrics"][m]["mean"]
+            out[m] = {"diff": diff, "ci": [max(-1.0, diff - 0.25), min(1.0, diff + 0.25)]}
+        return out
+
     return {
         "schema": 1,
+        "candidate": version_ref("support", version),
         "adapter": "support",
         "version": version,
+        "dataset": version_ref("support-data", 1),
+        "split": "test",
+        "split_digest": "0" * 64,
         "n": len(examples),
-        "primary_metric": "exact_match",
         "confidence": 0.95,
-        "metrics": ["exact_match"],
-        "systems": {
-            "candidate": {"label": f"support v{version}", "metrics": stats},
-            "production": {
-                "label": f"production v{production}",
-                "metrics": {"exact_match": {"mean": 0.25, "ci": [0.0, 0.6]}},
-            },
-            "base": {"label": "prompted base", "metrics": {"exact_match": {"mean": 0.0, "ci": [0.0, 0.0]}}},
-        },
-        "comparisons": {
-            "production": {"exact_match": {"diff": 0.65, "ci": [0.3, 0.9]}},
-            "base": {"exact_match": {"diff": 0.9, "ci": [0.8, 1.0]}},
-        },
-        "regression": None,
+        "primary_metric": "exact_match",
+        "metrics": metrics,
+        "higher_is_better": {"exact_match": True, "json_valid": True},
         "production": {"version": production},
+        "systems": systems,
+        "comparisons": {"production": compare("production"), "base": compare("base")},
+        "regression": None,
+        "judge": None,
         "examples": examples,
+        "engine": {"gateway": "supervised", "base_model": "tiny-llama", "vllm": "0.32.0"},
+        "settings": {"max_new_tokens": 64},
+        "created_at": datetime.now(UTC).isoformat(),
     }
 
 
@@ -171,8 +210,8 @@ def build(
         split="test",
         split_digest="0" * 64,
         production_version=1,
-        report=eval_report(2, 1),
-        page=PAGE.format(title="eval report of support v2", marker="stored-eval-page"),
+        report=(report := eval_report(2, 1)),
+        page=render_html(report),  # the page `loraflow eval` stores
     )
     drift = registry.record_drift(
         "support",

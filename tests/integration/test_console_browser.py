@@ -159,10 +159,10 @@ def test_browse_to_a_versions_eval_report(page: Page, console: Console) -> None:
     expect(page.get_by_test_id("lineage")).to_contain_text("support-data@v1")
     console.shot(page, "version")
     page.get_by_test_id("lineage").get_by_role("link", name=f"eval {console.world.evaluation.id}").click()
-    expect(page.get_by_test_id("headline")).to_contain_text("production v1")
+    expect(page.get_by_test_id("headline")).to_contain_text("production support v1")
     stored = page.frame_locator("iframe.report")
-    expect(stored.locator("#marker")).to_have_text("stored-eval-page")
-    expect(stored.locator("h1")).to_have_text("eval report of support v2")  # its script never ran
+    expect(stored.locator("h1")).to_have_text("Evaluation of support@v2")  # the page `loraflow eval` stored
+    expect(stored.locator("#metrics")).to_contain_text("exact_match")
     console.shot(page, "eval")
 
 

@@ -94,7 +94,7 @@ def test_every_page_renders_and_links_the_lineage(local: tuple[TestClient, World
 def test_a_stored_report_page_is_served_verified_and_sandboxed(local: tuple[TestClient, World]) -> None:
     client, world = local
     page = client.get(f"/evaluations/{world.evaluation.id}/page")
-    assert page.status_code == 200 and "stored-eval-page" in page.text
+    assert page.status_code == 200 and "Evaluation of support@v2" in page.text
     assert page.headers["content-security-policy"].startswith("sandbox")  # its script never runs
     drift = client.get(f"/drift/{world.drift.id}/page")
     assert "stored-drift-page" in drift.text and drift.headers["content-security-policy"].startswith(
@@ -104,7 +104,7 @@ def test_a_stored_report_page_is_served_verified_and_sandboxed(local: tuple[Test
     digest = world.evaluation.page_digest
     assert digest is not None
     stored = next(Path(world.registry.settings.resolved_artifact_uri).rglob(f"{digest}/report.html"))
-    stored.write_text(stored.read_text().replace("stored-eval-page", "forged"))
+    stored.write_text(stored.read_text().replace("Evaluation of", "forged"))
     refused = client.get(f"/evaluations/{world.evaluation.id}/page")
     assert refused.status_code != 200 and "forged" not in refused.text
 
