@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from markupsafe import escape
 
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
+from loraflow.server.console.app import build_console
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -93,6 +95,22 @@ def test_the_demo_runs_the_whole_loop(tmp_path: Path) -> None:
         assert bad.decisions[0].figures["forced"] and bad.decisions[-1].action == "rollback"  # type: ignore[index]
         failed = [g for g in (bad.decisions[-1].figures or {})["guards"] if g["verdict"] == "fail"]
         assert failed, bad.decisions[-1]  # the figures that decided it
+        # The demo ends with the command that opens the console on its registry; the console
+        # serves the eval and drift pages the demo stored beside their reports.
+        assert f"console: LORAFLOW_HOME={home.resolve()} loraflow ui" in " ".join(done.stdout.split())
+        # The demo's own stores (this tier's environment names the session's S3 bucket).
+        local = Settings(home=home, database_url=None, artifact_uri=None)
+        with TestClient(build_console(local, own := Registry.open(local))) as console:
+            assert "demo-orders" in console.get("/").text
+            for evaluation in registry.evaluations("demo-orders"):
+                assert evaluation.page_digest is not None, evaluation.id
+                page = console.get(f"/evaluations/{evaluation.id}/page")
+                assert page.status_code == 200, page.text[-2000:]
+                assert f"Evaluation of {evaluation.ref}" in page.text
+            stored_drift = registry.drift_history("demo-orders")
+            assert stored_drift and all(d.page_digest for d in stored_drift)
+            assert console.get(f"/drift/{stored_drift[-1].id}/page").status_code == 200
+        own.close()
     finally:
         registry.close()
 
