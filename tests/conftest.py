@@ -13,6 +13,7 @@ in which case they fail: a skipped tier is not a pass.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,16 @@ PG_ENV = "LORAFLOW_TEST_DATABASE_URL"
 REQUIRE_ENV = "LORAFLOW_TEST_REQUIRE_SERVICES"
 # Set by .ci/run: the headless Chromium the HTML report tests open pages in.
 CHROMIUM_ENV = "LORAFLOW_TEST_CHROMIUM"
+# What Chromium needs on a machine with a closed network (.ci/chromium): no background connections.
+CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 # The tiers (pyproject's markers): every test carries exactly one. `slow` is an extra, not a tier.
 TIERS = ("unit", "store", "integration", "e2e", "helm", "multihost", "lint")
 # Session-wide services (S3, the tiny base, the shared engine) and the tier order.
@@ -46,6 +57,19 @@ for _var, _value in (
     ("DO_NOT_TRACK", "1"),
 ):
     os.environ.setdefault(_var, _value)
+
+
+def chromium_binary() -> str:
+    """Debian's Chromium (``LORAFLOW_TEST_CHROMIUM``, else on PATH); a skip without it, a failure
+    under ``.ci/run`` (``LORAFLOW_TEST_REQUIRE_SERVICES``)."""
+    binary = os.environ.get(CHROMIUM_ENV) or shutil.which("chromium")
+    if not binary:
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(
+                f"{REQUIRE_ENV} is set but no Chromium was found: the browser tests cannot be skipped"
+            )
+        pytest.skip(f"browser tests: run `bash .ci/chromium` and set {CHROMIUM_ENV} to the path it prints")
+    return binary
 
 
 @pytest.fixture(autouse=True)

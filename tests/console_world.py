@@ -22,9 +22,8 @@ from loraflow.registry.keys import create_key
 from loraflow.registry.redact import Redactor
 from loraflow.registry.refs import version_ref
 from loraflow.registry.service import Registry
-from loraflow.registry.traffic import new_request_id
 from loraflow.trainer.reports.eval_page import render_html
-from tests.factories import write_traffic
+from tests.factories import served_record, write_traffic
 
 TOPICS = [
     "password reset",
@@ -59,25 +58,13 @@ class World:
 def request_record(
     at: datetime, topic: str, *, version: int = 1, shadow: str | None = None
 ) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "request_id": new_request_id(at),
-        "at": at.isoformat(),
-        "adapter": "support",
-        "version": version,
-        "endpoint": "/v1/chat/completions",
-        "request": {"messages": [{"role": "user", "content": f"Please help: {topic}."}]},
-        "response": [
-            {"index": 0, "content": f'{{"team": "billing", "topic": "{topic}"}}', "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 9},
-        "latency_s": 0.1,
-        "status": 200,
-        "error": None,
-        "stream": False,
-        "key": None,
-        "sampled": shadow is None,
-    }
+    """A served request of ``support``; with ``shadow``, the rollout candidate's answer beside it."""
+    answer = f'{{"team": "billing", "topic": "{topic}"}}'
+    record = served_record(
+        at, adapter="support", version=version, prompt=f"Please help: {topic}.", answer=answer
+    )
     if shadow is not None:
+        record["sampled"] = False  # kept because it was shadowed, as the gateway keeps them
         record["shadow"] = {
             "version": 2,
             "response": [{"index": 0, "content": shadow, "finish_reason": "stop"}],

@@ -241,6 +241,31 @@ def register_dataset(
     )
 
 
+def served_record(
+    at: Any, *, adapter: str, version: int, prompt: str, answer: str, **fields: Any
+) -> dict[str, Any]:
+    """A served, sampled request record as the gateway's recorder writes it (``fields`` override
+    any of its keys: a status, a shadow answer, ``sampled``)."""
+    from loraflow.registry.traffic import new_request_id
+
+    return {
+        "request_id": new_request_id(at),
+        "at": at.isoformat(),
+        "adapter": adapter,
+        "version": version,
+        "endpoint": "/v1/chat/completions",
+        "request": {"messages": [{"role": "user", "content": prompt}]},
+        "response": [{"index": 0, "content": answer, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 5},
+        "latency_s": 0.1,
+        "status": 200,
+        "error": None,
+        "stream": False,
+        "key": None,
+        "sampled": True,
+    } | fields
+
+
 def write_traffic(
     store: Any, kind: Any, records: list[dict[str, Any]], redactor: Any
 ) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -28,23 +27,13 @@ from loraflow.registry.redact import Redactor
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from tests import console_world
-from tests.conftest import CHROMIUM_ENV, REQUIRE_ENV
+from tests.conftest import CHROMIUM_ARGS, chromium_binary
 from tests.console_world import World
 from tests.factories import LORAFLOW, no_loraflow_env
 from tests.services import Tiny
 
 pytestmark = pytest.mark.integration
 SCREENSHOTS = os.environ.get("LORAFLOW_TEST_SCREENSHOTS")  # read before the per-test env is cleared
-# What the machine's closed network needs (see .ci/chromium): no background connections.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CORRECTION = '{"team": "support", "topic": "corrected by a reviewer"}'
 
 
@@ -52,13 +41,9 @@ CORRECTION = '{"team": "support", "topic": "corrected by a reviewer"}'
 def browser() -> Iterator[Browser]:
     """Debian's Chromium, driven by Playwright (pytest-playwright's own fixtures trip pytest 9's
     deprecations through pytest-base-url, so these are the few lines it would give)."""
-    chromium = os.environ.get(CHROMIUM_ENV) or shutil.which("chromium")
-    if not chromium:
-        if os.environ.get(REQUIRE_ENV):
-            pytest.fail(f"no Chromium: {CHROMIUM_ENV} is not set and chromium is not on PATH (.ci/chromium)")
-        pytest.skip(f"no Chromium ({CHROMIUM_ENV}, or bash .ci/chromium)")
+    chromium = chromium_binary()
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(executable_path=chromium, args=list(CHROMIUM_ARGS))
         yield launched
         launched.close()
 

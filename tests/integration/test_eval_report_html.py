@@ -8,9 +8,7 @@ metrics table, both inline SVG plots, the differing examples and every section, 
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ from typing import Any
 import pytest
 
 from loraflow.trainer.reports.eval_page import render_html, write_html
-from tests.conftest import CHROMIUM_ENV, REQUIRE_ENV
+from tests.conftest import CHROMIUM_ARGS, chromium_binary
 
 METRICS = ["exact_match", "token_f1", "rouge_l", "json_valid", "label_accuracy", "output_tokens", "latency_s"]
 HIGHER_IS_BETTER: dict[str, bool | None] = {
@@ -282,12 +280,7 @@ def _assert_self_contained(html: str) -> None:
 
 
 def _chromium() -> str:
-    binary = os.environ.get(CHROMIUM_ENV) or shutil.which("chromium")
-    if not binary:
-        if os.environ.get(REQUIRE_ENV):
-            pytest.fail(f"{REQUIRE_ENV} is set but no Chromium was found: the browser tier cannot be skipped")
-        pytest.skip(f"browser tier: run `bash .ci/chromium` and set {CHROMIUM_ENV} to the path it prints")
-    return binary
+    return chromium_binary()
 
 
 def _run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -295,13 +288,7 @@ def _run_chromium(binary: str, profile: Path, *args: str) -> subprocess.Complete
         [
             binary,
             "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *CHROMIUM_ARGS,
             f"--user-data-dir={profile}",
             *args,
         ],

@@ -35,8 +35,7 @@ from loraflow.registry.refs import Ref, version_ref
 from loraflow.registry.rollouts import LATENCY_EDGES
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
-from loraflow.registry.traffic import new_request_id
-from tests.factories import make_adapter, make_base, write_traffic
+from tests.factories import make_adapter, make_base, served_record, write_traffic
 
 pytestmark = pytest.mark.store
 
@@ -794,22 +793,9 @@ def test_a_populated_database_upgrades_to_head_and_stays_usable(
 
     # Reviews and report pages (0009) start empty and work on the upgraded rows.
     assert reg.reviews("support") == [] and reg.pairwise_votes("evaluation", added.id) == []
-    sampled = {
-        "request_id": new_request_id(T0),
-        "at": T0.isoformat(),
-        "adapter": "support",
-        "version": 2,
-        "endpoint": "/v1/chat/completions",
-        "request": {"messages": [{"role": "user", "content": "Where is my order?"}]},
-        "response": [{"index": 0, "content": "It ships today.", "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 6, "completion_tokens": 4},
-        "latency_s": 0.1,
-        "status": 200,
-        "error": None,
-        "stream": False,
-        "key": None,
-        "sampled": True,
-    }
+    sampled = served_record(
+        T0, adapter="support", version=2, prompt="Where is my order?", answer="It ships today."
+    )
     (written,) = write_traffic(reg.traffic, "requests", [sampled], redactor)
     review = reg.add_review(
         written["request_id"],

@@ -16,7 +16,7 @@ from loraflow.registry.reviews import category_summary, current_reviews, prefere
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
 from loraflow.registry.traffic import new_request_id
-from tests.factories import make_adapter, write_traffic
+from tests.factories import make_adapter, served_record, write_traffic
 
 pytestmark = pytest.mark.store
 
@@ -36,23 +36,14 @@ def reg(db_url: str, tmp_path: Path, base_dir: Path) -> Iterator[Registry]:
 
 def served(reg: Registry, redactor: Redactor, adapter: str, version: int, n: int = 1) -> list[str]:
     """``n`` sampled requests of ``adapter``'s ``version`` in its traffic store; their ids."""
-    records: list[dict[str, Any]] = [
-        {
-            "request_id": new_request_id(AT),
-            "at": (AT + timedelta(seconds=i)).isoformat(),
-            "adapter": adapter,
-            "version": version,
-            "endpoint": "/v1/chat/completions",
-            "request": {"messages": [{"role": "user", "content": f"Where is order {i}?"}]},
-            "response": [{"index": 0, "content": f"Order {i} ships today.", "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 8, "completion_tokens": 5},
-            "latency_s": 0.1,
-            "status": 200,
-            "error": None,
-            "stream": False,
-            "key": None,
-            "sampled": True,
-        }
+    records = [
+        served_record(
+            AT + timedelta(seconds=i),
+            adapter=adapter,
+            version=version,
+            prompt=f"Where is order {i}?",
+            answer=f"Order {i} ships today.",
+        )
         for i in range(n)
     ]
     return [r["request_id"] for r in write_traffic(reg.traffic, "requests", records, redactor)]

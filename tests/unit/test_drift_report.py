@@ -16,10 +16,9 @@ from loraflow.cli.main import app
 from loraflow.registry.redact import Redactor
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import DriftSettings
-from loraflow.registry.traffic import new_request_id
 from loraflow.trainer.drift import drift_report
 from loraflow.trainer.reports.drift_page import render_html
-from tests.factories import make_adapter, write_traffic
+from tests.factories import make_adapter, served_record, write_traffic
 
 pytestmark = pytest.mark.unit
 
@@ -27,23 +26,13 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 def record(version: int, i: int) -> dict[str, Any]:
-    at = NOW - timedelta(minutes=10 + i)
-    return {
-        "request_id": new_request_id(at),
-        "at": at.isoformat(),
-        "adapter": "support",
-        "version": version,
-        "endpoint": "/v1/chat/completions",
-        "request": {"messages": [{"role": "user", "content": f"Where is order {i}?"}]},
-        "response": [{"index": 0, "content": f'{{"order": {i}}}', "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 8, "completion_tokens": 5},
-        "latency_s": 0.1,
-        "status": 200,
-        "error": None,
-        "stream": False,
-        "key": None,
-        "sampled": True,
-    }
+    return served_record(
+        NOW - timedelta(minutes=10 + i),
+        adapter="support",
+        version=version,
+        prompt=f"Where is order {i}?",
+        answer=f'{{"order": {i}}}',
+    )
 
 
 @pytest.fixture
