@@ -13,6 +13,7 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 
+from loraflow.registry.domain import ApiKeyInfo
 from loraflow.registry.errors import PermissionDeniedError, UnauthenticatedError
 from loraflow.registry.keys import hash_key
 from loraflow.registry.refs import parse_ref, version_ref
@@ -78,19 +79,21 @@ class Console:
         is looked up on every request: a revoked key's logins end at once)."""
         if not self.auth:
             return Viewer(name=self.settings.actor, key=None)
-        if session.key_hash is None:
-            return None
-        for key in self.registry.api_keys():
-            if key.key_hash == session.key_hash and key.revoked_at is None:
-                return Viewer(name=key.name, key=key)
-        return None
+        key = self._valid_key(session.key_hash) if session.key_hash is not None else None
+        return Viewer(name=key.name, key=key) if key is not None else None
 
     def login(self, key: str) -> Session:
         """A new session for a valid, unrevoked API key (UnauthenticatedError otherwise)."""
         digest = hash_key(key.strip())
-        if not any(k.key_hash == digest and k.revoked_at is None for k in self.registry.api_keys()):
+        if self._valid_key(digest) is None:
             raise UnauthenticatedError("invalid or revoked API key", param="key")
         return self.signer.new(digest)
+
+    def _valid_key(self, digest: str) -> ApiKeyInfo | None:
+        """The unrevoked key with this sha256, read from the registry now."""
+        return next(
+            (k for k in self.registry.api_keys() if k.key_hash == digest and k.revoked_at is None), None
+        )
 
     def render(
         self, request: Request, template: str, *, status_code: int = 200, **context: Any

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from loraflow.registry.redact import Redactor
 from loraflow.registry.service import Registry
 from loraflow.registry.settings import Settings
+from loraflow.server.embedded import wait_until_ok
+from loraflow.server.engine.supervisor import free_port, log_tail
 from tests import console_world
 from tests.conftest import CHROMIUM_ARGS, chromium_binary
 from tests.console_world import World
@@ -69,12 +68,6 @@ class Console:
         page.screenshot(path=self.shots / f"console-{name}.png", full_page=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory, tiny: Tiny, redactor: Redactor) -> Iterator[Console]:
     root = tmp_path_factory.mktemp("console")
@@ -89,7 +82,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny: Tiny, redactor: Reda
             adapters=(tiny.adapter(1), tiny.adapter(2)),
             data=root / "data",
         )
-        port = _free_port()
+        port = free_port()
         log = (root / "ui.log").open("w")
         proc = subprocess.Popen(
             [str(LORAFLOW), "ui", "--port", str(port)],
@@ -99,19 +92,9 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny: Tiny, redactor: Reda
             stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:  # ready when /healthz answers; a console that exits is a failure with its log
-            if proc.poll() is not None:
-                pytest.fail(f"loraflow ui exited {proc.returncode}: {(root / 'ui.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"loraflow ui did not answer in 60 s: {(root / 'ui.log').read_text()[-3000:]}")
-            time.sleep(0.2)
+        if not wait_until_ok(f"{url}/healthz", 60, alive=lambda: proc.poll() is None):
+            proc.kill()
+            pytest.fail(f"loraflow ui did not come up (exit {proc.poll()}): {log_tail(root / 'ui.log')}")
         shots = Path(SCREENSHOTS) if SCREENSHOTS else root / "screenshots"
         shots.mkdir(parents=True, exist_ok=True)
         try:
